@@ -49,15 +49,17 @@ class Region:
     name: str  #: the manifest's name: beijing, singapore, virginia
     region_id: str  #: the service's name: cn-beijing, ...
     base_url: str
-    key_env: str  #: the environment variable holding this region's key
+    key_env: str  #: this region's key; DASHSCOPE_API_KEY serves any region that has none of its own
 
 
 REGIONS: dict[str, Region] = {
-    "beijing": Region("beijing", "cn-beijing", "https://dashscope.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY"),
+    "beijing": Region("beijing", "cn-beijing", "https://dashscope.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY_BEIJING"),
     "singapore": Region(
         "singapore", "ap-southeast-1", "https://dashscope-intl.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY_SINGAPORE"
     ),
-    "virginia": Region("virginia", "us-east-1", "https://dashscope-us.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY_VIRGINIA"),
+    "virginia": Region(
+        "virginia", "us-east-1", "https://dashscope-us.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY_VIRGINIA"
+    ),
 }
 
 
@@ -170,8 +172,7 @@ def _offers() -> dict[tuple[str, str], Offer]:
         ("virginia", m["wan2.6-t2i"], "wan2.6-t2i", 5, 5, 0.20),
     ]
     return {
-        (region, name): Offer(model, region, name, rps, conc, price)
-        for region, model, name, rps, conc, price in rows
+        (region, name): Offer(model, region, name, rps, conc, price) for region, model, name, rps, conc, price in rows
     }
 
 

@@ -2,6 +2,7 @@
 
     WanbatchError
     ├── ManifestError          bad input: names file:line, field, found, allowed
+    │   └── ManifestInvalid    all the errors found in one manifest, each a ManifestError
     ├── ConfigError            bad command line or environment (a missing key, a plain-HTTP remote URL)
     ├── LedgerError
     │   ├── IllegalTransition  a state move the table does not allow
@@ -30,6 +31,7 @@ __all__ = [
     "IllegalTransition",
     "LedgerError",
     "ManifestError",
+    "ManifestInvalid",
     "OutcomeUnknown",
     "RejectedError",
     "RunLocked",
@@ -55,6 +57,21 @@ class ManifestError(WanbatchError):
         where = path if line is None else f"{path}:{line}"
         prefix = ": ".join(part for part in (where, field) if part)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ManifestInvalid(ManifestError):
+    """Every error found in a manifest (up to a cap), so that one edit can fix them all."""
+
+    def __init__(self, errors: list[ManifestError], *, truncated: bool = False) -> None:
+        self.errors, self.truncated = list(errors), truncated
+        first = self.errors[0] if self.errors else ManifestError("the manifest is invalid")
+        count = f"{len(self.errors)}{'+' if truncated else ''} error{'s' if len(self.errors) != 1 else ''}"
+        lines = [f"{first.path or 'manifest'}: {count}, nothing was sent:"]
+        lines += [f"  {error}" for error in self.errors]
+        if truncated:
+            lines.append("  (stopped counting; fix these and run again)")
+        ManifestError.__init__(self, "\n".join(lines))
+        self.path, self.line, self.field, self.detail = first.path, first.line, first.field, first.detail
 
 
 class ConfigError(WanbatchError):
@@ -119,9 +136,18 @@ class UrlExpired(DownloadError):
         super().__init__(message, retryable=False)
 
 
-_ACCOUNT_CODES = ("InvalidApiKey", "Arrearage", "AccessDenied", "Model.AccessDenied", "Workspace.AccessDenied",
-                  "AllocationQuota.FreeTierOnly", "CommodityNotPurchased", "PrepaidBillOverdue",
-                  "PostpaidBillOverdue", "WorkSpaceNotFound")
+_ACCOUNT_CODES = (
+    "InvalidApiKey",
+    "Arrearage",
+    "AccessDenied",
+    "Model.AccessDenied",
+    "Workspace.AccessDenied",
+    "AllocationQuota.FreeTierOnly",
+    "CommodityNotPurchased",
+    "PrepaidBillOverdue",
+    "PostpaidBillOverdue",
+    "WorkSpaceNotFound",
+)
 _RETRY_CODES = ("InternalError", "SystemError", "RequestTimeOut", "ModelServingError", "ModelUnavailable")
 
 

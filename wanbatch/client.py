@@ -1,0 +1,163 @@
+"""The service's HTTP API, spoken through one ``aiohttp.ClientSession``.
+
+This is the one place where aiohttp's exceptions become wanbatch's
+(:mod:`wanbatch.errors`). For a create request the mapping decides money: an
+error *response* proves no task was made, and so does a connection that
+failed before the request went out; anything else after sending (a reset, a
+timeout, a body that does not parse) leaves the outcome unknown, and the
+caller must reconcile instead of sending again.
+
+The key travels only in the ``Authorization`` header of requests to the
+service's own base URL, never to result URLs, and only over HTTPS or to a
+loopback address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .catalog import Protocol
+from .errors import ConfigError, OutcomeUnknown, TransportError, classify_api_error
+
+__all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host"]
+
+LEGACY_CREATE = "services/aigc/text2image/image-synthesis"
+ASYNC_CREATE = "services/aigc/image-generation/generation"
+SYNC_GENERATE = "services/aigc/multimodal-generation/generation"
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_base_url(url: str) -> str:
+    """The base URL without a trailing slash; refuses plain HTTP to anything but loopback."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"base URL {url!r} is not an http(s) URL; give e.g. https://dashscope.aliyuncs.com/api/v1")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(
+            f"refusing to send the API key over plain HTTP to {parts.hostname}: use https://, "
+            "or a loopback address (127.0.0.1, localhost, [::1]) for a simulator"
+        )
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    task_id: str
+    request_id: str
+    task_status: str
+
+
+class WanClient:
+    """Create, query, list and cancel tasks on one region's endpoint with one key."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        request_timeout_s: float = 60.0,
+        sync_timeout_s: float = 330.0,
+    ) -> None:
+        self._session = session
+        self.base_url = check_base_url(base_url)
+        self._auth = {"Authorization": f"Bearer {api_key}"}
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._sync_timeout = aiohttp.ClientTimeout(total=sync_timeout_s)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"WanClient({self.base_url!r})"
+
+    async def create_task(self, body: Mapping[str, Any], *, protocol: Protocol) -> CreateResult:
+        """POST a create request. Raises ApiError (no task made), TransportError (not sent) or OutcomeUnknown."""
+        path = LEGACY_CREATE if protocol is Protocol.LEGACY else ASYNC_CREATE
+        data = await self._send("POST", path, body=body, headers={"X-DashScope-Async": "enable"}, creates=True)
+        output = data.get("output") or {}
+        task_id = output.get("task_id")
+        if not task_id:
+            raise OutcomeUnknown(f"create answered 200 without a task id: {_clip(data)}")
+        return CreateResult(task_id, data.get("request_id", ""), output.get("task_status", "PENDING"))
+
+    async def generate_sync(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """wan2.6's synchronous endpoint: one request, held until the images exist."""
+        return await self._send("POST", SYNC_GENERATE, body=body, creates=True, timeout=self._sync_timeout)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return await self._send("GET", f"tasks/{task_id}")
+
+    async def list_tasks(self, **params: str | int) -> dict[str, Any]:
+        """One page of the account's tasks; params as the service names them (start_time, model_name, ...)."""
+        return await self._send("GET", "tasks", params={k: str(v) for k, v in params.items()})
+
+    async def cancel_task(self, task_id: str) -> dict[str, Any]:
+        return await self._send("POST", f"tasks/{task_id}/cancel")
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        creates: bool = False,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> dict[str, Any]:
+        url = f"{self.base_url}/{path}"
+        sent_headers = {**self._auth, **(headers or {})}
+        # Anything that goes wrong once the request may have left us makes a create's outcome unknown.
+        after_send = OutcomeUnknown if creates else TransportError
+        try:
+            async with self._session.request(
+                method,
+                url,
+                json=body,
+                headers=sent_headers,
+                params=params,
+                timeout=timeout or self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(f"{method} {path}: could not connect ({exc.os_error or exc})") from None
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            raise after_send(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            # A create's 5xx without the service's JSON error may come from a proxy in front of a
+            # service that did act on it; a 4xx without JSON still proves nothing was made.
+            if status == 200 or not creates or status >= 500:
+                raise after_send(f"{method} {path}: HTTP {status}, body not JSON: {raw[:120]!r}") from None
+            data = {}
+        if status != 200:
+            raise classify_api_error(
+                status,
+                str(data.get("code") or f"HTTP{status}"),
+                str(data.get("message") or _clip(raw)),
+                str(data.get("request_id") or ""),
+            )
+        return data
+
+
+def _clip(value: object, limit: int = 200) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text if len(text) <= limit else text[:limit] + "…"

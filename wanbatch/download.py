@@ -1,0 +1,259 @@
+"""Saving every generated image before its URL dies, verified.
+
+Images wait in a heap ordered by URL deadline, so after a long stop the ones
+closest to being lost go first. Each is streamed to a partial file while its
+sha256 is computed, checked to be a PNG of the size that was asked for, then
+renamed into place atomically; only then does the ledger record it. A crash
+between the rename and the commit is healed on resume: the file is already
+there with the same hash. Result URLs get no ``Authorization`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiofiles
+import aiohttp
+from PIL import Image
+
+from .aio import wait_event
+from .errors import DownloadError, UrlExpired
+from .states import ImageState, ItemState
+
+__all__ = ["DownloadConfig", "Downloader", "image_file_name", "verify_png"]
+
+log = logging.getLogger("wanbatch")
+
+DEFAULT_PATTERN = "{item}-{index}.png"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DownloadConfig:
+    workers: int = 8
+    max_bytes: int = 64 * 1024 * 1024  #: larger bodies are refused: no Wan PNG comes near it
+    attempts: int = 6
+    timeout_s: float = 120.0
+    retry_base_s: float = 2.0
+    chunk_bytes: int = 256 * 1024
+
+
+def image_file_name(pattern: str | None, fields: dict[str, object]) -> str:
+    """A safe path relative to ``images/`` from the manifest's pattern; every part is sanitised."""
+    text = (pattern or DEFAULT_PATTERN).format_map(_Fields(fields))
+    parts = [_UNSAFE.sub("_", part).strip("._")[:120] for part in text.replace("\\", "/").split("/")]
+    parts = [part for part in parts if part]
+    if not parts:
+        parts = [f"{fields['item']}-{fields['index']}"]
+    if not parts[-1].lower().endswith(".png"):
+        parts[-1] += ".png"
+    return "/".join(parts)
+
+
+class _Fields(dict):
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def verify_png(path: Path, size: str) -> None:
+    """Raise DownloadError unless ``path`` is a whole PNG of exactly ``size`` ("W*H")."""
+    width, _, height = size.partition("*")
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise DownloadError(f"not a PNG but {img.format}")
+            if img.size != (int(width), int(height)):
+                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}")
+            img.verify()
+    except DownloadError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds for a broken file
+        raise DownloadError(f"not a valid PNG: {exc}") from None
+
+
+@dataclass(order=True, slots=True)
+class _Job:
+    deadline_ms: int
+    item_id: str
+    index: int
+    attempts: int = 0
+    not_before_s: float = 0.0
+
+
+class Downloader:
+    """Workers that drain the deadline heap into ``run_dir/images``."""
+
+    def __init__(
+        self,
+        *,
+        ledger,
+        clock,
+        session: aiohttp.ClientSession,
+        run_dir: Path,
+        on_item_done: Callable[[str], None] = lambda item_id: None,
+        config: DownloadConfig = DownloadConfig(),
+    ) -> None:
+        self._ledger, self._clock, self._session = ledger, clock, session
+        self.run_dir = run_dir
+        self._partial = run_dir / "images" / ".partial"
+        self._on_item_done = on_item_done
+        self.config = config
+        self._heap: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._busy = 0
+        self.saved = 0
+        self.bytes = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._heap and not self._busy
+
+    def add_item(self, item_id: str) -> None:
+        for image in self._ledger.images_of(item_id):
+            if image.state is ImageState.pending:
+                heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.index))
+        self._wake.set()
+
+    def load_pending(self) -> int:
+        """Queue every image the ledger says is still to be saved (on start and resume)."""
+        count = 0
+        for image in self._ledger.iter_images([ImageState.pending]):
+            heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.index))
+            count += 1
+        self._wake.set()
+        return count
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._partial.mkdir(parents=True, exist_ok=True)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.config.workers):
+                group.create_task(self._worker(stop))
+
+    async def _worker(self, stop: asyncio.Event) -> None:
+        while True:
+            if not self._heap:
+                if stop.is_set() and not self._busy:
+                    self._wake.set()  # let the other workers see the end too
+                    return
+                await wait_event(self._wake, 0.2)
+                continue
+            job = heapq.heappop(self._heap)
+            delay_s = job.not_before_s - self._clock.now()
+            if delay_s > 0:
+                heapq.heappush(self._heap, job)
+                await asyncio.sleep(min(delay_s / self._clock.speed, 0.2))
+                continue
+            self._busy += 1
+            try:
+                await self._save(job)
+            finally:
+                self._busy -= 1
+
+    async def _save(self, job: _Job) -> None:
+        item = self._ledger.get(job.item_id)
+        image = next(i for i in self._ledger.images_of(job.item_id) if i.index == job.index)
+        if image.state is not ImageState.pending:
+            return
+        try:
+            name, digest, size_bytes = await self._fetch(item, image)
+        except UrlExpired as exc:
+            self._ledger.image_final(job.item_id, job.index, ImageState.expired, code="UrlExpired", message=str(exc))
+            log.warning("✗ %s image %d expired: %s", job.item_id, job.index, exc)
+        except (DownloadError, OSError) as exc:
+            job.attempts += 1
+            retryable = getattr(exc, "retryable", True)
+            if retryable and job.attempts < self.config.attempts:
+                job.not_before_s = self._clock.now() + self.config.retry_base_s * 2 ** (job.attempts - 1)
+                heapq.heappush(self._heap, job)
+                log.info("↻ %s image %d: %s", job.item_id, job.index, exc)
+                return
+            # Left pending: a later run tries again while the URL lives; the report shows it.
+            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=str(exc))
+            log.warning("✗ %s image %d not saved: %s", job.item_id, job.index, exc)
+            return
+        else:
+            self._ledger.image_saved(job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes)
+            self.saved += 1
+            self.bytes += size_bytes
+        self._close_item(job.item_id)
+
+    def _close_item(self, item_id: str) -> None:
+        images = self._ledger.images_of(item_id)
+        if any(i.state is ImageState.pending for i in images):
+            return
+        lost = any(i.state is ImageState.expired for i in images)
+        self._ledger.transition(item_id, ItemState.expired if lost else ItemState.saved)
+        self._on_item_done(item_id)
+
+    async def _fetch(self, item, image) -> tuple[str, str, int]:
+        url = image.url or ""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
+        fields = {
+            "item": item.item_id,
+            "index": image.index,
+            "model": item.model,
+            "size": item.request["size"],
+            "seed": image.seed if image.seed is not None else "random",
+            "replica": item.replica,
+            **(item.variables or {}),
+        }
+        name = "images/" + image_file_name(item.output, fields)
+        final = self.run_dir / name
+        partial = self._partial / f"{item.item_id}-{image.index}.part"
+        digest, size_bytes = await self._stream(url, partial)
+        await asyncio.to_thread(verify_png, partial, item.request["size"])
+        if final.exists():
+            same = await asyncio.to_thread(_sha256_of, final) == digest
+            if not same:  # another image's name: keep both
+                name = name[: -len(".png")] + f"-{item.item_id}-{image.index}.png"
+                final = self.run_dir / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        return name, digest, size_bytes
+
+    async def _stream(self, url: str, partial: Path) -> tuple[str, int]:
+        sha, size_bytes = hashlib.sha256(), 0
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+        try:
+            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                if resp.status in (403, 404, 410):
+                    body = (await resp.content.read(2048)).decode("utf-8", "replace")
+                    raise UrlExpired(f"HTTP {resp.status} {_oss_message(body)}")
+                if resp.status != 200:
+                    raise DownloadError(f"HTTP {resp.status}", retryable=resp.status >= 500 or resp.status == 429)
+                if (resp.content_length or 0) > self.config.max_bytes:
+                    raise DownloadError(f"body of {resp.content_length} bytes is over the cap", retryable=False)
+                async with aiofiles.open(partial, "wb") as out:
+                    async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
+                        size_bytes += len(chunk)
+                        if size_bytes > self.config.max_bytes:
+                            raise DownloadError("body is over the size cap", retryable=False)
+                        sha.update(chunk)
+                        await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise DownloadError(f"{type(exc).__name__}: {exc}") from None
+        return sha.hexdigest(), size_bytes
+
+
+def _oss_message(body: str) -> str:
+    code = re.search(r"<Code>(.*?)</Code>", body)
+    message = re.search(r"<Message>(.*?)</Message>", body)
+    return " ".join(m.group(1) for m in (code, message) if m) or body[:120]
+
+
+def _sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

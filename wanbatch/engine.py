@@ -1,0 +1,265 @@
+"""Wiring the stages: manifest → ledger → submit → track → download → outputs.
+
+The engine owns no logic of its own beyond order: it fills the ledger from
+the manifest, turns what the ledger says is open into the stages' work
+(so a resumed run and a fresh one take the same path), runs the stages
+concurrently and writes the outputs. The stages end in order: submitting
+ends when nothing is left to send, tracking when no task is open, saving
+when no image is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import catalog
+from .client import WanClient
+from .clock import Clock, ScaledClock
+from .download import DownloadConfig, Downloader
+from .errors import ConfigError
+from .ledger import Ledger, RunLock
+from .outputs import write_metadata, write_report
+from .pacing import Pacer, even_limiter
+from .reconcile import ReconcileConfig, Reconciler
+from .states import ItemState
+from .submit import Lane, Slots, SubmitConfig, Submitter
+from .track import Tracker, TrackerConfig, record_results
+
+__all__ = ["Engine", "EngineConfig", "keys_from_env"]
+
+log = logging.getLogger("wanbatch")
+
+#: Where the items of a ledger stand when the engine starts.
+_RESUMABLE = (ItemState.planned, ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    base_url: str | None = None  #: one endpoint for every region (a simulator, a proxy)
+    base_urls: Mapping[str, str] = field(default_factory=dict)  #: per region, over base_url
+    speed: float = 1.0  #: how much faster than real time the service's clock runs (simulators only)
+    query_qps: float = 18.0  #: below the account's 20 per second for query, list and cancel
+    request_timeout_s: float = 60.0
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    track: TrackerConfig = field(default_factory=TrackerConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+
+
+def keys_from_env(regions: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """Each region's key: its own variable (DASHSCOPE_API_KEY_SINGAPORE ...) or DASHSCOPE_API_KEY."""
+    keys, missing = {}, []
+    for region in regions:
+        key = environ.get(catalog.REGIONS[region].key_env) or environ.get("DASHSCOPE_API_KEY")
+        if key:
+            keys[region] = key
+        else:
+            missing.append(f"{region} ({catalog.REGIONS[region].key_env} or DASHSCOPE_API_KEY)")
+    if missing:
+        raise ConfigError("no API key for " + ", ".join(missing) + "; set it in the environment, or use --simulate")
+    return keys
+
+
+class Engine:
+    """One run (or resume) of a manifest in a run folder."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        keys: Mapping[str, str],
+        config: EngineConfig = EngineConfig(),
+        clock: Clock | None = None,
+        on_event: Callable[[str, dict], None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self._keys = dict(keys)
+        self.config = config
+        self.clock = clock or ScaledClock(speed=config.speed)
+        self.interrupted = False
+        self._submitter: Submitter | None = None
+
+    def interrupt(self) -> None:
+        """Stop submitting; what is already paid for is still tracked and saved."""
+        self.interrupted = True
+        if self._submitter is not None:
+            self._submitter.stop.set()
+
+    def base_url(self, region: str) -> str:
+        return self.config.base_urls.get(region) or self.config.base_url or catalog.REGIONS[region].base_url
+
+    async def run(self, manifest) -> dict[str, Any]:
+        """Plan the manifest into the ledger, run every open item to its end, write the outputs."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
+            started = time.monotonic()
+            run = ledger.begin_run()
+            added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
+            stale = ledger.stale_count(run)
+            log.info(
+                "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
+                added.added,
+                added.existing,
+                stale,
+            )
+            stages = await self._run_stages(ledger)
+            saved = write_metadata(self.run_dir, ledger)
+            report = write_report(
+                self.run_dir,
+                ledger,
+                run=run,
+                extra={
+                    "manifest": str(manifest.path),
+                    "name": manifest.name,
+                    "items_added": added.added,
+                    "items_existing": added.existing,
+                    "items_no_longer_in_manifest": stale,
+                    "images_in_metadata": saved,
+                    "interrupted": self.interrupted,
+                    "wall_s": round(time.monotonic() - started, 3),
+                    **stages,
+                },
+            )
+        return report
+
+    async def _run_stages(self, ledger: Ledger) -> dict[str, Any]:
+        for row in ledger.iter_items([ItemState.submitting]):
+            # A crash between the commit and the reply: the POST may have gone out.
+            ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
+        lanes_wanted = ledger.lanes(_RESUMABLE)
+        missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
+        if missing:
+            raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
+        connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            limiters = {
+                region: even_limiter(self.config.query_qps, speed=self.clock.speed)
+                for region in {r for r, _ in lanes_wanted}
+            }
+            clients = {
+                region: WanClient(
+                    session,
+                    base_url=self.base_url(region),
+                    api_key=self._keys[region],
+                    request_timeout_s=self.config.request_timeout_s,
+                )
+                for region in limiters
+            }
+            lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
+            downloader = Downloader(
+                ledger=ledger, clock=self.clock, session=session, run_dir=self.run_dir, config=self.config.download
+            )
+            tracker = Tracker(
+                ledger=ledger,
+                clock=self.clock,
+                limiters=limiters,
+                on_images=downloader.add_item,
+                config=self.config.track,
+            )
+            reconciler = Reconciler(
+                ledger=ledger, clock=self.clock, limiters=limiters, tracker=tracker, config=self.config.reconcile
+            )
+
+            def on_sync(item_id: str, lane: Lane, data: dict) -> None:
+                common = {"task_status": "SUCCEEDED", "ended_ms": self.clock.now_ms()}
+                record_results(
+                    ledger,
+                    item_id,
+                    data.get("output") or {},
+                    lane=lane,
+                    now_s=self.clock.now(),
+                    config=self.config.track,
+                    common=common,
+                )
+                downloader.add_item(item_id)
+
+            submitter = Submitter(
+                ledger=ledger,
+                clock=self.clock,
+                lanes=list(lanes.values()),
+                tracker=tracker,
+                reconciler=reconciler,
+                on_sync_images=on_sync,
+                config=self.config.submit,
+            )
+            self._submitter = submitter
+            if self.interrupted:
+                submitter.stop.set()
+            self._refill(ledger, lanes, tracker, reconciler, downloader)
+            await _in_order(
+                submitter.run,
+                lambda done: reconciler.run(done),
+                lambda done: tracker.run(done),
+                lambda done: downloader.run(done),
+            )
+            blocked = {
+                f"{lane.region}/{lane.model}": f"{lane.blocked.code}: {lane.blocked.message}"
+                for lane in lanes.values()
+                if lane.blocked
+            }
+        return {
+            "submitted": submitter.submitted,
+            "queries": tracker.queries,
+            "reconciled_adopted": reconciler.adopted,
+            "reconciled_resent": reconciler.resent,
+            "images_saved_this_run": downloader.saved,
+            "bytes_saved_this_run": downloader.bytes,
+            "blocked": blocked,
+        }
+
+    def _lane(self, key: tuple[str, str], client: WanClient) -> Lane:
+        region, model = key
+        offer = catalog.offer(region, model)
+        if offer is None:
+            raise ConfigError(f"{model} is not offered in {region}")
+        return Lane(
+            region=region,
+            offer=offer,
+            client=client,
+            pacer=Pacer(offer.submit_rps, speed=self.clock.speed),
+            slots=Slots(offer.concurrency + self.config.submit.backlog),
+        )
+
+    def _refill(
+        self, ledger: Ledger, lanes: dict, tracker: Tracker, reconciler: Reconciler, downloader: Downloader
+    ) -> None:
+        """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
+        now = self.clock.now()
+        for state in (ItemState.queued, ItemState.unknown):
+            for row in ledger.iter_items([state]):
+                lane = lanes[(row.region, row.model)]
+                lane.slots.take_now()  # its task holds a place on the service already
+                if state is ItemState.unknown:
+                    reconciler.add(row.item_id, lane)
+                elif row.task_id:
+                    tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)
+        downloader.load_pending()
+
+
+def _price_of(item) -> float:
+    offer = catalog.offer(item.region, item.model)
+    return offer.price if offer else 0.0
+
+
+async def _in_order(first: Callable[[], Awaitable[None]], *rest: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run every stage at once; each of ``rest`` is told to finish once the stage before it has."""
+    events = [asyncio.Event() for _ in range(len(rest) + 1)]
+
+    async def staged(index: int, make: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await make()
+        finally:
+            events[index].set()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(staged(0, first))
+        for index, stage in enumerate(rest, start=1):
+            group.create_task(staged(index, lambda stage=stage, index=index: stage(events[index - 1])))

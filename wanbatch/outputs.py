@@ -1,0 +1,85 @@
+"""What a run leaves for people and tools: ``metadata.jsonl`` and ``report.json``.
+
+``metadata.jsonl`` follows the ``imagefolder`` layout: one JSON object per
+saved image, its ``file_name`` relative to the run folder, so the folder loads
+as a dataset as it is. ``report.json`` says what happened: counts per state,
+images, cost, timings and every failure with its code, message and the
+manifest line it came from. Both are rewritten whole from the ledger, to a
+temporary file renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .states import ImageState, ItemState
+
+__all__ = ["write_metadata", "write_report"]
+
+FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_metadata(run_dir: Path, ledger) -> int:
+    """One line per saved image; returns how many."""
+    lines = []
+    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+        item = ledger.get(image.item_id)
+        request = item.request
+        lines.append(
+            json.dumps(
+                {
+                    "file_name": image.file_name,
+                    "prompt": request["prompt"],
+                    "actual_prompt": image.actual_prompt,
+                    "negative_prompt": request.get("negative_prompt"),
+                    "model": item.model,
+                    "region": item.region,
+                    "size": request["size"],
+                    "seed": image.seed,
+                    "variables": item.variables,
+                    "item_id": item.item_id,
+                    "task_id": item.task_id,
+                    "image_index": image.image_index,
+                    "sha256": image.sha256,
+                    "source": item.source,
+                },
+                ensure_ascii=False,
+            )
+        )
+    _write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write and return ``report.json``: the ledger's summary, failures grouped by code, and ``extra``."""
+    failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "state": "", "message": "", "sources": []})
+    for row in ledger.iter_items(FAILURE_STATES):
+        entry = failures[row.error_code or str(row.state)]
+        entry["count"] += 1
+        entry["state"] = str(row.state)
+        entry["message"] = entry["message"] or (row.error_message or "")
+        if len(entry["sources"]) < 20:
+            entry["sources"].append({"item_id": row.item_id, "source": row.source, "entry": row.entry})
+    unsaved = []
+    for image in ledger.iter_images([ImageState.expired]):
+        if len(unsaved) < 50:
+            unsaved.append({"item_id": image.item_id, "image_index": image.image_index, "error": image.error_message})
+    report = {
+        **ledger.summary(),
+        "run": run,
+        "failures": dict(failures),
+        "images_expired": unsaved,
+        **extra,
+    }
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report

@@ -1,0 +1,58 @@
+"""How fast to send: evenly spaced requests within a quota, slowed on 429 and recovered (AIMD).
+
+aiolimiter's bucket starts full, which would open every lane with a burst of
+``rate`` requests, exactly what the service answers with
+``Throttling.BurstRate``. A bucket of capacity one spaces requests evenly
+instead: in any one-second window at most ``floor(rate) + 1`` can fall, so the
+rate is taken with a margin below the quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiolimiter import AsyncLimiter
+
+__all__ = ["Pacer", "even_limiter"]
+
+
+def even_limiter(rate_per_s: float, *, speed: float = 1.0) -> AsyncLimiter:
+    """A limiter that lets one acquisition through every ``1/rate`` clock seconds, no burst."""
+    return AsyncLimiter(1, 1.0 / (rate_per_s * speed))
+
+
+class Pacer:
+    """One lane's submit pacing: multiplicative decrease on throttling, additive increase on success."""
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        *,
+        speed: float = 1.0,
+        margin: float = 0.9,
+        floor: float = 0.1,
+        step: float = 0.05,
+    ) -> None:
+        self.quota_per_s = rate_per_s
+        self._speed, self._margin, self._floor, self._step = speed, margin, floor, step
+        self.factor = 1.0
+        self._limiter = even_limiter(rate_per_s * margin, speed=speed)
+
+    @property
+    def rate_per_s(self) -> float:
+        return self.quota_per_s * self._margin * self.factor
+
+    async def wait(self) -> None:
+        """Return when the next request may go; call it from one loop per lane."""
+        await self._limiter.acquire()
+        if self.factor < 1.0:
+            # Slowed down: stretch the spacing beyond the limiter's full-quota interval.
+            extra_s = 1.0 / self.rate_per_s - 1.0 / (self.quota_per_s * self._margin)
+            await asyncio.sleep(extra_s / self._speed)
+
+    def throttled(self) -> None:
+        """A 429 came back: halve the rate (down to the floor)."""
+        self.factor = max(self._floor, self.factor / 2)
+
+    def succeeded(self) -> None:
+        self.factor = min(1.0, self.factor + self._step)

@@ -1,0 +1,253 @@
+"""Creating tasks: paced to the quota, each item POSTed at most once.
+
+One lane per (region, model) pair carries the account's submit rate for that
+model and a bound on how many of its tasks we keep open on the service: the
+model's concurrency plus a small backlog, enough that a slot freed there is
+filled at once, few enough that a stop leaves little paid work queued.
+
+The money rule is in :meth:`Submitter._attempt`: the item is committed as
+``submitting`` before the POST; an error response or a connection that never
+opened proves no task was made and the item may go again; anything else
+leaves it ``unknown`` for the reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from .catalog import Offer, Protocol
+from .client import WanClient
+from .errors import AccountError, ApiError, OutcomeUnknown, RejectedError, ThrottledError, TransportError
+from .pacing import Pacer
+from .states import ItemState
+from .wire import build_body
+
+__all__ = ["Lane", "Slots", "SubmitConfig", "Submitter"]
+
+log = logging.getLogger("wanbatch")
+
+#: Codes that stop every lane of the key's region, not just one model.
+KEY_WIDE = frozenset({"InvalidApiKey", "Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitConfig:
+    backlog: int = 2  #: tasks kept waiting on the service beyond its concurrency
+    attempts: int = 8  #: tries per item for transient errors before leaving it for a later run
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    batch: int = 200  #: planned items read from the ledger at a time
+    sync_wan26: bool = False  #: use wan2.6's synchronous endpoint
+
+
+class Slots:
+    """Places for our open tasks on the service: taken before a POST, given back when the task ends.
+
+    On resume more tasks may be open than there are places; then nothing new is taken until enough end.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.taken = capacity, 0
+        self._freed = asyncio.Event()
+
+    def take_now(self) -> None:
+        self.taken += 1
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Take a place; False if ``stop`` was set first."""
+        while self.taken >= self.capacity:
+            if stop.is_set():
+                return False
+            self._freed.clear()
+            waiters = [asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(stop.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        if stop.is_set():
+            return False
+        self.taken += 1
+        return True
+
+    def release(self) -> None:
+        self.taken -= 1
+        self._freed.set()
+
+
+@dataclass(eq=False)
+class Lane:
+    """One (region, model): the client for that region, its quota, pacing and open-task slots."""
+
+    region: str
+    offer: Offer
+    client: WanClient
+    pacer: Pacer
+    slots: Slots
+    blocked: ApiError | None = None
+    skipped: set[str] = field(default_factory=set)
+
+    @property
+    def model(self) -> str:
+        return self.offer.model.name
+
+
+class Submitter:
+    def __init__(self, *, ledger, clock, lanes: list[Lane], tracker, reconciler, on_sync_images, config) -> None:
+        self._ledger, self._clock, self.lanes = ledger, clock, lanes
+        self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
+        self.config: SubmitConfig = config
+        self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
+        self.in_flight = 0
+        self.submitted = 0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for lane in self.lanes:
+                group.create_task(self._lane_loop(lane, group))
+
+    def block(self, lane: Lane, error: ApiError) -> None:
+        """Stop submitting what ``error`` affects: the whole key for account errors, else this model."""
+        for other in self.lanes:
+            affected = other is lane or (error.code in KEY_WIDE and other.region == lane.region)
+            if affected and other.blocked is None:
+                other.blocked = error
+                log.error("■ %s %s: submitting stopped: %s. %s", other.region, other.model, error, _advice(error))
+
+    async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
+        while not (self.stop.is_set() or lane.blocked):
+            sent = 0
+            after_seq = 0
+            while not (self.stop.is_set() or lane.blocked):
+                rows = list(
+                    self._ledger.iter_items(
+                        [ItemState.planned],
+                        region=lane.region,
+                        model=lane.model,
+                        after_seq=after_seq,
+                        limit=self.config.batch,
+                    )
+                )
+                if not rows:
+                    break
+                for row in rows:
+                    after_seq = row.seq
+                    if row.item_id in lane.skipped:
+                        continue
+                    if not await lane.slots.acquire(self.stop):
+                        break
+                    if lane.blocked:
+                        lane.slots.release()
+                        break
+                    await lane.pacer.wait()
+                    self.in_flight += 1
+                    group.create_task(self._submit(lane, row))
+                    sent += 1
+            # Items come back to planned only through the reconciler; wait for it before ending.
+            if sent == 0 and not self._reconciler.pending(lane):
+                return
+            await self._reconciler.settled(lane)
+
+    async def _submit(self, lane: Lane, row) -> None:
+        holds_slot = False
+        try:
+            holds_slot = await self._attempts(lane, row)
+        finally:
+            self.in_flight -= 1
+            if not holds_slot:
+                lane.slots.release()
+
+    async def _attempts(self, lane: Lane, row) -> bool:
+        """Try until the item is queued, final or left for later; True if its task now holds a slot."""
+        for attempt in range(1, self.config.attempts + 1):
+            if attempt > 1:
+                if self.stop.is_set() or lane.blocked:
+                    return False
+                await self._clock.sleep(min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 2)))
+                await lane.pacer.wait()
+            outcome = await self._attempt(lane, row)
+            if outcome is not None:
+                return outcome
+        lane.skipped.add(row.item_id)
+        log.warning(
+            "… %s left planned after %d transient errors; a later run will try again", row.item_id, self.config.attempts
+        )
+        return False
+
+    async def _attempt(self, lane: Lane, row) -> bool | None:
+        """One POST. True: a task holds a slot; False: final or blocked; None: known not made, try again."""
+        ledger, item_id = self._ledger, row.item_id
+        sync = lane.offer.model.protocol is Protocol.MULTIMODAL and (row.request.get("sync") or self.config.sync_wan26)
+        body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
+        ledger.transition(
+            item_id,
+            ItemState.submitting,
+            expect=ItemState.planned,
+            submit_started_ms=self._clock.now_ms(),
+            attempts=row.attempts + 1,
+        )
+        row = ledger.get(item_id)
+        try:
+            if sync:
+                data = await lane.client.generate_sync(body)
+            else:
+                created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
+        except OutcomeUnknown as exc:
+            ledger.transition(item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=str(exc))
+            log.warning("? %s outcome unknown (%s): reconciling, not resending", item_id, exc)
+            self._reconciler.add(item_id, lane)
+            return True  # a task may exist and occupy the service: keep its slot until reconciled
+        except ThrottledError as exc:
+            lane.pacer.throttled()
+            return self._again(item_id, exc)
+        except AccountError as exc:
+            ledger.transition(
+                item_id, ItemState.planned, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+            )
+            self.block(lane, exc)
+            return False
+        except RejectedError as exc:
+            ledger.transition(
+                item_id, ItemState.rejected, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+            )
+            log.warning("✗ %s rejected: %s %s", item_id, exc.code, exc.message)
+            return False
+        except (ApiError, TransportError) as exc:
+            return self._again(item_id, exc)
+        lane.pacer.succeeded()
+        self.submitted += 1
+        if sync:
+            ledger.transition(
+                item_id, ItemState.queued, request_id=data.get("request_id", ""), submitted_ms=self._clock.now_ms()
+            )
+            self._on_sync_images(item_id, lane, data)
+            return False
+        ledger.transition(
+            item_id,
+            ItemState.queued,
+            task_id=created.task_id,
+            request_id=created.request_id,
+            task_status=created.task_status,
+            submitted_ms=self._clock.now_ms(),
+        )
+        log.info("→ %s %s task %s", item_id, lane.model, created.task_id)
+        self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
+        return True
+
+    def _again(self, item_id: str, exc: Exception) -> None:
+        fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
+        if isinstance(exc, ApiError):
+            fields["request_id"] = exc.request_id
+        self._ledger.transition(item_id, ItemState.planned, **fields)
+        log.info("↻ %s: %s", item_id, exc)
+        return None
+
+
+def _advice(error: ApiError) -> str:
+    if error.code == "InvalidApiKey":
+        return "Check the key for this region (DASHSCOPE_API_KEY, DASHSCOPE_API_KEY_SINGAPORE, ...)."
+    if error.code in ("Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"):
+        return "Top up the account, then run again: unsubmitted items stay planned."
+    return "Check that the account may use this model in this region, then run again."
