@@ -1,0 +1,265 @@
+"""The simulated service's memory: tasks, lanes, result objects, billing, counters.
+
+Everything here runs on the event loop's thread and costs O(1) or O(log n)
+per request, except a cancel (which re-plans the queue behind it) and a list
+(which reads the tasks of its time window). Time-driven effects (billing when
+a task ends, forgetting tasks past their lifetime) are *materialised* from a
+heap of due events: at the start of every request, on every read of the
+billing records, and by a ticker every 50 ms of wall time so that the billing
+log file is written as simulated time passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import heapq
+import itertools
+import math
+import random
+import threading
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
+
+from wanbatch import catalog
+from wanbatch.clock import ScaledClock
+from wanbatch.sim import wire
+from wanbatch.sim.accounts import Accounts, ApiKey
+from wanbatch.sim.billing import BillingLog
+from wanbatch.sim.config import SimConfig
+from wanbatch.sim.faults import Fault, FaultInjector
+from wanbatch.sim.images import ImageStore
+from wanbatch.sim.tasks import Endpoint, GenerationRequest, ImageResult, Lane, Task, TaskStatus
+
+__all__ = ["SimState"]
+
+_BUCKETS = {"beijing": "dashscope-result-bj", "singapore": "dashscope-result-sgp", "virginia": "dashscope-result-us"}
+
+
+class _AccountTasks:
+    """One account's listable tasks in submit order, for time-window lookups."""
+
+    def __init__(self) -> None:
+        self._items: list[Task] = []
+        self._start = 0  #: tasks before this index have been forgotten
+
+    def append(self, task: Task) -> None:
+        self._items.append(task)
+
+    def forget(self, task: Task) -> None:
+        if self._start < len(self._items) and self._items[self._start] is task:
+            self._start += 1
+            if self._start > 1024 and self._start * 2 > len(self._items):
+                del self._items[: self._start]
+                self._start = 0
+
+    def newest_first(self, lo_s: float, hi_s: float) -> Iterator[Task]:
+        """Tasks submitted in [lo_s, hi_s], newest first."""
+        lo = bisect.bisect_left(self._items, lo_s, lo=self._start, key=lambda t: t.submit_s)
+        hi = bisect.bisect_right(self._items, hi_s, lo=lo, key=lambda t: t.submit_s)
+        return (self._items[i] for i in range(hi - 1, lo - 1, -1))
+
+
+class SimState:
+    """The simulator's state; handlers call it, tests read it through ``SimHandle``."""
+
+    def __init__(self, config: SimConfig, *, clock: ScaledClock) -> None:
+        self.config = config
+        self.clock = clock
+        self.accounts = Accounts(config)
+        self.faults = FaultInjector(profile=config.faults, rates=config.fault_rates, seed=config.seed)
+        self.images = ImageStore()
+        self.billing = BillingLog(config.billing_log)
+        self.requests: Counter[str] = Counter()
+        self.statuses: Counter[tuple[str, int]] = Counter()
+        self.faults_injected: Counter[str] = Counter()
+        self.tasks: dict[str, Task] = {}
+        self.closing = False
+        self._lanes: dict[tuple[str, str], Lane] = {}
+        self._listable: dict[str, _AccountTasks] = {}
+        self._in_order: deque[Task] = deque()
+        self._objects: dict[str, tuple[Task, int]] = {}
+        self._due: list[tuple[float, int, int, Task]] = []
+        self._seq = itertools.count()
+        self._durations = random.Random(f"{config.seed}/durations")
+        self._outcomes = random.Random(f"{config.seed}/outcomes")
+        self.seeds = random.Random(f"{config.seed}/seeds")
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    # --- lifecycle of tasks
+
+    def submit(
+        self,
+        *,
+        caller: ApiKey,
+        offer: catalog.Offer,
+        endpoint: Endpoint,
+        fingerprint: str,
+        request_id: str,
+        request: GenerationRequest | None,
+        error: wire.SimError | None = None,
+        n: int = 0,
+    ) -> Task:
+        """Create a task and plan its life. ``error`` makes a task that FAILED at once (``param_errors="task"``)."""
+        now = self.clock.now()
+        task = Task(
+            task_id=str(uuid.uuid4()),
+            request_id=request_id,
+            account=caller.account,
+            key_id=caller.key_id,
+            offer=offer,
+            endpoint=endpoint,
+            fingerprint=fingerprint,
+            request=request,
+            submit_s=now,
+            duration_s=0.0,
+            images=(),
+            start_s=now,
+            end_s=now,
+        )
+        if request is None:
+            message = error.message if error else ""
+            task.images = tuple(ImageResult(i, 0, False, "InvalidParameter", message) for i in range(n))
+        else:
+            task.images = self._outcomes_for(request)
+            task.duration_s = self._draw_duration(offer.model)
+            task.url_ttl_s = self._url_ttl_s()
+            self._lane(caller.account, offer).schedule(task, now)
+            heapq.heappush(self._due, (task.end_s, next(self._seq), task.version, task))
+        task.object_keys = self._object_paths(task)
+        for index, path in enumerate(task.object_keys):
+            self._objects[path] = (task, index)
+        self.tasks[task.task_id] = task
+        self._in_order.append(task)
+        if not task.sync:
+            self._listable.setdefault(task.account, _AccountTasks()).append(task)
+        return task
+
+    def cancel(self, task: Task) -> bool:
+        """Cancel ``task`` if it is PENDING now; the tasks queued behind it move up."""
+        now = self.clock.now()
+        if self.status(task) is not TaskStatus.PENDING:
+            return False
+        for moved in self._lane(task.account, task.offer).cancel(task, now):
+            heapq.heappush(self._due, (moved.end_s, next(self._seq), moved.version, moved))
+        self.notify()
+        return True
+
+    def status(self, task: Task) -> TaskStatus:
+        return task.status_at(self.clock.now(), self.config.task_ttl_s)
+
+    def find(self, task_id: str, caller: ApiKey) -> Task | None:
+        """The caller's account's task, or None (unknown, another account's, a sync call, or forgotten)."""
+        task = self.tasks.get(task_id)
+        if task is None or task.sync or task.account != caller.account:
+            return None
+        return None if self.status(task) is TaskStatus.UNKNOWN else task
+
+    def listing(self, caller: ApiKey, lo_s: float, hi_s: float) -> Iterator[Task]:
+        """The caller's account's live tasks submitted in [lo_s, hi_s], newest first."""
+        tasks = self._listable.get(caller.account)
+        if tasks is None:
+            return iter(())
+        return (t for t in tasks.newest_first(lo_s, hi_s) if self.status(t) is not TaskStatus.UNKNOWN)
+
+    def image_at(self, path: str) -> tuple[Task, int] | None:
+        return self._objects.get(path)
+
+    def _lane(self, account: str, offer: catalog.Offer) -> Lane:
+        lane = self._lanes.get((account, offer.model.name))
+        if lane is None:
+            _, concurrency = self.accounts.quota(account, offer.model, offer)
+            lane = self._lanes[(account, offer.model.name)] = Lane(concurrency)
+        return lane
+
+    def _draw_duration(self, model: catalog.Model) -> float:
+        mean, spread = self.config.mean_duration_s(model), self.config.duration_spread
+        if mean == 0 or spread == 0 or self.config.duration_distribution == "fixed":
+            return mean
+        if self.config.duration_distribution == "lognormal":
+            return self._durations.lognormvariate(math.log(mean) - spread**2 / 2, spread)
+        return mean * self._durations.uniform(max(0.0, 1 - spread), 1 + spread)
+
+    def _outcomes_for(self, request: GenerationRequest) -> tuple[ImageResult, ...]:
+        text = request.prompt.lower()
+        if any(word.lower() in text for word in self.config.output_inspection_words):
+            code, message = "DataInspectionFailed", wire.OUTPUT_INSPECTION
+            return tuple(ImageResult(i, request.seed + i, False, code, message) for i in range(request.n))
+        results = []
+        for i in range(request.n):
+            if self._outcomes.random() < self.config.image_failure_rate:
+                if self._outcomes.random() < 0.5:
+                    code, message = "InternalError.Timeout", wire.INTERNAL_TIMEOUT
+                else:
+                    code, message = "DataInspectionFailed", wire.OUTPUT_INSPECTION
+                results.append(ImageResult(i, request.seed + i, False, code, message))
+            else:
+                results.append(ImageResult(i, request.seed + i, True))
+        return tuple(results)
+
+    def _url_ttl_s(self) -> float:
+        if self.faults.expires_early():
+            self.faults_injected[Fault.EARLY_EXPIRY] += 1
+            return self.config.early_expiry_s
+        return self.config.url_ttl_s
+
+    def _object_paths(self, task: Task) -> tuple[str, ...]:
+        day = wire.format_time(task.submit_s)[:10].replace("-", "")
+        stem = f"/oss/{_BUCKETS[self.config.region]}/{day}/{uuid.uuid4()}"
+        return tuple(f"{stem}-{i + 1}.png" for i in range(task.n))
+
+    # --- time-driven effects
+
+    def materialise(self) -> None:
+        """Bill the tasks that have ended by now and forget those past their lifetime."""
+        now = self.clock.now()
+        while self._due and self._due[0][0] <= now:
+            _, _, version, task = heapq.heappop(self._due)
+            if version == task.version and task.canceled_s is None:
+                self.billing.bill(task)
+        ttl = self.config.task_ttl_s
+        while self._in_order and now >= max(self._in_order[0].gone_s(ttl), self._in_order[0].url_expires_s):
+            task = self._in_order.popleft()
+            self.tasks.pop(task.task_id, None)
+            for path in task.object_keys:
+                self._objects.pop(path, None)
+            if not task.sync:
+                self._listable[task.account].forget(task)
+
+    def billing_records(self) -> list[dict[str, Any]]:
+        self.materialise()
+        return list(self.billing.records)
+
+    # --- waiting in simulated time
+
+    def bind_loop(self) -> None:
+        """Remember the loop serving this state, so that other threads can wake its sleepers safely."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    def notify(self) -> None:
+        """Bring effects up to date and wake every sleeper to re-read the clock.
+
+        Called after a clock jump, a speed change, a re-plan and at close; safe from any thread.
+        """
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.notify)
+            return
+        self.materialise()
+        woken, self._wake = self._wake, asyncio.Event()
+        woken.set()
+
+    async def sleep_until(self, deadline_s: float) -> bool:
+        """Sleep until the simulated clock reads ``deadline_s``; False if the simulator closes first."""
+        while not self.closing:
+            remaining = deadline_s - self.clock.now()
+            if remaining <= 0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining / self.clock.speed)
+        return False
