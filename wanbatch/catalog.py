@@ -6,8 +6,8 @@ manifests against this table and plans cost and time with it; the simulator
 enforces the same rules, so that a rule is written once.
 
 Where the sources disagree, the choice is the one documented in
-docs/simulator.md (prompt limit 500 for wan2.2/2.1, pixel floor 1280*1280
-for wan2.5/2.6).
+docs/simulator.md (prompt limit 500 for wan2.2/2.1, pixel floor 768*768
+for wan2.5/2.6: the vendor's own recommended sizes such as 1104*1472 lie below 1280*1280).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class SizeRule:
         )
 
 
-AREA_RULE = SizeRule(min_pixels=1280 * 1280, max_pixels=1440 * 1440, max_ratio=4.0)
+AREA_RULE = SizeRule(min_pixels=768 * 768, max_pixels=1440 * 1440, max_ratio=4.0)
 SIDES_RULE = SizeRule(min_side=512, max_side=1440, max_pixels=1440 * 1440)
 
 
