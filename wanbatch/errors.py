@@ -62,11 +62,11 @@ class ManifestError(WanbatchError):
 class ManifestInvalid(ManifestError):
     """Every error found in a manifest (up to a cap), so that one edit can fix them all."""
 
-    def __init__(self, errors: list[ManifestError], *, truncated: bool = False) -> None:
+    def __init__(self, errors: list[ManifestError], *, manifest: str = "", truncated: bool = False) -> None:
         self.errors, self.truncated = list(errors), truncated
         first = self.errors[0] if self.errors else ManifestError("the manifest is invalid")
         count = f"{len(self.errors)}{'+' if truncated else ''} error{'s' if len(self.errors) != 1 else ''}"
-        lines = [f"{first.path or 'manifest'}: {count}, nothing was sent:"]
+        lines = [f"{manifest or first.path or 'manifest'}: {count}, nothing was sent:"]
         lines += [f"  {error}" for error in self.errors]
         if truncated:
             lines.append("  (stopped counting; fix these and run again)")
