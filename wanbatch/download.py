@@ -33,7 +33,7 @@ __all__ = ["DownloadConfig", "Downloader", "image_file_name", "verify_png"]
 
 log = logging.getLogger("wanbatch")
 
-DEFAULT_PATTERN = "{item}-{index}.png"
+DEFAULT_PATTERN = "{item_id}-{index}.png"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -53,7 +53,7 @@ def image_file_name(pattern: str | None, fields: dict[str, object]) -> str:
     parts = [_UNSAFE.sub("_", part).strip("._")[:120] for part in text.replace("\\", "/").split("/")]
     parts = [part for part in parts if part]
     if not parts:
-        parts = [f"{fields['item']}-{fields['index']}"]
+        parts = [f"{fields['item_id']}-{fields['index']}"]
     if not parts[-1].lower().endswith(".png"):
         parts[-1] += ".png"
     return "/".join(parts)
@@ -120,14 +120,17 @@ class Downloader:
     def add_item(self, item_id: str) -> None:
         for image in self._ledger.images_of(item_id):
             if image.state is ImageState.pending:
-                heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.index))
+                heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.image_index))
         self._wake.set()
 
     def load_pending(self) -> int:
         """Queue every image the ledger says is still to be saved (on start and resume)."""
+        for row in self._ledger.iter_items([ItemState.generated]):
+            # A stop between an item's last image and its own move leaves it generated with nothing pending.
+            self._ledger.settle(row.item_id)
         count = 0
         for image in self._ledger.iter_images([ImageState.pending]):
-            heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.index))
+            heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index))
             count += 1
         self._wake.set()
         return count
@@ -160,7 +163,7 @@ class Downloader:
 
     async def _save(self, job: _Job) -> None:
         item = self._ledger.get(job.item_id)
-        image = next(i for i in self._ledger.images_of(job.item_id) if i.index == job.index)
+        image = next(i for i in self._ledger.images_of(job.item_id) if i.image_index == job.index)
         if image.state is not ImageState.pending:
             return
         try:
@@ -187,35 +190,33 @@ class Downloader:
         self._close_item(job.item_id)
 
     def _close_item(self, item_id: str) -> None:
-        images = self._ledger.images_of(item_id)
-        if any(i.state is ImageState.pending for i in images):
-            return
-        lost = any(i.state is ImageState.expired for i in images)
-        self._ledger.transition(item_id, ItemState.expired if lost else ItemState.saved)
-        self._on_item_done(item_id)
+        if self._ledger.settle(item_id) is not None:
+            self._on_item_done(item_id)
 
     async def _fetch(self, item, image) -> tuple[str, str, int]:
         url = image.url or ""
         if urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
         fields = {
-            "item": item.item_id,
-            "index": image.index,
+            **(item.variables or {}),
+            "item_id": item.item_id,
+            "index": image.image_index,
+            "replica": item.replica,
             "model": item.model,
             "size": item.request["size"],
+            "n": item.n_images,
+            "region": item.region,
             "seed": image.seed if image.seed is not None else "random",
-            "replica": item.replica,
-            **(item.variables or {}),
         }
         name = "images/" + image_file_name(item.output, fields)
         final = self.run_dir / name
-        partial = self._partial / f"{item.item_id}-{image.index}.part"
+        partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         digest, size_bytes = await self._stream(url, partial)
         await asyncio.to_thread(verify_png, partial, item.request["size"])
         if final.exists():
             same = await asyncio.to_thread(_sha256_of, final) == digest
             if not same:  # another image's name: keep both
-                name = name[: -len(".png")] + f"-{item.item_id}-{image.index}.png"
+                name = name[: -len(".png")] + f"-{item.item_id}-{image.image_index}.png"
                 final = self.run_dir / name
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, final)

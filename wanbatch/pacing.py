@@ -16,9 +16,10 @@ from aiolimiter import AsyncLimiter
 __all__ = ["Pacer", "even_limiter"]
 
 
-def even_limiter(rate_per_s: float, *, speed: float = 1.0) -> AsyncLimiter:
-    """A limiter that lets one acquisition through every ``1/rate`` clock seconds, no burst."""
-    return AsyncLimiter(1, 1.0 / (rate_per_s * speed))
+def even_limiter(rate_per_s: float, *, speed: float = 1.0, guard_s: float = 0.0) -> AsyncLimiter:
+    """A limiter that lets one acquisition through every ``1/rate`` clock seconds (plus ``guard_s`` of wall
+    time), with no burst."""
+    return AsyncLimiter(1, 1.0 / (rate_per_s * speed) + guard_s)
 
 
 class Pacer:
@@ -32,11 +33,14 @@ class Pacer:
         margin: float = 0.9,
         floor: float = 0.1,
         step: float = 0.05,
+        guard_s: float = 0.01,
     ) -> None:
+        """``guard_s`` is wall time added to every interval: requests sent evenly can still arrive a few
+        milliseconds closer together, which on a fast simulated clock is a large part of a second."""
         self.quota_per_s = rate_per_s
         self._speed, self._margin, self._floor, self._step = speed, margin, floor, step
         self.factor = 1.0
-        self._limiter = even_limiter(rate_per_s * margin, speed=speed)
+        self._limiter = even_limiter(rate_per_s * margin, speed=speed, guard_s=guard_s)
 
     @property
     def rate_per_s(self) -> float:

@@ -87,7 +87,8 @@ class Lane:
     pacer: Pacer
     slots: Slots
     blocked: ApiError | None = None
-    skipped: set[str] = field(default_factory=set)
+    skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
+    sending: set[str] = field(default_factory=set)  #: items whose submit is under way
 
     @property
     def model(self) -> str:
@@ -134,7 +135,7 @@ class Submitter:
                     break
                 for row in rows:
                     after_seq = row.seq
-                    if row.item_id in lane.skipped:
+                    if row.item_id in lane.skipped or row.item_id in lane.sending:
                         continue
                     if not await lane.slots.acquire(self.stop):
                         break
@@ -143,6 +144,7 @@ class Submitter:
                         break
                     await lane.pacer.wait()
                     self.in_flight += 1
+                    lane.sending.add(row.item_id)
                     group.create_task(self._submit(lane, row))
                     sent += 1
             # Items come back to planned only through the reconciler; wait for it before ending.
@@ -156,6 +158,7 @@ class Submitter:
             holds_slot = await self._attempts(lane, row)
         finally:
             self.in_flight -= 1
+            lane.sending.discard(row.item_id)
             if not holds_slot:
                 lane.slots.release()
 
