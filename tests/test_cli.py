@@ -1,0 +1,98 @@
+"""The ``wanbatch`` command as a user runs it: a subprocess, its exit codes and what it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wanbatch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
+    return subprocess.run(
+        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=timeout,
+        env={**clean, **(env or {})}, cwd=ROOT,
+    )
+
+
+def test_run_simulate_saves_everything_and_exits_0(tmp_path):
+    """`run --simulate` on the minimal manifest exits 0 and says where images, metadata and report are."""
+    out = tmp_path / "foxes"
+    done = wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600")
+    assert done.returncode == 0, done.stderr
+    assert f"report:   {out / 'report.json'}" in done.stdout
+    assert len(list((out / "images").glob("*.png"))) == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["items"]["saved"] == 2 and report["submitted"] == 2
+
+
+def test_second_run_of_a_finished_folder_submits_nothing(tmp_path):
+    """Running the same manifest into the same folder again does nothing new and still exits 0."""
+    out = tmp_path / "foxes"
+    assert wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600").returncode == 0
+    again = wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600")
+    assert again.returncode == 0, again.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["submitted"] == 0 and report["items_existing"] == 2 and report["items"]["saved"] == 2
+
+
+def test_moderation_rejection_exits_3(tmp_path):
+    """A batch that finished with a rejected item exits 3 and names the code in its summary."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(textwrap.dedent("""\
+        name: m
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}
+        prompts:
+          - a quiet harbour
+          - a sim-inappropriate poster
+        """))
+    done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run"), "--simulate", "--speed", "600")
+    assert done.returncode == 3, done.stderr
+    assert "1 saved" in done.stdout and "1 rejected" in done.stdout
+    assert "DataInspectionFailed" in done.stdout and "m.yaml:5" in done.stdout
+
+
+def test_invalid_manifest_exits_2_with_file_line_and_field(tmp_path):
+    """A bad size is refused before anything runs: exit 2, file:line, field, what was found and what is allowed."""
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text('name: bad\ndefaults: {model: wan2.2-t2i-flash, n: 1}\nprompts:\n  - prompt: a fox\n'
+                        '    size: "2048*2048"\n')
+    done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run"), "--simulate")
+    assert done.returncode == 2
+    assert "bad.yaml:5" in done.stderr and "size" in done.stderr and "2048*2048" in done.stderr
+    assert "[512, 1440]" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_key_exits_2_and_says_which_variable(tmp_path):
+    """Without a key and without --simulate, run refuses at once and names the variable to set."""
+    done = wanbatch("run", "jobs/foxes.yaml", "--out", str(tmp_path / "run"))
+    assert done.returncode == 2
+    assert "DASHSCOPE_API_KEY" in done.stderr
+
+
+def test_plan_shows_cost_and_quota_time():
+    """`plan` prints items, images, cost at list prices and the quota time, and sends nothing."""
+    done = wanbatch("plan", "jobs/demo.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "7 item(s), 28 image(s)" in done.stdout and "total: 4.40 CNY" in done.stdout
+    plan = json.loads(wanbatch("plan", "jobs/demo.yaml", "--json").stdout)
+    flash = next(lane for lane in plan["lanes"] if lane["model"] == "wan2.2-t2i-flash")
+    assert flash["items"] == 3 and flash["images"] == 12 and flash["quota_time_s"] == 3 * 40.0 / 2
+
+
+def test_status_reads_a_run_folder(tmp_path):
+    """`status` reports counts per state of a run folder, as text and as JSON."""
+    out = tmp_path / "foxes"
+    wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600")
+    text = wanbatch("status", str(out))
+    assert text.returncode == 0 and "2 saved" in text.stdout
+    data = json.loads(wanbatch("status", str(out), "--json").stdout)
+    assert data["items"]["saved"] == 2 and data["images"]["saved"] == 2
+    missing = wanbatch("status", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "not a run folder" in missing.stderr

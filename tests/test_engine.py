@@ -1,0 +1,252 @@
+"""The engine end to end against the simulator over loopback: manifest → submit → track → download → outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from wanbatch.engine import Engine, EngineConfig
+from wanbatch.ledger import Ledger
+from wanbatch.manifest import Manifest
+from wanbatch.states import ImageState, ItemState
+
+FOXES = """\
+name: foxes
+defaults: {model: wan2.2-t2i-flash, size: "1024*1024", n: 1, prompt_extend: false}
+prompts:
+  - a red fox in fresh snow
+  - a red fox at dawn, watercolor
+"""
+
+FAST = {"speed": 200.0, "durations": {"*": 4.0}}
+
+
+def write_manifest(tmp_path: Path, text: str, name: str = "job.yaml") -> Manifest:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return Manifest.from_yaml(path)
+
+
+def engine_for(sim, run_dir: Path, **config) -> Engine:
+    return Engine(
+        run_dir=run_dir,
+        keys={"beijing": "sk-sim-beijing"},
+        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
+        clock=sim.clock,
+    )
+
+
+def metadata(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
+
+
+def assert_billed_once_and_saved(sim, run_dir: Path) -> None:
+    """Every billed image is on disk, verified, in metadata; no request was billed twice."""
+    billed = sim.billing
+    per_request = Counter(record["fingerprint"] for record in billed)
+    per_task = Counter(record["task_id"] for record in billed)
+    tasks_per_fingerprint = Counter(fp for fp in {(r["fingerprint"], r["task_id"]) for r in billed})
+    assert not [fp for fp, n in Counter(fp for fp, _ in tasks_per_fingerprint).items() if n > 1], "paid twice"
+    rows = {(m["task_id"], m["image_index"]): m for m in metadata(run_dir)}
+    for record in billed:
+        row = rows[(record["task_id"], record["image_index"])]
+        data = (run_dir / row["file_name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    assert len(rows) == len(billed) == sum(per_task.values()) == sum(per_request.values())
+
+
+async def test_minimal_manifest_saves_every_image(start_sim, tmp_path):
+    """The issue's minimal manifest runs as written: two items, two verified 1024² PNGs, metadata and report."""
+    sim = await start_sim(**FAST)
+    manifest = write_manifest(tmp_path, FOXES)
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    run_dir = tmp_path / "run"
+    assert report["items"]["saved"] == 2 and report["images"]["saved"] == 2
+    rows = metadata(run_dir)
+    assert sorted(r["prompt"] for r in rows) == ["a red fox at dawn, watercolor", "a red fox in fresh snow"]
+    for row in rows:
+        with Image.open(run_dir / row["file_name"]) as img:
+            assert (img.format, img.size) == ("PNG", (1024, 1024))
+        assert row["file_name"].startswith("images/") and row["model"] == "wan2.2-t2i-flash"
+    assert report["cost"] == {"CNY": pytest.approx(0.28)}
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["items"]["saved"] == 2
+    assert_billed_once_and_saved(sim, run_dir)
+
+
+async def test_matrix_over_models_and_sizes_gets_each_size(start_sim, tmp_path):
+    """A matrix over models and sizes gives one item per cell, each image of the size its cell asked for."""
+    sim = await start_sim(**FAST)
+    manifest = write_manifest(tmp_path, """\
+        name: grid
+        defaults: {n: 1, prompt_extend: false, seed: 7}
+        prompts:
+          - prompt: "a lighthouse, {style}"
+            matrix:
+              style: [ink, oil]
+              model: [wan2.2-t2i-flash, wan2.6-t2i]
+              size: ["1280*1280", "1440*1024"]
+        """)
+    assert manifest.count() == 8
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 8
+    sizes = Counter((r["model"], r["size"]) for r in metadata(tmp_path / "run"))
+    assert sizes == {(m, s): 2 for m in ("wan2.2-t2i-flash", "wan2.6-t2i") for s in ("1280*1280", "1440*1024")}
+    for row in metadata(tmp_path / "run"):
+        with Image.open(tmp_path / "run" / row["file_name"]) as img:
+            assert "*".join(map(str, img.size)) == row["size"]
+
+
+async def test_rate_limits_respected_without_a_burst_at_start(start_sim, tmp_path):
+    """No 429 at all, and in no simulated second do a model's creates exceed its submit quota."""
+    sim = await start_sim(speed=100.0, durations={"*": 1.0})
+    prompts = "\n".join(f"  - subject number {i}" for i in range(24))
+    manifest = write_manifest(tmp_path, f"""\
+name: steady
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+  - prompt: "a tower, {{k}}"
+    model: wan2.6-t2i
+    size: "1024*1024"
+    matrix: {{k: [a, b, c, d, e, f, g, h]}}
+""")
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 32
+    assert not [key for key in sim.statuses if key[1] == 429], sim.statuses
+    for model, rps in (("wan2.2-t2i-flash", 2), ("wan2.6-t2i", 1)):
+        times = sorted(t.submit_s for t in sim.tasks.values() if t.model == model)
+        for i, t in enumerate(times):
+            in_window = sum(1 for u in times[i:] if u - t < 1.0)
+            assert in_window <= rps, f"{model}: {in_window} creates within one second from {t}"
+
+
+async def test_resume_after_stop_bills_nothing_twice(start_sim, tmp_path):
+    """Stopped after a few submissions and resumed, the run ends with every item saved and nothing paid twice."""
+    sim = await start_sim(speed=100.0, durations={"*": 3.0})
+    prompts = "\n".join(f"  - a paper boat number {i}" for i in range(12))
+    manifest = write_manifest(tmp_path, f"""\
+name: boats
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 2, prompt_extend: false}}
+prompts:
+{prompts}
+""")
+    run_dir = tmp_path / "run"
+    engine = engine_for(sim, run_dir)
+
+    async def stop_after_three() -> None:
+        while sim.requests["create"] < 3:
+            await asyncio.sleep(0.005)
+        engine.interrupt()
+
+    stopper = asyncio.create_task(stop_after_three())
+    first = await engine.run(manifest)
+    await stopper
+    assert first["interrupted"] and 0 < first["items"]["saved"] < 12
+    assert first["items"]["planned"] > 0
+    second = await engine_for(sim, run_dir).run(Manifest.from_yaml(tmp_path / "job.yaml"))
+    assert second["items"]["saved"] == 12 and second["items_existing"] == 12 and second["items_added"] == 0
+    assert len(sim.billing) == 24
+    assert_billed_once_and_saved(sim, run_dir)
+
+
+async def test_resume_after_a_hard_cancel(start_sim, tmp_path):
+    """A run torn down mid-flight (as by a crash) resumes from its ledger: all saved, nothing billed twice."""
+    sim = await start_sim(speed=100.0, durations={"*": 3.0})
+    prompts = "\n".join(f"  - a glass marble number {i}" for i in range(10))
+    manifest = write_manifest(tmp_path, f"""\
+name: marbles
+defaults: {{model: wanx2.1-t2i-turbo, size: "512*512", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+""")
+    run_dir = tmp_path / "run"
+    task = asyncio.create_task(engine_for(sim, run_dir).run(manifest))
+    while sim.requests["create"] < 4:
+        await asyncio.sleep(0.002)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    report = await engine_for(sim, run_dir).run(Manifest.from_yaml(tmp_path / "job.yaml"))
+    assert report["items"]["saved"] == 10
+    assert_billed_once_and_saved(sim, run_dir)
+
+
+async def test_partial_failures_keep_the_good_images(start_sim, tmp_path):
+    """With images failing at random, every good image is saved and every failed one recorded, none billed."""
+    sim = await start_sim(**FAST, image_failure_rate=0.4, seed=3)
+    prompts = "\n".join(f"  - a clay pot number {i}" for i in range(6))
+    manifest = write_manifest(tmp_path, f"""\
+name: pots
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 4, prompt_extend: false}}
+prompts:
+{prompts}
+""")
+    run_dir = tmp_path / "run"
+    report = await engine_for(sim, run_dir).run(manifest)
+    assert report["images"]["failed"] > 0 and report["images"]["saved"] > 0
+    assert report["images"]["saved"] + report["images"]["failed"] == 24
+    assert report["images"]["saved"] == len(sim.billing) == len(metadata(run_dir))
+    with Ledger.open(run_dir, clock=sim.clock, create=False) as ledger:
+        for row in ledger.iter_items(list(ItemState)):
+            images = ledger.images_of(row.item_id)
+            good = sum(i.state is ImageState.saved for i in images)
+            assert row.state is (ItemState.saved if good else ItemState.failed)
+            assert row.cost == pytest.approx(good * 0.14)
+    assert_billed_once_and_saved(sim, run_dir)
+
+
+async def test_moderation_rejection_is_final_and_reported(start_sim, tmp_path):
+    """A prompt the service's moderation refuses makes its item rejected, with code and manifest line; others run."""
+    sim = await start_sim(**FAST)
+    manifest = write_manifest(tmp_path, """\
+        name: mixed
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}
+        prompts:
+          - a calm lake
+          - something sim-inappropriate here
+        """)
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 1 and report["items"]["rejected"] == 1
+    failure = report["failures"]["DataInspectionFailed"]
+    assert failure["count"] == 1 and failure["sources"][0]["source"].endswith("job.yaml:5")
+    assert "inappropriate" in failure["message"]
+    assert len(sim.billing) == 1
+
+
+async def test_expired_urls_are_reported_as_paid_and_lost(start_sim, tmp_path):
+    """Images whose URLs die before they are fetched end expired, counted and costed in the report."""
+    sim = await start_sim(**FAST, url_ttl_s=0.0)
+    manifest = write_manifest(tmp_path, FOXES)
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["expired"] == 2 and report["images"]["expired"] == 2
+    assert len(report["images_expired"]) == 2 and report["cost"] == {"CNY": pytest.approx(0.28)}
+    assert not list((tmp_path / "run" / "images").glob("*.png"))
+
+
+async def test_unknown_outcomes_are_reconciled_not_resent(start_sim, tmp_path):
+    """Resets after the task was created leave items unknown; they are adopted from the list, never paid twice."""
+    sim = await start_sim(**FAST, fault_rates={"reset_after": 0.4}, seed=5)
+    prompts = "\n".join(f"  - a kite number {i}" for i in range(10))
+    manifest = write_manifest(tmp_path, f"""\
+name: kites
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+""")
+    from wanbatch.reconcile import ReconcileConfig
+
+    engine = engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=5.0, retry_s=1.0))
+    report = await engine.run(manifest)
+    assert sim.faults_injected["reset_after"] > 0
+    assert report["reconciled_adopted"] > 0  # the creates whose answers were lost made tasks, all adopted
+    assert report["reconciled_resent"] == 0
+    assert report["items"]["saved"] == 10
+    assert_billed_once_and_saved(sim, tmp_path / "run")
