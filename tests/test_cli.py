@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def wanbatch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
     return subprocess.run(
-        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=timeout,
-        env={**clean, **(env or {})}, cwd=ROOT,
+        [sys.executable, "-m", "wanbatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+        cwd=ROOT,
     )
 
 
@@ -44,13 +48,15 @@ def test_second_run_of_a_finished_folder_submits_nothing(tmp_path):
 def test_moderation_rejection_exits_3(tmp_path):
     """A batch that finished with a rejected item exits 3 and names the code in its summary."""
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(textwrap.dedent("""\
+    manifest.write_text(
+        textwrap.dedent("""\
         name: m
         defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}
         prompts:
           - a quiet harbour
           - a sim-inappropriate poster
-        """))
+        """)
+    )
     done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run"), "--simulate", "--speed", "600")
     assert done.returncode == 3, done.stderr
     assert "1 saved" in done.stdout and "1 rejected" in done.stdout
@@ -60,8 +66,9 @@ def test_moderation_rejection_exits_3(tmp_path):
 def test_invalid_manifest_exits_2_with_file_line_and_field(tmp_path):
     """A bad size is refused before anything runs: exit 2, file:line, field, what was found and what is allowed."""
     manifest = tmp_path / "bad.yaml"
-    manifest.write_text('name: bad\ndefaults: {model: wan2.2-t2i-flash, n: 1}\nprompts:\n  - prompt: a fox\n'
-                        '    size: "2048*2048"\n')
+    manifest.write_text(
+        'name: bad\ndefaults: {model: wan2.2-t2i-flash, n: 1}\nprompts:\n  - prompt: a fox\n    size: "2048*2048"\n'
+    )
     done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run"), "--simulate")
     assert done.returncode == 2
     assert "bad.yaml:5" in done.stderr and "size" in done.stderr and "2048*2048" in done.stderr

@@ -236,7 +236,7 @@ async def _run(args: argparse.Namespace, manifest) -> int:
     _print_summary(report, args.out)
     if engine.interrupted:
         return EXIT_INTERRUPTED
-    items = report["items"]
+    items = report["items_in_manifest"]
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
 
 

@@ -110,7 +110,7 @@ class Engine:
                 added.existing,
                 stale,
             )
-            stages = await self._run_stages(ledger)
+            stages = await self._run_stages(ledger, run)
             saved = write_metadata(self.run_dir, ledger)
             report = write_report(
                 self.run_dir,
@@ -122,6 +122,7 @@ class Engine:
                     "items_added": added.added,
                     "items_existing": added.existing,
                     "items_no_longer_in_manifest": stale,
+                    "items_in_manifest": {str(k): v for k, v in ledger.counts(run=run).items()},
                     "images_in_metadata": saved,
                     "interrupted": self.interrupted,
                     "wall_s": round(time.monotonic() - started, 3),
@@ -130,7 +131,7 @@ class Engine:
             )
         return report
 
-    async def _run_stages(self, ledger: Ledger) -> dict[str, Any]:
+    async def _run_stages(self, ledger: Ledger, run: int) -> dict[str, Any]:
         for row in ledger.iter_items([ItemState.submitting]):
             # A crash between the commit and the reply: the POST may have gone out.
             ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
@@ -189,6 +190,7 @@ class Engine:
                 reconciler=reconciler,
                 on_sync_images=on_sync,
                 config=self.config.submit,
+                run=run,
             )
             self._submitter = submitter
             if self.interrupted:

@@ -462,9 +462,16 @@ class Ledger:
         ).fetchall()
         return {(region, model) for region, model in rows}
 
-    def counts(self) -> dict[ItemState, int]:
-        """Items per state, every state present (zeros included); read from the state index."""
-        found = dict(self._conn.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
+    def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
+        """Items per state, every state present (zeros included); only those seen in ``run`` if given."""
+        if run is None:
+            found = dict(self._conn.execute("SELECT state, count(*) FROM items GROUP BY state").fetchall())
+        else:
+            found = dict(
+                self._conn.execute(
+                    "SELECT state, count(*) FROM items WHERE last_seen_run = ? GROUP BY state", (run,)
+                ).fetchall()
+            )
         return {state: found.get(state, 0) for state in ItemState}
 
     # ── state moves ─────────────────────────────────────────────────────────────────────────────────

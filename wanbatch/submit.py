@@ -96,10 +96,13 @@ class Lane:
 
 
 class Submitter:
-    def __init__(self, *, ledger, clock, lanes: list[Lane], tracker, reconciler, on_sync_images, config) -> None:
+    def __init__(
+        self, *, ledger, clock, lanes: list[Lane], tracker, reconciler, on_sync_images, config, run: int | None = None
+    ) -> None:
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
         self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
         self.config: SubmitConfig = config
+        self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
         self.in_flight = 0
         self.submitted = 0
@@ -125,6 +128,7 @@ class Submitter:
                 rows = list(
                     self._ledger.iter_items(
                         [ItemState.planned],
+                        run=self.manifest_run,
                         region=lane.region,
                         model=lane.model,
                         after_seq=after_seq,
