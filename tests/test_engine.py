@@ -321,3 +321,32 @@ async def test_wan26_sync_endpoint_saves_images(start_sim, tmp_path):
     assert sim.requests["sync"] == 1 and sim.requests["create"] == 0
     assert len(sim.billing) == 2 and len({r["fingerprint"] for r in sim.billing}) == 1
     assert [row["image_index"] for row in metadata(tmp_path / "run")] == [0, 1]
+
+
+async def test_cancel_pending_cancels_only_what_waits_on_the_service(start_sim, tmp_path):
+    """Interrupted with cancel_pending, tasks still PENDING are canceled (not billed); running ones are saved."""
+    sim = await start_sim(speed=50.0, durations={"*": 30.0})
+    prompts = "\n".join(f"  - a tin robot number {i}" for i in range(8))
+    manifest = write_manifest(
+        tmp_path,
+        f"""\
+name: robots
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+""",
+    )
+    engine = engine_for(sim, tmp_path / "run")
+
+    async def stop_when_backlog_waits() -> None:
+        while sim.requests["create"] < 4:  # concurrency 2 running + a backlog of 2 pending
+            await asyncio.sleep(0.005)
+        engine.interrupt(cancel_pending=True)
+
+    stopper = asyncio.create_task(stop_when_backlog_waits())
+    report = await engine.run(manifest)
+    await stopper
+    assert report["canceled_on_service"] == 2 and report["items"]["canceled"] == 2
+    assert report["items"]["saved"] == 2 and report["items"]["planned"] == 4
+    assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "SUCCEEDED", "SUCCEEDED"]
+    assert len(sim.billing) == 2

@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else each region's host)",
     )
     run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
+    run.add_argument(
+        "--cancel-pending",
+        action="store_true",
+        help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
+    )
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="counts per state of a run folder, also while it runs")
@@ -218,7 +223,7 @@ async def _run(args: argparse.Namespace, manifest) -> int:
                     "■ stopping: nothing new is submitted; finishing what is paid for. "
                     "Press Ctrl-C again to quit at once (the run folder stays resumable)."
                 )
-                engine.interrupt()
+                engine.interrupt(cancel_pending=args.cancel_pending)
             elif task is not None:
                 task.cancel()
 

@@ -136,7 +136,6 @@ class Downloader:
         return count
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._partial.mkdir(parents=True, exist_ok=True)
         async with asyncio.TaskGroup() as group:
             for _ in range(self.config.workers):
                 group.create_task(self._worker(stop))
@@ -211,6 +210,8 @@ class Downloader:
         name = "images/" + image_file_name(item.output, fields)
         final = self.run_dir / name
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
+        # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
+        partial.parent.mkdir(parents=True, exist_ok=True)
         digest, size_bytes = await self._stream(url, partial)
         await asyncio.to_thread(verify_png, partial, item.request["size"])
         if final.exists():

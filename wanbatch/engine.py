@@ -85,13 +85,22 @@ class Engine:
         self.config = config
         self.clock = clock or ScaledClock(speed=config.speed)
         self.interrupted = False
+        self._cancel_pending = False
         self._submitter: Submitter | None = None
+        self._tracker: Tracker | None = None
 
-    def interrupt(self) -> None:
-        """Stop submitting; what is already paid for is still tracked and saved."""
+    def interrupt(self, *, cancel_pending: bool = False) -> None:
+        """Stop submitting; what is already paid for is still tracked and saved.
+
+        With ``cancel_pending`` the tasks still waiting on the service (not yet running, not yet billed)
+        are canceled there too.
+        """
         self.interrupted = True
+        self._cancel_pending = self._cancel_pending or cancel_pending
         if self._submitter is not None:
             self._submitter.stop.set()
+        if self._tracker is not None and self._cancel_pending:
+            self._tracker.cancel_pending()
 
     def base_url(self, region: str) -> str:
         return self.config.base_urls.get(region) or self.config.base_url or catalog.REGIONS[region].base_url
@@ -192,9 +201,9 @@ class Engine:
                 config=self.config.submit,
                 run=run,
             )
-            self._submitter = submitter
+            self._submitter, self._tracker = submitter, tracker
             if self.interrupted:
-                submitter.stop.set()
+                self.interrupt(cancel_pending=self._cancel_pending)
             self._refill(ledger, lanes, tracker, reconciler, downloader)
             await _in_order(
                 submitter.run,
@@ -210,6 +219,7 @@ class Engine:
         return {
             "submitted": submitter.submitted,
             "queries": tracker.queries,
+            "canceled_on_service": tracker.canceled,
             "reconciled_adopted": reconciler.adopted,
             "reconciled_resent": reconciler.resent,
             "images_saved_this_run": downloader.saved,

@@ -70,15 +70,30 @@ def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> d
         entry["message"] = entry["message"] or (row.error_message or "")
         if len(entry["sources"]) < 20:
             entry["sources"].append({"item_id": row.item_id, "source": row.source, "entry": row.entry})
-    unsaved = []
+    lost, lost_cost = [], defaultdict(float)
     for image in ledger.iter_images([ImageState.expired]):
-        if len(unsaved) < 50:
-            unsaved.append({"item_id": image.item_id, "image_index": image.image_index, "error": image.error_message})
+        item = ledger.get(image.item_id)
+        lost_cost[item.currency] += item.price_per_image
+        if len(lost) < 50:
+            lost.append({"item_id": image.item_id, "image_index": image.image_index, "error": image.error_message})
+    waiting = []
+    for image in ledger.iter_images([ImageState.pending]):
+        # Generated and paid, not on disk yet (a download error, a full disk): a later run saves it.
+        waiting.append(
+            {
+                "item_id": image.item_id,
+                "image_index": image.image_index,
+                "deadline_ms": image.deadline_ms,
+                "error": image.error_message,
+            }
+        )
     report = {
         **ledger.summary(),
         "run": run,
         "failures": dict(failures),
-        "images_expired": unsaved,
+        "images_expired": lost,
+        "cost_lost": {currency: round(cost, 6) for currency, cost in lost_cost.items()},
+        "images_not_saved_yet": waiting[:50],
         **extra,
     }
     _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

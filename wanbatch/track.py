@@ -66,7 +66,9 @@ class Tracker:
         self._heap: list[OpenTask] = []
         self._wake = asyncio.Event()
         self._expected_s: dict[str, float] = {}  #: recent running time per model, smoothed
+        self._cancel_requested = False
         self.queries = 0
+        self.canceled = 0
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -80,9 +82,18 @@ class Tracker:
         heapq.heappush(self._heap, OpenTask(first, task_id, item_id, lane, submitted_s))
         self._wake.set()
 
+    def cancel_pending(self) -> None:
+        """Ask the service to cancel every open task that is still PENDING there (once, from the run loop)."""
+        self._cancel_requested = True
+        self._wake.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Poll due tasks until ``stop`` is set and no task is open."""
         while not (stop.is_set() and not self._heap):
+            if self._cancel_requested:
+                self._cancel_requested = False
+                await self._cancel_sweep()
+                continue
             now = self._clock.now()
             if self._heap and self._heap[0].due_s <= now:
                 task = heapq.heappop(self._heap)
@@ -90,6 +101,29 @@ class Tracker:
                 continue
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
+
+    async def _cancel_sweep(self) -> None:
+        """Cancel what has not started; a task already running answers UnsupportedOperation and is kept."""
+        for task in list(self._heap):
+            if task.running_since_s is not None:
+                continue
+            await self._limiters[task.lane.region].acquire()
+            try:
+                await task.lane.client.cancel_task(task.task_id)
+            except (TransportError, ApiError) as exc:
+                log.info("cancel %s: %s; still followed", task.task_id, exc)
+                continue
+            self._heap.remove(task)
+            heapq.heapify(self._heap)
+            self._ledger.transition(
+                task.item_id,
+                ItemState.canceled,
+                task_status="CANCELED",
+                note="canceled on the service at the user's request",
+            )
+            task.lane.slots.release()
+            self.canceled += 1
+            log.info("⊘ %s task %s canceled", task.item_id, task.task_id)
 
     async def _poll(self, task: OpenTask) -> None:
         lane = task.lane
