@@ -107,8 +107,9 @@ async def test_matrix_over_models_and_sizes_gets_each_size(start_sim, tmp_path):
 
 async def test_rate_limits_respected_without_a_burst_at_start(start_sim, tmp_path):
     """No 429 at all, and in no simulated second do a model's creates exceed its submit quota."""
-    sim = await start_sim(speed=100.0, durations={"*": 1.0})
-    prompts = "\n".join(f"  - subject number {i}" for i in range(24))
+    # A modest speed: at 100x a few milliseconds of scheduling delay on a loaded machine are a tenth of a second.
+    sim = await start_sim(speed=10.0, durations={"*": 1.0})
+    prompts = "\n".join(f"  - subject number {i}" for i in range(12))
     manifest = write_manifest(
         tmp_path,
         f"""\
@@ -119,11 +120,11 @@ prompts:
   - prompt: "a tower, {{k}}"
     model: wan2.6-t2i
     size: "1024*1024"
-    matrix: {{k: [a, b, c, d, e, f, g, h]}}
+    matrix: {{k: [a, b, c, d, e]}}
 """,
     )
     report = await engine_for(sim, tmp_path / "run").run(manifest)
-    assert report["items"]["saved"] == 32
+    assert report["items"]["saved"] == 17
     assert not [key for key in sim.statuses if key[1] == 429], sim.statuses
     for model, rps in (("wan2.2-t2i-flash", 2), ("wan2.6-t2i", 1)):
         times = sorted(t.submit_s for t in sim.tasks.values() if t.model == model)

@@ -32,7 +32,8 @@ __all__ = [
 SEED_MAX = 2**31 - 1
 
 #: Where the prices come from, said wherever a cost is shown.
-PRICE_TABLE = "list prices per generated image, vendor model-pricing page as compiled in 2026 (CNY)"
+PRICE_TABLE_DATE = "2026-10"
+PRICE_TABLE = f"list prices per generated image, vendor model-pricing page as of {PRICE_TABLE_DATE}"
 
 
 class Protocol(enum.StrEnum):

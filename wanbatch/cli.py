@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +23,6 @@ from .errors import ConfigError, LedgerError, ManifestError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
-SIM_SPEED = 60.0  #: --simulate's default clock: a simulated minute per second
 
 log = logging.getLogger("wanbatch")
 
@@ -71,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "--speed",
         type=float,
         default=None,
-        help=f"the service clock's speed: only for simulators (default with --simulate: {SIM_SPEED:g})",
+        help="the service clock's speed: only for simulators (default with --simulate: 60)",
     )
     run.add_argument(
         "--base-url",
@@ -79,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
         help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else each region's host)",
     )
     run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
+    run.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="CNY; overrides the manifest's budget: a plan over it is refused, spending stops before it",
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="send again the items whose task failed (not those moderation refused)",
+    )
+    run.add_argument(
+        "--retry-moderated",
+        action="store_true",
+        help="send again the items content moderation refused too (after you changed nothing, they "
+        "will most likely be refused again)",
+    )
     run.add_argument(
         "--cancel-pending",
         action="store_true",
@@ -110,8 +123,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .manifest import Manifest
+    from .plan import make_plan
 
     manifest = Manifest.from_yaml(args.manifest)
+    manifest.validate()
     plan = make_plan(manifest)
     if args.json:
         print(json.dumps(plan, indent=2))
@@ -131,40 +146,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def make_plan(manifest) -> dict:
-    """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency)."""
-    lanes: dict[tuple[str, str], dict] = defaultdict(lambda: {"items": 0, "images": 0})
-    for item in manifest.items():
-        lane = lanes[(item.region, item.model)]
-        lane["items"] += 1
-        lane["images"] += item.n
-    rows, cost = [], defaultdict(float)
-    for (region, model), lane in sorted(lanes.items()):
-        offer = catalog.offer(region, model)
-        bound = max(
-            lane["items"] / offer.submit_rps, lane["items"] * offer.model.typical_duration_s / offer.concurrency
-        )
-        rows.append(
-            {
-                "region": region,
-                "model": model,
-                **lane,
-                "cost": round(lane["images"] * offer.price, 6),
-                "currency": offer.currency,
-                "quota_time_s": bound,
-            }
-        )
-        cost[offer.currency] += lane["images"] * offer.price
-    return {
-        "items": sum(r["items"] for r in rows),
-        "images": sum(r["images"] for r in rows),
-        "cost": {k: round(v, 6) for k, v in cost.items()},
-        "price_table": catalog.PRICE_TABLE,
-        "quota_time_s": max((r["quota_time_s"] for r in rows), default=0.0),
-        "lanes": rows,
-    }
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -175,71 +156,29 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .manifest import Manifest
+    from .api import run
 
-    manifest = Manifest.from_yaml(args.manifest)
-    for warning in manifest.validate():
-        log.warning("warning: %s", warning)
-    return asyncio.run(_run(args, manifest))
-
-
-async def _run(args: argparse.Namespace, manifest) -> int:
-    from .engine import Engine, EngineConfig, keys_from_env
-    from .submit import SubmitConfig
-
-    regions = sorted({item.region for item in manifest.items()})
-    async with contextlib.AsyncExitStack() as stack:
-        if args.simulate:
-            from .sim import SimConfig, running_sim
-
-            speed = args.speed or SIM_SPEED
-            sims = {
-                region: await stack.enter_async_context(running_sim(SimConfig(region=region, speed=speed)))
-                for region in regions
-            }
-            keys = {region: f"sk-sim-{region}" for region in regions}
-            config = EngineConfig(
-                base_urls={r: s.base_url for r, s in sims.items()},
-                speed=speed,
-                submit=SubmitConfig(sync_wan26=args.sync),
+    try:
+        report = asyncio.run(
+            run(
+                args.manifest,
+                out=args.out,
+                simulate=args.simulate,
+                speed=args.speed,
+                base_url=args.base_url,
+                budget=args.budget,
+                sync=args.sync,
+                retry_failed=args.retry_failed,
+                retry_moderated=args.retry_moderated,
+                handle_signals=True,
+                cancel_pending=args.cancel_pending,
             )
-            clock = next(iter(sims.values())).clock
-            log.info("simulating %s at %gx speed", ", ".join(regions), speed)
-        else:
-            keys = keys_from_env(regions, os.environ)
-            config = EngineConfig(
-                base_url=args.base_url, speed=args.speed or 1.0, submit=SubmitConfig(sync_wan26=args.sync)
-            )
-            clock = None
-        engine = Engine(run_dir=args.out, keys=keys, config=config, clock=clock)
-        task = asyncio.current_task()
-        presses = 0
-
-        def on_signal() -> None:
-            nonlocal presses
-            presses += 1
-            if presses == 1:
-                log.warning(
-                    "■ stopping: nothing new is submitted; finishing what is paid for. "
-                    "Press Ctrl-C again to quit at once (the run folder stays resumable)."
-                )
-                engine.interrupt(cancel_pending=args.cancel_pending)
-            elif task is not None:
-                task.cancel()
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        try:
-            report = await engine.run(manifest)
-        except asyncio.CancelledError:
-            print(f"interrupted; resume with: wanbatch run {args.manifest} --out {args.out}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        )
+    except asyncio.CancelledError:
+        print(f"interrupted; resume with: wanbatch run {args.manifest} --out {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     _print_summary(report, args.out)
-    if engine.interrupted:
+    if report["interrupted"]:
         return EXIT_INTERRUPTED
     items = report["items_in_manifest"]
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE

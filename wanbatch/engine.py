@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from . import catalog
+from .budget import Budget
 from .client import WanClient
 from .clock import Clock, ScaledClock
 from .download import DownloadConfig, Downloader
@@ -38,6 +39,9 @@ __all__ = ["Engine", "EngineConfig", "keys_from_env"]
 log = logging.getLogger("wanbatch")
 
 #: Where the items of a ledger stand when the engine starts.
+#: The service's content-moderation refusals: retried only when asked for by name.
+MODERATION_CODES = frozenset({"DataInspectionFailed", "IPInfringementSuspect"})
+
 _RESUMABLE = (ItemState.planned, ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 
 
@@ -78,12 +82,16 @@ class Engine:
         keys: Mapping[str, str],
         config: EngineConfig = EngineConfig(),
         clock: Clock | None = None,
-        on_event: Callable[[str, dict], None] | None = None,
+        budget: float | None = None,
+        retry_failed: bool = False,
+        retry_moderated: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self._keys = dict(keys)
         self.config = config
         self.clock = clock or ScaledClock(speed=config.speed)
+        self.budget_limit = budget
+        self.retry_failed, self.retry_moderated = retry_failed, retry_moderated
         self.interrupted = False
         self._cancel_pending = False
         self._submitter: Submitter | None = None
@@ -140,10 +148,22 @@ class Engine:
             )
         return report
 
-    async def _run_stages(self, ledger: Ledger, run: int) -> dict[str, Any]:
+    def _prepare(self, ledger: Ledger, run: int) -> None:
+        """Settle what a stop left half done, and put back the items the user asked to try again."""
         for row in ledger.iter_items([ItemState.submitting]):
             # A crash between the commit and the reply: the POST may have gone out.
             ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
+        if not (self.retry_failed or self.retry_moderated):
+            return
+        for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):
+            moderated = row.error_code in MODERATION_CODES
+            wanted = self.retry_moderated if moderated else self.retry_failed and row.state is ItemState.failed
+            if wanted:
+                ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
+
+    async def _run_stages(self, ledger: Ledger, run: int) -> dict[str, Any]:
+        self._prepare(ledger, run)
+        budget = Budget(self.budget_limit, spent=ledger.spent_cost())
         lanes_wanted = ledger.lanes(_RESUMABLE)
         missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
         if missing:
@@ -173,6 +193,7 @@ class Engine:
                 limiters=limiters,
                 on_images=downloader.add_item,
                 config=self.config.track,
+                budget=budget,
             )
             reconciler = Reconciler(
                 ledger=ledger, clock=self.clock, limiters=limiters, tracker=tracker, config=self.config.reconcile
@@ -188,6 +209,7 @@ class Engine:
                     now_s=self.clock.now(),
                     config=self.config.track,
                     common=common,
+                    budget=budget,
                 )
                 downloader.add_item(item_id)
 
@@ -200,11 +222,12 @@ class Engine:
                 on_sync_images=on_sync,
                 config=self.config.submit,
                 run=run,
+                budget=budget,
             )
             self._submitter, self._tracker = submitter, tracker
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
-            self._refill(ledger, lanes, tracker, reconciler, downloader)
+            self._refill(ledger, lanes, tracker, reconciler, downloader, budget)
             await _in_order(
                 submitter.run,
                 lambda done: reconciler.run(done),
@@ -225,6 +248,7 @@ class Engine:
             "images_saved_this_run": downloader.saved,
             "bytes_saved_this_run": downloader.bytes,
             "blocked": blocked,
+            "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
         }
 
     def _lane(self, key: tuple[str, str], client: WanClient) -> Lane:
@@ -241,7 +265,13 @@ class Engine:
         )
 
     def _refill(
-        self, ledger: Ledger, lanes: dict, tracker: Tracker, reconciler: Reconciler, downloader: Downloader
+        self,
+        ledger: Ledger,
+        lanes: dict,
+        tracker: Tracker,
+        reconciler: Reconciler,
+        downloader: Downloader,
+        budget: Budget,
     ) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
@@ -249,6 +279,7 @@ class Engine:
             for row in ledger.iter_items([state]):
                 lane = lanes[(row.region, row.model)]
                 lane.slots.take_now()  # its task holds a place on the service already
+                budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
                 if state is ItemState.unknown:
                     reconciler.add(row.item_id, lane)
                 elif row.task_id:

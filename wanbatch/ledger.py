@@ -474,6 +474,10 @@ class Ledger:
             )
         return {state: found.get(state, 0) for state in ItemState}
 
+    def spent_cost(self) -> float:
+        """What the service has billed so far: the images every task generated, at the planned price."""
+        return float(self._conn.execute("SELECT COALESCE(SUM(cost), 0) FROM items").fetchone()[0])
+
     # ── state moves ─────────────────────────────────────────────────────────────────────────────────
 
     def transition(

@@ -43,6 +43,7 @@ def service_time_param(epoch_s: float) -> str:
 
 class Reconciler:
     def __init__(self, *, ledger, clock, limiters, tracker, config: ReconcileConfig = ReconcileConfig()) -> None:
+        # What an adopted task costs is settled by the tracker; one proved never made costs nothing.
         self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
         self.config = config
         self._pending: dict[str, object] = {}  # item_id -> lane
@@ -91,6 +92,7 @@ class Reconciler:
                 error_code="OutcomeUnknown",
                 error_message="the service no longer lists tasks this old",
             )
+            self._tracker.budget.settle(item_id, row.n_images * row.price_per_image)  # may have been billed
             lane.slots.release()
             return True
         candidates = await self._candidates(lane, started_s - self.config.window_margin_s, now + 60)
@@ -112,6 +114,7 @@ class Reconciler:
         self._ledger.transition(item_id, ItemState.planned, note="the task list shows no task for this attempt")
         self.resent += 1
         log.info("↻ %s: no task was created; it will be sent again", item_id)
+        self._tracker.budget.settle(item_id, 0.0)
         lane.slots.release()
         return True
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from .budget import Budget
 from .catalog import Offer, Protocol
 from .client import WanClient
 from .errors import AccountError, ApiError, OutcomeUnknown, RejectedError, ThrottledError, TransportError
@@ -97,12 +98,23 @@ class Lane:
 
 class Submitter:
     def __init__(
-        self, *, ledger, clock, lanes: list[Lane], tracker, reconciler, on_sync_images, config, run: int | None = None
+        self,
+        *,
+        ledger,
+        clock,
+        lanes: list[Lane],
+        tracker,
+        reconciler,
+        on_sync_images,
+        config,
+        run: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
         self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
         self.config: SubmitConfig = config
         self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
+        self.budget = budget or Budget()
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
         self.in_flight = 0
         self.submitted = 0
@@ -141,7 +153,14 @@ class Submitter:
                     after_seq = row.seq
                     if row.item_id in lane.skipped or row.item_id in lane.sending:
                         continue
+                    if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
+                        log.warning(
+                            "■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency
+                        )
+                        self.stop.set()
+                        break
                     if not await lane.slots.acquire(self.stop):
+                        self.budget.settle(row.item_id, 0.0)
                         break
                     if lane.blocked:
                         lane.slots.release()
@@ -165,6 +184,7 @@ class Submitter:
             lane.sending.discard(row.item_id)
             if not holds_slot:
                 lane.slots.release()
+                self.budget.settle(row.item_id, 0.0)  # never made, or final (a sync result settled already)
 
     async def _attempts(self, lane: Lane, row) -> bool:
         """Try until the item is queued, final or left for later; True if its task now holds a slot."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .aio import wait_event
+from .budget import Budget
 from .errors import ApiError, TransportError
 from .states import ImageState, ItemState
 from .wire import image_results, parse_service_time_s, url_expires_s
@@ -60,9 +61,11 @@ class Tracker:
         limiters: dict[str, Any],
         on_images: Callable[[str], None],
         config: TrackerConfig = TrackerConfig(),
+        budget: Budget | None = None,
     ) -> None:
         self._ledger, self._clock, self._limiters, self._on_images = ledger, clock, limiters, on_images
         self.config = config
+        self.budget = budget or Budget()
         self._heap: list[OpenTask] = []
         self._wake = asyncio.Event()
         self._expected_s: dict[str, float] = {}  #: recent running time per model, smoothed
@@ -122,6 +125,7 @@ class Tracker:
                 note="canceled on the service at the user's request",
             )
             task.lane.slots.release()
+            self.budget.settle(task.item_id, 0.0)
             self.canceled += 1
             log.info("⊘ %s task %s canceled", task.item_id, task.task_id)
 
@@ -182,15 +186,19 @@ class Tracker:
         common = {"task_status": status, "ended_ms": int(now * 1000), "request_id": request_id}
         if status == "SUCCEEDED":
             self._learn(lane.offer.model.name, output)
-            record_results(ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common)
+            record_results(
+                ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common, budget=self.budget
+            )
             if ledger.get(item_id).state is ItemState.generated:
                 self._on_images(item_id)
         elif status == "FAILED":
             code, message = output.get("code", "TaskFailed"), output.get("message", "")
             ledger.transition(item_id, ItemState.failed, error_code=code, error_message=message, **common)
+            self.budget.settle(item_id, 0.0)
             log.info("✗ %s task %s FAILED %s: %s", item_id, task.task_id, code, message)
         elif status == "CANCELED":
             ledger.transition(item_id, ItemState.canceled, **common)
+            self.budget.settle(item_id, 0.0)
         else:  # UNKNOWN: the task id is gone, more than a day after the task ended.
             ledger.transition(
                 item_id,
@@ -199,10 +207,20 @@ class Tracker:
                 error_message="the service no longer knows this task (over 24 h old)",
                 **common,
             )
+            # Whether it was billed cannot be known now: count it as paid.
+            self.budget.settle(item_id, lane.offer.price * ledger.get(item_id).n_images)
 
 
 def record_results(
-    ledger, item_id: str, output: dict, *, lane, now_s: float, config: TrackerConfig, common: dict
+    ledger,
+    item_id: str,
+    output: dict,
+    *,
+    lane,
+    now_s: float,
+    config: TrackerConfig,
+    common: dict,
+    budget: Budget | None = None,
 ) -> None:
     """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out)."""
     from .ledger import ImageRecord  # the ledger owns the record type
@@ -232,6 +250,8 @@ def record_results(
         good += result.url is not None
     ledger.record_images(item_id, images)
     cost = good * lane.offer.price
+    if budget is not None:
+        budget.settle(item_id, cost)
     if good:
         ledger.transition(item_id, ItemState.generated, cost=cost, **common)
         log.info("✓ %s generated %d/%d image(s)", item_id, good, len(images))

@@ -1,0 +1,111 @@
+"""The Python API beside the CLI: wanbatch.run, budgets, retries, and the exported names."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import wanbatch
+from wanbatch.engine import Engine, EngineConfig
+from wanbatch.manifest import Manifest
+
+FAST = {"speed": 200.0, "durations": {"*": 4.0}}
+
+
+def test_exported_members():
+    """The public API is exactly what __all__ lists, and each name exists."""
+    assert sorted(wanbatch.__all__) == [
+        "BudgetExceeded",
+        "Engine",
+        "EngineConfig",
+        "Manifest",
+        "ManifestError",
+        "WanbatchError",
+        "__version__",
+        "make_plan",
+        "run",
+    ]
+    for name in wanbatch.__all__:
+        assert hasattr(wanbatch, name), name
+
+
+async def test_run_returns_the_report(tmp_path):
+    """`await wanbatch.run(path, out=..., simulate=True)` runs the manifest and returns its report."""
+    report = await wanbatch.run("jobs/foxes.yaml", out=tmp_path / "run", simulate=True, speed=600)
+    assert report["items"]["saved"] == 2 and report["images"]["saved"] == 2
+    assert (tmp_path / "run" / "report.json").exists()
+
+
+def manifest(tmp_path, text: str) -> Manifest:
+    path = tmp_path / "job.yaml"
+    path.write_text(textwrap.dedent(text))
+    return Manifest.from_yaml(path)
+
+
+async def test_a_plan_over_budget_is_refused_before_anything_is_sent(tmp_path):
+    """A manifest whose plan costs more than its budget raises BudgetExceeded and leaves no run folder."""
+    job = manifest(
+        tmp_path,
+        """\
+        name: dear
+        budget: 0.5
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 4}
+        prompts: [a, b]
+        """,
+    )
+    with pytest.raises(wanbatch.BudgetExceeded, match=r"1\.12 CNY .* over the budget of 0\.50"):
+        await wanbatch.run(job, out=tmp_path / "run", simulate=True)
+    assert not (tmp_path / "run").exists()
+
+
+def engine_for(sim, run_dir, **kwargs) -> Engine:
+    return Engine(
+        run_dir=run_dir,
+        keys={"beijing": "sk-sim-beijing"},
+        clock=sim.clock,
+        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed),
+        **kwargs,
+    )
+
+
+async def test_spending_stops_before_the_budget_would_pass(start_sim, tmp_path):
+    """With a budget below the plan, submitting stops before spent plus in-flight cost would pass it."""
+    sim = await start_sim(**FAST)
+    job = manifest(
+        tmp_path,
+        """\
+        name: capped
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 2}
+        prompts: [one, two, three, four, five, six]
+        """,
+    )
+    report = await engine_for(sim, tmp_path / "run", budget=1.0).run(job)  # 0.28 CNY an item: 3 fit
+    assert report["items"]["saved"] == 3 and report["items"]["planned"] == 3
+    assert report["budget"]["reached"] and report["cost"]["CNY"] == pytest.approx(0.84)
+    assert sum(r["image_index"] >= 0 for r in sim.billing) == 6
+
+
+async def test_retry_failed_resends_failed_but_not_moderated_items(start_sim, tmp_path):
+    """retry_failed sends failed tasks again except moderation refusals, which go again only with retry_moderated."""
+    failing = await start_sim(**FAST, image_failure_rate=1.0, seed=1)
+    job = manifest(
+        tmp_path,
+        """\
+        name: retry
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}
+        prompts: [pond, hill, road, barn, mill, reed, a sim-inappropriate sign]
+        """,
+    )
+    first = await engine_for(failing, tmp_path / "run").run(job)
+    assert first["items"]["failed"] == 6 and first["items"]["rejected"] == 1
+    moderated = first["failures"].get("DataInspectionFailed", {}).get("count", 0)  # the rejected one, and outputs
+    healthy = await start_sim(**FAST)  # the service recovered
+    again = await engine_for(healthy, tmp_path / "run").run(job)
+    assert again["submitted"] == 0  # nothing is sent again unless asked
+    retried = await engine_for(healthy, tmp_path / "run", retry_failed=True).run(job)
+    assert retried["submitted"] == 7 - moderated and retried["items"]["saved"] == 7 - moderated
+    refused_before = healthy.statuses[("create", 400)]
+    last = await engine_for(healthy, tmp_path / "run", retry_moderated=True).run(job)
+    assert last["submitted"] == moderated - 1 and last["items"]["saved"] == 6 and last["items"]["rejected"] == 1
+    assert healthy.statuses[("create", 400)] == refused_before + 1  # the refused prompt was sent once more

@@ -1,0 +1,52 @@
+"""What a manifest will cost and how long the account's quota needs for it, before anything is sent."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from . import catalog
+
+__all__ = ["make_plan"]
+
+
+def make_plan(manifest) -> dict[str, Any]:
+    """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
+
+    Models run in parallel lanes, so the whole manifest needs as long as its slowest lane.
+    """
+    lanes: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"items": 0, "images": 0})
+    for item in manifest.items():
+        lane = lanes[(item.region, item.model)]
+        lane["items"] += 1
+        lane["images"] += item.n
+    rows, cost = [], defaultdict(float)
+    for (region, model), lane in sorted(lanes.items()):
+        offer = catalog.offer(region, model)
+        bound_s = max(
+            lane["items"] / offer.submit_rps, lane["items"] * offer.model.typical_duration_s / offer.concurrency
+        )
+        lane_cost = lane["images"] * offer.price
+        rows.append(
+            {
+                "region": region,
+                "model": model,
+                **lane,
+                "price": offer.price,
+                "cost": round(lane_cost, 6),
+                "currency": offer.currency,
+                "quota_time_s": bound_s,
+            }
+        )
+        cost[offer.currency] += lane_cost
+    return {
+        "name": manifest.name,
+        "items": sum(r["items"] for r in rows),
+        "images": sum(r["images"] for r in rows),
+        "cost": {currency: round(value, 6) for currency, value in cost.items()},
+        "price_table": catalog.PRICE_TABLE,
+        "quota_time_s": max((r["quota_time_s"] for r in rows), default=0.0),
+        "regions": sorted({r["region"] for r in rows}),
+        "budget": manifest.budget,
+        "lanes": rows,
+    }
