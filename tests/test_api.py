@@ -109,3 +109,31 @@ async def test_retry_failed_resends_failed_but_not_moderated_items(start_sim, tm
     last = await engine_for(healthy, tmp_path / "run", retry_moderated=True).run(job)
     assert last["submitted"] == moderated - 1 and last["items"]["saved"] == 6 and last["items"]["rejected"] == 1
     assert healthy.statuses[("create", 400)] == refused_before + 1  # the refused prompt was sent once more
+
+
+async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, tmp_path):
+    """After a hard stop, cancel_queued cancels PENDING tasks; running ones stay queued for the next run."""
+    import asyncio
+
+    from wanbatch.cancel import cancel_queued
+
+    sim = await start_sim(speed=50.0, durations={"*": 60.0})
+    job = manifest(
+        tmp_path,
+        """\
+        name: stopped
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}
+        prompts: [one, two, three, four, five, six]
+        """,
+    )
+    run = asyncio.create_task(engine_for(sim, tmp_path / "run").run(job))
+    while sim.requests["create"] < 4:  # 2 running and a backlog of 2 waiting
+        await asyncio.sleep(0.005)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    counts = await cancel_queued(tmp_path / "run", keys={"beijing": "sk-sim-beijing"}, base_url=sim.base_url)
+    assert counts == {"canceled": 2, "running": 2, "errors": 0}
+    assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "RUNNING", "RUNNING"]
+    report = await engine_for(sim, tmp_path / "run").run(job)
+    assert report["items"]["canceled"] == 2 and report["items"]["saved"] == 4

@@ -104,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+    cancel = sub.add_parser("cancel", help="cancel the tasks a stopped run left waiting (PENDING) on the service")
+    cancel.add_argument("run_dir", type=Path)
+    cancel.add_argument(
+        "--base-url",
+        default=os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL)",
+    )
+    cancel.set_defaults(func=cmd_cancel)
+
     sim = sub.add_parser("sim", help="serve the simulated service on loopback until Ctrl-C")
     from .sim import cli as sim_cli
 
@@ -197,6 +206,21 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     print(f"images:   {run_dir / 'images'}")
     print(f"metadata: {run_dir / 'metadata.jsonl'}")
     print(f"report:   {run_dir / 'report.json'}")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .cancel import cancel_queued
+    from .engine import keys_from_env
+
+    if not (args.run_dir / "ledger.sqlite").exists():
+        raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
+    keys = keys_from_env(sorted(catalog.REGIONS), {**os.environ}, require=False)
+    counts = asyncio.run(cancel_queued(args.run_dir, keys=keys, base_url=args.base_url))
+    print(
+        f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
+        f"{counts['errors']} error(s)"
+    )
+    return EXIT_OK if not counts["errors"] else EXIT_INCOMPLETE
 
 
 # ── status ──────────────────────────────────────────────────────────────────────────────────────

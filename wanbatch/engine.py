@@ -58,7 +58,7 @@ class EngineConfig:
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
 
 
-def keys_from_env(regions: list[str], environ: Mapping[str, str]) -> dict[str, str]:
+def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
     """Each region's key: its own variable (DASHSCOPE_API_KEY_SINGAPORE ...) or DASHSCOPE_API_KEY."""
     keys, missing = {}, []
     for region in regions:
@@ -67,7 +67,7 @@ def keys_from_env(regions: list[str], environ: Mapping[str, str]) -> dict[str, s
             keys[region] = key
         else:
             missing.append(f"{region} ({catalog.REGIONS[region].key_env} or DASHSCOPE_API_KEY)")
-    if missing:
+    if missing and require:
         raise ConfigError("no API key for " + ", ".join(missing) + "; set it in the environment, or use --simulate")
     return keys
 
