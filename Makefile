@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/wanbatch run jobs/demo.yaml --out runs/demo --simulate
+	$(BIN)/wanbatch run jobs/demo.yaml --out runs/demo --simulate --speed 20
 
 test: $(STAMP)
 	$(BIN)/pytest

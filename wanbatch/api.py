@@ -23,10 +23,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from .engine import Engine, EngineConfig, keys_from_env
 from .errors import ConfigError
 from .manifest import Manifest
 from .plan import make_plan
+from .progress import live_progress
 from .submit import SubmitConfig
 
 __all__ = ["BudgetExceeded", "run"]
@@ -55,6 +58,7 @@ async def run(
     handle_signals: bool = False,
     cancel_pending: bool = False,
     on_engine: Callable[[Engine], None] | None = None,
+    progress: Console | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -62,6 +66,7 @@ async def run(
     sent (:class:`BudgetExceeded`), and submitting stops before spent plus in-flight cost would pass it.
     ``handle_signals`` makes SIGINT/SIGTERM stop submitting (and with ``cancel_pending`` cancel tasks
     still waiting on the service) while what is paid for is finished; a second signal quits at once.
+    ``progress`` shows a live display of the run on that ``rich`` console.
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
@@ -108,6 +113,8 @@ async def run(
             on_engine(engine)
         if handle_signals:
             stack.enter_context(_signals(engine, cancel_pending=cancel_pending))
+        if progress is not None:
+            await stack.enter_async_context(live_progress(engine, progress))
         return await engine.run(manifest)
 
 

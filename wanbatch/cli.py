@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import catalog
 from .errors import ConfigError, LedgerError, ManifestError
+from .progress import JsonFormatter, format_duration
 
 __all__ = ["main"]
 
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbatch", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debugging)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    parser.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default="plain",
+        help="events as plain lines or one JSON object per line (no live display)",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     plan = sub.add_parser("plan", help="show items, images, cost and quota time of a manifest; sends nothing")
@@ -122,8 +129,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    """A live display in a terminal (events under it only with -v); one line per event anywhere else."""
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    args.console = None
+    if args.log_format == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif sys.stderr.isatty() and not args.quiet and getattr(args, "func", None) is cmd_run:
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        args.console = Console(stderr=True)
+        handler = RichHandler(console=args.console, show_time=False, show_path=False, markup=False)
+        level = logging.INFO if args.verbose else logging.WARNING
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("wanbatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
@@ -145,20 +170,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for row in plan["lanes"]:
         print(
             f"{row['region']:<10} {row['model']:<20} {row['items']:>8} {row['images']:>8} "
-            f"{row['cost']:>8.2f} {row['currency']}  {_duration(row['quota_time_s'])}"
+            f"{row['cost']:>8.2f} {row['currency']}  {format_duration(row['quota_time_s'])}"
         )
     for currency, cost in plan["cost"].items():
         print(f"total: {cost:.2f} {currency} at {catalog.PRICE_TABLE}")
-    print(f"time the account's quota allows: {_duration(plan['quota_time_s'])} (models run in parallel)")
+    print(f"time the account's quota allows: {format_duration(plan['quota_time_s'])} (models run in parallel)")
     if manifest.budget is not None:
         print(f"budget: {manifest.budget:.2f} CNY")
     return EXIT_OK
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ── run ─────────────────────────────────────────────────────────────────────────────────────────
@@ -181,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 retry_moderated=args.retry_moderated,
                 handle_signals=True,
                 cancel_pending=args.cancel_pending,
+                progress=args.console,
             )
         )
     except asyncio.CancelledError:

@@ -96,6 +96,8 @@ class Engine:
         self._cancel_pending = False
         self._submitter: Submitter | None = None
         self._tracker: Tracker | None = None
+        self._live: tuple | None = None  # (ledger, downloader, budget, started) while stages run
+        self._final_snapshot: dict[str, Any] | None = None
 
     def interrupt(self, *, cancel_pending: bool = False) -> None:
         """Stop submitting; what is already paid for is still tracked and saved.
@@ -109,6 +111,20 @@ class Engine:
             self._submitter.stop.set()
         if self._tracker is not None and self._cancel_pending:
             self._tracker.cancel_pending()
+
+    def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
+        """Counts per state and this run's progress, for a live display; None before the stages start."""
+        if self._live is None:
+            return self._final_snapshot
+        ledger, downloader, budget, started = self._live
+        return {
+            "counts": {str(state): n for state, n in ledger.counts().items()},
+            "running": self._tracker.running if self._tracker and not final else 0,
+            "images_saved": downloader.saved,
+            "cost": budget.spent,
+            "currency": "CNY",
+            "elapsed_s": time.monotonic() - started,
+        }
 
     def base_url(self, region: str) -> str:
         return self.config.base_urls.get(region) or self.config.base_url or catalog.REGIONS[region].base_url
@@ -127,7 +143,12 @@ class Engine:
                 added.existing,
                 stale,
             )
-            stages = await self._run_stages(ledger, run)
+            try:
+                stages = await self._run_stages(ledger, run)
+            finally:
+                if self._live is not None:
+                    self._final_snapshot = self.snapshot(final=True)
+                self._live = None  # the ledger closes with this block
             saved = write_metadata(self.run_dir, ledger)
             report = write_report(
                 self.run_dir,
@@ -228,6 +249,7 @@ class Engine:
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
             self._refill(ledger, lanes, tracker, reconciler, downloader, budget)
+            self._live = (ledger, downloader, budget, time.monotonic())
             await _in_order(
                 submitter.run,
                 lambda done: reconciler.run(done),

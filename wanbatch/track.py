@@ -76,6 +76,11 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._heap)
 
+    @property
+    def running(self) -> int:
+        """Open tasks last seen RUNNING on the service."""
+        return sum(task.running_since_s is not None for task in self._heap)
+
     def expected_duration_s(self, lane) -> float:
         return self._expected_s.get(lane.offer.model.name, lane.offer.model.typical_duration_s)
 
