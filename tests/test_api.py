@@ -8,6 +8,7 @@ import pytest
 
 import wanbatch
 from wanbatch.engine import Engine, EngineConfig
+from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}
@@ -117,7 +118,7 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
 
     from wanbatch.cancel import cancel_queued
 
-    sim = await start_sim(speed=50.0, durations={"*": 60.0})
+    sim = await start_sim(speed=50.0, durations={"*": 600.0})  # long tasks: the stop finds them queued
     job = manifest(
         tmp_path,
         """\
@@ -126,8 +127,9 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
         prompts: [one, two, three, four, five, six]
         """,
     )
-    run = asyncio.create_task(engine_for(sim, tmp_path / "run").run(job))
-    while sim.requests["create"] < 4:  # 2 running and a backlog of 2 waiting
+    engine = engine_for(sim, tmp_path / "run")
+    run = asyncio.create_task(engine.run(job))
+    while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:  # 2 running, a backlog of 2
         await asyncio.sleep(0.005)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -135,5 +137,6 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     counts = await cancel_queued(tmp_path / "run", keys={"beijing": "sk-sim-beijing"}, base_url=sim.base_url)
     assert counts == {"canceled": 2, "running": 2, "errors": 0}
     assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "RUNNING", "RUNNING"]
-    report = await engine_for(sim, tmp_path / "run").run(job)
-    assert report["items"]["canceled"] == 2 and report["items"]["saved"] == 4
+    with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+        counts = ledger.counts()
+    assert (counts["canceled"], counts["queued"], counts["planned"]) == (2, 2, 2)

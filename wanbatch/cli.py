@@ -213,14 +213,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
 
 
+def _print_failures(report: dict) -> None:
+    for code, failure in report["failures"].items():
+        first = failure["sources"][0]["source"] if failure["sources"] else ""
+        print(f"  {failure['count']} {failure['state']} {code}: {failure['message']} (first at {first})")
+    lost = ", ".join(f"{v:.2f} {k}" for k, v in report.get("cost_lost", {}).items())
+    if lost:
+        print(f"  paid and lost (URLs expired before saving): {lost}")
+
+
 def _print_summary(report: dict, run_dir: Path) -> None:
     items = ", ".join(f"{n} {state}" for state, n in report["items"].items() if n)
     cost = ", ".join(f"{v:.2f} {k}" for k, v in report["cost"].items()) or "0"
     print(f"items: {items}")
     print(f"images saved: {report['images']['saved']}  cost: {cost}  wall time: {report['wall_s']:.1f}s")
-    for code, failure in report["failures"].items():
-        first = failure["sources"][0]["source"] if failure["sources"] else ""
-        print(f"  {failure['count']} {failure['state']} {code}: {failure['message']} (first at {first})")
+    _print_failures(report)
     for lane, reason in report.get("blocked", {}).items():
         print(f"  submitting stopped for {lane}: {reason}")
     print(f"images:   {run_dir / 'images'}")
@@ -247,19 +254,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Counts, cost and failures of a run folder, read from its ledger (safe while a run is going)."""
     from .clock import ScaledClock
     from .ledger import Ledger
+    from .outputs import build_report
 
     if not (args.run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
+    last = args.run_dir / "report.json"
     with Ledger.open(args.run_dir, clock=ScaledClock(), create=False) as ledger:
-        summary = ledger.summary()
+        runs = ledger.summary()["runs"]
+        report = build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(report, indent=2, ensure_ascii=False))
         return EXIT_OK
-    print("items:  " + ", ".join(f"{n} {s}" for s, n in summary["items"].items() if n))
-    print("images: " + ", ".join(f"{n} {s}" for s, n in summary["images"].items() if n))
-    print("cost:   " + (", ".join(f"{v:.2f} {k}" for k, v in summary["cost"].items()) or "0"))
+    print("items:  " + (", ".join(f"{n} {s}" for s, n in report["items"].items() if n) or "none"))
+    print("images: " + (", ".join(f"{n} {s}" for s, n in report["images"].items() if n) or "none"))
+    print("cost:   " + (", ".join(f"{v:.2f} {k}" for k, v in report["cost"].items()) or "0"))
+    _print_failures(report)
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ class Engine:
         """Plan the manifest into the ledger, run every open item to its end, write the outputs."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
-            started = time.monotonic()
+            started, started_at = time.monotonic(), _iso_now()
             run = ledger.begin_run()
             added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
             stale = ledger.stale_count(run)
@@ -163,7 +164,12 @@ class Engine:
                     "items_in_manifest": {str(k): v for k, v in ledger.counts(run=run).items()},
                     "images_in_metadata": saved,
                     "interrupted": self.interrupted,
+                    "started_at": started_at,
+                    "ended_at": _iso_now(),
                     "wall_s": round(time.monotonic() - started, 3),
+                    "images_per_min": round(
+                        stages["images_saved_this_run"] / max(time.monotonic() - started, 1e-9) * 60, 2
+                    ),
                     **stages,
                 },
             )
@@ -307,6 +313,10 @@ class Engine:
                 elif row.task_id:
                     tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)
         downloader.load_pending()
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _price_of(item) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .states import ImageState, ItemState
 
-__all__ = ["write_metadata", "write_report"]
+__all__ = ["build_report", "write_metadata", "write_report"]
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
@@ -62,6 +62,13 @@ def write_metadata(run_dir: Path, ledger) -> int:
 
 def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Write and return ``report.json``: the ledger's summary, failures grouped by code, and ``extra``."""
+    report = build_report(ledger, run=run, extra=extra)
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
     failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "state": "", "message": "", "sources": []})
     for row in ledger.iter_items(FAILURE_STATES):
         entry = failures[row.error_code or str(row.state)]
@@ -96,5 +103,4 @@ def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> d
         "images_not_saved_yet": waiting[:50],
         **extra,
     }
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
