@@ -83,17 +83,7 @@ async def run(
     submit = SubmitConfig(sync_wan26=sync)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
-            from .sim import SimConfig, running_sim
-
-            speed = speed or SIM_SPEED
-            sims = {
-                region: await stack.enter_async_context(running_sim(SimConfig(region=region, speed=speed)))
-                for region in plan["regions"]
-            }
-            keys = {region: f"sk-sim-{region}" for region in sims}
-            config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)
-            clock = next(iter(sims.values())).clock if sims else None
-            log.info("simulating %s at %gx speed", ", ".join(sims), speed)
+            keys, config, clock = await _simulators(stack, plan["regions"], speed=speed or SIM_SPEED, submit=submit)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
@@ -116,6 +106,20 @@ async def run(
         if progress is not None:
             await stack.enter_async_context(live_progress(engine, progress))
         return await engine.run(manifest)
+
+
+async def _simulators(stack: contextlib.AsyncExitStack, regions: list[str], *, speed: float, submit: SubmitConfig):
+    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``."""
+    from .sim import SimConfig, running_sim
+
+    sims = {
+        region: await stack.enter_async_context(running_sim(SimConfig(region=region, speed=speed)))
+        for region in regions
+    }
+    log.info("simulating %s at %gx speed", ", ".join(sims), speed)
+    keys = {region: f"sk-sim-{region}" for region in sims}
+    config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)
+    return keys, config, next(iter(sims.values())).clock if sims else None
 
 
 @contextlib.contextmanager

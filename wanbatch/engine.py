@@ -33,7 +33,7 @@ from .pacing import Pacer, even_limiter
 from .reconcile import ReconcileConfig, Reconciler
 from .states import ItemState
 from .submit import Lane, Slots, SubmitConfig, Submitter
-from .track import Tracker, TrackerConfig, record_results
+from .track import Tracker, TrackerConfig
 
 __all__ = ["Engine", "EngineConfig", "keys_from_env"]
 
@@ -197,87 +197,60 @@ class Engine:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
-            limiters = {
-                region: even_limiter(self.config.query_qps, speed=self.clock.speed)
-                for region in {r for r, _ in lanes_wanted}
-            }
-            clients = {
-                region: WanClient(
-                    session,
-                    base_url=self.base_url(region),
-                    api_key=self._keys[region],
-                    request_timeout_s=self.config.request_timeout_s,
-                )
-                for region in limiters
-            }
-            lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
-            downloader = Downloader(
-                ledger=ledger, clock=self.clock, session=session, run_dir=self.run_dir, config=self.config.download
-            )
-            tracker = Tracker(
-                ledger=ledger,
-                clock=self.clock,
-                limiters=limiters,
-                on_images=downloader.add_item,
-                config=self.config.track,
-                budget=budget,
-            )
-            reconciler = Reconciler(
-                ledger=ledger, clock=self.clock, limiters=limiters, tracker=tracker, config=self.config.reconcile
-            )
-
-            def on_sync(item_id: str, lane: Lane, data: dict) -> None:
-                common = {"task_status": "SUCCEEDED", "ended_ms": self.clock.now_ms()}
-                record_results(
-                    ledger,
-                    item_id,
-                    data.get("output") or {},
-                    lane=lane,
-                    now_s=self.clock.now(),
-                    config=self.config.track,
-                    common=common,
-                    budget=budget,
-                )
-                downloader.add_item(item_id)
-
-            submitter = Submitter(
-                ledger=ledger,
-                clock=self.clock,
-                lanes=list(lanes.values()),
-                tracker=tracker,
-                reconciler=reconciler,
-                on_sync_images=on_sync,
-                config=self.config.submit,
-                run=run,
-                budget=budget,
-            )
-            self._submitter, self._tracker = submitter, tracker
+            stages = self._build(ledger, session, lanes_wanted, budget, run)
+            self._submitter, self._tracker = stages.submitter, stages.tracker
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
-            self._refill(ledger, lanes, tracker, reconciler, downloader, budget)
-            self._live = (ledger, downloader, budget, time.monotonic())
+            self._refill(ledger, stages, budget)
+            self._live = (ledger, stages.downloader, budget, time.monotonic())
             await _in_order(
-                submitter.run,
-                lambda done: reconciler.run(done),
-                lambda done: tracker.run(done),
-                lambda done: downloader.run(done),
+                stages.submitter.run,
+                stages.reconciler.run,
+                stages.tracker.run,
+                stages.downloader.run,
             )
-            blocked = {
-                f"{lane.region}/{lane.model}": f"{lane.blocked.code}: {lane.blocked.message}"
-                for lane in lanes.values()
-                if lane.blocked
-            }
-        return {
-            "submitted": submitter.submitted,
-            "queries": tracker.queries,
-            "canceled_on_service": tracker.canceled,
-            "reconciled_adopted": reconciler.adopted,
-            "reconciled_resent": reconciler.resent,
-            "images_saved_this_run": downloader.saved,
-            "bytes_saved_this_run": downloader.bytes,
-            "blocked": blocked,
-            "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
+        return stages.stats(budget)
+
+    def _build(self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int) -> _Stages:
+        """One client and query limiter per region, one lane per (region, model), and the four stages."""
+        regions = {region for region, _ in lanes_wanted}
+        limiters = {region: even_limiter(self.config.query_qps, speed=self.clock.speed) for region in regions}
+        clients = {
+            region: WanClient(
+                session,
+                base_url=self.base_url(region),
+                api_key=self._keys[region],
+                request_timeout_s=self.config.request_timeout_s,
+            )
+            for region in regions
         }
+        lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
+        downloader = Downloader(
+            ledger=ledger, clock=self.clock, session=session, run_dir=self.run_dir, config=self.config.download
+        )
+        tracker = Tracker(
+            ledger=ledger,
+            clock=self.clock,
+            limiters=limiters,
+            on_images=downloader.add_item,
+            config=self.config.track,
+            budget=budget,
+        )
+        reconciler = Reconciler(
+            ledger=ledger, clock=self.clock, limiters=limiters, tracker=tracker, config=self.config.reconcile
+        )
+        submitter = Submitter(
+            ledger=ledger,
+            clock=self.clock,
+            lanes=list(lanes.values()),
+            tracker=tracker,
+            reconciler=reconciler,
+            on_sync_images=tracker.record_sync,
+            config=self.config.submit,
+            run=run,
+            budget=budget,
+        )
+        return _Stages(lanes, submitter, tracker, reconciler, downloader)
 
     def _lane(self, key: tuple[str, str], client: WanClient) -> Lane:
         region, model = key
@@ -292,27 +265,46 @@ class Engine:
             slots=Slots(offer.concurrency + self.config.submit.backlog),
         )
 
-    def _refill(
-        self,
-        ledger: Ledger,
-        lanes: dict,
-        tracker: Tracker,
-        reconciler: Reconciler,
-        downloader: Downloader,
-        budget: Budget,
-    ) -> None:
+    def _refill(self, ledger: Ledger, stages: _Stages, budget: Budget) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
             for row in ledger.iter_items([state]):
-                lane = lanes[(row.region, row.model)]
+                lane = stages.lanes[(row.region, row.model)]
                 lane.slots.take_now()  # its task holds a place on the service already
                 budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
                 if state is ItemState.unknown:
-                    reconciler.add(row.item_id, lane)
+                    stages.reconciler.add(row.item_id, lane)
                 elif row.task_id:
-                    tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)
-        downloader.load_pending()
+                    stages.tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)
+        stages.downloader.load_pending()
+
+
+@dataclass(frozen=True, slots=True)
+class _Stages:
+    lanes: dict[tuple[str, str], Lane]
+    submitter: Submitter
+    tracker: Tracker
+    reconciler: Reconciler
+    downloader: Downloader
+
+    def stats(self, budget: Budget) -> dict[str, Any]:
+        """This run's figures for the report."""
+        return {
+            "submitted": self.submitter.submitted,
+            "queries": self.tracker.queries,
+            "canceled_on_service": self.tracker.canceled,
+            "reconciled_adopted": self.reconciler.adopted,
+            "reconciled_resent": self.reconciler.resent,
+            "images_saved_this_run": self.downloader.saved,
+            "bytes_saved_this_run": self.downloader.bytes,
+            "blocked": {
+                f"{lane.region}/{lane.model}": f"{lane.blocked.code}: {lane.blocked.message}"
+                for lane in self.lanes.values()
+                if lane.blocked
+            },
+            "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
+        }
 
 
 def _iso_now() -> str:

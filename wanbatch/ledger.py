@@ -15,7 +15,6 @@ The ledger is never given an API key and has no column that could hold one.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import itertools
 import json
@@ -23,12 +22,14 @@ import os
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from wanbatch.clock import Clock
-from wanbatch.errors import IllegalTransition, LedgerError, RunLocked
+from wanbatch.errors import IllegalTransition, LedgerError
+from wanbatch.records import AddResult, ImageRecord, ImageRow, ItemLike, ItemRow
+from wanbatch.runlock import RunLock
 from wanbatch.states import IMAGE_TRANSITIONS, ImageState, ItemState, check_transition
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 LEDGER_FILE = "ledger.sqlite"
-LOCK_FILE = "run.lock"
 SCHEMA_VERSION = 1
 #: How long a writer waits for another connection's write lock (``wanbatch status`` reads while a run writes).
 BUSY_TIMEOUT_S = 10.0
@@ -132,112 +132,6 @@ _SETTABLE = frozenset(
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 _ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
-
-
-class ItemLike(Protocol):
-    """What the ledger reads from a manifest item (``wanbatch.manifest.Item``)."""
-
-    item_id: str
-    replica: int
-    region: str
-    model: str
-    n: int
-    variables: Mapping[str, Any]
-    source: str
-    entry: str
-    output: str | None
-
-    def request(self) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AddResult:
-    added: int  #: items new to the ledger, now planned
-    existing: int  #: items it already had, left in whatever state they are
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImageRecord:
-    """One entry of a task's results, as the tracker saw it. No ``url`` means the service reported it failed."""
-
-    index: int
-    state: ImageState | None = None  #: pending or failed; by default from whether there is a ``url``
-    url: str | None = None
-    deadline_ms: int | None = None  #: when the URL dies
-    seed: int | None = None
-    actual_prompt: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ItemRow:
-    """An item as the ledger holds it, JSON columns parsed."""
-
-    seq: int
-    item_id: str
-    state: ItemState
-    replica: int
-    region: str
-    model: str
-    n_images: int
-    request: dict[str, Any]
-    source: str  #: "file:line"
-    entry: str  #: field path in the manifest
-    variables: dict[str, Any]
-    output: str | None  #: the output file-name pattern, if the manifest gives one
-    price_per_image: float
-    currency: str
-    task_id: str | None
-    request_ids: tuple[str, ...]
-    task_status: str | None
-    error_code: str | None
-    error_message: str | None
-    attempts: int
-    actual_prompts: tuple[str, ...]
-    images_generated: int
-    cost: float  #: images generated × price: what the service bills
-    planned_ms: int
-    submit_started_ms: int | None
-    submitted_ms: int | None
-    ended_ms: int | None
-    updated_ms: int
-    first_seen_run: int
-    last_seen_run: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ItemRow:
-        values = {f.name: row[f.name] for f in fields(cls)}
-        values["state"] = ItemState(values["state"])
-        for name in ("request", "variables"):
-            values[name] = json.loads(values[name])
-        for name in ("request_ids", "actual_prompts"):
-            values[name] = tuple(json.loads(values[name]))
-        return cls(**values)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImageRow:
-    item_id: str
-    image_index: int
-    state: ImageState
-    url: str | None
-    deadline_ms: int | None
-    seed: int | None
-    actual_prompt: str | None
-    file_name: str | None  #: relative to the run folder
-    sha256: str | None
-    size_bytes: int | None
-    error_code: str | None
-    error_message: str | None
-    saved_ms: int | None
-    updated_ms: int
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ImageRow:
-        values = {f.name: row[f.name] for f in fields(cls)}
-        values["state"] = ImageState(values["state"])
-        return cls(**values)
 
 
 _ITEM_COLUMNS = ", ".join(f.name for f in fields(ItemRow))
@@ -768,44 +662,3 @@ def _assignments(item_fields: Mapping[str, Any]) -> tuple[list[str], dict[str, A
             allowed = ", ".join(sorted(_SETTABLE | {"request_id"}))
             raise LedgerError(f"the ledger has no settable field {name!r}; settable: {allowed}")
     return sets, params
-
-
-class RunLock:
-    """One run per folder: an exclusive ``flock`` on ``run_dir/run.lock``, holding the holder's pid.
-
-    The OS drops the lock when its process dies, however it dies, so a killed run never blocks the next.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLocked(
-                f"run folder {self.path.parent} is in use by another run (pid {holder});"
-                " wait for it to end, stop it, or choose another --out folder"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        # The file stays: removing it would let a third process lock a new inode while a second waits on the old.
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()

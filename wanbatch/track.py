@@ -110,6 +110,21 @@ class Tracker:
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
 
+    def record_sync(self, item_id: str, lane, data: dict) -> None:
+        """A sync call's answer holds the finished task: record it as if a poll had found it."""
+        common = {"task_status": "SUCCEEDED", "ended_ms": self._clock.now_ms()}
+        record_results(
+            self._ledger,
+            item_id,
+            data.get("output") or {},
+            lane=lane,
+            now_s=self._clock.now(),
+            config=self.config,
+            common=common,
+            budget=self.budget,
+        )
+        self._on_images(item_id)
+
     async def _cancel_sweep(self) -> None:
         """Cancel what has not started; a task already running answers UnsupportedOperation and is kept."""
         for task in list(self._heap):

@@ -1,0 +1,54 @@
+"""One run per folder: the lock a run holds on its run folder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import RunLocked
+
+__all__ = ["LOCK_FILE", "RunLock"]
+
+LOCK_FILE = "run.lock"
+
+
+class RunLock:
+    """One run per folder: an exclusive ``flock`` on ``run_dir/run.lock``, holding the holder's pid.
+
+    The OS drops the lock when its process dies, however it dies, so a killed run never blocks the next.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(
+                f"run folder {self.path.parent} is in use by another run (pid {holder});"
+                " wait for it to end, stop it, or choose another --out folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        # The file stays: removing it would let a third process lock a new inode while a second waits on the old.
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
