@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 __all__ = ["wait_event"]
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
-    """Clear ``event`` and wait up to ``timeout_s`` wall seconds for it to be set again; True if it was."""
+    """Clear ``event`` and wait up to ``timeout_s`` wall seconds for it to be set again; True if it was.
+
+    ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can swallow a cancellation
+    that arrives as its timeout fires, and a stage that misses its cancellation keeps a stopped run alive.
+    """
     event.clear()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))
-        return True
-    return False
+    try:
+        async with asyncio.timeout(max(timeout_s, 0.0)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

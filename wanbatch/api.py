@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ async def run(
     cancel_pending: bool = False,
     on_engine: Callable[[Engine], None] | None = None,
     progress: Console | None = None,
+    gallery: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -66,7 +68,8 @@ async def run(
     sent (:class:`BudgetExceeded`), and submitting stops before spent plus in-flight cost would pass it.
     ``handle_signals`` makes SIGINT/SIGTERM stop submitting (and with ``cancel_pending`` cancel tasks
     still waiting on the service) while what is paid for is finished; a second signal quits at once.
-    ``progress`` shows a live display of the run on that ``rich`` console.
+    ``progress`` shows a live display of the run on that ``rich`` console; ``gallery`` writes
+    ``gallery.html`` with thumbnails at the end.
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
@@ -84,10 +87,14 @@ async def run(
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
             keys, config, clock = await _simulators(stack, plan["regions"], speed=speed or SIM_SPEED, submit=submit)
+            config = replace(config, gallery=gallery)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
-                base_url=base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL"), speed=speed or 1.0, submit=submit
+                base_url=base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+                speed=speed or 1.0,
+                submit=submit,
+                gallery=gallery,
             )
             clock = None
         engine = Engine(

@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
     run.add_argument(
+        "--no-gallery",
+        dest="gallery",
+        action="store_false",
+        help="do not write gallery.html and its thumbnails at the end of the run",
+    )
+    run.add_argument(
         "--budget",
         type=float,
         default=None,
@@ -110,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", type=Path)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    export = sub.add_parser("export", help="write a run folder's images and metadata as dataset shards")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", dest="fmt", choices=("webdataset", "parquet"), required=True)
+    export.add_argument("--out", type=Path, default=None, help="where the shards go (default: DIR/exports/FORMAT)")
+    export.add_argument("--shard-size", type=int, default=200, help="images per shard")
+    export.set_defaults(func=cmd_export)
 
     cancel = sub.add_parser("cancel", help="cancel the tasks a stopped run left waiting (PENDING) on the service")
     cancel.add_argument("run_dir", type=Path)
@@ -201,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 handle_signals=True,
                 cancel_pending=args.cancel_pending,
                 progress=args.console,
+                gallery=args.gallery,
             )
         )
     except asyncio.CancelledError:
@@ -233,6 +247,17 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     print(f"images:   {run_dir / 'images'}")
     print(f"metadata: {run_dir / 'metadata.jsonl'}")
     print(f"report:   {run_dir / 'report.json'}")
+    if (run_dir / "gallery.html").exists():
+        print(f"gallery:  {run_dir / 'gallery.html'}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    shards = export(args.run_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)
+    for shard in shards:
+        print(shard)
+    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

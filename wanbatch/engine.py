@@ -27,6 +27,7 @@ from .client import WanClient
 from .clock import Clock, ScaledClock
 from .download import DownloadConfig, Downloader
 from .errors import ConfigError
+from .gallery import write_gallery
 from .ledger import Ledger, RunLock
 from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
@@ -53,6 +54,7 @@ class EngineConfig:
     speed: float = 1.0  #: how much faster than real time the service's clock runs (simulators only)
     query_qps: float = 18.0  #: below the account's 20 per second for query, list and cancel
     request_timeout_s: float = 60.0
+    gallery: bool = True  #: write gallery.html (with thumbnails) at the end of each run
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -151,6 +153,8 @@ class Engine:
                     self._final_snapshot = self.snapshot(final=True)
                 self._live = None  # the ledger closes with this block
             saved = write_metadata(self.run_dir, ledger)
+            if self.config.gallery:
+                write_gallery(self.run_dir, ledger)
             report = write_report(
                 self.run_dir,
                 ledger,

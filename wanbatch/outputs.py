@@ -30,32 +30,37 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_metadata(run_dir: Path, ledger) -> int:
-    """One line per saved image; returns how many."""
+    """One line per saved image; returns how many.
+
+    Every row has the same columns with the same types: a dataset loader infers them from the first part of
+    the file only, so a variable some items lack is "" there, not absent, and so is a missing text value.
+    """
+    names: set[str] = set()
+    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+        names.update(ledger.get(image.item_id).variables)
     lines = []
     for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
         item = ledger.get(image.item_id)
         request = item.request
-        lines.append(
-            json.dumps(
-                {
-                    "file_name": image.file_name,
-                    "prompt": request["prompt"],
-                    "actual_prompt": image.actual_prompt,
-                    "negative_prompt": request.get("negative_prompt"),
-                    "model": item.model,
-                    "region": item.region,
-                    "size": request["size"],
-                    "seed": image.seed,
-                    "variables": item.variables,
-                    "item_id": item.item_id,
-                    "task_id": item.task_id,
-                    "image_index": image.image_index,
-                    "sha256": image.sha256,
-                    "source": item.source,
-                },
-                ensure_ascii=False,
-            )
-        )
+        row = {
+            "file_name": image.file_name,
+            "prompt": request["prompt"],
+            "actual_prompt": image.actual_prompt or "",
+            "negative_prompt": request.get("negative_prompt") or "",
+            "model": item.model,
+            "region": item.region,
+            "size": request["size"],
+            "seed": image.seed,
+            "variables": {name: str(item.variables.get(name, "")) for name in sorted(names)},
+            "item_id": item.item_id,
+            "task_id": item.task_id or "",
+            "image_index": image.image_index,
+            "sha256": image.sha256,
+            "source": item.source,
+        }
+        if not names:
+            del row["variables"]  # a struct with no fields cannot be stored
+        lines.append(json.dumps(row, ensure_ascii=False))
     _write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
     return len(lines)
 
