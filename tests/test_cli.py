@@ -103,3 +103,44 @@ def test_status_reads_a_run_folder(tmp_path):
     assert data["items"]["saved"] == 2 and data["images"]["saved"] == 2
     missing = wanbatch("status", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "not a run folder" in missing.stderr
+
+
+def test_status_while_a_run_is_going(tmp_path):
+    """`status --json` reads a run folder while its run holds the lock and writes to the ledger."""
+    import time
+
+    out = tmp_path / "slow"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wanbatch", "run", "jobs/demo.yaml", "--out", str(out), "--simulate", "--speed", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=clean,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "ledger.sqlite").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        during = json.loads(wanbatch("status", str(out), "--json").stdout)
+        assert sum(during["items"].values()) == 7 and during["items"]["saved"] < 7
+        assert proc.poll() is None  # still running while it was read
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def test_budget_refuses_a_plan_over_it_and_runs_one_under(tmp_path):
+    """--budget under the plan's cost exits 2 with nothing sent; a manifest budget over it runs to the end."""
+    done = wanbatch(
+        "run", "jobs/foxes.yaml", "--out", str(tmp_path / "run"), "--simulate", "--speed", "600", "--budget", "0.2"
+    )
+    assert done.returncode == 2 and "over the budget of 0.20 CNY" in done.stderr  # the plan (0.28) is refused
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "name: m\nbudget: 0.30\ndefaults: {model: wan2.2-t2i-flash, size: '512*512', n: 1}\nprompts: [a, b]\n"
+    )
+    done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run2"), "--simulate", "--speed", "600")
+    assert done.returncode == 0, done.stderr  # 0.28 fits in 0.30

@@ -244,6 +244,18 @@ def _print_summary(report: dict, run_dir: Path) -> None:
     _print_failures(report)
     for lane, reason in report.get("blocked", {}).items():
         print(f"  submitting stopped for {lane}: {reason}")
+    left = report.get("items_in_manifest", {}).get("planned", 0)
+    if left:
+        why = (
+            "the budget was reached"
+            if report.get("budget", {}).get("reached")
+            else "interrupted"
+            if report.get("interrupted")
+            else "submitting stopped (see above)"
+            if report.get("blocked")
+            else "transient errors; the next run tries again"
+        )
+        print(f"  {left} item(s) left unsubmitted: {why}")
     print(f"images:   {run_dir / 'images'}")
     print(f"metadata: {run_dir / 'metadata.jsonl'}")
     print(f"report:   {run_dir / 'report.json'}")
