@@ -69,6 +69,19 @@ class ScaledClock(Clock):
         self._mono0 = self._monotonic()
         self.speed = speed
 
+    def anchor(self) -> tuple[float, float]:
+        """(reading, wall epoch seconds) now: enough for another process to continue this clock."""
+        return self.now(), time.time()
+
+    def continue_from(self, reading_s: float, wall_s: float) -> None:
+        """Run on from a reading another process took at wall time ``wall_s`` (see :meth:`anchor`).
+
+        A run folder resumed against a sped-up service then keeps one timeline across its processes, so
+        that what an earlier process recorded (when an attempt began) compares with what this one reads.
+        """
+        self._origin_s = reading_s + (time.time() - wall_s) * self.speed
+        self._mono0 = self._monotonic()
+
     def to_wall_s(self, seconds: float) -> float:
         """How many wall seconds ``seconds`` of clock time take."""
         return seconds / self.speed

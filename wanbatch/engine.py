@@ -92,6 +92,7 @@ class Engine:
         self.run_dir = Path(run_dir)
         self._keys = dict(keys)
         self.config = config
+        self._own_clock = clock is None
         self.clock = clock or ScaledClock(speed=config.speed)
         self.budget_limit = budget
         self.retry_failed, self.retry_moderated = retry_failed, retry_moderated
@@ -137,6 +138,7 @@ class Engine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
             started, started_at = time.monotonic(), _iso_now()
+            self._continue_clock(ledger)
             run = ledger.begin_run()
             added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
             stale = ledger.stale_count(run)
@@ -178,6 +180,19 @@ class Engine:
                 },
             )
         return report
+
+    def _continue_clock(self, ledger: Ledger) -> None:
+        """Keep one timeline per run folder: a resumed run continues the clock of the runs before it."""
+        if not self._own_clock or not isinstance(self.clock, ScaledClock):
+            return
+        saved = ledger.meta("clock")
+        if saved:
+            speed, reading_s, wall_s = (float(part) for part in saved.split())
+            if speed == self.clock.speed:
+                self.clock.continue_from(reading_s, wall_s)
+                return
+        reading_s, wall_s = self.clock.anchor()
+        ledger.set_meta("clock", f"{self.clock.speed!r} {reading_s!r} {wall_s!r}")
 
     def _prepare(self, ledger: Ledger, run: int) -> None:
         """Settle what a stop left half done, and put back the items the user asked to try again."""
@@ -278,6 +293,7 @@ class Engine:
                 lane.slots.take_now()  # its task holds a place on the service already
                 budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
                 if state is ItemState.unknown:
+                    lane.doubt[row.item_id] = row.request["prompt"]
                     stages.reconciler.add(row.item_id, lane)
                 elif row.task_id:
                     stages.tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)

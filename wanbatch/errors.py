@@ -153,10 +153,10 @@ _RETRY_CODES = ("InternalError", "SystemError", "RequestTimeOut", "ModelServingE
 
 def classify_api_error(status: int, code: str, message: str, request_id: str = "") -> ApiError:
     """The error for a service error body, its class and retryability decided by ``code``."""
-    if code.startswith("Throttling"):
-        return ThrottledError(status, code, message, request_id, retryable=True)
     if code in _ACCOUNT_CODES or code.startswith("AccessDenied"):
         return AccountError(status, code, message, request_id)
+    if code.startswith("Throttling") or status == 429:  # a 429 whose body did not parse is a throttle too
+        return ThrottledError(status, code, message, request_id, retryable=True)
     if code.split(".")[0] in _RETRY_CODES or status >= 500:
         return ApiError(status, code, message, request_id, retryable=True)
     return RejectedError(status, code, message, request_id)

@@ -368,6 +368,14 @@ class Ledger:
             )
         return {state: found.get(state, 0) for state in ItemState}
 
+    def meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
     def spent_cost(self) -> float:
         """What the service has billed so far: the images every task generated, at the planned price."""
         return float(self._conn.execute("SELECT COALESCE(SUM(cost), 0) FROM items").fetchone()[0])

@@ -2,12 +2,15 @@
 
 A create whose answer was lost (a reset or timeout after sending, or a crash
 between the ledger's ``submitting`` commit and the reply) may or may not have
-made a task. The service's task list is the witness: every task the account
-created in the item's submit window that the ledger does not know is a
-candidate. A candidate whose result carries our prompt is adopted. When the
-window has closed and the list holds no candidate, no task was made and the
-item may be sent again. Until then the item waits: it is never re-sent on a
-guess.
+made a task. The service's task list is the witness: every task of the model
+that the account created in the last 24 hours (the list's own default window,
+on the service's clock, so no clock of ours needs to agree with it) and that
+the ledger does not know is a candidate. A candidate whose result carries our
+prompt is adopted. Once a create can no longer land (the grace time has
+passed) and every candidate
+has shown its prompt without a match, no task was made and the item may be
+sent again. (The grace is measured on the run folder's own clock, which a
+resumed run continues.) Until then the item waits: it is never re-sent on a guess.
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 
 from .aio import wait_event
 from .errors import ApiError, TransportError
 from .states import ItemState
-from .wire import SERVICE_TZ
 
 __all__ = ["ReconcileConfig", "Reconciler"]
 
@@ -30,15 +31,9 @@ log = logging.getLogger("wanbatch")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconcileConfig:
     grace_s: float = 90.0  #: after the attempt began, how long a create can still land on the service
-    window_margin_s: float = 120.0  #: list from this long before the attempt (clock skew)
     retry_s: float = 5.0  #: how often to look again at an unresolved item
     page_size: int = 100
     task_lifetime_s: float = 24 * 3600.0
-
-
-def service_time_param(epoch_s: float) -> str:
-    """The list endpoint's documented time format, ``YYYYMMDDhhmmss`` in the service's zone."""
-    return datetime.fromtimestamp(epoch_s, SERVICE_TZ).strftime("%Y%m%d%H%M%S")
 
 
 class Reconciler:
@@ -58,29 +53,33 @@ class Reconciler:
     def pending(self, lane=None) -> bool:
         return any(lane is None or other is lane for other in self._pending.values())
 
-    async def settled(self, lane) -> None:
-        """Wait until nothing of ``lane`` is being reconciled any more."""
-        while self.pending(lane):
-            self._changed.clear()
-            await self._changed.wait()
-
     async def run(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and not self._pending):
-            for item_id, lane in list(self._pending.items()):
+            lanes = {id(lane): lane for lane in self._pending.values()}
+            for lane in lanes.values():
                 try:
-                    done = await self._reconcile(item_id, lane)
+                    await self._sweep(lane)
                 except (ApiError, TransportError) as exc:
-                    log.info("↻ reconcile %s: %s", item_id, exc)
-                    done = False
-                if done:
-                    del self._pending[item_id]
-                    self._changed.set()
+                    log.info("↻ reconcile %s %s: %s", lane.region, lane.model, exc)
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
             else:
                 await wait_event(self._changed, 0.2)
 
-    async def _reconcile(self, item_id: str, lane) -> bool:
+    async def _sweep(self, lane) -> None:
+        """One listing of the lane's unclaimed tasks, each queried at most once, against all its unknown items."""
+        candidates = await self._candidates(lane)
+        outputs: dict[str, dict] = {}
+        for task in candidates:
+            data = await self._query(lane, task["task_id"])
+            outputs[task["task_id"]] = data.get("output") or {}
+        for item_id in [i for i, other in self._pending.items() if other is lane]:
+            if self._reconcile(item_id, lane, candidates, outputs):
+                del self._pending[item_id]
+                lane.settle_doubt(item_id)
+                self._changed.set()
+
+    def _reconcile(self, item_id: str, lane, candidates: list[dict], outputs: dict[str, dict]) -> bool:
         """True once the item has left ``unknown``."""
         row = self._ledger.get(item_id)
         now = self._clock.now()
@@ -95,21 +94,21 @@ class Reconciler:
             self._tracker.budget.settle(item_id, row.n_images * row.price_per_image)  # may have been billed
             lane.slots.release()
             return True
-        candidates = await self._candidates(lane, started_s - self.config.window_margin_s, now + 60)
         waiting = False
         prompt = row.request["prompt"][: lane.offer.model.prompt_max]
-        for task in candidates:
-            data = await self._query(lane, task["task_id"])
-            output = data.get("output") or {}
+        for task in list(candidates):
+            output = outputs[task["task_id"]]
             status = output.get("task_status")
             if status in ("PENDING", "RUNNING"):
                 waiting = True  # its prompt shows only once it has results
                 continue
             prompts = {e.get("orig_prompt") for e in output.get("results") or [] if isinstance(e, dict)}
             if prompt in prompts or (status == "SUCCEEDED" and self._only_guess(lane, candidates, output)):
+                candidates.remove(task)
                 self._adopt(item_id, lane, task["task_id"], row)
                 return True
-        if waiting or now - started_s < self.config.grace_s:
+        in_grace = now - started_s < self.config.grace_s
+        if waiting or in_grace:
             return False
         self._ledger.transition(item_id, ItemState.planned, note="the task list shows no task for this attempt")
         self.resent += 1
@@ -131,17 +130,13 @@ class Reconciler:
         log.info("⇐ %s adopted task %s", item_id, task_id)
         self._tracker.add(task_id=task_id, item_id=item_id, lane=lane, submitted_s=(row.submit_started_ms or 0) / 1000)
 
-    async def _candidates(self, lane, start_s: float, end_s: float) -> list[dict]:
-        """Tasks of this model in the window that the ledger does not know."""
+    async def _candidates(self, lane) -> list[dict]:
+        """Tasks of this model from the last 24 hours that the ledger does not know."""
         found, page = [], 1
         while True:
             await self._limiters[lane.region].acquire()
             data = await lane.client.list_tasks(
-                model_name=lane.offer.api_name,
-                start_time=service_time_param(start_s),
-                end_time=service_time_param(end_s),
-                page_no=page,
-                page_size=self.config.page_size,
+                model_name=lane.offer.api_name, page_no=page, page_size=self.config.page_size
             )
             rows = data.get("data") or []
             found += [r for r in rows if r.get("task_id") and self._ledger.item_for_task(r["task_id"]) is None]

@@ -17,10 +17,19 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from .aio import wait_event
 from .budget import Budget
 from .catalog import Offer, Protocol
 from .client import WanClient
-from .errors import AccountError, ApiError, OutcomeUnknown, RejectedError, ThrottledError, TransportError
+from .errors import (
+    AccountError,
+    ApiError,
+    IllegalTransition,
+    OutcomeUnknown,
+    RejectedError,
+    ThrottledError,
+    TransportError,
+)
 from .pacing import Pacer
 from .states import ItemState
 from .wire import build_body
@@ -89,7 +98,13 @@ class Lane:
     slots: Slots
     blocked: ApiError | None = None
     skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
-    sending: set[str] = field(default_factory=set)  #: items whose submit is under way
+    #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
+    doubt: dict[str, str] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
+
+    def settle_doubt(self, item_id: str) -> None:
+        self.doubt.pop(item_id, None)
+        self.changed.set()
 
     @property
     def model(self) -> str:
@@ -134,46 +149,62 @@ class Submitter:
 
     async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
         while not (self.stop.is_set() or lane.blocked):
-            sent = 0
-            after_seq = 0
-            while not (self.stop.is_set() or lane.blocked):
-                rows = list(
-                    self._ledger.iter_items(
-                        [ItemState.planned],
-                        run=self.manifest_run,
-                        region=lane.region,
-                        model=lane.model,
-                        after_seq=after_seq,
-                        limit=self.config.batch,
-                    )
-                )
-                if not rows:
-                    break
-                for row in rows:
-                    after_seq = row.seq
-                    if row.item_id in lane.skipped or row.item_id in lane.sending:
-                        continue
-                    if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
-                        log.warning(
-                            "■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency
-                        )
-                        self.stop.set()
-                        break
-                    if not await lane.slots.acquire(self.stop):
-                        self.budget.settle(row.item_id, 0.0)
-                        break
-                    if lane.blocked:
-                        lane.slots.release()
-                        break
-                    await lane.pacer.wait()
-                    self.in_flight += 1
-                    lane.sending.add(row.item_id)
-                    group.create_task(self._submit(lane, row))
-                    sent += 1
-            # Items come back to planned only through the reconciler; wait for it before ending.
-            if sent == 0 and not self._reconciler.pending(lane):
+            sent, held = await self._pass(lane, group)
+            if sent:
+                continue
+            if not held and not self._reconciler.pending(lane):
                 return
-            await self._reconciler.settled(lane)
+            # Items wait on a create in doubt (theirs or one with their prompt): look again once one settles.
+            await wait_event(lane.changed, 1.0)
+
+    async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
+        """Send the lane's planned items in manifest order; returns (sent, held back)."""
+        sent = held = after_seq = 0
+        while not (self.stop.is_set() or lane.blocked):
+            rows = list(
+                self._ledger.iter_items(
+                    [ItemState.planned],
+                    run=self.manifest_run,
+                    region=lane.region,
+                    model=lane.model,
+                    after_seq=after_seq,
+                    limit=self.config.batch,
+                )
+            )
+            if not rows:
+                break
+            for row in rows:
+                after_seq = row.seq
+                if row.item_id in lane.skipped or row.item_id in lane.doubt:
+                    continue
+                if row.request["prompt"] in lane.doubt.values():
+                    # The service's task list tells tasks apart by prompt only: while one create with this
+                    # prompt is unanswered, a second would make an unknown outcome ambiguous.
+                    held += 1
+                    continue
+                if not await self._dispatch(lane, row, group):
+                    return sent, held
+                sent += 1
+        return sent, held
+
+    async def _dispatch(self, lane: Lane, row, group: asyncio.TaskGroup) -> bool:
+        """Reserve budget and a slot, wait for the pace, start the submit; False when submitting must stop."""
+        if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
+            log.warning("■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency)
+            self.stop.set()
+            return False
+        if not await lane.slots.acquire(self.stop):
+            self.budget.settle(row.item_id, 0.0)
+            return False
+        if lane.blocked:
+            lane.slots.release()
+            self.budget.settle(row.item_id, 0.0)
+            return False
+        await lane.pacer.wait()
+        self.in_flight += 1
+        lane.doubt[row.item_id] = row.request["prompt"]
+        group.create_task(self._submit(lane, row))
+        return True
 
     async def _submit(self, lane: Lane, row) -> None:
         holds_slot = False
@@ -181,7 +212,8 @@ class Submitter:
             holds_slot = await self._attempts(lane, row)
         finally:
             self.in_flight -= 1
-            lane.sending.discard(row.item_id)
+            if self._ledger.get(row.item_id).state is not ItemState.unknown:
+                lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
             if not holds_slot:
                 lane.slots.release()
                 self.budget.settle(row.item_id, 0.0)  # never made, or final (a sync result settled already)
@@ -208,13 +240,18 @@ class Submitter:
         ledger, item_id = self._ledger, row.item_id
         sync = lane.offer.model.protocol is Protocol.MULTIMODAL and (row.request.get("sync") or self.config.sync_wan26)
         body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
-        ledger.transition(
-            item_id,
-            ItemState.submitting,
-            expect=ItemState.planned,
-            submit_started_ms=self._clock.now_ms(),
-            attempts=row.attempts + 1,
-        )
+        try:
+            ledger.transition(
+                item_id,
+                ItemState.submitting,
+                expect=ItemState.planned,
+                submit_started_ms=self._clock.now_ms(),
+                attempts=row.attempts + 1,
+            )
+        except IllegalTransition:
+            # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
+            log.warning("… %s is %s now, not planned: not sent", item_id, ledger.get(item_id).state)
+            return False
         row = ledger.get(item_id)
         try:
             if sync:
