@@ -25,6 +25,8 @@ class Budget:
 
     def reserve(self, item_id: str, amount: float, *, force: bool = False) -> bool:
         """Reserve ``amount`` for an item about to be sent; ``force`` for tasks already open on resume."""
+        if item_id in self._reserved:
+            return True  # already counted: its task is open
         if not force and self.limit is not None and (self.exhausted or self.committed + amount > self.limit + 1e-9):
             self.exhausted = True
             return False

@@ -152,9 +152,10 @@ class Submitter:
             sent, held = await self._pass(lane, group)
             if sent:
                 continue
-            if not held and not self._reconciler.pending(lane):
+            if not held and not lane.doubt:
                 return
-            # Items wait on a create in doubt (theirs or one with their prompt): look again once one settles.
+            # Creates are in flight or in doubt (an item may come back to planned, or wait on one with its
+            # prompt): look again once one settles.
             await wait_event(lane.changed, 1.0)
 
     async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
@@ -189,6 +190,8 @@ class Submitter:
 
     async def _dispatch(self, lane: Lane, row, group: asyncio.TaskGroup) -> bool:
         """Reserve budget and a slot, wait for the pace, start the submit; False when submitting must stop."""
+        if row.item_id in lane.doubt or self._ledger.get(row.item_id).state is not ItemState.planned:
+            return True  # the row was read while an earlier pass's submit of it was starting; it has moved on
         if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
             log.warning("■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency)
             self.stop.set()

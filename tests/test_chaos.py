@@ -1,0 +1,257 @@
+"""Nothing lost, nothing paid twice: runs killed at random under injected faults, and unknown create outcomes.
+
+The first test drives real processes (``wanbatch sim --faults chaos`` and
+``wanbatch run``, killed with SIGKILL at random moments and resumed) and
+checks the run folder against the simulator's billing log. The others run the
+engine in-process against the simulator to pin down one way of losing a
+create's answer each: a reset or a broken body after the task was made, an
+answer held past the client's timeout, a crash on either side of the POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, write_manifest
+
+from wanbatch import catalog
+from wanbatch.clock import ScaledClock
+from wanbatch.engine import Engine, EngineConfig
+from wanbatch.ledger import ItemRow, Ledger
+from wanbatch.manifest import Manifest
+from wanbatch.states import ItemState
+from wanbatch.wire import build_body
+
+MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
+FAST = {"speed": 100.0, "durations": {"*": 3.0}}
+
+# --- runs killed at random moments ----------------------------------------------------------------
+
+CHAOS_ITEMS = 240
+CHAOS_KILLS = 4
+CHAOS_SPEED = 100.0
+CHAOS_DURATION_S = 3.0
+IN_FLIGHT = "state IN ('submitting', 'queued', 'generated', 'unknown')"
+#: Kill this long (wall seconds) after a run starts: after its start-up (about 0.7 s), before its end.
+KILL_AFTER_S = (1.0, 2.5)
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path):
+    """Killed four times at random moments under chaos faults and resumed, the run saves every billed image
+    (a valid PNG, in metadata.jsonl with its task_id and image_index), pays no request twice, and ends every
+    item in a final state with a reason."""
+    rng = random.Random(2024)
+    sim = start_sim(
+        tmp_path / "sim", speed=CHAOS_SPEED, faults="chaos", seed=11, config={"durations": {"*": CHAOS_DURATION_S}}
+    )
+    manifest = write_manifest(tmp_path / "chaos.yaml", count=CHAOS_ITEMS, models=MODELS, tag="chaos")
+    out = tmp_path / "run"
+    open_at_kill = []
+    try:
+        for _ in range(CHAOS_KILLS):
+            run = start_run(manifest, out, sim=sim, tag="killed")
+            time.sleep(rng.uniform(*KILL_AFTER_S))
+            assert run.proc.poll() is None, f"the run ended before its kill:\n{run.stderr()[-3000:]}"
+            open_at_kill.append(count_items(out, IN_FLIGHT))
+            assert run.kill() == -9
+        final = start_run(manifest, out, sim=sim, tag="final")
+        code = final.wait(180)
+        # A task made by a create whose answer was lost, and never adopted, would end and be billed now.
+        sim.settle(5 * CHAOS_DURATION_S)
+    finally:
+        sim.stop()
+    logs = "".join(path.read_text(encoding="utf-8") for path in (tmp_path / "logs").glob("*.stderr"))
+    assert "outcome unknown" in logs and "↻" in logs, "no fault reached the engine: the test proved nothing"
+    assert max(open_at_kill) > 0, f"no kill caught work in flight: {open_at_kill}"
+    result = audit(out, sim.billing())
+    problems = [
+        *([f"the resumed run exited {code}: {final.stdout()}"] if code != 0 else []),
+        *(f"billed twice: request {fingerprint}" for fingerprint in result.duplicates),
+        *(f"lost: {lost}" for lost in result.lost),
+        *(f"not final: {item}" for item in result.open_items),
+        *(f"no reason: {item}" for item in result.unexplained),
+    ]
+    assert problems == [], f"{result.summary()}\n" + "\n".join(problems[:20])
+    assert result.billed == result.saved == CHAOS_ITEMS
+    assert result.items == {"saved": CHAOS_ITEMS}
+    assert len(ledger_rows(out, "SELECT run FROM runs")) == CHAOS_KILLS + 1
+
+
+# --- unknown outcomes, in-process -----------------------------------------------------------------
+
+
+def engine_for(sim, run_dir: Path, *, clock=None, **config) -> Engine:
+    return Engine(
+        run_dir=run_dir,
+        keys={"beijing": "sk-sim-beijing"},
+        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
+        clock=clock or sim.clock,
+    )
+
+
+def manifest_of(tmp_path: Path, count: int, tag: str, models: tuple[str, ...] = MODELS) -> Manifest:
+    return Manifest.from_yaml(write_manifest(tmp_path / f"{tag}.yaml", count=count, models=models, tag=tag))
+
+
+async def test_every_create_whose_answer_was_lost_is_adopted_not_resent(start_sim, tmp_path):
+    """Creates answered by a reset, a truncated body or broken JSON after the task was made: each task is adopted
+    from the list during the run, none is made twice, and every item is saved."""
+    faults = {"reset_after": 0.15, "truncated_body": 0.1, "malformed_json": 0.1}
+    sim = await start_sim(**FAST, fault_rates=faults, seed=4)
+    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 30, "lost"))
+    lost_answers = len(sim.tasks) - report["submitted"]
+    assert sum(sim.faults_injected[f] for f in faults) > 0 and lost_answers > 0
+    assert len(sim.tasks) == 30, "a create was sent again although its task existed"
+    assert report["reconciled_adopted"] == lost_answers and report["reconciled_resent"] == 0
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 30
+
+
+async def test_create_answer_held_past_the_timeout_is_reconciled_during_the_run(start_sim, tmp_path):
+    """An answer held longer than the client waits times the create out: the item is reconciled during the same
+    run and its task adopted; nothing is sent twice."""
+    sim = await start_sim(**FAST, fault_rates={"hold_response": 0.3}, hold_s=60.0, seed=2)
+    # 0.2 wall seconds are 20 service seconds at this speed: every held answer (60 s) outlasts it.
+    engine = engine_for(sim, tmp_path / "run", request_timeout_s=0.2)
+    report = await engine.run(manifest_of(tmp_path, 16, "held"))
+    assert sim.faults_injected["hold_response"] > 0
+    assert report["reconciled_adopted"] >= 1 and report["reconciled_resent"] == 0
+    assert len(sim.tasks) == 16
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 16
+
+
+def crash_mid_submit(run_dir: Path, manifest: Manifest, clock) -> list[ItemRow]:
+    """The ledger a run leaves when killed right after committing ``submitting``: every item of the manifest is
+    planned, then marked submitting, as if its POST were under way."""
+    with Ledger.open(run_dir, clock=clock) as ledger:
+        run = ledger.begin_run()
+        ledger.add_items(manifest.items(), run=run, price_of=lambda item: catalog.offer(item.region, item.model).price)
+        rows = list(ledger.iter_items([ItemState.planned]))
+        for row in rows:
+            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
+        return [ledger.get(row.item_id) for row in rows]
+
+
+async def post_as_the_engine_would(api, row: ItemRow) -> str:
+    """Send ``row``'s create exactly as the engine builds it (same body, same fingerprint); its task id."""
+    offer = catalog.offer(row.region, row.model)
+    body = build_body(row.request, api_name=offer.api_name, protocol=offer.model.protocol)
+    status, answer = await api.call(
+        "POST", "/services/aigc/text2image/image-synthesis", json=body, headers={"X-DashScope-Async": "enable"}
+    )
+    assert status == 200, answer
+    return answer["output"]["task_id"]
+
+
+async def test_crash_after_the_post_adopts_the_task_the_service_made(start_sim, sim_api_for, tmp_path):
+    """Killed between the POST and the commit of its answer: the resumed run finds the task in the list and adopts
+    it; the item is not sent again."""
+    sim = await start_sim(**FAST)
+    manifest = manifest_of(tmp_path, 3, "after")
+    rows = crash_mid_submit(tmp_path / "run", manifest, sim.clock)
+    task_ids = {row.item_id: await post_as_the_engine_would(sim_api_for(sim), row) for row in rows}
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["reconciled_adopted"] == 3 and report["reconciled_resent"] == 0
+    assert sim.requests["create"] == 3
+    with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+        assert {row.item_id: ledger.get(row.item_id).task_id for row in rows} == task_ids
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 3
+
+
+async def test_crash_before_the_post_resends_only_once_the_list_proves_no_task(start_sim, tmp_path):
+    """Killed after committing ``submitting`` but before the POST left: the item is sent again, but only after the
+    list has been read and the window in which a task could have appeared has passed."""
+    sim = await start_sim(**FAST)
+    manifest = manifest_of(tmp_path, 2, "before")
+    crash_mid_submit(tmp_path / "run", manifest, sim.clock)
+    engine = engine_for(sim, tmp_path / "run")
+    report = await engine.run(manifest)
+    assert report["reconciled_resent"] == 2 and report["reconciled_adopted"] == 0
+    assert sim.requests["list"] >= 2 and sim.requests["create"] == 2
+    grace_ms = engine.config.reconcile.grace_s * 1000
+    # From the crashed attempt's commit to the decision that no task was made.
+    waited = ledger_rows(
+        tmp_path / "run",
+        "SELECT max(at_ms) FILTER (WHERE from_state = 'unknown' AND to_state = 'planned')"
+        " - min(at_ms) FILTER (WHERE to_state = 'submitting') FROM transitions GROUP BY item_id",
+    )
+    assert len(waited) == 2 and all(row[0] >= grace_ms for row in waited)
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 2
+
+
+async def test_items_sharing_a_prompt_never_have_two_creates_in_doubt(start_sim, tmp_path):
+    """The task list tells tasks apart by prompt only, so while one create with a prompt is unanswered no other
+    item with that prompt is sent: under resets after creation, every item still gets its own task and seed,
+    and no request is paid twice."""
+    sim = await start_sim(**FAST, fault_rates={"reset_after": 0.4}, seed=9)
+    path = tmp_path / "seeds.yaml"
+    path.write_text(
+        "name: seeds\n"
+        "defaults: {model: wan2.2-t2i-flash, size: '512*512', n: 1, prompt_extend: false}\n"
+        "prompts:\n"
+        "  - {prompt: a lone pine on a ridge, seed: [11, 12, 13, 14, 15, 16]}\n"
+    )
+    manifest = Manifest.from_yaml(path)
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert sim.faults_injected["reset_after"] > 0 and report["reconciled_adopted"] > 0
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.duplicates == [], "the same request was paid twice"
+    with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+        for row in ledger.iter_items([ItemState.saved]):
+            assert sim.tasks[row.task_id].seed == row.request["seed"]
+    assert result.clean and result.billed == result.saved == 6
+
+
+async def test_reconciliation_holds_when_our_clock_and_the_services_disagree(start_sim, sim_api_for, tmp_path):
+    """With our clock ten minutes behind the service's (a machine clock off, or a separate simulator process at
+    another start time), an unknown item still finds and adopts the task the service made."""
+    sim = await start_sim(**FAST)
+    skewed = ScaledClock(speed=sim.clock.speed, start_s=sim.clock.now() - 600.0)
+    manifest = manifest_of(tmp_path, 2, "skew")
+    rows = crash_mid_submit(tmp_path / "run", manifest, skewed)
+    for row in rows:
+        await post_as_the_engine_would(sim_api_for(sim), row)
+    report = await engine_for(sim, tmp_path / "run", clock=skewed).run(manifest)
+    assert report["reconciled_adopted"] == 2 and report["reconciled_resent"] == 0
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.duplicates == [], "the same request was paid twice"
+    assert result.clean and result.billed == result.saved == 2
+
+
+async def test_a_throttled_answer_with_a_broken_body_is_retried_not_rejected(start_sim, tmp_path):
+    """A 429 whose JSON body arrives broken (the chaos profile does this) is still a throttle: the item is sent
+    again later, never marked rejected for good."""
+    # The service's quota is far below the model's documented rate, so most creates are answered 429.
+    quotas = {"wan2.2-t2i-flash": {"submit_rps": 0.2}}
+    sim = await start_sim(**FAST, quotas=quotas, fault_rates={"malformed_json": 0.6}, seed=6)
+    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 10, "throttled", models=MODELS[:1]))
+    assert sim.statuses[("create", 429)] > 0 and sim.faults_injected["malformed_json"] > 0
+    assert report["items"]["rejected"] == 0, report["failures"]
+    assert report["items"]["saved"] == 10
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 10
+
+
+async def test_the_last_create_lost_before_the_service_saw_it_is_sent_again_in_the_same_run(start_sim, tmp_path):
+    """The only create of a run is reset before the service handles it: once the list proves no task was made the
+    item is sent again, in the same run, and saved; the run does not end leaving it planned."""
+    sim = await start_sim(**FAST, fault_rates={"reset_before": 1.0})
+
+    async def calm_after_the_first_reset() -> None:
+        while not sim.statuses[("create", 0)]:
+            await asyncio.sleep(0)
+        sim.set_faults("none")
+
+    calm = asyncio.create_task(calm_after_the_first_reset())
+    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 1, "last one", models=MODELS[:1]))
+    await calm
+    assert report["reconciled_resent"] == 1
+    assert report["items"]["saved"] == 1, report["items"]
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.clean and result.billed == result.saved == 1
