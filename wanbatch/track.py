@@ -69,7 +69,7 @@ class Tracker:
         self._heap: list[OpenTask] = []
         self._wake = asyncio.Event()
         self._expected_s: dict[str, float] = {}  #: recent running time per model, smoothed
-        self._cancel_requested = False
+        self._cancel_requested = self._canceling = False
         self.queries = 0
         self.canceled = 0
 
@@ -88,11 +88,13 @@ class Tracker:
         """Start following a task; its first poll waits for the expected time to pass."""
         first = submitted_s + self.expected_duration_s(lane) * self.config.first_poll_fraction
         heapq.heappush(self._heap, OpenTask(first, task_id, item_id, lane, submitted_s))
+        self._cancel_requested = self._cancel_requested or self._canceling
         self._wake.set()
 
     def cancel_pending(self) -> None:
-        """Ask the service to cancel every open task that is still PENDING there (once, from the run loop)."""
-        self._cancel_requested = True
+        """Ask the service to cancel every open task still PENDING there, and every task added from now on
+        (a create in flight at the interrupt answers after the first sweep)."""
+        self._canceling = self._cancel_requested = True
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
