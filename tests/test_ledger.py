@@ -126,9 +126,9 @@ def test_every_illegal_move_is_refused_naming_both_states(ledger: Ledger, source
 
 
 def test_final_states_are_exactly_those_without_moves() -> None:
-    """saved, expired and canceled are final; failed and rejected can go back to planned for a retry."""
-    assert {S.saved, S.expired, S.canceled} == FINAL_STATES
-    assert TRANSITIONS[S.failed] == TRANSITIONS[S.rejected] == {S.planned}
+    """saved and expired are final; failed, rejected and canceled can go back to planned to be made again."""
+    assert {S.saved, S.expired} == FINAL_STATES
+    assert TRANSITIONS[S.failed] == TRANSITIONS[S.rejected] == TRANSITIONS[S.canceled] == {S.planned}
 
 
 def test_compare_and_set_refuses_a_stale_caller(tmp_path: Path, clock: ScaledClock) -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -31,6 +32,8 @@ __all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host"]
 LEGACY_CREATE = "services/aigc/text2image/image-synthesis"
 ASYNC_CREATE = "services/aigc/image-generation/generation"
 SYNC_GENERATE = "services/aigc/multimodal-generation/generation"
+#: What a task id looks like (a UUID on the real service): anything else is not used in a URL or the ledger.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -77,35 +80,42 @@ class WanClient:
         self._session = session
         self.base_url = check_base_url(base_url)
         self._auth = {"Authorization": f"Bearer {api_key}"}
+        self._key = api_key
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._sync_timeout = aiohttp.ClientTimeout(total=sync_timeout_s)
 
     def __repr__(self) -> str:  # never show the key
         return f"WanClient({self.base_url!r})"
 
+    def _redact(self, text: str) -> str:
+        """What a server sends back may quote our request, key included: it never reaches a log or a file."""
+        return text.replace(self._key, "sk-***") if self._key else text
+
     async def create_task(self, body: Mapping[str, Any], *, protocol: Protocol) -> CreateResult:
         """POST a create request. Raises ApiError (no task made), TransportError (not sent) or OutcomeUnknown."""
         path = LEGACY_CREATE if protocol is Protocol.LEGACY else ASYNC_CREATE
         data = await self._send("POST", path, body=body, headers={"X-DashScope-Async": "enable"}, creates=True)
-        output = data.get("output") or {}
-        task_id = output.get("task_id")
-        if not task_id:
-            raise OutcomeUnknown(f"create answered 200 without a task id: {_clip(data)}")
-        return CreateResult(task_id, data.get("request_id", ""), output.get("task_status", "PENDING"))
+        output = data.get("output")
+        task_id = output.get("task_id") if isinstance(output, dict) else None
+        if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+            # A task may exist, but this answer does not say which: the list will.
+            raise OutcomeUnknown(f"create answered 200 without a usable task id: {self._redact(_clip(data))}")
+        status = output.get("task_status")
+        return CreateResult(task_id, str(data.get("request_id") or ""), status if isinstance(status, str) else "")
 
     async def generate_sync(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """wan2.6's synchronous endpoint: one request, held until the images exist."""
         return await self._send("POST", SYNC_GENERATE, body=body, creates=True, timeout=self._sync_timeout)
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
-        return await self._send("GET", f"tasks/{task_id}")
+        return await self._send("GET", f"tasks/{quote(task_id, safe='')}")
 
     async def list_tasks(self, **params: str | int) -> dict[str, Any]:
         """One page of the account's tasks; params as the service names them (start_time, model_name, ...)."""
         return await self._send("GET", "tasks", params={k: str(v) for k, v in params.items()})
 
     async def cancel_task(self, task_id: str) -> dict[str, Any]:
-        return await self._send("POST", f"tasks/{task_id}/cancel")
+        return await self._send("POST", f"tasks/{quote(task_id, safe='')}/cancel")
 
     async def _send(
         self,
@@ -137,23 +147,25 @@ class WanClient:
         except aiohttp.ClientConnectorError as exc:
             raise TransportError(f"{method} {path}: could not connect ({exc.os_error or exc})") from None
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
-            raise after_send(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+            raise after_send(self._redact(f"{method} {path}: {type(exc).__name__}: {exc}")) from None
         try:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than any real answer
             # A create's 5xx without the service's JSON error may come from a proxy in front of a
             # service that did act on it; a 4xx without JSON still proves nothing was made.
             if status == 200 or not creates or status >= 500:
-                raise after_send(f"{method} {path}: HTTP {status}, body not JSON: {raw[:120]!r}") from None
+                raise after_send(
+                    self._redact(f"{method} {path}: HTTP {status}, body not JSON: {raw[:120]!r}")
+                ) from None
             data = {}
         if status != 200:
             raise classify_api_error(
                 status,
-                str(data.get("code") or f"HTTP{status}"),
-                str(data.get("message") or _clip(raw)),
-                str(data.get("request_id") or ""),
+                self._redact(str(data.get("code") or f"HTTP{status}")),
+                self._redact(str(data.get("message") or _clip(raw))),
+                self._redact(str(data.get("request_id") or "")),
             )
         return data
 

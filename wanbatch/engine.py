@@ -199,6 +199,9 @@ class Engine:
         for row in ledger.iter_items([ItemState.submitting]):
             # A crash between the commit and the reply: the POST may have gone out.
             ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
+        for row in ledger.iter_items([ItemState.canceled], run=run):
+            # Canceled before it was made, so nothing was paid: the manifest still asks for it.
+            ledger.transition(row.item_id, ItemState.planned, note="canceled earlier; made on this run")
         if not (self.retry_failed or self.retry_moderated):
             return
         for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):

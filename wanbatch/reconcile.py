@@ -72,7 +72,8 @@ class Reconciler:
         outputs: dict[str, dict] = {}
         for task in candidates:
             data = await self._query(lane, task["task_id"])
-            outputs[task["task_id"]] = data.get("output") or {}
+            output = data.get("output")
+            outputs[task["task_id"]] = output if isinstance(output, dict) else {}
         for item_id in [i for i, other in self._pending.items() if other is lane]:
             if self._reconcile(item_id, lane, candidates, outputs):
                 del self._pending[item_id]
@@ -102,7 +103,10 @@ class Reconciler:
             if status in ("PENDING", "RUNNING"):
                 waiting = True  # its prompt shows only once it has results
                 continue
-            prompts = {e.get("orig_prompt") for e in output.get("results") or [] if isinstance(e, dict)}
+            results = output.get("results")
+            prompts = (
+                {e.get("orig_prompt") for e in results if isinstance(e, dict)} if isinstance(results, list) else set()
+            )
             if prompt in prompts or (status == "SUCCEEDED" and self._only_guess(lane, candidates, output)):
                 candidates.remove(task)
                 self._adopt(item_id, lane, task["task_id"], row)
@@ -138,9 +142,17 @@ class Reconciler:
             data = await lane.client.list_tasks(
                 model_name=lane.offer.api_name, page_no=page, page_size=self.config.page_size
             )
-            rows = data.get("data") or []
-            found += [r for r in rows if r.get("task_id") and self._ledger.item_for_task(r["task_id"]) is None]
-            if page >= int(data.get("total_page") or 1) or not rows:
+            rows = data.get("data")
+            rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+            found += [
+                r
+                for r in rows
+                if isinstance(r.get("task_id"), str)
+                and r["task_id"]
+                and self._ledger.item_for_task(r["task_id"]) is None
+            ]
+            total_pages = data.get("total_page")
+            if not rows or not isinstance(total_pages, int) or page >= total_pages:
                 return found
             page += 1
 

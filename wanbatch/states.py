@@ -9,6 +9,7 @@ top to bottom to follow an item's life::
                    ├─▶ rejected ┼───────────┴─▶ planned   (explicit retry only)
                    ├─▶ unknown ─┼─▶ queued | planned | expired
                    └─▶ planned  └─▶ canceled | expired
+                                      canceled ─▶ planned     (the next run)
 
 The money rule lives in the ``submitting`` row: an item goes back to
 ``planned`` only when the attempt is *known* to have created no task; when it
@@ -52,7 +53,7 @@ class ItemState(enum.StrEnum):
     unknown = "unknown"
     #: Too late: the task id or an image URL died before we got what it held.
     expired = "expired"
-    #: Stopped on purpose before it produced anything.
+    #: Stopped on purpose before it produced anything (nothing billed); the next run of the manifest makes it.
     canceled = "canceled"
 
 
@@ -80,7 +81,7 @@ TRANSITIONS: dict[ItemState, frozenset[ItemState]] = {
     S.rejected: frozenset({S.planned}),
     S.saved: frozenset(),
     S.expired: frozenset(),
-    S.canceled: frozenset(),
+    S.canceled: frozenset({S.planned}),
 }
 del S
 

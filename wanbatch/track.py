@@ -20,7 +20,7 @@ from .aio import wait_event
 from .budget import Budget
 from .errors import ApiError, TransportError
 from .states import ImageState, ItemState
-from .wire import image_results, parse_service_time_s, url_expires_s
+from .wire import MalformedAnswer, image_results, parse_service_time_s, url_expires_s
 
 __all__ = ["OpenTask", "Tracker", "TrackerConfig"]
 
@@ -115,16 +115,26 @@ class Tracker:
     def record_sync(self, item_id: str, lane, data: dict) -> None:
         """A sync call's answer holds the finished task: record it as if a poll had found it."""
         common = {"task_status": "SUCCEEDED", "ended_ms": self._clock.now_ms()}
-        record_results(
-            self._ledger,
-            item_id,
-            data.get("output") or {},
-            lane=lane,
-            now_s=self._clock.now(),
-            config=self.config,
-            common=common,
-            budget=self.budget,
-        )
+        output = data.get("output") if isinstance(data.get("output"), dict) else {}
+        try:
+            record_results(
+                self._ledger,
+                item_id,
+                output,
+                lane=lane,
+                now_s=self._clock.now(),
+                config=self.config,
+                common=common,
+                budget=self.budget,
+            )
+        except MalformedAnswer as exc:
+            # A sync answer cannot be asked for again: it has no task id.
+            self._ledger.transition(
+                item_id, ItemState.failed, error_code="MalformedAnswer", error_message=str(exc), **common
+            )
+            self.budget.settle(item_id, lane.offer.price * self._ledger.get(item_id).n_images)
+            log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
+            return
         self._on_images(item_id)
 
     async def _cancel_sweep(self) -> None:
@@ -163,10 +173,18 @@ class Tracker:
             task.due_s = self._clock.now() + self._backoff_s(task)
             heapq.heappush(self._heap, task)
             return
-        output = data.get("output") or {}
+        output = data.get("output")
+        if not isinstance(output, dict):
+            output = {}  # unreadable: asked again below, like a task still running
         status = output.get("task_status", "")
         if status in TERMINAL:
-            self._finish(task, output, data)
+            try:
+                self._finish(task, output, data)
+            except MalformedAnswer as exc:
+                log.info("↻ query %s: %s", task.task_id, exc)
+                task.due_s = self._clock.now() + self._backoff_s(task)
+                heapq.heappush(self._heap, task)
+                return
             lane.slots.release()
             return
         self._reschedule(task, output)
@@ -204,7 +222,7 @@ class Tracker:
         status = output["task_status"]
         lane, now = task.lane, self._clock.now()
         ledger, item_id = self._ledger, task.item_id
-        request_id = data.get("request_id", "")
+        request_id = str(data.get("request_id") or "")
         common = {"task_status": status, "ended_ms": int(now * 1000), "request_id": request_id}
         if status == "SUCCEEDED":
             self._learn(lane.offer.model.name, output)
@@ -214,7 +232,7 @@ class Tracker:
             if ledger.get(item_id).state is ItemState.generated:
                 self._on_images(item_id)
         elif status == "FAILED":
-            code, message = output.get("code", "TaskFailed"), output.get("message", "")
+            code, message = str(output.get("code") or "TaskFailed"), str(output.get("message") or "")
             ledger.transition(item_id, ItemState.failed, error_code=code, error_message=message, **common)
             self.budget.settle(item_id, 0.0)
             log.info("✗ %s task %s FAILED %s: %s", item_id, task.task_id, code, message)
@@ -247,10 +265,11 @@ def record_results(
     """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out)."""
     from .ledger import ImageRecord  # the ledger owns the record type
 
+    results = image_results(output)  # raises MalformedAnswer before anything is recorded
     end_s = parse_service_time_s(output.get("end_time"))
     request = ledger.get(item_id).request
     images, good = [], 0
-    for result in image_results(output):
+    for result in results:
         deadline_s = now_s + config.url_lifetime_s
         expires = url_expires_s(result.url) if result.url else None
         if expires is not None and end_s is not None:

@@ -18,7 +18,12 @@ from urllib.parse import parse_qs, urlsplit
 
 from .catalog import Protocol
 
-__all__ = ["ImageResult", "build_body", "image_results", "parse_service_time_s", "url_expires_s"]
+__all__ = ["ImageResult", "MalformedAnswer", "build_body", "image_results", "parse_service_time_s", "url_expires_s"]
+
+
+class MalformedAnswer(ValueError):
+    """A task body that cannot be read as the protocol says: ask again rather than act on it."""
+
 
 #: The service writes task times as local time in UTC+8 (spec §3).
 SERVICE_TZ = timezone(timedelta(hours=8))
@@ -56,33 +61,49 @@ class ImageResult:
 
 
 def image_results(output: Mapping[str, Any]) -> list[ImageResult]:
-    """Every image of a finished task's ``output``, in order, succeeded or not."""
+    """Every image of a finished task's ``output``, in order, succeeded or not.
+
+    Raises :class:`MalformedAnswer` when the results are not a list of objects each holding a URL or an
+    error code: a paid image is never written off because one answer came back garbled.
+    """
     if "results" in output:
-        elements = list(output.get("results") or [])
+        elements = output.get("results")
     else:
-        elements = [
-            content
-            for choice in output.get("choices") or []
-            for content in (choice.get("message") or {}).get("content") or []
-        ]
+        choices = output.get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise MalformedAnswer(f"choices is not a list of objects: {choices!r:.120}")
+        elements = []
+        for choice in choices:
+            content = (choice.get("message") or {}).get("content") if isinstance(choice.get("message"), dict) else None
+            if not isinstance(content, list):
+                raise MalformedAnswer(f"a choice has no content list: {choice!r:.120}")
+            elements += content
+    if not isinstance(elements, list) or not elements:
+        raise MalformedAnswer(f"no results to read: {elements!r:.120}")
     found = []
     for index, element in enumerate(elements):
-        url = element.get("url") or element.get("image")
+        if not isinstance(element, dict):
+            raise MalformedAnswer(f"result {index} is not an object: {element!r:.120}")
+        url = element.get("url", element.get("image"))
+        code = element.get("code")
+        if not (isinstance(url, str) and url) and not (isinstance(code, str) and code):
+            raise MalformedAnswer(f"result {index} has neither a URL nor an error code: {element!r:.120}")
+        actual = element.get("actual_prompt")
         found.append(
             ImageResult(
                 index=index,
                 url=url if isinstance(url, str) and url else None,
-                code=str(element.get("code") or ""),
+                code=str(code or ""),
                 message=str(element.get("message") or ""),
-                actual_prompt=element.get("actual_prompt"),
+                actual_prompt=actual if isinstance(actual, str) else None,
             )
         )
     return found
 
 
-def parse_service_time_s(text: str | None) -> float | None:
+def parse_service_time_s(text: object) -> float | None:
     """``"2025-01-08 16:03:59.840"`` (UTC+8) → epoch seconds; None if absent or unreadable."""
-    if not text:
+    if not isinstance(text, str) or not text:
         return None
     try:
         return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=SERVICE_TZ).timestamp()
