@@ -52,13 +52,20 @@ class PromptFile:
         kind = path.suffix.lower()
         if kind not in KINDS:
             return f"found a {path.suffix or 'suffix-less'} file; allowed: a .txt, .csv or .jsonl file"
+        if path.is_dir():
+            return f"found a folder at {display}; allowed: a .txt, .csv or .jsonl file"
         if not path.is_file():
             near = sorted(p.name for p in path.parent.glob(f"*{kind}")) if path.parent.is_dir() else []
-            return f"no such file: {display}{did_you_mean(path.name, near)}"
+            return (
+                f"no such file: found nothing at {display}; allowed: an existing {kind} file, relative to the manifest"
+                f"{did_you_mean(path.name, near)}"
+            )
         try:
             columns, count = _survey(path, kind)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            return f"cannot read {display}: {exc}"
+        except UnicodeDecodeError as exc:
+            return f"found bytes that are not UTF-8 in {display} (byte {exc.start}); allowed: UTF-8 text"
+        except (OSError, csv.Error) as exc:
+            return f"found a file that cannot be read ({exc}) at {display}; allowed: a readable {kind} file"
         if isinstance(columns, str):
             return columns
         return cls(path=path, display=display, field=field, kind=kind, columns=columns, count=count)
@@ -109,7 +116,8 @@ class PromptFile:
                 try:
                     data = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield Record(index, origin, {}, ((origin, f"not valid JSON: {exc.msg} at column {exc.colno}"),))
+                    found = f"not valid JSON: found {exc.msg} at column {exc.colno}; allowed: one JSON object per line"
+                    yield Record(index, origin, {}, ((origin, found),))
                 else:
                     if isinstance(data, dict):
                         yield _record(index, origin, data.items(), from_text=False)

@@ -262,7 +262,10 @@ def _source(node: Node | None, layer: Layer, manifest_dir: Path, problems: Probl
         problems.error(node.origin, opened)
         return None
     if opened.count == 0:
-        problems.error(node.origin, f"found no prompts in {display}, so the entry expands to nothing")
+        problems.error(
+            node.origin,
+            f"found no prompts in {display}, so the entry expands to nothing; allowed: a file with at least one",
+        )
         return None
     for column in opened.columns if opened.columns is not None else ():
         layer.claim(column, node.origin.child(column), problems)

@@ -78,11 +78,21 @@ def load_yaml(path: Path, display: str) -> tuple[Node | None, list[ManifestError
     a syntax error stops loading, duplicate keys are all reported.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return None, [ManifestError("no such file", path=display)]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [ManifestError(f"cannot read it: {exc}", path=display)]
+        return None, [
+            ManifestError("no such file: found nothing at this path; allowed: an existing YAML manifest", path=display)
+        ]
+    except OSError as exc:
+        return None, [
+            ManifestError(f"found a file that cannot be read ({exc}); allowed: a readable file", path=display)
+        ]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        message = f"found bytes that are not UTF-8 (byte {exc.start}); allowed: UTF-8 text"
+        return None, [ManifestError(message, path=display, line=line)]
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -90,24 +100,53 @@ def load_yaml(path: Path, display: str) -> tuple[Node | None, list[ManifestError
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = " ".join(part for part in (exc.context, exc.problem) if part)
-        return None, [ManifestError(f"not valid YAML: {problem}", path=display, line=line)]
+        message = f"not valid YAML: found {problem}; allowed: one YAML mapping (see docs/manifest.md)"
+        return None, [ManifestError(message, path=display, line=line)]
     except yaml.YAMLError as exc:
-        return None, [ManifestError(f"not valid YAML: {exc}", path=display)]
+        return None, [ManifestError(f"not valid YAML: found {exc}; allowed: one YAML mapping", path=display)]
+    except RecursionError:
+        return None, [ManifestError(_TOO_DEEP, path=display, line=1)]
     finally:
         loader.dispose()
     if root is None:
-        return None, [ManifestError("the manifest is empty; it needs at least 'prompts'", path=display, line=1)]
+        message = "the manifest is empty: found nothing; allowed: a mapping with at least 'prompts' (docs/manifest.md)"
+        return None, [ManifestError(message, path=display, line=1)]
     errors: list[ManifestError] = []
-    tree = _convert(loader, root, Origin(display, root.start_mark.line + 1, ""), errors)
+    budget = [MAX_NODES]
+    try:
+        tree = _convert(loader, root, Origin(display, root.start_mark.line + 1, ""), errors, budget)
+    except RecursionError:
+        return None, [ManifestError(_TOO_DEEP, path=display, line=1)]
+    except _TooLarge as exc:
+        return None, [ManifestError(str(exc), path=display, line=exc.line)]
     return tree, errors
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, origin: Origin, errors: list[ManifestError]) -> Node:
+#: Values a manifest may hold once its aliases are expanded: far beyond any real one, far below a memory bomb.
+MAX_NODES = 200_000
+_TOO_DEEP = "found values nested too deep to read; allowed: the few levels a manifest uses (see docs/manifest.md)"
+
+
+class _TooLarge(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+        super().__init__(
+            f"found more than {MAX_NODES:,} values once aliases are expanded; allowed: at most {MAX_NODES:,}"
+            " (put long lists of prompts in a .txt, .csv or .jsonl file)"
+        )
+
+
+def _convert(
+    loader: yaml.SafeLoader, node: yaml.Node, origin: Origin, errors: list[ManifestError], budget: list[int]
+) -> Node:
+    budget[0] -= 1
+    if budget[0] < 0:  # an alias repeats its whole subtree: count what the expansion would hold
+        raise _TooLarge(origin.line)
     if isinstance(node, yaml.MappingNode):
-        return Node(_mapping(loader, node, origin, errors), origin)
+        return Node(_mapping(loader, node, origin, errors, budget), origin)
     if isinstance(node, yaml.SequenceNode):
         items = [
-            _convert(loader, item, origin.child(f"[{i}]", item.start_mark.line + 1), errors)
+            _convert(loader, item, origin.child(f"[{i}]", item.start_mark.line + 1), errors, budget)
             for i, item in enumerate(node.value)
         ]
         return Node(items, origin)
@@ -120,7 +159,9 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, origin: Origin, errors: l
         return Node(None, origin)
 
 
-def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, origin: Origin, errors: list[ManifestError]) -> dict:
+def _mapping(
+    loader: yaml.SafeLoader, node: yaml.MappingNode, origin: Origin, errors: list[ManifestError], budget: list[int]
+) -> dict:
     first_line: dict[str, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
@@ -152,5 +193,5 @@ def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, origin: Origin, er
             continue
         # The key's own text, not its YAML type: ``on:`` or ``1:`` stay the keys a person wrote.
         key = key_node.value
-        result[key] = _convert(loader, value_node, origin.child(key, line), errors)
+        result[key] = _convert(loader, value_node, origin.child(key, line), errors, budget)
     return result
