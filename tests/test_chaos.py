@@ -15,7 +15,7 @@ import random
 import time
 from pathlib import Path
 
-from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, write_manifest
+from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
@@ -35,8 +35,13 @@ CHAOS_KILLS = 4
 CHAOS_SPEED = 100.0
 CHAOS_DURATION_S = 3.0
 IN_FLIGHT = "state IN ('submitting', 'queued', 'generated', 'unknown')"
-#: Kill this long (wall seconds) after a run starts: after its start-up (about 0.7 s), before its end.
-KILL_AFTER_S = (1.0, 2.5)
+SAVED = "state = 'saved'"
+
+
+def kill_points(rng: random.Random, kills: int, items: int) -> list[int]:
+    """How many items are saved when each kill comes: one random point in each of ``kills`` equal bands of the
+    first three quarters of the work, so the kills fall at random moments however fast the engine is."""
+    return [int((band + rng.random()) / kills * 0.75 * items) for band in range(kills)]
 
 
 def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path):
@@ -51,9 +56,13 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
     out = tmp_path / "run"
     open_at_kill = []
     try:
-        for _ in range(CHAOS_KILLS):
+        for saved in kill_points(rng, CHAOS_KILLS, CHAOS_ITEMS):
             run = start_run(manifest, out, sim=sim, tag="killed")
-            time.sleep(rng.uniform(*KILL_AFTER_S))
+            wait_until(
+                lambda saved=saved, run=run: count_items(out, SAVED) >= saved or run.proc.poll() is not None,
+                what=f"{saved} items saved",
+            )
+            time.sleep(rng.uniform(0.0, 0.05))  # a random phase within the work, not just after a save
             assert run.proc.poll() is None, f"the run ended before its kill:\n{run.stderr()[-3000:]}"
             open_at_kill.append(count_items(out, IN_FLIGHT))
             assert run.kill() == -9

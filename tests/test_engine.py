@@ -351,3 +351,36 @@ prompts:
     assert report["items"]["saved"] == 2 and report["items"]["planned"] == 4
     assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "SUCCEEDED", "SUCCEEDED"]
     assert len(sim.billing) == 2
+
+
+async def test_an_unreachable_service_stops_the_lane_with_advice(tmp_path):
+    """With nothing listening, the lane stops after a few refused connections instead of retrying every item."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port with nothing behind it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompts = "\n".join(f"  - a stone bridge number {i}" for i in range(40))
+    manifest = write_manifest(
+        tmp_path,
+        f"""\
+name: nowhere
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1}}
+prompts:
+{prompts}
+""",
+    )
+    from wanbatch.clock import ScaledClock
+    from wanbatch.submit import SubmitConfig
+
+    engine = Engine(
+        run_dir=tmp_path / "run",
+        keys={"beijing": "sk-x"},
+        clock=ScaledClock(speed=1000.0),
+        config=EngineConfig(
+            base_url=f"http://127.0.0.1:{port}/api/v1", speed=1000.0, submit=SubmitConfig(unreachable_after=4)
+        ),
+    )
+    report = await engine.run(manifest)
+    assert report["items"]["planned"] == 40 and report["submitted"] == 0
+    assert "Unreachable" in report["blocked"]["beijing/wan2.2-t2i-flash"]

@@ -75,14 +75,17 @@ def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> d
 def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
     failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "state": "", "message": "", "sources": []})
+    lost_cost = defaultdict(float)
     for row in ledger.iter_items(FAILURE_STATES):
+        if row.error_code == "TaskExpired":  # never seen finished: its images count as paid and lost
+            lost_cost[row.currency] += row.cost
         entry = failures[row.error_code or str(row.state)]
         entry["count"] += 1
         entry["state"] = str(row.state)
         entry["message"] = entry["message"] or (row.error_message or "")
         if len(entry["sources"]) < 20:
             entry["sources"].append({"item_id": row.item_id, "source": row.source, "entry": row.entry})
-    lost, lost_cost = [], defaultdict(float)
+    lost = []
     for image in ledger.iter_images([ImageState.expired]):
         item = ledger.get(image.item_id)
         lost_cost[item.currency] += item.price_per_image

@@ -50,6 +50,7 @@ class SubmitConfig:
     retry_max_s: float = 60.0
     batch: int = 200  #: planned items read from the ledger at a time
     sync_wan26: bool = False  #: use wan2.6's synchronous endpoint
+    unreachable_after: int = 8  #: connections failing in a row before a lane stops (the service is not there)
 
 
 class Slots:
@@ -100,6 +101,7 @@ class Lane:
     skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
     #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
     doubt: dict[str, str] = field(default_factory=dict)
+    unreachable: int = 0  #: connections that failed to open in a row
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
 
     def settle_doubt(self, item_id: str) -> None:
@@ -282,7 +284,9 @@ class Submitter:
             log.warning("✗ %s rejected: %s %s", item_id, exc.code, exc.message)
             return False
         except (ApiError, TransportError) as exc:
+            self._count_unreachable(lane, exc)
             return self._again(item_id, exc)
+        lane.unreachable = 0
         lane.pacer.succeeded()
         self.submitted += 1
         if sync:
@@ -303,6 +307,15 @@ class Submitter:
         self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
         return True
 
+    def _count_unreachable(self, lane: Lane, exc: Exception) -> None:
+        """Connections that never open, many in a row: the service is not there; stop instead of retrying all."""
+        if type(exc) is not TransportError:  # an answer came back, or the request may have arrived
+            lane.unreachable = 0
+            return
+        lane.unreachable += 1
+        if lane.unreachable >= self.config.unreachable_after:
+            self.block(lane, ApiError(0, "Unreachable", f"{lane.unreachable} connections failed in a row: {exc}"))
+
     def _again(self, item_id: str, exc: Exception) -> None:
         fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
         if isinstance(exc, ApiError):
@@ -315,6 +328,8 @@ class Submitter:
 def _advice(error: ApiError) -> str:
     if error.code == "InvalidApiKey":
         return "Check the key for this region (DASHSCOPE_API_KEY, DASHSCOPE_API_KEY_SINGAPORE, ...)."
+    if error.code == "Unreachable":
+        return "Check the network and the base URL, then run again: unsubmitted items stay planned."
     if error.code in ("Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"):
         return "Top up the account, then run again: unsubmitted items stay planned."
     return "Check that the account may use this model in this region, then run again."

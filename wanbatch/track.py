@@ -244,11 +244,25 @@ class Tracker:
                 item_id,
                 ItemState.expired,
                 error_code="TaskExpired",
-                error_message="the service no longer knows this task (over 24 h old)",
+                error_message="the service no longer knows this task (over 24 h old); counted as paid and lost",
+                cost=lane.offer.price * ledger.get(item_id).n_images,
                 **common,
             )
-            # Whether it was billed cannot be known now: count it as paid.
+            # Whether it was billed cannot be known now: count it as paid (and lost).
             self.budget.settle(item_id, lane.offer.price * ledger.get(item_id).n_images)
+
+
+def _service_to_ours(output: dict, row, now_s: float) -> float:
+    """What to add to a time on the service's clock to place it on ours.
+
+    Both sides know when the task was submitted: the service says so in ``submit_time``, and the ledger
+    recorded the moment before the POST. Failing that, the task's end is taken as now (a sync answer).
+    """
+    service_submit = parse_service_time_s(output.get("submit_time"))
+    if service_submit is not None and row.submit_started_ms:
+        return row.submit_started_ms / 1000 - service_submit
+    service_end = parse_service_time_s(output.get("end_time"))
+    return now_s - service_end if service_end is not None else 0.0
 
 
 def record_results(
@@ -266,15 +280,16 @@ def record_results(
     from .ledger import ImageRecord  # the ledger owns the record type
 
     results = image_results(output)  # raises MalformedAnswer before anything is recorded
+    row = ledger.get(item_id)
+    request = row.request
+    to_ours = _service_to_ours(output, row, now_s)
     end_s = parse_service_time_s(output.get("end_time"))
-    request = ledger.get(item_id).request
     images, good = [], 0
     for result in results:
-        deadline_s = now_s + config.url_lifetime_s
         expires = url_expires_s(result.url) if result.url else None
-        if expires is not None and end_s is not None:
-            # Measure the URL's life from the task's end on the service's clock, then place it on ours.
-            deadline_s = now_s + (expires - end_s)
+        if expires is None:
+            expires = (end_s if end_s is not None else now_s - to_ours) + config.url_lifetime_s
+        deadline_s = expires + to_ours
         seed = request.get("seed")
         images.append(
             ImageRecord(
