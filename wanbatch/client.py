@@ -99,7 +99,7 @@ class WanClient:
         task_id = output.get("task_id") if isinstance(output, dict) else None
         if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
             # A task may exist, but this answer does not say which: the list will.
-            raise OutcomeUnknown(f"create answered 200 without a usable task id: {self._redact(_clip(data))}")
+            raise OutcomeUnknown(f"create answered 200 without a usable task id: {_clip(self._redact(str(data)))}")
         status = output.get("task_status")
         return CreateResult(task_id, str(data.get("request_id") or ""), status if isinstance(status, str) else "")
 
@@ -156,15 +156,14 @@ class WanClient:
             # A create's 5xx without the service's JSON error may come from a proxy in front of a
             # service that did act on it; a 4xx without JSON still proves nothing was made.
             if status == 200 or not creates or status >= 500:
-                raise after_send(
-                    self._redact(f"{method} {path}: HTTP {status}, body not JSON: {raw[:120]!r}")
-                ) from None
+                body = _clip(self._redact(raw.decode("utf-8", "replace")), 120)
+                raise after_send(f"{method} {path}: HTTP {status}, body not JSON: {body!r}") from None
             data = {}
         if status != 200:
             raise classify_api_error(
                 status,
                 self._redact(str(data.get("code") or f"HTTP{status}")),
-                self._redact(str(data.get("message") or _clip(raw))),
+                _clip(self._redact(str(data.get("message") or raw.decode("utf-8", "replace")))),
                 self._redact(str(data.get("request_id") or "")),
             )
         return data

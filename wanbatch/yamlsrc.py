@@ -105,7 +105,7 @@ def load_yaml(path: Path, display: str) -> tuple[Node | None, list[ManifestError
     except yaml.YAMLError as exc:
         return None, [ManifestError(f"not valid YAML: found {exc}; allowed: one YAML mapping", path=display)]
     except RecursionError:
-        return None, [ManifestError(_TOO_DEEP, path=display, line=1)]
+        return None, [ManifestError(_TOO_DEEP, path=display, line=loader.line + 1)]
     finally:
         loader.dispose()
     if root is None:
