@@ -32,6 +32,8 @@ __all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host"]
 LEGACY_CREATE = "services/aigc/text2image/image-synthesis"
 ASYNC_CREATE = "services/aigc/image-generation/generation"
 SYNC_GENERATE = "services/aigc/multimodal-generation/generation"
+#: The largest API answer read (a list page of 100 tasks is about 60 KB); past it, the answer is no answer.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 #: What a task id looks like (a UUID on the real service): anything else is not used in a URL or the ledger.
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -142,7 +144,9 @@ class WanClient:
                 timeout=timeout or self._timeout,
                 allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
+                raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                if len(raw) > MAX_ANSWER_BYTES:  # no answer of the API comes near this: a broken or hostile server
+                    raw = b""
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
             raise TransportError(f"{method} {path}: could not connect ({exc.os_error or exc})") from None

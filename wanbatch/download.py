@@ -212,8 +212,12 @@ class Downloader:
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
         partial.parent.mkdir(parents=True, exist_ok=True)
-        digest, size_bytes = await self._stream(url, partial)
-        await asyncio.to_thread(verify_png, partial, item.request["size"])
+        try:
+            digest, size_bytes = await self._stream(url, partial)
+            await asyncio.to_thread(verify_png, partial, item.request["size"])
+        except DownloadError:
+            partial.unlink(missing_ok=True)  # nothing half-written stays behind
+            raise
         if final.exists():
             same = await asyncio.to_thread(_sha256_of, final) == digest
             if not same:  # another image's name: keep both
