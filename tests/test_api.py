@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from engine_helpers import engine_for
 
 import wanbatch
-from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 
@@ -58,16 +58,6 @@ async def test_a_plan_over_budget_is_refused_before_anything_is_sent(tmp_path):
     with pytest.raises(wanbatch.BudgetExceeded, match=r"1\.12 CNY .* over the budget of 0\.50"):
         await wanbatch.run(job, out=tmp_path / "run", simulate=True)
     assert not (tmp_path / "run").exists()
-
-
-def engine_for(sim, run_dir, **kwargs) -> Engine:
-    return Engine(
-        run_dir=run_dir,
-        keys={"beijing": "sk-sim-beijing"},
-        clock=sim.clock,
-        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed),
-        **kwargs,
-    )
 
 
 async def test_spending_stops_before_the_budget_would_pass(start_sim, tmp_path):

@@ -15,11 +15,11 @@ import random
 import time
 from pathlib import Path
 
+from engine_helpers import engine_for
 from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
-from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import ItemRow, Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.states import ItemState
@@ -90,15 +90,6 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
 
 
 # --- unknown outcomes, in-process -----------------------------------------------------------------
-
-
-def engine_for(sim, run_dir: Path, *, clock=None, **config) -> Engine:
-    return Engine(
-        run_dir=run_dir,
-        keys={"beijing": "sk-sim-beijing"},
-        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
-        clock=clock or sim.clock,
-    )
 
 
 def manifest_of(tmp_path: Path, count: int, tag: str, models: tuple[str, ...] = MODELS) -> Manifest:

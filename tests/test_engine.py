@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from engine_helpers import engine_for
 from PIL import Image
 
 from wanbatch.engine import Engine, EngineConfig
@@ -32,15 +33,6 @@ def write_manifest(tmp_path: Path, text: str, name: str = "job.yaml") -> Manifes
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return Manifest.from_yaml(path)
-
-
-def engine_for(sim, run_dir: Path, **config) -> Engine:
-    return Engine(
-        run_dir=run_dir,
-        keys={"beijing": "sk-sim-beijing"},
-        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
-        clock=sim.clock,
-    )
 
 
 def metadata(run_dir: Path) -> list[dict]:

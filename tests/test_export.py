@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
 import shutil
-import textwrap
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import datasets
+import engine_helpers
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset
 from PIL import Image
 
-from wanbatch.clock import ScaledClock
-from wanbatch.engine import Engine, EngineConfig
 from wanbatch.errors import ConfigError
 from wanbatch.export import export
-from wanbatch.gallery import write_gallery
-from wanbatch.ledger import Ledger
-from wanbatch.manifest import Manifest
-from wanbatch.sim import SimConfig, running_sim
 
 #: Entries with different variables (and one with none), a negative prompt on some items only, two sizes.
 MIXED = """\
@@ -51,27 +43,9 @@ prompts:
 
 
 def run_batch(tmp_dir: Path, manifest_text: str) -> Path:
-    """Run a manifest against a fast simulator in a thread of its own, then write its gallery; the run folder."""
-    manifest_path = tmp_dir / "job.yaml"
-    manifest_path.write_text(textwrap.dedent(manifest_text))
-    run_dir = tmp_dir / "run"
-
-    async def run() -> dict:
-        async with running_sim(SimConfig(speed=200.0, durations={"*": 4.0})) as sim:
-            engine = Engine(
-                run_dir=run_dir,
-                keys={"beijing": "sk-sim-beijing"},
-                config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed),
-                clock=sim.clock,
-            )
-            return await engine.run(Manifest.from_yaml(manifest_path))
-
-    with ThreadPoolExecutor(1) as pool:
-        report = pool.submit(asyncio.run, run()).result()
+    """Run a manifest against a fast simulator (the run writes its gallery); the run folder."""
+    run_dir, report = engine_helpers.run_batch(tmp_dir, manifest_text)
     assert report["images"]["saved"] == report["images_generated"] > 0, report
-    # A finished run folder has its gallery: thumbnails are images too, and must not become dataset rows.
-    with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
-        write_gallery(run_dir, ledger)
     return run_dir
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import aiofiles
 import pytest
+from engine_helpers import engine_for
 from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch import catalog
 from wanbatch.download import DownloadConfig
-from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.sim import AccountConfig
@@ -34,15 +34,6 @@ FLASH_PRICE = 0.14  #: CNY per image, Beijing (catalog)
 TWO_MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 DAY_S = 24 * 3600.0
-
-
-def engine_for(sim, run_dir: Path, *, key: str = "sk-sim-beijing", **config) -> Engine:
-    return Engine(
-        run_dir=run_dir,
-        keys={"beijing": key},
-        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
-        clock=sim.clock,
-    )
 
 
 def manifest_of(tmp_path: Path, count: int, tag: str, models=("wan2.2-t2i-flash",), **options) -> Manifest:

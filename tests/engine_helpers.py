@@ -1,0 +1,49 @@
+"""Running the engine in-process against a simulator: what many test modules share."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from wanbatch.engine import Engine, EngineConfig
+from wanbatch.manifest import Manifest
+from wanbatch.sim import SimConfig, running_sim
+
+
+def engine_for(
+    sim,
+    run_dir: Path,
+    *,
+    clock=None,
+    key: str = "sk-sim-beijing",
+    budget: float | None = None,
+    retry_failed: bool = False,
+    retry_moderated: bool = False,
+    **config,
+) -> Engine:
+    """An engine for the Beijing simulator ``sim`` on its clock; ``config`` are EngineConfig fields."""
+    return Engine(
+        run_dir=run_dir,
+        keys={"beijing": key},
+        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
+        clock=clock or sim.clock,
+        budget=budget,
+        retry_failed=retry_failed,
+        retry_moderated=retry_moderated,
+    )
+
+
+def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> tuple[Path, dict]:
+    """Run a manifest against a fast simulator in a thread of its own (for sync tests and fixtures)."""
+    manifest_path = tmp_dir / "job.yaml"
+    manifest_path.write_text(textwrap.dedent(manifest_text))
+    run_dir = tmp_dir / "run"
+
+    async def run() -> dict:
+        async with running_sim(SimConfig(**{"speed": 200.0, "durations": {"*": 4.0}, **sim_config})) as sim:
+            return await engine_for(sim, run_dir).run(Manifest.from_yaml(manifest_path))
+
+    with ThreadPoolExecutor(1) as pool:
+        return run_dir, pool.submit(asyncio.run, run()).result()

@@ -1,0 +1,99 @@
+"""The benchmarks' smoke run (``python -m benchmarks.run --quick``) and the helpers its figures rest on.
+
+The smoke run asserts nothing about time: only that every section runs at tiny
+sizes and that the table comes out with every row filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package
+
+from benchmarks.report import CONTENDER_NAMES  # noqa: E402
+from benchmarks.simproc import endpoint_of  # noqa: E402
+from benchmarks.utilisation import percentile  # noqa: E402
+
+#: Rows per figure of the quick run: 1-3 for flash, wan2.6 and the slow clock (1 also the time after the last
+#: request for flash and wan2.6); 4 for flash, wan2.6 and the cold start; 5 for n=4, n=1, CPU and the
+#: diagnostics; 6 for plan, resume and the first run; 7 once.
+ROWS_PER_FIGURE = {"1": 5, "2": 3, "3": 3, "4": 3, "5": 5, "6": 3, "7": 1}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One ``--quick`` run into a temporary folder: (latest.json parsed, latest.md text)."""
+    root = tmp_path_factory.mktemp("bench")
+    argv = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(root / "results")]
+    argv += ["--workdir", str(root / "work")]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = root / "results"
+    return json.loads((results / "latest.json").read_text(encoding="utf-8")), (results / "latest.md").read_text(
+        encoding="utf-8"
+    )
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_has_every_row(quick_run: tuple[dict, str]) -> None:
+    """The quick run's table has each figure's rows, every contender's value in 1-4 and the engine's in 5-7."""
+    doc, _ = quick_run
+    rows = doc["rows"]
+    assert Counter(row["figure"] for row in rows) == ROWS_PER_FIGURE
+    for row in rows:
+        wanted = CONTENDER_NAMES if row["figure"] in "1234" else ("wanbatch",)
+        missing = [name for name in wanted if row["values"].get(name, "–").startswith("–")]
+        assert not missing, f"{row['measure']}: no value for {missing}"
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_saves_every_billed_image(quick_run: tuple[dict, str]) -> None:
+    """Each contender saved every image the simulator billed it for, so its makespan is a whole batch's."""
+    doc, _ = quick_run
+    for section in ("utilisation", "slow_clock", "cold_start"):
+        for model, runs in doc["results"][section].items():
+            for name in CONTENDER_NAMES:
+                run = runs[name]
+                assert run["images_billed"] == run["items"], (section, model, name)
+                assert run["images_saved"] == run["images_billed"], (section, model, name, run["notes"])
+    assert doc["results"]["ceiling"]["n4"]["images_saved"] == 4 * doc["results"]["ceiling"]["n4"]["items"]
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_markdown_names_the_machine_and_every_row(quick_run: tuple[dict, str]) -> None:
+    """latest.md carries the date, the machine and commit, the contenders' columns and one table line per row."""
+    doc, markdown = quick_run
+    assert doc["date"] in markdown and doc["machine"]["commit"] in markdown
+    assert f"{doc['machine']['cores']} cores" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| # |"))
+    assert all(label in header for label in CONTENDER_NAMES.values())
+    table = [line for line in markdown.splitlines() if line.startswith("| ") and line[2:3].isdigit()]
+    assert len(table) == len(doc["rows"])
+
+
+def test_endpoints_are_named_as_the_simulator_names_them() -> None:
+    """The simulator's watch files each request line under the simulator's own endpoint names."""
+    assert endpoint_of("POST", "/api/v1/services/aigc/text2image/image-synthesis") == "create"
+    assert endpoint_of("POST", "/api/v1/services/aigc/image-generation/generation/") == "create"
+    assert endpoint_of("POST", "/api/v1/services/aigc/multimodal-generation/generation") == "sync"
+    assert endpoint_of("GET", "/api/v1/tasks/abc") == "query"
+    assert endpoint_of("GET", "/api/v1/tasks/abc/") == "query"
+    assert endpoint_of("GET", "/api/v1/tasks") == "list"
+    assert endpoint_of("POST", "/api/v1/tasks/abc/cancel/") == "cancel"
+    assert endpoint_of("GET", "/oss/dashscope-result-bj/20260101/x-1.png") == "image"
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """p50 and p99 are values that occurred (nearest rank), and nothing is reported for no values."""
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.5) is None
