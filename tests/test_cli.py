@@ -128,7 +128,7 @@ def test_status_while_a_run_is_going(tmp_path):
         assert sum(during["items"].values()) == 7 and during["items"]["saved"] < 7
         assert proc.poll() is None  # still running while it was read
     finally:
-        proc.terminate()
+        proc.kill()  # a graceful stop would first finish what is paid for: not what this test is about
         proc.wait(timeout=120)
 
 
