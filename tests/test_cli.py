@@ -144,3 +144,23 @@ def test_budget_refuses_a_plan_over_it_and_runs_one_under(tmp_path):
     )
     done = wanbatch("run", str(manifest), "--out", str(tmp_path / "run2"), "--simulate", "--speed", "600")
     assert done.returncode == 0, done.stderr  # 0.28 fits in 0.30
+
+
+def test_export_command_writes_shards_both_formats(tmp_path):
+    """`wanbatch export DIR --format webdataset|parquet` writes shards holding every saved image."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "foxes"
+    assert wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600").returncode == 0
+    done = wanbatch("export", str(out), "--format", "webdataset")
+    assert done.returncode == 0, done.stderr
+    shards = [Path(line) for line in done.stdout.split()]
+    with tarfile.open(shards[0]) as tar:
+        assert sum(name.endswith(".png") for name in tar.getnames()) == 2
+    done = wanbatch("export", str(out), "--format", "parquet", "--out", str(tmp_path / "pq"))
+    assert done.returncode == 0, done.stderr
+    assert sum(pq.read_table(line).num_rows for line in done.stdout.split()) == 2
+    missing = wanbatch("export", str(tmp_path / "nothing"), "--format", "parquet")
+    assert missing.returncode == 2 and "error:" in missing.stderr
