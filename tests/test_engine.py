@@ -258,8 +258,10 @@ prompts:
     engine = engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=5.0, retry_s=1.0))
     report = await engine.run(manifest)
     assert sim.faults_injected["reset_after"] > 0
-    assert report["reconciled_adopted"] > 0  # the creates whose answers were lost made tasks, all adopted
-    assert report["reconciled_resent"] == 0
+    assert report["reconciled_adopted"] > 0  # the creates whose answers were lost made tasks: adopted
+    # A reset can also hide a 429 (the fault strikes after handling, whatever the answer): then the list
+    # proves no task was made and the item is sent again. Either way each request is paid once (below).
+    assert report["reconciled_adopted"] + report["reconciled_resent"] >= 1
     assert report["items"]["saved"] == 10
     assert_billed_once_and_saved(sim, tmp_path / "run")
 
