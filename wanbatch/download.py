@@ -26,7 +26,7 @@ import aiohttp
 from PIL import Image
 
 from .aio import wait_event
-from .errors import DownloadError, UrlExpired
+from .errors import DownloadError, IllegalTransition, UrlExpired
 from .states import ImageState, ItemState
 
 __all__ = ["DownloadConfig", "Downloader", "image_file_name", "verify_png"]
@@ -110,6 +110,7 @@ class Downloader:
         self._heap: list[_Job] = []
         self._wake = asyncio.Event()
         self._busy = 0
+        self._in_progress: set[tuple[str, int]] = set()
         self.saved = 0
         self.bytes = 0
 
@@ -118,9 +119,11 @@ class Downloader:
         return not self._heap and not self._busy
 
     def add_item(self, item_id: str) -> None:
-        for image in self._ledger.images_of(item_id):
-            if image.state is ImageState.pending:
-                heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.image_index))
+        pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
+        for image in pending:
+            heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.image_index))
+        if not pending:
+            self._close_item(item_id)  # saved already (queued again after a stop): settle it now
         self._wake.set()
 
     def load_pending(self) -> int:
@@ -161,6 +164,16 @@ class Downloader:
                 self._busy -= 1
 
     async def _save(self, job: _Job) -> None:
+        key = (job.item_id, job.index)
+        if key in self._in_progress:
+            return  # queued twice (a resume and a late result): one copy fetches it
+        self._in_progress.add(key)
+        try:
+            await self._save_one(job)
+        finally:
+            self._in_progress.discard(key)
+
+    async def _save_one(self, job: _Job) -> None:
         item = self._ledger.get(job.item_id)
         image = next(i for i in self._ledger.images_of(job.item_id) if i.image_index == job.index)
         if image.state is not ImageState.pending:
@@ -183,7 +196,10 @@ class Downloader:
             log.warning("✗ %s image %d not saved: %s", job.item_id, job.index, exc)
             return
         else:
-            self._ledger.image_saved(job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes)
+            try:
+                self._ledger.image_saved(job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes)
+            except IllegalTransition:
+                return  # the same image was queued twice (a resume and a late result) and the other copy won
             self.saved += 1
             self.bytes += size_bytes
         self._close_item(job.item_id)

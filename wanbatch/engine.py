@@ -293,10 +293,23 @@ class Engine:
         for state in (ItemState.queued, ItemState.unknown):
             for row in ledger.iter_items([state]):
                 lane = stages.lanes[(row.region, row.model)]
+                if state is ItemState.queued and not row.task_id and ledger.images_of(row.item_id):
+                    ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
+                    continue
+                if state is ItemState.queued and not row.task_id:
+                    # A sync answer whose images were not recorded before a stop: nothing to ask for again.
+                    ledger.transition(
+                        row.item_id,
+                        ItemState.expired,
+                        error_code="SyncAnswerLost",
+                        error_message="stopped before the sync answer was recorded; counted as paid",
+                        cost=row.n_images * row.price_per_image,
+                    )
+                    continue
                 lane.slots.take_now()  # its task holds a place on the service already
                 budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
                 if state is ItemState.unknown:
-                    lane.doubt[row.item_id] = row.request["prompt"]
+                    lane.doubt[row.item_id] = lane.doubt_key(row)
                     stages.reconciler.add(row.item_id, lane)
                 elif row.task_id:
                     stages.tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)

@@ -41,18 +41,21 @@ class Pacer:
         self._speed, self._margin, self._floor, self._step = speed, margin, floor, step
         self.factor = 1.0
         self._limiter = even_limiter(rate_per_s * margin, speed=speed, guard_s=guard_s)
+        # Retrying submits wait here too: one at a time, so the slowed spacing holds between all of them.
+        self._turn = asyncio.Lock()
 
     @property
     def rate_per_s(self) -> float:
         return self.quota_per_s * self._margin * self.factor
 
     async def wait(self) -> None:
-        """Return when the next request may go; call it from one loop per lane."""
-        await self._limiter.acquire()
-        if self.factor < 1.0:
-            # Slowed down: stretch the spacing beyond the limiter's full-quota interval.
-            extra_s = 1.0 / self.rate_per_s - 1.0 / (self.quota_per_s * self._margin)
-            await asyncio.sleep(extra_s / self._speed)
+        """Return when the next request may go."""
+        async with self._turn:
+            await self._limiter.acquire()
+            if self.factor < 1.0:
+                # Slowed down: stretch the spacing beyond the limiter's full-quota interval.
+                extra_s = 1.0 / self.rate_per_s - 1.0 / (self.quota_per_s * self._margin)
+                await asyncio.sleep(extra_s / self._speed)
 
     def throttled(self) -> None:
         """A 429 came back: halve the rate (down to the floor)."""

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 
 from .aio import wait_event
+from .catalog import Protocol
 from .errors import ApiError, TransportError
 from .states import ItemState
 
@@ -74,7 +75,11 @@ class Reconciler:
             data = await self._query(lane, task["task_id"])
             output = data.get("output")
             outputs[task["task_id"]] = output if isinstance(output, dict) else {}
-        for item_id in [i for i, other in self._pending.items() if other is lane]:
+        items = [i for i, other in self._pending.items() if other is lane]
+        if lane.offer.model.protocol is not Protocol.LEGACY:
+            self._pair_by_order(lane, items, candidates, outputs)
+            items = [i for i in items if i in self._pending]
+        for item_id in items:
             if self._reconcile(item_id, lane, candidates, outputs):
                 del self._pending[item_id]
                 lane.settle_doubt(item_id)
@@ -90,7 +95,8 @@ class Reconciler:
                 item_id,
                 ItemState.expired,
                 error_code="OutcomeUnknown",
-                error_message="the service no longer lists tasks this old",
+                error_message="the service no longer lists tasks this old; counted as paid and lost",
+                cost=row.n_images * row.price_per_image,
             )
             self._tracker.budget.settle(item_id, row.n_images * row.price_per_image)  # may have been billed
             lane.slots.release()
@@ -107,10 +113,13 @@ class Reconciler:
             prompts = (
                 {e.get("orig_prompt") for e in results if isinstance(e, dict)} if isinstance(results, list) else set()
             )
-            if prompt in prompts or (status == "SUCCEEDED" and self._only_guess(lane, candidates, output)):
+            prompts.discard(None)
+            if prompt in prompts:
                 candidates.remove(task)
                 self._adopt(item_id, lane, task["task_id"], row)
                 return True
+            if status == "SUCCEEDED" and not prompts and lane.offer.model.protocol is Protocol.LEGACY:
+                waiting = True  # a finished task that does not show its prompt rules nothing out
         in_grace = now - started_s < self.config.grace_s
         if waiting or in_grace:
             return False
@@ -121,10 +130,22 @@ class Reconciler:
         lane.slots.release()
         return True
 
-    def _only_guess(self, lane, candidates: list[dict], output: dict) -> bool:
-        """wan2.6 results carry no prompt: adopt only when one unknown item and one task can be paired."""
-        has_prompts = any("orig_prompt" in e for e in output.get("results") or [] if isinstance(e, dict))
-        return not has_prompts and len(candidates) == 1 and sum(o is lane for o in self._pending.values()) == 1
+    def _pair_by_order(self, lane, items: list[str], candidates: list[dict], outputs: dict[str, dict]) -> None:
+        """wan2.6 results do not show their prompt: pair unknown items with finished unclaimed tasks in the order
+        both were made. The submitter keeps at most one wan2.6 create in doubt, so there is one of each."""
+        if any(outputs[t["task_id"]].get("task_status") in ("PENDING", "RUNNING") for t in candidates):
+            return  # not all finished yet: pair once they are
+        finished = sorted(
+            (t for t in candidates if outputs[t["task_id"]].get("task_status") == "SUCCEEDED"),
+            key=lambda t: (t.get("gmt_create") if isinstance(t.get("gmt_create"), int) else 0, t["task_id"]),
+        )
+        rows = sorted((self._ledger.get(i) for i in items), key=lambda r: (r.submit_started_ms or 0, r.seq))
+        for row, task in zip(rows, finished, strict=False):
+            candidates.remove(task)
+            self._adopt(row.item_id, lane, task["task_id"], row)
+            del self._pending[row.item_id]
+            lane.settle_doubt(row.item_id)
+            self._changed.set()
 
     def _adopt(self, item_id: str, lane, task_id: str, row) -> None:
         self._ledger.transition(

@@ -104,6 +104,11 @@ class Lane:
     unreachable: int = 0  #: connections that failed to open in a row
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
 
+    def doubt_key(self, row) -> str:
+        """What tells this item's task apart in the service's list: its prompt, where results show it.
+        wan2.6's results do not, so its creates are in doubt one at a time."""
+        return row.request["prompt"] if self.offer.model.protocol is Protocol.LEGACY else ""
+
     def settle_doubt(self, item_id: str) -> None:
         self.doubt.pop(item_id, None)
         self.changed.set()
@@ -180,7 +185,7 @@ class Submitter:
                 after_seq = row.seq
                 if row.item_id in lane.skipped or row.item_id in lane.doubt:
                     continue
-                if row.request["prompt"] in lane.doubt.values():
+                if lane.doubt_key(row) in lane.doubt.values():
                     # The service's task list tells tasks apart by prompt only: while one create with this
                     # prompt is unanswered, a second would make an unknown outcome ambiguous.
                     held += 1
@@ -207,7 +212,7 @@ class Submitter:
             return False
         await lane.pacer.wait()
         self.in_flight += 1
-        lane.doubt[row.item_id] = row.request["prompt"]
+        lane.doubt[row.item_id] = lane.doubt_key(row)
         group.create_task(self._submit(lane, row))
         return True
 
@@ -251,7 +256,6 @@ class Submitter:
                 ItemState.submitting,
                 expect=ItemState.planned,
                 submit_started_ms=self._clock.now_ms(),
-                attempts=row.attempts + 1,
             )
         except IllegalTransition:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
@@ -264,6 +268,8 @@ class Submitter:
             else:
                 created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
         except OutcomeUnknown as exc:
+            if sync:
+                return self._sync_lost(lane, row, str(exc))
             ledger.transition(item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=str(exc))
             log.warning("? %s outcome unknown (%s): reconciling, not resending", item_id, exc)
             self._reconciler.add(item_id, lane)
@@ -284,6 +290,8 @@ class Submitter:
             log.warning("✗ %s rejected: %s %s", item_id, exc.code, exc.message)
             return False
         except (ApiError, TransportError) as exc:
+            if sync and getattr(exc, "code", "") == "RequestTimeOut":  # the generation may have gone on, billed
+                return self._sync_lost(lane, row, str(exc))
             self._count_unreachable(lane, exc)
             return self._again(item_id, exc)
         lane.unreachable = 0
@@ -306,6 +314,24 @@ class Submitter:
         log.info("→ %s %s task %s", item_id, lane.model, created.task_id)
         self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
         return True
+
+    def _sync_lost(self, lane: Lane, row, reason: str) -> bool:
+        """A sync call whose answer was lost: it has no task id to find again, and may have been billed.
+        Sending it again could pay twice, so it ends expired, counted as paid."""
+        paid = row.n_images * row.price_per_image
+        self._ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
+        self._ledger.transition(
+            row.item_id,
+            ItemState.expired,
+            error_code="SyncAnswerLost",
+            cost=paid,
+            error_message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
+        )
+        self.budget.settle(row.item_id, paid)
+        log.warning(
+            "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
+        )
+        return False
 
     def _count_unreachable(self, lane: Lane, exc: Exception) -> None:
         """Connections that never open, many in a row: the service is not there; stop instead of retrying all."""

@@ -128,9 +128,10 @@ class Tracker:
                 budget=self.budget,
             )
         except MalformedAnswer as exc:
-            # A sync answer cannot be asked for again: it has no task id.
+            # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost.
+            paid = lane.offer.price * self._ledger.get(item_id).n_images
             self._ledger.transition(
-                item_id, ItemState.failed, error_code="MalformedAnswer", error_message=str(exc), **common
+                item_id, ItemState.expired, error_code="MalformedAnswer", error_message=str(exc), cost=paid, **common
             )
             self.budget.settle(item_id, lane.offer.price * self._ledger.get(item_id).n_images)
             log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
@@ -148,7 +149,8 @@ class Tracker:
             except (TransportError, ApiError) as exc:
                 log.info("cancel %s: %s; still followed", task.task_id, exc)
                 continue
-            self._heap.remove(task)
+            # By identity: OpenTask compares by due time only, and resumed tasks share one.
+            self._heap = [other for other in self._heap if other is not task]
             heapq.heapify(self._heap)
             self._ledger.transition(
                 task.item_id,
