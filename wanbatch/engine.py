@@ -54,6 +54,7 @@ class EngineConfig:
     speed: float = 1.0  #: how much faster than real time the service's clock runs (simulators only)
     query_qps: float = 18.0  #: below the account's 20 per second for query, list and cancel
     request_timeout_s: float = 60.0
+    sync_timeout_s: float = 330.0  #: wan2.6's sync endpoint holds its answer up to 300 s
     gallery: bool = True  #: write gallery.html (with thumbnails) at the end of each run
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     track: TrackerConfig = field(default_factory=TrackerConfig)
@@ -243,6 +244,7 @@ class Engine:
                 base_url=self.base_url(region),
                 api_key=self._keys[region],
                 request_timeout_s=self.config.request_timeout_s,
+                sync_timeout_s=self.config.sync_timeout_s,
             )
             for region in regions
         }

@@ -1,0 +1,103 @@
+"""Unknown outcomes the task list cannot tell apart by prompt, and resumes that meet half-finished work."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import aiohttp
+from engine_helpers import engine_for
+
+from wanbatch import catalog
+from wanbatch.ledger import Ledger
+from wanbatch.manifest import Manifest
+from wanbatch.reconcile import ReconcileConfig
+from wanbatch.states import ItemState
+from wanbatch.wire import build_body
+
+FAST = {"speed": 100.0, "durations": {"*": 3.0}}
+QUICK = ReconcileConfig(grace_s=5.0, retry_s=1.0)
+
+
+def manifest_in(tmp_path: Path, text: str) -> Manifest:
+    (tmp_path / "job.yaml").write_text(textwrap.dedent(text))
+    return Manifest.from_yaml(tmp_path / "job.yaml")
+
+
+async def test_wan26_unknowns_are_paired_with_their_tasks_not_sent_again(start_sim, tmp_path):
+    """Two wan2.6 creates in doubt after a crash, both made on the service: wan2.6 results do not show their
+    prompt, so they are paired with the unclaimed tasks in creation order; nothing is sent or paid twice."""
+    sim = await start_sim(**FAST)
+    manifest = manifest_in(
+        tmp_path,
+        """\
+        name: w26
+        defaults: {model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false}
+        prompts: [a blue teapot, a green kettle]
+        """,
+    )
+    with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:
+        run = ledger.begin_run()
+        ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
+        rows = list(ledger.iter_items([ItemState.planned]))
+        for row in rows:
+            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
+    async with aiohttp.ClientSession() as session:
+        for row in rows:  # the POSTs went out; the crash took their answers
+            body = build_body(row.request, api_name="wan2.6-t2i", protocol=catalog.MODELS["wan2.6-t2i"].protocol)
+            headers = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
+            async with session.post(
+                sim.base_url + "/services/aigc/image-generation/generation", json=body, headers=headers
+            ) as answer:
+                assert answer.status == 200
+            await asyncio.sleep(0.05)
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    assert (report["reconciled_adopted"], report["reconciled_resent"]) == (2, 0)
+    assert sim.requests["create"] == 2 and len(sim.billing) == 2 and report["items"]["saved"] == 2
+
+
+async def test_a_lost_sync_answer_is_never_sent_again(start_sim, tmp_path):
+    """A wan2.6 sync call whose answer is lost (here: the client stops waiting before the service answers) has
+    no task id to find: it ends expired, counted as paid, and the request is not sent a second time."""
+    sim = await start_sim(speed=100.0, durations={"*": 20.0})
+    manifest = manifest_in(
+        tmp_path,
+        """\
+        name: s
+        defaults: {model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false, sync: true}
+        prompts: [a snow globe on a desk]
+        """,
+    )
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK, sync_timeout_s=0.05).run(manifest)
+    assert sim.requests["sync"] == 1 and report["items"]["expired"] == 1
+    assert report["failures"]["SyncAnswerLost"]["count"] == 1
+    assert report["cost"]["CNY"] == catalog.offer("beijing", "wan2.6-t2i").price
+
+
+async def test_cancel_pending_on_resume_cancels_only_the_waiting_tasks(start_sim, tmp_path):
+    """Resumed with cancel_pending after a hard stop, the tasks still waiting are canceled and the running ones
+    are followed to the end and saved (the sweep removes exactly the task it canceled)."""
+    sim = await start_sim(speed=50.0, durations={"*": 60.0})
+    prompts = "\n".join(f"  - a tin robot number {i}" for i in range(8))
+    manifest = manifest_in(
+        tmp_path,
+        f"""\
+name: robots
+defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+""",
+    )
+    engine = engine_for(sim, tmp_path / "run")
+    run = asyncio.create_task(engine.run(manifest))
+    while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:
+        await asyncio.sleep(0.005)
+    run.cancel()
+    await asyncio.gather(run, return_exceptions=True)
+    resumed = engine_for(sim, tmp_path / "run")
+    resumed.interrupt(cancel_pending=True)
+    report = await resumed.run(manifest)
+    assert report["canceled_on_service"] == 2 and report["items"]["saved"] == 2
+    assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "SUCCEEDED", "SUCCEEDED"]
+    assert len(sim.billing) == 2
