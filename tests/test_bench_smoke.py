@@ -24,7 +24,7 @@ from benchmarks.utilisation import percentile  # noqa: E402
 #: Rows per figure of the quick run: 1-3 for flash, wan2.6 and the slow clock (1 also the time after the last
 #: request for flash and wan2.6); 4 for flash, wan2.6 and the cold start; 5 for n=4, n=1, CPU and the
 #: diagnostics; 6 for plan, resume and the first run; 7 once.
-ROWS_PER_FIGURE = {"1": 5, "2": 3, "3": 3, "4": 3, "5": 5, "6": 3, "7": 1}
+ROWS_PER_FIGURE = {"1": 5, "2": 3, "3": 3, "4": 3, "5": 6, "6": 3, "7": 1}
 
 
 @pytest.fixture(scope="module")
