@@ -69,6 +69,9 @@ class Reconciler:
 
     async def _sweep(self, lane) -> None:
         """One listing of the lane's unclaimed tasks, each queried at most once, against all its unknown items."""
+        # Only what the list could already show counts as proof: an attempt is out of its grace only if it was
+        # when the list was asked for, not when the (slow) sweep gets to it.
+        listed_at_s = self._clock.now()
         candidates = await self._candidates(lane)
         outputs: dict[str, dict] = {}
         for task in candidates:
@@ -80,12 +83,14 @@ class Reconciler:
             self._pair_by_order(lane, items, candidates, outputs)
             items = [i for i in items if i in self._pending]
         for item_id in items:
-            if self._reconcile(item_id, lane, candidates, outputs):
+            if self._reconcile(item_id, lane, candidates, outputs, listed_at_s):
                 del self._pending[item_id]
                 lane.settle_doubt(item_id)
                 self._changed.set()
 
-    def _reconcile(self, item_id: str, lane, candidates: list[dict], outputs: dict[str, dict]) -> bool:
+    def _reconcile(
+        self, item_id: str, lane, candidates: list[dict], outputs: dict[str, dict], listed_at_s: float
+    ) -> bool:
         """True once the item has left ``unknown``."""
         row = self._ledger.get(item_id)
         now = self._clock.now()
@@ -120,7 +125,7 @@ class Reconciler:
                 return True
             if status == "SUCCEEDED" and not prompts and lane.offer.model.protocol is Protocol.LEGACY:
                 waiting = True  # a finished task that does not show its prompt rules nothing out
-        in_grace = now - started_s < self.config.grace_s
+        in_grace = listed_at_s - started_s < self.config.grace_s
         if waiting or in_grace:
             return False
         self._ledger.transition(item_id, ItemState.planned, note="the task list shows no task for this attempt")
