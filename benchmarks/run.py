@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # the sizes (about 40 minutes on two cores)
     python -m benchmarks.run --quick         # tiny sizes, seconds: checks that every row comes out
     python -m benchmarks.run --only scale    # one section again, merged into the existing results
+    python -m benchmarks.run --render        # latest.md again from latest.json (after a change of report.py)
 
 Sections, in order: ``utilisation`` (figures 1-4 for wan2.2-t2i-flash and
 wan2.6-t2i, each through wanbatch, the dashscope SDK and a plain loop),
@@ -157,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-items", type=int, help="items of the manifest of figure 6")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
+    parser.add_argument("--render", action="store_true", help="rewrite latest.md from latest.json; measure nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        doc = json.loads((args.out / "latest.json").read_text(encoding="utf-8"))
+        keep = {k: doc[k] for k in ("results", "settings", "machine", "date")}
+        print(f"wrote {report.write(args.out, **keep)}")
+        return 0
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
     if unknown:
