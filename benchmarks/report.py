@@ -19,76 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DIAGNOSES", "Row", "build_rows", "machine_facts", "render_markdown", "write"]
+from .diagnoses import DIAGNOSES
+
+__all__ = ["Row", "build_rows", "machine_facts", "render_markdown", "write"]
 
 CONTENDER_NAMES = {"wanbatch": "wanbatch", "sdk": "dashscope SDK (a)", "loop": "plain loop (b)"}
-
-#: Why a figure misses its target and what to change, from the profiles and request counts of this benchmark.
-DIAGNOSES: dict[str, str] = {
-    "utilisation": (
-        "wan2.6 (and any items sharing a prompt): submit.Lane.doubt_key is '' for wan2.6, whose results carry "
-        "no prompt, so one create is in flight at a time; after each dispatch Submitter._lane_loop starts a new "
-        "Submitter._pass from the first planned row and reads every planned row again, held back one by one "
-        "(Ledger.iter_items, records.ItemRow.from_row: about 80 µs a row), and once more after "
-        "wait_event(lane.changed). Each create thus costs CPU in proportion to the items still planned (2,000 "
-        "rows: about 0.15 s, 15 simulated s at speed 100), so creates come slower than the service's five slots "
-        "free up. At real speed the same happens from about 10,000 items, when a pass outlasts the second "
-        "between creates. Fix: continue a pass after the dispatched row instead of from seq 0, and when rows are "
-        "held wait for lane.changed and resume there (a small in-memory queue of planned rows per lane), so a "
-        "create costs O(1) ledger reads."
-    ),
-    "tracking": (
-        "Per task the tracker asks while the task still waits behind our backlog (track.py "
-        "Tracker._reschedule: again after expected/2 while PENDING), once near the expected end, then backs off "
-        "1, 2, 4, 8 s while running times spread ±30 % around the mean. Fix: do not poll queued tasks (the "
-        "service starts them in submit order as ours end, which the tracker sees) and put the first poll at a "
-        "high quantile of the learned running time (Tracker._learn keeps only a mean). Polling tasks one by one "
-        "cannot meet 1.2 per task and the lag targets together when durations spread ±30 %: see "
-        "benchmarks/README.md, 'Tracking cost against detection lag'."
-    ),
-    "lag": (
-        "After the expected end the tracker backs off exponentially (track.py Tracker._backoff_s: "
-        "1 s·2^polls/4, up to 30 s), so a task that runs 10 s past the mean is seen 8-16 s late. Fix: from a "
-        "little before the earliest likely end, poll at a fixed short interval (1-2 s); queries cost no money, "
-        "only their share of the account's 20 per second. The backlog of queued tasks keeps the quota busy "
-        "meanwhile, which is why utilisation stays near 1.0 despite the lag."
-    ),
-    "ceiling": (
-        "CPU-bound on one core: about 4.3 CPU s per 1,000 images at n=4 without the gallery (17 ms per task of "
-        "four images), so about 240 images/s at most; at n=1 a task costs nearly as much for one image, and "
-        "pacing.Pacer's guard_s (10 ms of wall time per create) caps a lane at 100 creates/s whatever the "
-        "quota. In the profile the ledger leads: about 70 SQLite statements per task (every state move, "
-        "record_images, image_saved and settle is its own BEGIN IMMEDIATE ... COMMIT in ledger.Ledger, and "
-        "ledger.get re-reads and re-parses the row, records.ItemRow.from_row, at each stage), then aiohttp's "
-        "per-request work and a stat and mkdir per image (download.Downloader._fetch). The gallery "
-        "(gallery.write_gallery, thumbnails at the end) adds about 6 CPU s per 1,000 images. Fix: save an "
-        "image and settle its item in one transaction; pass the row between stages instead of ledger.get; "
-        "create each image folder once; scale the guard with the interval (none when the quota is "
-        "unlimited); make thumbnails in worker processes or on demand."
-    ),
-    "one_prompt": (
-        "Items sharing a prompt go one at a time: submit.Submitter._pass holds a row while lane.doubt has a "
-        "create of the same prompt in flight (so that the task list could tell unknown outcomes apart), and "
-        "every pass re-reads and parses all the lane's planned rows (Ledger.iter_items, ItemRow.from_row: four "
-        "json.loads and dataclasses.fields per row): quadratic in the repeats. With 2,000 repeats of one prompt "
-        "(measured while writing this benchmark) the engine saved 20 images/s at 50 CPU s per 1,000 images. "
-        "Fix: hold a prompt back only once a create of it is in doubt (unknown outcome), not while it is merely "
-        "in flight; keep held rows in memory rather than re-reading from the first seq."
-    ),
-    "plan": (
-        "wanbatch plan expands every item twice (Manifest.validate, then plan.make_plan), at about 50 µs per "
-        "item per pass in manifest._entry_items/_items (a dict per item, canonical JSON and sha256 of the item "
-        "id, which a plan does not need). Fix: validate and count in one pass, and expand without ids when only "
-        "counting."
-    ),
-    "resume": (
-        "A resume expands the whole manifest three times before its first request: api.run "
-        "(Manifest.validate, then plan.make_plan for the budget check) and Engine.run (Ledger.add_items, "
-        "which also upserts every row to mark it seen). Fix: keep the manifest's digest in the ledger's meta and, "
-        "when it is unchanged, skip validation and planning and submit from the ledger at once; otherwise plan "
-        "in the background while the submitter already sends the planned rows."
-    ),
-}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -180,12 +115,14 @@ def _lag_row(label: str, runs: dict[str, Any]) -> Row:
 def _throttle_row(label: str, runs: dict[str, Any]) -> Row:
     cells = {name: f"{run['throttled_steady']} ({run['throttled_cold']})" for name, run in _contenders(runs)}
     engine = runs.get("wanbatch") or {}
+    met = engine.get("throttled_steady") == 0 if engine else None
     return Row(
         figure="4",
         measure=f"429s to creates in steady state (and in the first minute), {label}",
         target="0",
         values=cells,
-        met=engine.get("throttled_steady") == 0 if engine else None,
+        met=met,
+        notes=["throttle"] if met is False else [],
     )
 
 
@@ -194,11 +131,17 @@ def _tail_row(label: str, runs: dict[str, Any]) -> Row:
         name: f"{_num(run.get('after_last_request_wall_s'))} s (run {_num(run['wall_s'])} s)"
         for name, run in _contenders(runs)
     }
+    tail_s = (runs.get("wanbatch") or {}).get("after_last_request_wall_s") or 0.0
+    note = (
+        "wanbatch writes report.json, metadata.jsonl and gallery.html with a thumbnail per image after the last "
+        "download (--no-gallery leaves the gallery out)"
+    )
     return Row(
         figure="1",
         measure=f"real seconds from the last request to the end ({label}; whole run beside it)",
         target="–",
         values=cells,
+        notes=[note] if tail_s > 5 else [],
     )
 
 
@@ -413,9 +356,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# wanbatch benchmarks: latest results",
         "",
-        f"Run {doc['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
+        f"Run finished {doc['date']} on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB), "
         f"{machine['platform']}, Python {machine['python']}; commit {machine['commit']}"
         + (" with uncommitted changes" if machine["tree_changed"] else "")
+        + (
+            f" at the start, {machine['commit_end']} at the end (each program measured ran the tree of its moment)"
+            if machine.get("commit_end", machine["commit"]) != machine["commit"]
+            else ""
+        )
         + f"; load average at start {', '.join(f'{x:.2f}' for x in machine['load_average'])}.",
         "",
         f"Settings: {settings_line(settings)}. How each figure is measured: [../README.md](../README.md).",

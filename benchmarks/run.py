@@ -1,6 +1,6 @@
 """``python -m benchmarks.run``: every figure of issue 6, written to benchmarks/results/latest.{md,json}.
 
-    python -m benchmarks.run                 # the issue's sizes (about 40 minutes on two cores)
+    python -m benchmarks.run                 # the issue's sizes (about 50 minutes on two cores)
     python -m benchmarks.run --quick         # tiny sizes, seconds: checks that every row comes out
     python -m benchmarks.run --only scale    # one section again, merged into the existing results
     python -m benchmarks.run --render        # latest.md again from latest.json (after a change of report.py)
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(sections) != set(SECTIONS):
         results = _merge(args.out / "latest.json", results)
     machine["load_average_end"] = list(os.getloadavg())
+    machine["commit_end"] = report.machine_facts()["commit"]  # other work may land while a long run goes
     settings = {
         "contenders": ", ".join(label for _, label in CONTENDERS.values()),
         "wall_s": round(time.monotonic() - started, 1),
