@@ -157,7 +157,7 @@ class Submitter:
     async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
         while not (self.stop.is_set() or lane.blocked):
             sent, held = await self._pass(lane, group)
-            if sent:
+            if sent and not held:
                 continue
             if not held and not lane.doubt:
                 return
@@ -189,6 +189,8 @@ class Submitter:
                     # The service's task list tells tasks apart by prompt only: while one create with this
                     # prompt is unanswered, a second would make an unknown outcome ambiguous.
                     held += 1
+                    if lane.offer.model.protocol is not Protocol.LEGACY:
+                        return sent, held  # wan2.6: one key for the lane, later rows wait too
                     continue
                 if not await self._dispatch(lane, row, group):
                     return sent, held
