@@ -178,7 +178,7 @@ prompts:
     with pytest.raises(asyncio.CancelledError):
         await task
     report = await engine_for(sim, run_dir).run(Manifest.from_yaml(tmp_path / "job.yaml"))
-    assert report["items"]["saved"] == 10
+    assert report["items"]["saved"] == 10, report
     assert_billed_once_and_saved(sim, run_dir)
 
 

@@ -32,6 +32,7 @@ from .manifest import Manifest
 from .plan import make_plan
 from .progress import live_progress
 from .submit import SubmitConfig
+from .track import TrackerConfig
 
 __all__ = ["BudgetExceeded", "run"]
 
@@ -61,6 +62,7 @@ async def run(
     on_engine: Callable[[Engine], None] | None = None,
     progress: Console | None = None,
     gallery: bool = True,
+    tracking: str = "prompt",
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -69,7 +71,8 @@ async def run(
     ``handle_signals`` makes SIGINT/SIGTERM stop submitting (and with ``cancel_pending`` cancel tasks
     still waiting on the service) while what is paid for is finished; a second signal quits at once.
     ``progress`` shows a live display of the run on that ``rich`` console; ``gallery`` writes
-    ``gallery.html`` with thumbnails at the end.
+    ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
+    about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
@@ -83,17 +86,18 @@ async def run(
             f"{manifest.path}: the plan costs {planned_cost:.2f} CNY ({plan['images']} images), over the budget of "
             f"{limit:.2f} CNY; raise `budget:` or --budget, or trim the manifest (see `wanbatch plan`)"
         )
-    submit = SubmitConfig(sync_wan26=sync)
+    submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
             keys, config, clock = await _simulators(stack, plan["regions"], speed=speed or SIM_SPEED, submit=submit)
-            config = replace(config, gallery=gallery)
+            config = replace(config, gallery=gallery, track=track)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
                 base_url=base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
                 speed=speed or 1.0,
                 submit=submit,
+                track=track,
                 gallery=gallery,
             )
             clock = None

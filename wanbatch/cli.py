@@ -20,6 +20,7 @@ from pathlib import Path
 from . import catalog
 from .errors import ConfigError, LedgerError, ManifestError
 from .progress import JsonFormatter, format_duration
+from .track import POLICIES
 
 __all__ = ["main"]
 
@@ -82,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
         help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else each region's host)",
     )
     run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
+    run.add_argument(
+        "--tracking",
+        choices=POLICIES,
+        default="prompt",
+        help="prompt: see each task's end within about 2 s (a few queries per task); "
+        "frugal: about one query per task, ends seen up to the spread of running times later",
+    )
     run.add_argument(
         "--no-gallery",
         dest="gallery",
@@ -215,6 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cancel_pending=args.cancel_pending,
                 progress=args.console,
                 gallery=args.gallery,
+                tracking=args.tracking,
             )
         )
     except asyncio.CancelledError:

@@ -314,7 +314,11 @@ class Engine:
                     lane.doubt[row.item_id] = lane.doubt_key(row)
                     stages.reconciler.add(row.item_id, lane)
                 elif row.task_id:
-                    stages.tracker.add(task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=now)
+                    # The run folder's clock continues across runs, so the recorded submit time is on ours.
+                    submitted_s = row.submit_started_ms / 1000 if row.submit_started_ms else now
+                    stages.tracker.add(
+                        task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=submitted_s, resumed=True
+                    )
         stages.downloader.load_pending()
 
 
@@ -331,6 +335,7 @@ class _Stages:
         return {
             "submitted": self.submitter.submitted,
             "queries": self.tracker.queries,
+            "lists": self.tracker.lists,
             "canceled_on_service": self.tracker.canceled,
             "reconciled_adopted": self.reconciler.adopted,
             "reconciled_resent": self.reconciler.resent,

@@ -158,7 +158,8 @@ class Reconciler:
         )
         self.adopted += 1
         log.info("⇐ %s adopted task %s", item_id, task_id)
-        self._tracker.add(task_id=task_id, item_id=item_id, lane=lane, submitted_s=(row.submit_started_ms or 0) / 1000)
+        submitted_s = (row.submit_started_ms or 0) / 1000
+        self._tracker.add(task_id=task_id, item_id=item_id, lane=lane, submitted_s=submitted_s, resumed=True)
 
     async def _candidates(self, lane) -> list[dict]:
         """Tasks of this model from the last 24 hours that the ledger does not know."""

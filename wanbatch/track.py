@@ -1,10 +1,15 @@
 """Following submitted tasks to their end, within the account's query budget.
 
-A task is not polled on a fixed timer: each open task carries the time at
-which it is next worth asking about, estimated from when it started running
-and from how long this model's tasks have recently taken. Polling starts
-shortly before the expected end and backs off once a task runs late. All
-queries of a region share one even limiter below the account's 20 QPS.
+A task is not polled on a fixed timer. Each open task is first looked at
+when its end becomes likely: when it started running on the service (seen
+there, or inferred: the service starts a model's queued tasks in the order
+they came as earlier ones end) plus the shortest running time this model's
+tasks have recently taken (``policy="prompt"``) or the longest
+(``policy="frugal"``). From then on it is looked at every
+``poll_interval_s`` until it ends. When several tasks of a region are due
+at once, one page of the account's task list shows them all, and only the
+tasks it shows ended are queried for their results. All queries and lists
+of a region share one even limiter below the account's 20 QPS.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,21 +28,68 @@ from .errors import ApiError, TransportError
 from .states import ImageState, ItemState
 from .wire import MalformedAnswer, image_results, parse_service_time_s, url_expires_s
 
-__all__ = ["OpenTask", "Tracker", "TrackerConfig"]
+__all__ = ["Durations", "OpenTask", "Tracker", "TrackerConfig"]
 
 log = logging.getLogger("wanbatch")
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+POLICIES = ("prompt", "frugal")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrackerConfig:
-    first_poll_fraction: float = 0.9  #: first poll at this fraction of the expected running time
-    min_poll_interval_s: float = 1.0
-    max_poll_interval_s: float = 30.0
+    #: "prompt": look from the earliest likely end, so an end is seen within poll_interval_s;
+    #: "frugal": look first at the latest likely end, about one query per task, ends seen later
+    policy: str = "prompt"
+    poll_interval_s: float = 1.5  #: between looks at a task that may have ended
+    queued_poll_s: float = 60.0  #: a task thought queued on the service is looked at this often anyway
+    max_poll_interval_s: float = 30.0  #: the longest wait after a failed look
+    batch_window_s: float = 0.5  #: tasks due this soon are looked at with those due now
+    list_page_size: int = 100
     idle_tick_s: float = 0.25  #: how often to look for due tasks when none is due sooner
     url_lifetime_s: float = 24 * 3600.0  #: when a result URL carries no Expires
     deadline_margin_s: float = 60.0  #: counted off every deadline, for the lag in seeing a result
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"tracking policy {self.policy!r}: allowed {', '.join(POLICIES)}")
+
+
+class Durations:
+    """Recent running times of one model's tasks, and from them where its tasks' ends fall.
+
+    Until enough tasks have ended, the catalog's typical time with a spread of ``spread`` either side.
+    """
+
+    def __init__(self, typical_s: float, *, keep: int = 50, enough: int = 5, spread: float = 0.3) -> None:
+        self._typical_s, self._enough, self._spread = typical_s, enough, spread
+        self._recent: deque[float] = deque(maxlen=keep)
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    @property
+    def mean_s(self) -> float:
+        return sum(self._recent) / len(self._recent) if self._recent else self._typical_s
+
+    def share_ended(self, elapsed_s: float) -> float:
+        """How likely a task running for ``elapsed_s`` has ended, judged by the recent running times."""
+        if len(self._recent) < self._enough:
+            low, high = self.earliest_s, self.latest_s
+            return min(1.0, max(0.0, (elapsed_s - low) / (high - low))) if high > low else float(elapsed_s >= low)
+        return sum(seconds <= elapsed_s for seconds in self._recent) / len(self._recent)
+
+    @property
+    def earliest_s(self) -> float:
+        if len(self._recent) < self._enough:
+            return self._typical_s * (1 - self._spread)
+        return min(self._recent) * 0.98
+
+    @property
+    def latest_s(self) -> float:
+        if len(self._recent) < self._enough:
+            return self._typical_s * (1 + self._spread)
+        return max(self._recent)
 
 
 @dataclass(order=True, slots=True)
@@ -47,7 +100,16 @@ class OpenTask:
     lane: Any = field(compare=False)
     submitted_s: float = field(compare=False)
     polls: int = field(default=0, compare=False)
-    running_since_s: float | None = field(default=None, compare=False)
+    running_since_s: float | None = field(default=None, compare=False)  #: None while thought queued
+    seen_running: bool = field(default=False, compare=False)  #: running_since_s came from the service
+
+
+@dataclass(slots=True)
+class _LaneTasks:
+    """What the tracker believes of one lane's tasks on the service: how many run, which wait in order."""
+
+    running: int = 0
+    queued: deque[OpenTask] = field(default_factory=deque)
 
 
 class Tracker:
@@ -68,9 +130,11 @@ class Tracker:
         self.budget = budget or Budget()
         self._heap: list[OpenTask] = []
         self._wake = asyncio.Event()
-        self._expected_s: dict[str, float] = {}  #: recent running time per model, smoothed
+        self._durations: dict[str, Durations] = {}
+        self._lanes: dict[int, _LaneTasks] = {}
         self._cancel_requested = self._canceling = False
         self.queries = 0
+        self.lists = 0
         self.canceled = 0
 
     def __len__(self) -> int:
@@ -78,16 +142,31 @@ class Tracker:
 
     @property
     def running(self) -> int:
-        """Open tasks last seen RUNNING on the service."""
-        return sum(task.running_since_s is not None for task in self._heap)
+        """Open tasks running on the service, as far as the tracker knows."""
+        return sum(lane.running for lane in self._lanes.values())
 
-    def expected_duration_s(self, lane) -> float:
-        return self._expected_s.get(lane.offer.model.name, lane.offer.model.typical_duration_s)
+    def durations(self, lane) -> Durations:
+        model = lane.offer.model
+        found = self._durations.get(model.name)
+        if found is None:
+            found = self._durations[model.name] = Durations(model.typical_duration_s)
+        return found
 
-    def add(self, *, task_id: str, item_id: str, lane, submitted_s: float) -> None:
-        """Start following a task; its first poll waits for the expected time to pass."""
-        first = submitted_s + self.expected_duration_s(lane) * self.config.first_poll_fraction
-        heapq.heappush(self._heap, OpenTask(first, task_id, item_id, lane, submitted_s))
+    def add(self, *, task_id: str, item_id: str, lane, submitted_s: float, resumed: bool = False) -> None:
+        """Start following a task: thought running if the lane has a free place on the service, else queued.
+
+        A ``resumed`` task (from an earlier run) is looked at at once: how long it has been open is not known.
+        """
+        task = OpenTask(submitted_s, task_id, item_id, lane, submitted_s)
+        tasks = self._lane_tasks(lane)
+        if resumed:
+            tasks.queued.append(task)
+        elif tasks.running < lane.offer.concurrency:
+            self._start(task, submitted_s)
+        else:
+            tasks.queued.append(task)
+            task.due_s = submitted_s + self._next_look_s(task)
+        heapq.heappush(self._heap, task)
         self._cancel_requested = self._cancel_requested or self._canceling
         self._wake.set()
 
@@ -98,7 +177,7 @@ class Tracker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll due tasks until ``stop`` is set and no task is open."""
+        """Look at due tasks until ``stop`` is set and no task is open."""
         while not (stop.is_set() and not self._heap):
             if self._cancel_requested:
                 self._cancel_requested = False
@@ -106,8 +185,7 @@ class Tracker:
                 continue
             now = self._clock.now()
             if self._heap and self._heap[0].due_s <= now:
-                task = heapq.heappop(self._heap)
-                await self._poll(task)
+                await self._look(self._pop_due(now + self.config.batch_window_s))
                 continue
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
@@ -138,10 +216,123 @@ class Tracker:
             return
         self._on_images(item_id)
 
+    # -- what the tracker believes runs where ---------------------------------------------------------------
+
+    def _lane_tasks(self, lane) -> _LaneTasks:
+        return self._lanes.setdefault(id(lane), _LaneTasks())
+
+    def _start(self, task: OpenTask, since_s: float) -> None:
+        """``task`` runs on the service since ``since_s`` (our clock): first look when its end becomes likely."""
+        durations = self.durations(task.lane)
+        task.running_since_s = since_s
+        self._lane_tasks(task.lane).running += 1
+        first = durations.earliest_s if self.config.policy == "prompt" else durations.latest_s
+        task.due_s = max(since_s + first, self._clock.now())
+
+    def _seen(self, task: OpenTask, status: str, started_after_submit_s: float | None) -> None:
+        """The service says ``task`` is PENDING or RUNNING (started this long after it was submitted)."""
+        tasks = self._lane_tasks(task.lane)
+        if status == "RUNNING" and not task.seen_running:
+            task.seen_running = True
+            since = task.submitted_s + max(started_after_submit_s or 0.0, 0.0)
+            if task.running_since_s is None:
+                _discard(tasks.queued, task)
+            else:
+                tasks.running -= 1
+            self._start(task, since)
+            task.due_s = max(task.due_s, self._clock.now() + self.config.poll_interval_s)  # just seen running
+        elif status == "PENDING" and task.running_since_s is not None:
+            # Thought running, still queued (the account runs other tasks too): wait for the next end.
+            task.running_since_s = None
+            tasks.running -= 1
+            tasks.queued.appendleft(task)
+
+    def _ended(self, task: OpenTask, end_s: float | None) -> None:
+        """``task`` left the service (at ``end_s`` on our clock, if known): the next queued task starts then."""
+        tasks = self._lane_tasks(task.lane)
+        if task.running_since_s is not None:
+            tasks.running -= 1
+        else:
+            _discard(tasks.queued, task)
+        since = end_s if end_s is not None else self._clock.now()
+        moved = False
+        while tasks.queued and tasks.running < task.lane.offer.concurrency:
+            self._start(tasks.queued.popleft(), since)
+            moved = True
+        if moved:
+            heapq.heapify(self._heap)
+
+    # -- looking --------------------------------------------------------------------------------------------
+
+    def _pop_due(self, until_s: float) -> list[OpenTask]:
+        due = []
+        while self._heap and self._heap[0].due_s <= until_s:
+            due.append(heapq.heappop(self._heap))
+        return due
+
+    async def _look(self, due: list[OpenTask]) -> None:
+        """Look at every due task: one list per region where several are due, else a query each."""
+        by_region: dict[str, list[OpenTask]] = {}
+        for task in due:
+            by_region.setdefault(task.lane.region, []).append(task)
+        for region, tasks in by_region.items():
+            if self._list_saves(tasks) and await self._list(region, tasks):
+                continue
+            for task in tasks:
+                await self._poll(task)
+
+    def _list_saves(self, due: list[OpenTask]) -> bool:
+        """Whether one list plus a query per task it shows ended costs less than a query per task: it does
+        when more than one of them is likely still running."""
+        now = self._clock.now()
+        running = sum(
+            0.5  # queued, or resumed from an earlier run: no telling
+            if task.running_since_s is None
+            else 1.0 - self.durations(task.lane).share_ended(now - task.running_since_s)
+            for task in due
+        )
+        return running > 1.0
+
+    async def _list(self, region: str, due: list[OpenTask]) -> bool:
+        """One page of the region's task list for ``due`` and every other open task of the region; the
+        tasks it shows ended are queried for their results. False if the list could not be had."""
+        open_tasks = due + [task for task in self._heap if task.lane.region == region]
+        await self._limiters[region].acquire()
+        self.lists += 1
+        size = min(self.config.list_page_size, len(open_tasks) + 5)
+        try:
+            data = await due[0].lane.client.list_tasks(page_no=1, page_size=size)
+        except (TransportError, ApiError) as exc:
+            log.info("↻ list %s: %s", region, exc)
+            return False
+        entries = _list_entries(data)
+        due_ids, now = {id(task) for task in due}, self._clock.now()
+        ended = []
+        for task in open_tasks:
+            entry = entries.get(task.task_id)
+            status = entry["status"] if entry else ""
+            if status in TERMINAL or (entry is None and id(task) in due_ids):
+                ended.append(task)  # queried for its results, or by itself when not on this page
+                continue
+            if status in ("PENDING", "RUNNING"):
+                self._seen(task, status, _started_after_submit_s(entry))
+            if status or id(task) in due_ids:
+                # Seen now, due or not: its next look is one interval on (which also lines the looks of a
+                # region's tasks up, so that one list serves them all next time).
+                task.polls += id(task) in due_ids
+                task.due_s = max(task.due_s, now + self._next_look_s(task))
+        ended_ids = {id(task) for task in ended}
+        # From the heap as it is now: tasks added while the list was on its way are in it.
+        self._heap = [task for task in (*self._heap, *due) if id(task) not in ended_ids]
+        heapq.heapify(self._heap)
+        for task in ended:
+            await self._poll(task)
+        return True
+
     async def _cancel_sweep(self) -> None:
         """Cancel what has not started; a task already running answers UnsupportedOperation and is kept."""
         for task in list(self._heap):
-            if task.running_since_s is not None:
+            if task.seen_running:
                 continue
             await self._limiters[task.lane.region].acquire()
             try:
@@ -152,6 +343,7 @@ class Tracker:
             # By identity: OpenTask compares by due time only, and resumed tasks share one.
             self._heap = [other for other in self._heap if other is not task]
             heapq.heapify(self._heap)
+            self._ended(task, None)
             self._ledger.transition(
                 task.item_id,
                 ItemState.canceled,
@@ -172,8 +364,7 @@ class Tracker:
             data = await lane.client.get_task(task.task_id)
         except (TransportError, ApiError) as exc:
             log.info("↻ query %s: %s", task.task_id, exc)
-            task.due_s = self._clock.now() + self._backoff_s(task)
-            heapq.heappush(self._heap, task)
+            self._again(task, self._backoff_s(task))
             return
         output = data.get("output")
         if not isinstance(output, dict):
@@ -184,41 +375,43 @@ class Tracker:
                 self._finish(task, output, data)
             except MalformedAnswer as exc:
                 log.info("↻ query %s: %s", task.task_id, exc)
-                task.due_s = self._clock.now() + self._backoff_s(task)
-                heapq.heappush(self._heap, task)
+                self._again(task, self._backoff_s(task))
                 return
+            self._ended(task, self._on_our_clock(task, output, "end_time"))
             lane.slots.release()
             return
-        self._reschedule(task, output)
-
-    def _reschedule(self, task: OpenTask, output: dict) -> None:
-        now = self._clock.now()
-        if output.get("task_status") == "RUNNING" and task.running_since_s is None:
-            # Place the service's scheduled time on our clock through the submit time both sides know.
+        if status in ("PENDING", "RUNNING"):
             submitted = parse_service_time_s(output.get("submit_time"))
             scheduled = parse_service_time_s(output.get("scheduled_time"))
-            offset = (scheduled - submitted) if submitted and scheduled else 0.0
-            task.running_since_s = task.submitted_s + max(offset, 0.0)
-        expected_s = self.expected_duration_s(task.lane)
+            self._seen(task, status, (scheduled - submitted) if submitted and scheduled else None)
+        self._again(task, self._next_look_s(task), not_before=task.due_s)
+
+    def _next_look_s(self, task: OpenTask) -> float:
+        """How long after a look that found ``task`` still open to look again."""
         if task.running_since_s is not None:
-            expected_end = task.running_since_s + expected_s
-            due = expected_end if expected_end > now + self.config.min_poll_interval_s else now + self._backoff_s(task)
-        else:
-            # Still waiting for a slot on the service: look again after roughly one task's time.
-            due = now + max(self.config.min_poll_interval_s, expected_s / 2)
-        task.due_s = min(due, now + self.config.max_poll_interval_s)
+            return self.config.poll_interval_s
+        return max(self.config.queued_poll_s, self.durations(task.lane).latest_s)
+
+    def _again(self, task: OpenTask, after_s: float, *, not_before: float = 0.0) -> None:
+        task.due_s = max(self._clock.now() + after_s, not_before)
         heapq.heappush(self._heap, task)
 
     def _backoff_s(self, task: OpenTask) -> float:
-        return min(self.config.max_poll_interval_s, self.config.min_poll_interval_s * 2 ** min(task.polls, 6) / 4)
+        return min(self.config.max_poll_interval_s, self.config.poll_interval_s * 2 ** min(task.polls, 6) / 4)
 
-    def _learn(self, model: str, output: dict) -> None:
+    @staticmethod
+    def _on_our_clock(task: OpenTask, output: dict, key: str) -> float | None:
+        """A time of the service's answer placed on our clock through the submit time both sides know."""
+        submitted, value = parse_service_time_s(output.get("submit_time")), parse_service_time_s(output.get(key))
+        if submitted is None or value is None:
+            return None
+        return task.submitted_s + (value - submitted)
+
+    def _learn(self, lane, output: dict) -> None:
         start = parse_service_time_s(output.get("scheduled_time"))
         end = parse_service_time_s(output.get("end_time"))
-        if start is None or end is None or end < start:
-            return
-        previous = self._expected_s.get(model)
-        self._expected_s[model] = (end - start) if previous is None else 0.8 * previous + 0.2 * (end - start)
+        if start is not None and end is not None and end >= start:
+            self.durations(lane).add(end - start)
 
     def _finish(self, task: OpenTask, output: dict, data: dict) -> None:
         status = output["task_status"]
@@ -227,7 +420,7 @@ class Tracker:
         request_id = str(data.get("request_id") or "")
         common = {"task_status": status, "ended_ms": int(now * 1000), "request_id": request_id}
         if status == "SUCCEEDED":
-            self._learn(lane.offer.model.name, output)
+            self._learn(lane, output)
             record_results(
                 ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common, budget=self.budget
             )
@@ -252,6 +445,33 @@ class Tracker:
             )
             # Whether it was billed cannot be known now: count it as paid (and lost).
             self.budget.settle(item_id, lane.offer.price * ledger.get(item_id).n_images)
+
+
+def _discard(queue: deque[OpenTask], task: OpenTask) -> None:
+    for i, other in enumerate(queue):
+        if other is task:
+            del queue[i]
+            return
+
+
+def _list_entries(data: dict) -> dict[str, dict]:
+    """The readable ``data[]`` entries of a task list answer, by task id; anything else is left out."""
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return {}
+    return {
+        entry["task_id"]: entry
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("task_id"), str) and isinstance(entry.get("status"), str)
+    }
+
+
+def _started_after_submit_s(entry: dict) -> float | None:
+    """How long after its creation a listed task started running (list times are epoch milliseconds)."""
+    created, started = entry.get("gmt_create"), entry.get("start_time")
+    if not isinstance(created, int | float) or not isinstance(started, int | float):
+        return None
+    return (started - created) / 1000
 
 
 def _service_to_ours(output: dict, row, now_s: float) -> float:

@@ -1,0 +1,107 @@
+"""How the tracker follows tasks: when it looks, with which requests, and what it does when its guesses
+about the service are wrong. Against the simulator over loopback, with fixed running times where a count
+of requests is asserted (the counts then do not depend on the machine's speed)."""
+
+from __future__ import annotations
+
+from engine_helpers import engine_for
+from test_engine import assert_billed_once_and_saved, write_manifest
+
+from wanbatch.track import Durations, TrackerConfig
+
+
+def numbered(count: int, model: str) -> str:
+    prompts = "\n".join(f"  - a paper lantern number {i}" for i in range(count))
+    return f"""\
+name: lanterns
+defaults: {{model: {model}, size: "1024*1024", n: 1, prompt_extend: false}}
+prompts:
+{prompts}
+"""
+
+
+def test_durations_start_from_the_catalog_and_follow_recent_tasks():
+    durations = Durations(40.0)
+    assert (durations.earliest_s, durations.latest_s) == (28.0, 52.0)
+    assert durations.share_ended(28.0) == 0.0 and durations.share_ended(40.0) == 0.5
+    for seconds in (10.0, 12.0, 11.0, 13.0, 9.0):
+        durations.add(seconds)
+    assert durations.earliest_s == 9.0 * 0.98 and durations.latest_s == 13.0
+    assert durations.share_ended(11.0) == 0.6
+
+
+def test_an_unknown_tracking_policy_is_refused():
+    try:
+        TrackerConfig(policy="eager")
+    except ValueError as exc:
+        assert "allowed prompt, frugal" in str(exc)
+    else:
+        raise AssertionError("an unknown policy was accepted")
+
+
+async def _tracking_requests(start_sim, tmp_path, policy: str, count: int, **sim_config) -> int:
+    """Queries plus lists the tracker of ``policy`` made for ``count`` flash tasks."""
+    sim = await start_sim(speed=100.0, **sim_config)
+    manifest = write_manifest(tmp_path, numbered(count, "wan2.2-t2i-flash"))
+    run_dir = tmp_path / policy
+    report = await engine_for(sim, run_dir, track=TrackerConfig(policy=policy)).run(manifest)
+    assert report["items"]["saved"] == count
+    assert_billed_once_and_saved(sim, run_dir)
+    return sim.requests["query"] + sim.requests["list"]
+
+
+async def test_frugal_tracking_asks_once_per_task_when_running_times_do_not_vary(start_sim, tmp_path):
+    """The frugal tracker looks when the longest recent task would have ended: with fixed running times,
+    once per task (a look can only come late, never early, so this holds on a slow machine too)."""
+    requests = await _tracking_requests(
+        start_sim, tmp_path, "frugal", 16, durations={"*": 6.0}, duration_distribution="fixed"
+    )
+    assert requests <= 1.25 * 16, requests
+
+
+async def test_prompt_tracking_looks_from_the_earliest_likely_end(start_sim, tmp_path):
+    """Running times spread ±30 %: the prompt tracker looks from the earliest likely end every 1.5 s, the
+    frugal one at the latest; prompt asks several times as often."""
+    spread = {"durations": {"*": 30.0}, "duration_spread": 0.3}
+    frugal = await _tracking_requests(start_sim, tmp_path, "frugal", 10, **spread)
+    prompt = await _tracking_requests(start_sim, tmp_path, "prompt", 10, **spread)
+    assert frugal <= 1.3 * 10 and prompt >= 2 * frugal, (frugal, prompt)
+
+
+async def test_several_due_tasks_are_seen_through_one_list(start_sim, tmp_path):
+    """wan2.6 runs five tasks at once: their looks are shared by pages of the task list."""
+    sim = await start_sim(speed=100.0, durations={"*": 8.0})
+    manifest = write_manifest(tmp_path, numbered(15, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 15
+    assert sim.requests["list"] >= 1 and report["lists"] == sim.requests["list"]
+    assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+async def test_the_service_running_fewer_tasks_than_the_catalog_says(start_sim, tmp_path):
+    """The account runs one flash task at a time, not two: tasks thought running are found still queued,
+    and are looked at again once another ends. Everything is saved, nothing paid twice."""
+    sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 1}})
+    manifest = write_manifest(tmp_path, numbered(8, "wan2.2-t2i-flash"))
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 8
+    assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+async def test_the_service_running_more_tasks_than_the_catalog_says(start_sim, tmp_path):
+    """The account runs six flash tasks at once: tasks thought queued behind two have ended already, and are
+    found by the task list or by their own look."""
+    sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 6}})
+    manifest = write_manifest(tmp_path, numbered(12, "wan2.2-t2i-flash"))
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 12
+    assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
+    """Every list answered 500: the due tasks are asked about one by one instead."""
+    sim = await start_sim(speed=100.0, durations={"*": 8.0}, fault_rates={"internal_error": 0.3}, seed=3)
+    manifest = write_manifest(tmp_path, numbered(10, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 10
+    assert_billed_once_and_saved(sim, tmp_path / "run")
