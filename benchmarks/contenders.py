@@ -1,7 +1,7 @@
 """The three ways of running a batch that the benchmark compares, on the same simulator and quota.
 
 - ``wanbatch``: the engine, as a user runs it: ``wanbatch run MANIFEST --out DIR --base-url URL --speed X``
-  in a process of its own.
+  in a process of its own; ``wanbatch_frugal`` the same with ``--tracking frugal``.
 - ``sdk``: the official ``dashscope`` SDK (2.0.2) used as the vendor's page shows: ``ImageSynthesis.call``
   (``async_call`` then ``wait``), or ``ImageGeneration.async_call`` then ``wait`` for wan2.6, in a thread pool
   sized to the model's concurrency; each image saved with ``requests.get``.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import time
 import types
@@ -95,15 +96,15 @@ class Outcome:
 # ── wanbatch ────────────────────────────────────────────────────────────────────────────────────────
 
 
-def run_engine(job: Job, *, base_url: str, key: str, speed: float, workdir: Path) -> Outcome:
+def run_engine(job: Job, *, base_url: str, key: str, speed: float, workdir: Path, tracking: str = "prompt") -> Outcome:
     """``wanbatch run`` in a child process; its CPU is read from the child's own resource usage."""
     manifest = job.write_manifest(workdir / "job")
     out = workdir / "run"
     argv = [sys.executable, "-m", "wanbatch", "run", str(manifest), "--out", str(out)]
-    argv += ["--base-url", base_url, "--speed", f"{speed:g}"]
+    argv += ["--base-url", base_url, "--speed", f"{speed:g}", "--tracking", tracking]
     child = reap(spawn(argv, log_path=workdir / "wanbatch.log", env=child_env(key)))
     outcome = Outcome(
-        name="wanbatch",
+        name="wanbatch" if tracking == "prompt" else f"wanbatch_{tracking}",
         started_mono=child.started_mono,
         wall_s=child.wall_s,
         cpu_s=child.cpu_s,
@@ -265,6 +266,7 @@ def run_loop(job: Job, *, base_url: str, key: str, speed: float, workdir: Path) 
 #: name -> (runner, what the table calls it)
 CONTENDERS = {
     "wanbatch": (run_engine, "wanbatch"),
+    "wanbatch_frugal": (functools.partial(run_engine, tracking="frugal"), "wanbatch --tracking frugal"),
     "sdk": (run_sdk, "dashscope SDK (a)"),
     "loop": (run_loop, "plain loop (b)"),
 }

@@ -44,6 +44,7 @@ SECTION_TITLES = {
     "capacity": "figure 7, simulator capacity",
 }
 SECTIONS = tuple(SECTION_TITLES)
+CONTENDER_SECTIONS = ("utilisation", "slow_clock", "cold_start")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,18 +91,32 @@ SLOW_MODEL = ("wan2.6-t2i", "1280*1280")
 COLD_MODEL = ("wan2.5-t2i-preview", "1280*1280")
 
 
-def _contenders_section(section: str, jobs: list[Job], *, speed: float, workdir: Path, log) -> dict[str, Any]:
-    """Every job through every contender against one simulator at ``speed``; results by model."""
+def _contenders_section(
+    section: str, jobs: list[Job], *, speed: float, workdir: Path, log, contenders: tuple[str, ...]
+) -> dict[str, Any]:
+    """Every job through each of ``contenders`` against one simulator at ``speed``; results by model."""
     log(f"{SECTION_TITLES[section]}: {', '.join(f'{j.count} x {j.model}' for j in jobs)} at speed {speed:g}")
-    config = {"accounts": utilisation.job_accounts(jobs)}
+    config = {"accounts": utilisation.job_accounts(jobs, contenders)}
     with SimServer(workdir / section / "sim", speed=speed, config=config) as sim:
         return {
-            job.model: utilisation.measure(job, sim=sim, workdir=workdir / section / job.model, log=log) for job in jobs
+            job.model: utilisation.measure(
+                job, sim=sim, workdir=workdir / section / job.model, contenders=contenders, log=log
+            )
+            for job in jobs
         }
 
 
-def run(sections: tuple[str, ...], sizes: Sizes, *, workdir: Path, log=print, profile: bool = True) -> dict[str, Any]:
-    """Run ``sections`` at ``sizes``; their results by section name (``profile``: the profiled ceiling run)."""
+def run(
+    sections: tuple[str, ...],
+    sizes: Sizes,
+    *,
+    workdir: Path,
+    log=print,
+    profile: bool = True,
+    contenders: tuple[str, ...] = tuple(CONTENDERS),
+) -> dict[str, Any]:
+    """Run ``sections`` at ``sizes``; their results by section name (``profile``: the profiled ceiling run;
+    ``contenders``: who runs figures 1-4)."""
     results: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     contender_jobs = {
@@ -120,7 +135,9 @@ def run(sections: tuple[str, ...], sizes: Sizes, *, workdir: Path, log=print, pr
     }
     for section, (jobs, speed) in contender_jobs.items():
         if section in sections:
-            results[section] = _contenders_section(section, jobs, speed=speed, workdir=workdir, log=log)
+            results[section] = _contenders_section(
+                section, jobs, speed=speed, workdir=workdir, log=log, contenders=contenders
+            )
             settings[section] = f"{jobs[0].count} tasks per model, speed {speed:g}"
     if "ceiling" in sections:
         log(f"{SECTION_TITLES['ceiling']}: {sizes.ceiling_items} items")
@@ -144,7 +161,16 @@ def _merge(previous: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(previous.read_text(encoding="utf-8"))["results"]
     except (OSError, ValueError, KeyError):
         return fresh
-    merged = {**old, **{k: v for k, v in fresh.items() if k != "settings"}}
+    merged = dict(old)
+    for section, value in fresh.items():
+        if section in CONTENDER_SECTIONS and isinstance(old.get(section), dict):
+            # Runs of some contenders only: the others' runs of the same section are kept.
+            merged[section] = {
+                model: {**old[section].get(model, {}), **runs} if isinstance(runs, dict) else runs
+                for model, runs in value.items()
+            }
+        elif section != "settings":
+            merged[section] = value
     merged["settings"] = {**old.get("settings", {}), **fresh.get("settings", {})}
     return merged
 
@@ -156,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, help="simulator speed for figures 1-4")
     parser.add_argument("--items", type=int, help="tasks per model for figures 1-4")
     parser.add_argument("--scale-items", type=int, help="items of the manifest of figure 6")
+    parser.add_argument(
+        "--contenders", default=",".join(CONTENDERS), help=f"comma-separated contenders of {tuple(CONTENDERS)}"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench")
     parser.add_argument("--render", action="store_true", help="rewrite latest.md from latest.json; measure nothing")
@@ -180,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True)
     machine = report.machine_facts()
     started = time.monotonic()
-    results = run(sections, sizes, workdir=args.workdir, profile=not args.quick)
-    if set(sections) != set(SECTIONS):
+    contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+    if set(contenders) - set(CONTENDERS):
+        parser.error(f"unknown contender(s) {', '.join(sorted(set(contenders) - set(CONTENDERS)))}")
+    results = run(sections, sizes, workdir=args.workdir, profile=not args.quick, contenders=contenders)
+    if set(sections) != set(SECTIONS) or set(contenders) != set(CONTENDERS):
         results = _merge(args.out / "latest.json", results)
     machine["load_average_end"] = list(os.getloadavg())
     machine["commit_end"] = report.machine_facts()["commit"]  # other work may land while a long run goes

@@ -7,8 +7,8 @@ It serves the app of :func:`wanbatch.sim.create_app` from the same config file
 (``wanbatch sim: http://127.0.0.1:PORT/api/v1``). A middleware watches every
 answer and keeps, per account, what the benchmark needs and the simulator
 does not count per account: requests by endpoint and status, when each 429
-fell, when the first create arrived, which query first reported each task's
-end (the *detection* of that end), and when the last image was fetched. All
+fell, when the first create arrived, which query or task list first reported
+each task's end (the *detection* of that end), and when the last image was fetched. All
 times are on the simulator's clock, so a makespan or a lag needs no clock
 shared with the client. ``GET /bench/stats`` returns it as JSON.
 
@@ -119,6 +119,11 @@ def observed_app(config: SimConfig) -> web.Application:
             account.query_answers[status] += 1
             if task_id not in account.detected_s and status in TERMINAL:
                 account.detected_s[task_id] = now_s
+        elif endpoint == "list" and response.status == 200 and isinstance(response, web.Response):
+            # A page of the task list that shows a task ended tells the client as much as a query would.
+            for task_id, status in _listed(response.body):
+                if task_id not in account.detected_s and status in TERMINAL:
+                    account.detected_s[task_id] = now_s
         return response
 
     async def stats(request: web.Request) -> web.Response:
@@ -142,6 +147,15 @@ def _status_in(body: Any) -> str:
         return (json.loads(body).get("output") or {}).get("task_status", "")
     except (TypeError, ValueError, AttributeError):
         return ""
+
+
+def _listed(body: Any) -> list[tuple[str, str]]:
+    """(task id, status) of each entry of a task list answer."""
+    try:
+        entries = json.loads(body).get("data") or []
+        return [(str(e.get("task_id")), str(e.get("status"))) for e in entries if isinstance(e, dict)]
+    except (TypeError, ValueError, AttributeError):
+        return []
 
 
 def _account_stats(state: Any, name: str, watch: AccountWatch) -> dict[str, Any]:
