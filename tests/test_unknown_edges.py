@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import aiohttp
 from engine_helpers import engine_for
 
 from wanbatch import catalog
-from wanbatch.ledger import Ledger
+from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.reconcile import ReconcileConfig
 from wanbatch.states import ItemState
@@ -101,3 +103,24 @@ prompts:
     assert report["canceled_on_service"] == 2 and report["items"]["saved"] == 2
     assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "SUCCEEDED", "SUCCEEDED"]
     assert len(sim.billing) == 2
+
+
+async def test_sync_calls_run_side_by_side(start_sim, tmp_path):
+    """A sync call leaves nothing to tell apart later (a lost answer is never sent again), so wan2.6 sync calls
+    are not held back one at a time like its async creates: their times on the service overlap."""
+    sim = await start_sim(speed=50.0, durations={"*": 5.0}, duration_distribution="fixed")
+    prompts = "\n".join(f"  - a brass compass number {i}" for i in range(4))
+    manifest = manifest_in(
+        tmp_path,
+        f"""\
+name: compasses
+defaults: {{model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false, sync: true}}
+prompts:
+{prompts}
+""",
+    )
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 4 and sim.requests["sync"] == 4
+    with sqlite3.connect(tmp_path / "run" / LEDGER_FILE) as conn:
+        spans = sorted(conn.execute("SELECT submit_started_ms, ended_ms FROM items").fetchall())
+    assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans

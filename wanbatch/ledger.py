@@ -323,11 +323,14 @@ class Ledger:
             if value is not None
         )
         params = {"last_seen_run": run, "region": region, "model": model, "after_seq": after_seq}
-        streams = [self._iter_state(ItemState(s), where, params, order_by) for s in set(states)]
+        page_size = min(PAGE_SIZE, limit) if limit else PAGE_SIZE  # a caller that wants a few reads a few
+        streams = [self._iter_state(ItemState(s), where, params, order_by, page_size) for s in set(states)]
         merged = heapq.merge(*streams, key=lambda r: (getattr(r, order_by) or 0, r.seq))
         return itertools.islice(merged, limit)
 
-    def _iter_state(self, state: ItemState, where: str, params: dict[str, Any], order_by: str) -> Iterator[ItemRow]:
+    def _iter_state(
+        self, state: ItemState, where: str, params: dict[str, Any], order_by: str, page_size: int = PAGE_SIZE
+    ) -> Iterator[ItemRow]:
         """One state's items by keyset pages: no read transaction stays open while the caller works."""
         if order_by == "seq":
             key, after = "seq", "seq > :key"
@@ -336,14 +339,14 @@ class Ledger:
             after = f"seq > :after_seq AND ({key}, seq) > (:key, :key_seq)"
         sql = (
             f"SELECT {_ITEM_COLUMNS} FROM items WHERE state = :state{where} AND {after}"
-            f" ORDER BY {key}, seq LIMIT {PAGE_SIZE}"
+            f" ORDER BY {key}, seq LIMIT {page_size}"
         )
         params = {**params, "state": state, "key": params["after_seq"] if order_by == "seq" else -1, "key_seq": -1}
         while True:
             page = self._conn.execute(sql, params).fetchall()
             for row in page:
                 yield ItemRow.from_row(row)
-            if len(page) < PAGE_SIZE:
+            if len(page) < page_size:
                 return
             params["key"] = page[-1][order_by] or 0
             params["key_seq"] = page[-1]["seq"]

@@ -38,6 +38,8 @@ __all__ = ["Lane", "Slots", "SubmitConfig", "Submitter"]
 
 log = logging.getLogger("wanbatch")
 
+SHARED_KEY = ""  #: the doubt key of every wan2.6 create: its results do not show the prompt
+
 #: Codes that stop every lane of the key's region, not just one model.
 KEY_WIDE = frozenset({"InvalidApiKey", "Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
 
@@ -107,7 +109,12 @@ class Lane:
     def doubt_key(self, row) -> str:
         """What tells this item's task apart in the service's list: its prompt, where results show it.
         wan2.6's results do not, so its creates are in doubt one at a time."""
-        return row.request["prompt"] if self.offer.model.protocol is Protocol.LEGACY else ""
+        return row.request["prompt"] if self.offer.model.protocol is Protocol.LEGACY else SHARED_KEY
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether every create of the lane shares one doubt key (wan2.6): then one is in doubt at a time."""
+        return self.offer.model.protocol is not Protocol.LEGACY
 
     def settle_doubt(self, item_id: str) -> None:
         self.doubt.pop(item_id, None)
@@ -168,7 +175,12 @@ class Submitter:
     async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
         """Send the lane's planned items in manifest order; returns (sent, held back)."""
         sent = held = after_seq = 0
+        # A lane whose creates all share one doubt key reads no rows while one is in doubt, and then only a few:
+        # it sends one and must wait for its answer before the next.
+        limit = 8 if lane.one_at_a_time else self.config.batch
         while not (self.stop.is_set() or lane.blocked):
+            if lane.one_at_a_time and SHARED_KEY in lane.doubt.values():
+                return sent, held + 1
             rows = list(
                 self._ledger.iter_items(
                     [ItemState.planned],
@@ -176,7 +188,7 @@ class Submitter:
                     region=lane.region,
                     model=lane.model,
                     after_seq=after_seq,
-                    limit=self.config.batch,
+                    limit=limit,
                 )
             )
             if not rows:
@@ -189,8 +201,8 @@ class Submitter:
                     # The service's task list tells tasks apart by prompt only: while one create with this
                     # prompt is unanswered, a second would make an unknown outcome ambiguous.
                     held += 1
-                    if lane.offer.model.protocol is not Protocol.LEGACY:
-                        return sent, held  # wan2.6: one key for the lane, later rows wait too
+                    if lane.one_at_a_time:
+                        return sent, held  # later rows wait too
                     continue
                 if not await self._dispatch(lane, row, group):
                     return sent, held
@@ -214,9 +226,16 @@ class Submitter:
             return False
         await lane.pacer.wait()
         self.in_flight += 1
-        lane.doubt[row.item_id] = lane.doubt_key(row)
+        # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
+        lane.doubt[row.item_id] = f"sync {row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
         group.create_task(self._submit(lane, row))
         return True
+
+    def _sync(self, lane: Lane, row) -> bool:
+        """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
+        return lane.offer.model.protocol is Protocol.MULTIMODAL and bool(
+            row.request.get("sync") or self.config.sync_wan26
+        )
 
     async def _submit(self, lane: Lane, row) -> None:
         holds_slot = False
@@ -250,7 +269,7 @@ class Submitter:
     async def _attempt(self, lane: Lane, row) -> bool | None:
         """One POST. True: a task holds a slot; False: final or blocked; None: known not made, try again."""
         ledger, item_id = self._ledger, row.item_id
-        sync = lane.offer.model.protocol is Protocol.MULTIMODAL and (row.request.get("sync") or self.config.sync_wan26)
+        sync = self._sync(lane, row)
         body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
         try:
             ledger.transition(
