@@ -60,7 +60,7 @@ async def test_frugal_tracking_asks_once_per_task_when_running_times_do_not_vary
 
 
 async def test_prompt_tracking_looks_from_the_earliest_likely_end(start_sim, tmp_path):
-    """Running times spread ±30 %: the prompt tracker looks from the earliest likely end every 1.5 s, the
+    """Running times spread ±30 %: the prompt tracker looks from the earliest likely end every 1.6 s, the
     frugal one at the latest; prompt asks several times as often."""
     spread = {"durations": {"*": 30.0}, "duration_spread": 0.3}
     frugal = await _tracking_requests(start_sim, tmp_path, "frugal", 10, **spread)

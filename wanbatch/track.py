@@ -18,7 +18,7 @@ import asyncio
 import heapq
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ class TrackerConfig:
     #: "prompt": look from the earliest likely end, so an end is seen within poll_interval_s;
     #: "frugal": look first at the latest likely end, about one query per task, ends seen later
     policy: str = "prompt"
-    poll_interval_s: float = 1.5  #: between looks at a task that may have ended
+    poll_interval_s: float = 1.6  #: between looks at a task that may have ended (the lag is at most this)
     queued_poll_s: float = 60.0  #: a task thought queued on the service is looked at this often anyway
     max_poll_interval_s: float = 30.0  #: the longest wait after a failed look
     batch_window_s: float = 0.5  #: tasks due this soon are looked at with those due now
@@ -275,11 +275,14 @@ class Tracker:
         by_region: dict[str, list[OpenTask]] = {}
         for task in due:
             by_region.setdefault(task.lane.region, []).append(task)
-        for region, tasks in by_region.items():
-            if self._list_saves(tasks) and await self._list(region, tasks):
-                continue
-            for task in tasks:
-                await self._poll(task)
+        async with asyncio.TaskGroup() as group:  # side by side: a slow answer does not hold up the others
+            for region, tasks in by_region.items():
+                group.create_task(self._look_in(region, tasks))
+
+    async def _look_in(self, region: str, due: list[OpenTask]) -> None:
+        if self._list_saves(due) and await self._list(region, due):
+            return
+        await _each(self._poll, due)
 
     def _list_saves(self, due: list[OpenTask]) -> bool:
         """Whether one list plus a query per task it shows ended costs less than a query per task: it does
@@ -314,19 +317,21 @@ class Tracker:
             if status in TERMINAL or (entry is None and id(task) in due_ids):
                 ended.append(task)  # queried for its results, or by itself when not on this page
                 continue
+            looked_due = task.due_s
             if status in ("PENDING", "RUNNING"):
                 self._seen(task, status, _started_after_submit_s(entry))
-            if status or id(task) in due_ids:
-                # Seen now, due or not: its next look is one interval on (which also lines the looks of a
-                # region's tasks up, so that one list serves them all next time).
-                task.polls += id(task) in due_ids
+            if id(task) in due_ids:
+                task.polls += 1
+                task.due_s = self._next_due(task, looked_due, now)
+            elif status:
+                # Seen now though not due: its next look is an interval on at the soonest (which also lines
+                # the looks of a region's tasks up, so that one list serves them all next time).
                 task.due_s = max(task.due_s, now + self._next_look_s(task))
         ended_ids = {id(task) for task in ended}
         # From the heap as it is now: tasks added while the list was on its way are in it.
         self._heap = [task for task in (*self._heap, *due) if id(task) not in ended_ids]
         heapq.heapify(self._heap)
-        for task in ended:
-            await self._poll(task)
+        await _each(self._poll, ended)
         return True
 
     async def _cancel_sweep(self) -> None:
@@ -380,11 +385,26 @@ class Tracker:
             self._ended(task, self._on_our_clock(task, output, "end_time"))
             lane.slots.release()
             return
+        looked_due = task.due_s
         if status in ("PENDING", "RUNNING"):
             submitted = parse_service_time_s(output.get("submit_time"))
             scheduled = parse_service_time_s(output.get("scheduled_time"))
             self._seen(task, status, (scheduled - submitted) if submitted and scheduled else None)
-        self._again(task, self._next_look_s(task), not_before=task.due_s)
+        task.due_s = self._next_due(task, looked_due, self._clock.now())
+        heapq.heappush(self._heap, task)
+
+    def _next_due(self, task: OpenTask, looked_due: float, now: float) -> float:
+        """When to look again at a task that was due at ``looked_due`` and was just seen still open.
+
+        A running task's looks keep their cadence from the times they were due, not from when the answers
+        came, so that a late event loop does not stretch the interval (and the lag) a little every time.
+        """
+        if task.running_since_s is None:
+            return max(task.due_s, now + self._next_look_s(task))
+        if task.due_s > looked_due:
+            return task.due_s  # its end was just placed (first seen running): look when that becomes likely
+        interval = self.config.poll_interval_s
+        return max(looked_due + interval, now + interval / 4)
 
     def _next_look_s(self, task: OpenTask) -> float:
         """How long after a look that found ``task`` still open to look again."""
@@ -445,6 +465,13 @@ class Tracker:
             )
             # Whether it was billed cannot be known now: count it as paid (and lost).
             self.budget.settle(item_id, lane.offer.price * ledger.get(item_id).n_images)
+
+
+async def _each(look: Callable[[OpenTask], Awaitable[None]], tasks: list[OpenTask]) -> None:
+    """``look`` at every task at once (the region's limiter still spaces the requests)."""
+    async with asyncio.TaskGroup() as group:
+        for task in tasks:
+            group.create_task(look(task))
 
 
 def _discard(queue: deque[OpenTask], task: OpenTask) -> None:
