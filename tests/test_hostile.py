@@ -301,6 +301,7 @@ def case(word: str, damage: Callable[[dict], web.Response]):
         case("result-text", _with(lambda body: body["output"].update(results=["http://127.0.0.1/x.png"]))),
         case("url-number", _with(lambda body: body["output"]["results"][0].update(url=12345))),
         case("times-garbage", _with(lambda body: body["output"].update(end_time="yesterday", scheduled_time=[]))),
+        case("status-list", _with(lambda body: body["output"].update(task_status=[]))),
     ],
 )
 async def test_query_answer_of_the_wrong_shape_is_asked_again(tmp_path: Path, word: str, damage) -> None:
@@ -311,6 +312,42 @@ async def test_query_answer_of_the_wrong_shape_is_asked_again(tmp_path: Path, wo
         report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
     assert spy.done == {word: 1}
     assert states(report) == {"saved": len(prompts)}
+    assert_billed_once(sim)
+
+
+_LIST_DAMAGE = (
+    lambda entry: entry.update(start_time=10**400),  # overflows a float
+    lambda entry: entry.update(gmt_create=True),
+    lambda entry: entry.update(status=[]),
+    lambda entry: entry.update(start_time=float("inf")),  # sent as Infinity, which JSON readers accept
+    lambda entry: entry.update(status="PENDING", start_time=None),  # a page older than what was seen
+    lambda entry: entry.update(start_time=4 * 10**12, gmt_create=1),  # started a century after it was made
+)
+
+
+async def test_task_list_entries_of_the_wrong_shape_put_no_task_out_of_reach(tmp_path: Path) -> None:
+    """Every page of the task list damaged, entry by entry: times that overflow, are infinite, booleans or a
+    century off, statuses that are not text, a task shown queued again. The tracker neither crashes nor puts
+    a look out of reach: the batch ends in time, every image saved, each paid once."""
+    pages = Counter()
+
+    @web.middleware
+    async def damage_lists(request: web.Request, handler) -> web.StreamResponse:
+        response = await handler(request)
+        body = _json_of(response) if request.path.rstrip("/") == "/api/v1/tasks" else None
+        if body is None or not body.get("data"):
+            return response
+        for index, entry in enumerate(body["data"]):
+            _LIST_DAMAGE[(index + pages["damaged"]) % len(_LIST_DAMAGE)](entry)
+        pages["damaged"] += 1
+        return _raw(200, json.dumps(body).encode())
+
+    lines = ["name: lists", 'defaults: {model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false}', "prompts:"]
+    (tmp_path / "job.yaml").write_text("\n".join([*lines, *(f"  - a kite number {i}" for i in range(10))]) + "\n")
+    async with hostile_sim(middlewares=[damage_lists], durations=40.0) as sim:
+        report = await run_engine(sim, tmp_path / "job.yaml", tmp_path / "run")
+    assert pages["damaged"] >= 1
+    assert states(report) == {"saved": 10}
     assert_billed_once(sim)
 
 

@@ -69,13 +69,23 @@ async def test_prompt_tracking_looks_from_the_earliest_likely_end(start_sim, tmp
 
 
 async def test_several_due_tasks_are_seen_through_one_list(start_sim, tmp_path):
-    """wan2.6 runs five tasks at once: their looks are shared by pages of the task list."""
-    sim = await start_sim(speed=100.0, durations={"*": 8.0})
+    """wan2.6 runs five tasks at once: while several may still run, one page of the task list looks at them
+    all, and only the tasks it shows ended are queried (once each, for their images)."""
+    sim = await start_sim(speed=100.0, durations={"*": 30.0}, duration_spread=0.3)
     manifest = write_manifest(tmp_path, numbered(15, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
-    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    engine = engine_for(sim, tmp_path / "run")
+    report = await engine.run(manifest)
     assert report["items"]["saved"] == 15
-    assert sim.requests["list"] >= 1 and report["lists"] == sim.requests["list"]
+    assert sim.requests["list"] >= 5 and report["lists"] == sim.requests["list"]
+    assert_settled(engine)
     assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+def assert_settled(engine) -> None:
+    """At the end the tracker believes nothing runs or waits on the service."""
+    tracker = engine._tracker
+    assert tracker.running == 0 and len(tracker) == 0
+    assert all(not lane.queued for lane in tracker._lanes.values())
 
 
 async def test_the_service_running_fewer_tasks_than_the_catalog_says(start_sim, tmp_path):
@@ -83,25 +93,36 @@ async def test_the_service_running_fewer_tasks_than_the_catalog_says(start_sim, 
     and are looked at again once another ends. Everything is saved, nothing paid twice."""
     sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 1}})
     manifest = write_manifest(tmp_path, numbered(8, "wan2.2-t2i-flash"))
-    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    engine = engine_for(sim, tmp_path / "run")
+    report = await engine.run(manifest)
     assert report["items"]["saved"] == 8
+    assert_settled(engine)
     assert_billed_once_and_saved(sim, tmp_path / "run")
 
 
 async def test_the_service_running_more_tasks_than_the_catalog_says(start_sim, tmp_path):
     """The account runs six flash tasks at once: tasks thought queued behind two have ended already, and are
-    found by the task list or by their own look."""
+    found by their own look (or a page of the task list) all the same."""
     sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 6}})
     manifest = write_manifest(tmp_path, numbered(12, "wan2.2-t2i-flash"))
-    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    engine = engine_for(sim, tmp_path / "run")
+    report = await engine.run(manifest)
     assert report["items"]["saved"] == 12
+    assert_settled(engine)
     assert_billed_once_and_saved(sim, tmp_path / "run")
 
 
 async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
-    """Every list answered 500: the due tasks are asked about one by one instead."""
-    sim = await start_sim(speed=100.0, durations={"*": 8.0}, fault_rates={"internal_error": 0.3}, seed=3)
+    """Every list answered 500: the due tasks are asked about one by one instead, and all is saved."""
+    sim = await start_sim(
+        speed=100.0,
+        durations={"*": 30.0},
+        fault_rates={"internal_error": 1.0},
+        fault_endpoints=("list",),
+    )
     manifest = write_manifest(tmp_path, numbered(10, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["saved"] == 10
+    assert sim.requests["list"] >= 1 and sim.statuses[("list", 500)] == sim.requests["list"]
+    assert sim.requests["query"] >= 10
     assert_billed_once_and_saved(sim, tmp_path / "run")

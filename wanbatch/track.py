@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ __all__ = ["Durations", "OpenTask", "Tracker", "TrackerConfig"]
 log = logging.getLogger("wanbatch")
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+OPEN = frozenset({"PENDING", "RUNNING"})
+MAX_RUNNING_S = 24 * 3600.0  #: no task runs longer than the service keeps it
 POLICIES = ("prompt", "frugal")
 
 
@@ -45,6 +48,8 @@ class TrackerConfig:
     queued_poll_s: float = 60.0  #: a task thought queued on the service is looked at this often anyway
     max_poll_interval_s: float = 30.0  #: the longest wait after a failed look
     batch_window_s: float = 0.5  #: tasks due this soon are looked at with those due now
+    max_look_ahead_s: float = 600.0  #: the longest an open task goes without a look, whatever its times say
+    list_rest_s: float = 60.0  #: after a list page left out a due task, queries only for this long
     list_page_size: int = 100
     idle_tick_s: float = 0.25  #: how often to look for due tasks when none is due sooner
     url_lifetime_s: float = 24 * 3600.0  #: when a result URL carries no Expires
@@ -66,7 +71,8 @@ class Durations:
         self._recent: deque[float] = deque(maxlen=keep)
 
     def add(self, seconds: float) -> None:
-        self._recent.append(seconds)
+        if 0.0 <= seconds <= MAX_RUNNING_S:  # a time from a garbled answer would misplace every look
+            self._recent.append(seconds)
 
     @property
     def mean_s(self) -> float:
@@ -132,6 +138,7 @@ class Tracker:
         self._wake = asyncio.Event()
         self._durations: dict[str, Durations] = {}
         self._lanes: dict[int, _LaneTasks] = {}
+        self._lists_rest_until: dict[str, float] = {}  #: region -> until when it is looked at by queries only
         self._cancel_requested = self._canceling = False
         self.queries = 0
         self.lists = 0
@@ -165,7 +172,7 @@ class Tracker:
             self._start(task, submitted_s)
         else:
             tasks.queued.append(task)
-            task.due_s = submitted_s + self._next_look_s(task)
+            task.due_s = self._capped(submitted_s + self._next_look_s(task), submitted_s)
         heapq.heappush(self._heap, task)
         self._cancel_requested = self._cancel_requested or self._canceling
         self._wake.set()
@@ -223,11 +230,15 @@ class Tracker:
 
     def _start(self, task: OpenTask, since_s: float) -> None:
         """``task`` runs on the service since ``since_s`` (our clock): first look when its end becomes likely."""
-        durations = self.durations(task.lane)
-        task.running_since_s = since_s
+        durations, now = self.durations(task.lane), self._clock.now()
+        # Not before it was sent, not in the future: a garbled time must not put its look out of reach.
+        task.running_since_s = min(max(since_s, task.submitted_s), now) if math.isfinite(since_s) else now
         self._lane_tasks(task.lane).running += 1
         first = durations.earliest_s if self.config.policy == "prompt" else durations.latest_s
-        task.due_s = max(since_s + first, self._clock.now())
+        task.due_s = self._capped(max(task.running_since_s + first, now), now)
+
+    def _capped(self, due_s: float, now: float) -> float:
+        return min(due_s, now + self.config.max_look_ahead_s)
 
     def _seen(self, task: OpenTask, status: str, started_after_submit_s: float | None) -> None:
         """The service says ``task`` is PENDING or RUNNING (started this long after it was submitted)."""
@@ -241,8 +252,9 @@ class Tracker:
                 tasks.running -= 1
             self._start(task, since)
             task.due_s = max(task.due_s, self._clock.now() + self.config.poll_interval_s)  # just seen running
-        elif status == "PENDING" and task.running_since_s is not None:
-            # Thought running, still queued (the account runs other tasks too): wait for the next end.
+        elif status == "PENDING" and task.running_since_s is not None and not task.seen_running:
+            # Thought running, still queued (the account runs other tasks too): wait for the next end. (Once
+            # seen running it never is queued again: a page that says so is older than what we saw.)
             task.running_since_s = None
             tasks.running -= 1
             tasks.queued.appendleft(task)
@@ -280,7 +292,8 @@ class Tracker:
                 group.create_task(self._look_in(region, tasks))
 
     async def _look_in(self, region: str, due: list[OpenTask]) -> None:
-        if self._list_saves(due) and await self._list(region, due):
+        resting = self._clock.now() < self._lists_rest_until.get(region, 0.0)
+        if not resting and self._list_saves(due) and await self._list(region, due):
             return
         await _each(self._poll, due)
 
@@ -314,8 +327,8 @@ class Tracker:
         for task in open_tasks:
             entry = entries.get(task.task_id)
             status = entry["status"] if entry else ""
-            if status in TERMINAL or (entry is None and id(task) in due_ids):
-                ended.append(task)  # queried for its results, or by itself when not on this page
+            if status in TERMINAL or (id(task) in due_ids and status not in OPEN):
+                ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
                 continue
             looked_due = task.due_s
             if status in ("PENDING", "RUNNING"):
@@ -323,10 +336,13 @@ class Tracker:
             if id(task) in due_ids:
                 task.polls += 1
                 task.due_s = self._next_due(task, looked_due, now)
-            elif status:
+            elif status in OPEN:
                 # Seen now though not due: its next look is an interval on at the soonest (which also lines
                 # the looks of a region's tasks up, so that one list serves them all next time).
-                task.due_s = max(task.due_s, now + self._next_look_s(task))
+                task.due_s = self._capped(max(task.due_s, now + self._next_look_s(task)), now)
+        if any(id(task) in due_ids and task.task_id not in entries for task in open_tasks):
+            # The page is the newest tasks of the whole account: others' tasks pushed ours off it.
+            self._lists_rest_until[region] = now + self.config.list_rest_s
         ended_ids = {id(task) for task in ended}
         # From the heap as it is now: tasks added while the list was on its way are in it.
         self._heap = [task for task in (*self._heap, *due) if id(task) not in ended_ids]
@@ -375,6 +391,8 @@ class Tracker:
         if not isinstance(output, dict):
             output = {}  # unreadable: asked again below, like a task still running
         status = output.get("task_status", "")
+        if not isinstance(status, str):
+            status = ""
         if status in TERMINAL:
             try:
                 self._finish(task, output, data)
@@ -400,7 +418,7 @@ class Tracker:
         came, so that a late event loop does not stretch the interval (and the lag) a little every time.
         """
         if task.running_since_s is None:
-            return max(task.due_s, now + self._next_look_s(task))
+            return self._capped(max(task.due_s, now + self._next_look_s(task)), now)
         if task.due_s > looked_due:
             return task.due_s  # its end was just placed (first seen running): look when that becomes likely
         interval = self.config.poll_interval_s
@@ -496,9 +514,13 @@ def _list_entries(data: dict) -> dict[str, dict]:
 def _started_after_submit_s(entry: dict) -> float | None:
     """How long after its creation a listed task started running (list times are epoch milliseconds)."""
     created, started = entry.get("gmt_create"), entry.get("start_time")
-    if not isinstance(created, int | float) or not isinstance(started, int | float):
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (created, started)):
         return None
-    return (started - created) / 1000
+    try:
+        seconds = (float(started) - float(created)) / 1000
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and 0.0 <= seconds <= MAX_RUNNING_S else None
 
 
 def _service_to_ours(output: dict, row, now_s: float) -> float:

@@ -21,6 +21,8 @@ import yaml
 from wanbatch import catalog
 from wanbatch.sim.faults import FAULT_PROFILES, Fault
 
+FAULT_ENDPOINTS = ("create", "sync", "query", "list", "cancel")
+
 __all__ = ["ACCOUNT_REFUSALS", "DEMO_ACCOUNT", "DEMO_KEYS", "AccountConfig", "SimConfig"]
 
 #: The demo keys every simulator knows, one per region, all of one account.
@@ -126,6 +128,8 @@ class SimConfig:
     # --- faults
     faults: str = "none"  #: a name of FAULT_PROFILES
     fault_rates: Mapping[str, float] = field(default_factory=dict)  #: per-fault rates over the profile
+    #: the API endpoints faults fall on (create, sync, query, list, cancel); empty: all of them
+    fault_endpoints: tuple[str, ...] = ()
     hold_s: float = 30.0  #: how long a held response waits after the work is done
     slow_body_s: float = 5.0  #: how long a slow body or slow download takes to send
     storm_s: float = 5.0  #: how long a 429 storm lasts
@@ -153,6 +157,11 @@ class SimConfig:
         unknown = set(self.fault_rates) - set(Fault)
         if unknown:
             raise ValueError(f"unknown fault(s) {', '.join(sorted(unknown))}; known: {', '.join(Fault)}")
+        unknown = set(self.fault_endpoints) - set(FAULT_ENDPOINTS)
+        if unknown:
+            raise ValueError(
+                f"unknown fault endpoint(s) {', '.join(sorted(unknown))}; known: {', '.join(FAULT_ENDPOINTS)}"
+            )
         _check_quotas(self.quotas, "quotas")
         means = self.durations.values() if isinstance(self.durations, Mapping) else [self.durations or 0.0]
         if any(m < 0 for m in means):

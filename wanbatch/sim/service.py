@@ -49,7 +49,8 @@ class Service:
         state.requests[endpoint] += 1
         state.materialise()
         request_id = wire.new_request_id()
-        fault = state.faults.draw_api(sync=sync)
+        aimed = not self.config.fault_endpoints or endpoint in self.config.fault_endpoints
+        fault = state.faults.draw_api(sync=sync) if aimed else None
         if fault is Fault.RESET_BEFORE:
             state.faults_injected[fault] += 1
             state.statuses[(endpoint, 0)] += 1
