@@ -42,6 +42,7 @@ __all__ = [
     "ItemRow",
     "Ledger",
     "RunLock",
+    "read_meta",
 ]
 
 LEDGER_FILE = "ledger.sqlite"
@@ -376,6 +377,10 @@ class Ledger:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def spent_cost(self) -> float:
         """What the service has billed so far: the images every task generated, at the planned price."""
         return float(self._conn.execute("SELECT COALESCE(SUM(cost), 0) FROM items").fetchone()[0])
@@ -620,6 +625,26 @@ class Ledger:
             "cost_planned": {row[0]: round(row[3], 6) for row in money},
             "runs": runs,
         }
+
+
+def read_meta(run_dir: Path, key: str) -> str | None:
+    """One meta value of a run folder's ledger, opened read-only; None when there is no ledger or no such key.
+
+    For a look before a run takes the folder's lock: the value may change before then, so the run that
+    relies on it reads it again under the lock.
+    """
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else row[0]
 
 
 def _recorded_state(image: ImageRecord) -> ImageState:
