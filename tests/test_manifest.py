@@ -617,3 +617,29 @@ def test_a_missing_manifest_is_an_error(tmp_path: Path) -> None:
     """A path that does not exist raises a ManifestError naming it."""
     with pytest.raises(ManifestError, match="no such file"):
         Manifest.from_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("job", sorted(Path("jobs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_survey_counts_what_the_items_are(job: Path) -> None:
+    """survey() counts items and images per (region, model) without making them: the same as the items made."""
+    manifest = Manifest.from_yaml(job)
+    made: dict[tuple[str, str], list[int]] = {}
+    for item in manifest.items():
+        lane = made.setdefault((item.region, item.model), [0, 0])
+        lane[0] += 1
+        lane[1] += item.n
+    assert manifest.survey().lanes == {key: tuple(value) for key, value in made.items()}
+    assert sum(items for items, _ in manifest.survey().lanes.values()) == manifest.count()
+
+
+def test_digest_follows_the_text_and_the_prompts_files(tmp_path: Path) -> None:
+    """The digest changes with the manifest's text or a prompts file's content, and only then."""
+    (tmp_path / "p.txt").write_text("a fox\n")
+    path = tmp_path / "job.yaml"
+    path.write_text("defaults: {model: wan2.2-t2i-flash}\nprompts: [{file: p.txt}]\n")
+    first = Manifest.from_yaml(path).digest
+    assert Manifest.from_yaml(path).digest == first
+    (tmp_path / "p.txt").write_text("a fox\na hare\n")
+    second = Manifest.from_yaml(path).digest
+    path.write_text("defaults: {model: wan2.2-t2i-flash, n: 2}\nprompts: [{file: p.txt}]\n")
+    assert len({first, second, Manifest.from_yaml(path).digest}) == 3
