@@ -366,7 +366,9 @@ async def half_done(start_sim, tmp_path: Path, prompts: list[str]):
     first = await engine_for(sim, tmp_path / "run", budget=FLASH_PRICE * (len(prompts) // 2)).run(
         Manifest.from_yaml(job)
     )
-    assert first["items"]["saved"] == len(prompts) // 2 and first["items"]["planned"] == len(prompts) - len(prompts) // 2
+    assert (
+        first["items"]["saved"] == len(prompts) // 2 and first["items"]["planned"] == len(prompts) - len(prompts) // 2
+    )
     return sim, job
 
 

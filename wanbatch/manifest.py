@@ -198,7 +198,9 @@ class Manifest:
                 break
         if problems.errors:
             raise _invalid(problems, self.path)
-        return Survey(warnings=problems.warnings, lanes={key: (items, images) for key, (items, images) in lanes.items()})
+        return Survey(
+            warnings=problems.warnings, lanes={key: (items, images) for key, (items, images) in lanes.items()}
+        )
 
     def _check_names(self, entry: EntryPlan, combo: _Combo, names: dict[str, Item], problems: Problems) -> None:
         """Output names that two different items would both write (among the first items only)."""
@@ -404,7 +406,9 @@ class _ComboMaker:
             "model": model.name,
             "size": self.checks.size(model, values.get("size")),
             "n": values["n"].value if "n" in values else model.n_default,
-            "prompt_extend": values["prompt_extend"].value if "prompt_extend" in values else model.prompt_extend_default,
+            "prompt_extend": values["prompt_extend"].value
+            if "prompt_extend" in values
+            else model.prompt_extend_default,
             "watermark": values["watermark"].value if "watermark" in values else model.watermark_default,
             "sync": self.checks.sync(model, values.get("sync")),
         }
