@@ -643,3 +643,23 @@ def test_digest_follows_the_text_and_the_prompts_files(tmp_path: Path) -> None:
     second = Manifest.from_yaml(path).digest
     path.write_text("defaults: {model: wan2.2-t2i-flash, n: 2}\nprompts: [{file: p.txt}]\n")
     assert len({first, second, Manifest.from_yaml(path).digest}) == 3
+
+
+def test_a_prompts_file_is_surveyed_like_the_items_it_makes(tmp_path: Path) -> None:
+    """A .txt entry with axes, seeds, repeats and a negative prompt: counts, and each over-long line warned."""
+    long = "hare " * 120
+    (tmp_path / "p.txt").write_text(f"a fox\n# a comment\n\n{long}\na crow\n")
+    manifest = load(
+        tmp_path,
+        "defaults: {repeats: 2, seed: [1, 2], negative_prompt: 'blur, {style}'}\n"
+        "prompts:\n  - file: p.txt\n    prompt: '{prompt}, {style}'\n"
+        "    matrix: {model: [wan2.2-t2i-flash, wan2.6-t2i], style: [ink, oil]}\n",
+    )
+    made: dict[tuple[str, str], list[int]] = {}
+    for item in manifest.items():
+        lane = made.setdefault((item.region, item.model), [0, 0])
+        lane[0], lane[1] = lane[0] + 1, lane[1] + item.n
+    survey = manifest.survey()
+    assert survey.lanes == {key: tuple(value) for key, value in made.items()} and sum(made[k][0] for k in made) == 48
+    (warning,) = survey.warnings  # wan2.6 reads 2,100 characters: only wan2.2-t2i-flash's 500 are passed
+    assert "p.txt:4" in warning and "reads the first 500" in warning

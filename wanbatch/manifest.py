@@ -47,6 +47,8 @@ _PARAM_SET = frozenset(PARAMS)
 _REQUEST_PARAMS = ("region", "model", "size", "n", "prompt_extend", "watermark", "sync")
 #: How many passing sets of parameter values an entry remembers (each a handful of small objects).
 _PASSED_KEPT = 4096
+#: A .txt entry is surveyed line by line only for at most this many combinations of its axes.
+_SHAPES_KEPT = 1000
 #: Bumped when the expansion changes in a way the package version would not show.
 _DIGEST_FORMAT = b"wanbatch manifest digest 1\x00"
 _READ_BYTES = 1 << 20
@@ -183,24 +185,27 @@ class Manifest:
         names: dict[str, Item] = {}
         lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for entry in self.plan.entries:
-            for combo in _entry_combos(entry, problems):
-                if combo is not None:
-                    count = _combo_count(entry, combo)
-                    lane = lanes[(combo.request["region"], combo.request["model"])]
-                    lane[0] += count
-                    lane[1] += count * combo.request["n"]
-                    if entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
-                        self._check_names(entry, combo, names, problems)
-                if problems.full:
-                    problems.truncated = True
-                    break
-            if problems.truncated:
+            if not _survey_lines(entry, problems, lanes):
+                self._survey_combos(entry, problems, lanes, names)
+            if problems.full:
+                problems.truncated = True
                 break
         if problems.errors:
             raise _invalid(problems, self.path)
         return Survey(
             warnings=problems.warnings, lanes={key: (items, images) for key, (items, images) in lanes.items()}
         )
+
+    def _survey_combos(
+        self, entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]], names: dict[str, Item]
+    ) -> None:
+        for combo in _entry_combos(entry, problems):
+            if combo is not None:
+                _tally(lanes, combo.request, _combo_count(entry, combo))
+                if entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
+                    self._check_names(entry, combo, names, problems)
+            if problems.full:
+                return
 
     def _check_names(self, entry: EntryPlan, combo: _Combo, names: dict[str, Item], problems: Problems) -> None:
         """Output names that two different items would both write (among the first items only)."""
@@ -216,6 +221,69 @@ class Survey:
 
     warnings: list[str]
     lanes: dict[tuple[str, str], tuple[int, int]]
+
+
+def _tally(lanes: dict[tuple[str, str], list[int]], request: Mapping[str, Any], count: int) -> None:
+    lane = lanes[(request["region"], request["model"])]
+    lane[0] += count
+    lane[1] += count * request["n"]
+
+
+def _survey_lines(entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]]) -> bool:
+    """Survey a .txt entry without a record object per line; False when it needs the general way.
+
+    A line of a .txt file sets only the variable ``prompt``, so every line shares the checks of the
+    parameters and variables: the first line goes the general way for each combination of the axes, and
+    each later line only renders its prompt (a line whose prompt is empty or too long goes the general
+    way too, to report it). An output pattern needs the item names checked: the general way.
+    """
+    source = entry.source
+    if source is None or source.kind != ".txt" or entry.output is not None:
+        return False
+    maker = _ComboMaker(entry, Checks(problems), _axis_seeds(_seed_axis(entry)))
+    lines = source.lines()
+    first = next(lines, None)
+    if first is None:
+        return True
+    record = source.record_of(*first)
+    shapes = []
+    for values in _axis_values(entry):
+        combo = maker.combo(values | record.values, record.origin)
+        if combo is None or len(shapes) >= _SHAPES_KEPT:
+            return False
+        model = catalog.MODELS[combo.request["model"]]
+        shapes.append((values, combo.variables, model, combo.request, _combo_count(entry, combo)))
+    for _, _, _, request, count in shapes:  # counted once all passed: a fallback counts the entry afresh
+        _tally(lanes, request, count)
+    template = entry.template.value
+    for index, line_no, text in lines:
+        for values, variables, model, request, count in shapes:
+            variables["prompt"] = text
+            prompt = template.render(variables).strip()
+            neg = values.get("negative_prompt")
+            negative_text = neg.value.render(variables).strip() if neg is not None and neg.value else ""
+            if not prompt or len(prompt) > model.prompt_max or len(negative_text) > model.negative_prompt_max:
+                line = source.record_of(index, line_no, text)
+                if maker.combo(values | line.values, line.origin) is None:
+                    if problems.full:
+                        return True
+                    continue
+            _tally(lanes, request, count)
+    return True
+
+
+def _seed_axis(entry: EntryPlan) -> Axis | None:
+    return entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
+
+
+def _axis_values(entry: EntryPlan) -> Iterator[dict[str, Val]]:
+    """The entry's fixed values with each combination of its axes but the seeds, in order."""
+    axes = entry.axes[:-1] if _seed_axis(entry) is not None else entry.axes
+    for rows in itertools.product(*(axis.rows for axis in axes)):
+        values = dict(entry.fixed)
+        for axis, row in zip(axes, rows, strict=True):
+            values.update(zip(axis.keys, row, strict=True))
+        yield values
 
 
 def _file_digest(path: Path) -> str:
