@@ -14,7 +14,7 @@ import pytest
 
 from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
-from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed
+from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed, item_id
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "manifests" / "bad"
@@ -663,3 +663,12 @@ def test_a_prompts_file_is_surveyed_like_the_items_it_makes(tmp_path: Path) -> N
     assert survey.lanes == {key: tuple(value) for key, value in made.items()} and sum(made[k][0] for k in made) == 48
     (warning,) = survey.warnings  # wan2.6 reads 2,100 characters: only wan2.2-t2i-flash's 500 are passed
     assert "p.txt:4" in warning and "reads the first 500" in warning
+
+
+def test_an_item_carries_its_request_as_canonical_json() -> None:
+    """request_json (what the ledger stores) is the request as compact sorted JSON, and hashes to the id."""
+    for item in Manifest.from_yaml("jobs/seeds-and-repeats.yaml").items():
+        assert item.request_json == json.dumps(
+            item.request(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        assert item.item_id == item_id(item.request(), item.replica)

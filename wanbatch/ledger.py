@@ -665,7 +665,8 @@ def _item_params(
         item.region,
         item.model,
         item.n,
-        _json(item.request()),
+        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
+        getattr(item, "request_json", "") or _json(item.request()),
         item.source or "",
         item.entry or "",
         _json(dict(item.variables)) if item.variables else "{}",
