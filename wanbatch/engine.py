@@ -46,10 +46,13 @@ log = logging.getLogger("wanbatch")
 #: The service's content-moderation refusals: retried only when asked for by name.
 MODERATION_CODES = frozenset({"DataInspectionFailed", "IPInfringementSuspect"})
 
-_RESUMABLE = (ItemState.planned, ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
+#: The states of items whose task is (or may be) open: few, bounded by the lanes' slots.
+_OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
+_RESUMABLE = (ItemState.planned, *_OPEN)
 #: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
 #: items seen, how many it made, and its plan. Written only once every item is in.
 MANIFEST_META = "manifest"
+_RECORD_KEYS = frozenset({"digest", "run", "items", "stale", "plan"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,8 +153,8 @@ class Engine:
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()
-            seen, added = _plan_into(ledger, manifest, run, plan)
-            stale = ledger.stale_count(seen)
+            held = _plan_into(ledger, manifest, run, plan)
+            seen, added, stale = held.run, held.added, held.stale
             log.info(
                 "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
                 added.added,
@@ -159,7 +162,7 @@ class Engine:
                 stale,
             )
             try:
-                stages = await self._run_stages(ledger, seen)
+                stages = await self._run_stages(ledger, seen, held.lanes)
             finally:
                 if self._live is not None:
                     self._final_snapshot = self.snapshot(final=True)
@@ -220,11 +223,14 @@ class Engine:
             if wanted:
                 ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
 
-    async def _run_stages(self, ledger: Ledger, run: int) -> dict[str, Any]:
-        """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`)."""
+    async def _run_stages(self, ledger: Ledger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
+        """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
+        ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
         self._prepare(ledger, run)
         budget = Budget(self.budget_limit, spent=ledger.spent_cost())
-        lanes_wanted = ledger.lanes(_RESUMABLE)
+        # Only the manifest's items are sent, so its plan names the lanes of what is planned; the other open
+        # states are few and read from their index (planned would read every row of a big manifest).
+        lanes_wanted = ledger.lanes(_RESUMABLE) if manifest_lanes is None else ledger.lanes(_OPEN) | manifest_lanes
         missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
@@ -370,26 +376,43 @@ def _known_manifest(value: str | None, manifest) -> dict[str, Any] | None:
     if not value or not digest:
         return None
     known = json.loads(value)
-    return known if known.get("digest") == digest else None
+    return known if known.get("digest") == digest and _RECORD_KEYS <= known.keys() else None
 
 
-def _plan_into(ledger: Ledger, manifest, run: int, plan: Mapping[str, Any] | None) -> tuple[int, AddResult]:
-    """Put the manifest's items into the ledger, unless it holds them all already; returns the run whose
-    marks (``last_seen_run``) say which items the manifest has, and what was added.
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the ledger holds of the manifest once it is planned in."""
+
+    run: int  #: the run whose marks (``last_seen_run``) say which items the manifest has
+    added: AddResult
+    stale: int  #: items of earlier manifests that this one no longer has
+    lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
+
+
+def _plan_into(ledger: Ledger, manifest, run: int, plan: Mapping[str, Any] | None) -> _Held:
+    """Put the manifest's items into the ledger, unless it holds them all already.
 
     An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,
-    so a resume skips expanding it, and its items keep the marks of the run that planned them.
+    so a resume skips expanding it, and its items keep the marks of the run that planned them (only
+    planning moves the marks, so the count of stale items kept with them holds too).
     """
     known = _known_manifest(ledger.meta(MANIFEST_META), manifest)
     if known is not None:
         log.info("manifest unchanged since run %d: its %d item(s) are in the ledger", known["run"], known["items"])
-        return known["run"], AddResult(added=0, existing=known["items"])
+        added = AddResult(added=0, existing=known["items"])
+        return _Held(known["run"], added, known["stale"], _lanes_of(known["plan"]))
     # Forgotten first: a plan stopped halfway leaves no record, so the next run plans again.
     ledger.delete_meta(MANIFEST_META)
     added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
+    stale = ledger.stale_count(run)
     record = {"digest": getattr(manifest, "digest", ""), "run": run, "items": added.added + added.existing}
-    ledger.set_meta(MANIFEST_META, json.dumps({**record, "plan": dict(plan) if plan is not None else None}))
-    return run, added
+    record |= {"stale": stale, "plan": dict(plan) if plan is not None else None}
+    ledger.set_meta(MANIFEST_META, json.dumps(record))
+    return _Held(run, added, stale, _lanes_of(plan))
+
+
+def _lanes_of(plan: Mapping[str, Any] | None) -> frozenset[tuple[str, str]] | None:
+    return None if plan is None else frozenset((lane["region"], lane["model"]) for lane in plan["lanes"])
 
 
 def _iso_now() -> str:
