@@ -376,7 +376,7 @@ def _known_manifest(value: str | None, manifest) -> dict[str, Any] | None:
     if not value or not digest:
         return None
     known = json.loads(value)
-    return known if known.get("digest") == digest and _RECORD_KEYS <= known.keys() else None
+    return known if known.get("digest") == digest and known.keys() >= _RECORD_KEYS else None
 
 
 @dataclass(frozen=True, slots=True)
