@@ -672,3 +672,23 @@ def test_an_item_carries_its_request_as_canonical_json() -> None:
             item.request(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )
         assert item.item_id == item_id(item.request(), item.replica)
+
+
+def test_the_items_of_a_prompts_file_are_made_line_by_line_as_any_records(tmp_path: Path) -> None:
+    """A .txt file and the same prompts as a .csv make the same requests, variables and sources, item by item."""
+    lines = ["a fox", "a hare", "hare " * 120, "a crow"]
+    (tmp_path / "p.txt").write_text("".join(f"{line}\n" for line in lines))
+    (tmp_path / "p.csv").write_text("prompt\n" + "".join(f"{line}\n" for line in lines))
+    job = (
+        "name: same\ndefaults: {seed: {count: 2}, negative_prompt: 'blur, {style}'}\nprompts:\n  - file: p.%s\n"
+        "    prompt: '{prompt}, {style}'\n    matrix: {model: [wan2.2-t2i-flash, wan2.6-t2i], style: [ink, oil]}\n"
+    )
+    (tmp_path / "txt.yaml").write_text(job % "txt")
+    (tmp_path / "csv.yaml").write_text(job % "csv")
+    from_txt = list(Manifest.from_yaml(tmp_path / "txt.yaml").items())
+    from_csv = list(Manifest.from_yaml(tmp_path / "csv.yaml").items())
+    assert len(from_txt) == 4 * 2 * 2 * 2
+    assert [(i.request(), dict(i.variables), i.source.split(":")[1]) for i in from_txt] == [
+        (i.request(), dict(i.variables), str(int(i.source.split(":")[1]) - 1)) for i in from_csv
+    ]
+    assert from_txt[0].variables["prompt"] == "a fox"  # items made earlier keep their own values

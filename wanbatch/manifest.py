@@ -185,8 +185,7 @@ class Manifest:
         names: dict[str, Item] = {}
         lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for entry in self.plan.entries:
-            if not _survey_lines(entry, problems, lanes):
-                self._survey_combos(entry, problems, lanes, names)
+            self._survey_combos(entry, problems, lanes, names)
             if problems.full:
                 problems.truncated = True
                 break
@@ -199,7 +198,8 @@ class Manifest:
     def _survey_combos(
         self, entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]], names: dict[str, Item]
     ) -> None:
-        for combo in _entry_combos(entry, problems):
+        # Without an output pattern no item's name is needed: the lines of a prompts file may share one combo.
+        for combo in _entry_combos(entry, problems, light=entry.output is None):
             if combo is not None:
                 _tally(lanes, combo.request, _combo_count(entry, combo))
                 if entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
@@ -229,47 +229,51 @@ def _tally(lanes: dict[tuple[str, str], list[int]], request: Mapping[str, Any], 
     lane[1] += count * request["n"]
 
 
-def _survey_lines(entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]]) -> bool:
-    """Survey a .txt entry without a record object per line; False when it needs the general way.
+def _line_combos(entry: EntryPlan, problems: Problems, *, light: bool) -> Iterator[_Combo | None] | None:
+    """A .txt entry's combinations without a record object per line; None when it needs the general way.
 
     A line of a .txt file sets only the variable ``prompt``, so every line shares the checks of the
-    parameters and variables: the first line goes the general way for each combination of the axes, and
-    each later line only renders its prompt (a line whose prompt is empty or too long goes the general
-    way too, to report it). An output pattern needs the item names checked: the general way.
+    parameters and variables: the first line goes the general way for each combination of the axes (a
+    "shape"), and each later line only renders its prompt into a copy of its shape (a line whose prompt is
+    empty or too long goes the general way too, to report it). ``light`` yields the shape itself for such
+    a line, for a caller that only counts.
     """
     source = entry.source
-    if source is None or source.kind != ".txt" or entry.output is not None:
-        return False
+    if source is None or source.kind != ".txt":
+        return None
     maker = _ComboMaker(entry, Checks(problems), _axis_seeds(_seed_axis(entry)))
     lines = source.lines()
     first = next(lines, None)
     if first is None:
-        return True
+        return iter(())
     record = source.record_of(*first)
     shapes = []
     for values in _axis_values(entry):
         combo = maker.combo(values | record.values, record.origin)
         if combo is None or len(shapes) >= _SHAPES_KEPT:
-            return False
-        model = catalog.MODELS[combo.request["model"]]
-        shapes.append((values, combo.variables, model, combo.request, _combo_count(entry, combo)))
-    for _, _, _, request, count in shapes:  # counted once all passed: a fallback counts the entry afresh
-        _tally(lanes, request, count)
-    template = entry.template.value
+            return None
+        # Each shape renders into a variables dict of its own: the combination's stays its first line's.
+        shapes.append((values, combo, catalog.MODELS[combo.request["model"]], dict(combo.variables)))
+    return _later_lines(entry, maker, shapes, lines, light=light)
+
+
+def _later_lines(entry: EntryPlan, maker: _ComboMaker, shapes: list, lines, *, light: bool) -> Iterator[_Combo | None]:
+    source, template = entry.source, entry.template.value
+    yield from (combo for _, combo, _, _ in shapes)
     for index, line_no, text in lines:
-        for values, variables, model, request, count in shapes:
+        for values, shape, model, variables in shapes:
             variables["prompt"] = text
             prompt = template.render(variables).strip()
             neg = values.get("negative_prompt")
-            negative_text = neg.value.render(variables).strip() if neg is not None and neg.value else ""
-            if not prompt or len(prompt) > model.prompt_max or len(negative_text) > model.negative_prompt_max:
+            negative = neg.value.render(variables).strip() if neg is not None and neg.value else ""
+            if not prompt or len(prompt) > model.prompt_max or len(negative) > model.negative_prompt_max:
                 line = source.record_of(index, line_no, text)
-                if maker.combo(values | line.values, line.origin) is None:
-                    if problems.full:
-                        return True
-                    continue
-            _tally(lanes, request, count)
-    return True
+                yield maker.combo(values | line.values, line.origin)
+            elif light:
+                yield shape
+            else:
+                request = {**shape.request, "prompt": prompt, "negative_prompt": negative or None}
+                yield _Combo(request, dict(variables), f"{source.display}:{line_no}", shape.seeds)
 
 
 def _seed_axis(entry: EntryPlan) -> Axis | None:
@@ -334,7 +338,7 @@ class _Combo(NamedTuple):
 
     request: dict[str, Any]  #: every request field but ``seed``
     variables: dict[str, str]
-    origin: Origin  #: where its prompt was written
+    source: str  #: where its prompt was written, ``file:line``
     seeds: Sequence[int | None] | None  #: None when ``seed: {count: k}`` draws them from the prompt
 
 
@@ -358,7 +362,7 @@ def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
     seeds = combo.seeds
     if seeds is None:
         seeds = [draw_seed(name, request["prompt"], k) for k in range(entry.seed_draws.value)]
-    source = combo.origin.where()
+    source = combo.source
     output = entry.output.value.text if entry.output is not None else None
     for seed in seeds:
         request["seed"] = seed
@@ -378,8 +382,15 @@ def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
             )
 
 
-def _entry_combos(entry: EntryPlan, problems: Problems) -> Iterator[_Combo | None]:
-    """The entry's combinations in order (records, then axes); None for one that has errors."""
+def _entry_combos(entry: EntryPlan, problems: Problems, *, light: bool = False) -> Iterator[_Combo | None]:
+    """The entry's combinations in order (records, then axes); None for one that has errors.
+
+    ``light``: a caller that only counts may be given one combination for several lines of a .txt file.
+    """
+    lines = _line_combos(entry, problems, light=light)
+    if lines is not None:
+        yield from lines
+        return
     # A seed axis (always last) is not multiplied out here: its seeds ride along with each combination.
     seed_axis = entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
     axes = entry.axes[:-1] if seed_axis is not None else entry.axes
@@ -464,7 +475,7 @@ class _ComboMaker:
             checks.output(entry, variables, fields["n"], seeds[0] if seeds is not None else 0)
         if checks.failed > failed_before:
             return None
-        return _Combo(request, variables, prompt_origin, seeds)
+        return _Combo(request, variables, prompt_origin.where(), seeds)
 
     def _fields(self, model: catalog.Model, values: dict[str, Val], key: tuple[int, ...], params: tuple) -> dict:
         """The request fields the parameters decide, checked; remembered when they pass."""
