@@ -2,8 +2,14 @@
 
     Manifest.from_yaml(path)   load, check keys and types (errors name file:line and field)
     manifest.count()           how many items, by arithmetic
-    manifest.validate()        every item through the catalog's rules; warnings back, errors raised
+    manifest.survey()          every item through the catalog's rules, counted per (region, model); no ids made
+    manifest.validate()        the survey's warnings; errors raised
     manifest.items()           the items, one at a time, never all in memory
+    manifest.digest            sha256 of the text, the prompts files and the version: same digest, same items
+
+Expansion goes by combination (a record of a prompts file with one row of
+each axis): the checks run once per combination, and its seeds and replicas
+are multiplied out after them.
 
 The language is described in docs/manifest.md. The loader lives in
 :mod:`wanbatch.yamlsrc`, value rules in :mod:`wanbatch.manifest_values`, prompts
