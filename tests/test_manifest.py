@@ -14,7 +14,7 @@ import pytest
 
 from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
-from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed
+from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed, item_id
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "manifests" / "bad"
@@ -617,3 +617,78 @@ def test_a_missing_manifest_is_an_error(tmp_path: Path) -> None:
     """A path that does not exist raises a ManifestError naming it."""
     with pytest.raises(ManifestError, match="no such file"):
         Manifest.from_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("job", sorted(Path("jobs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_survey_counts_what_the_items_are(job: Path) -> None:
+    """survey() counts items and images per (region, model) without making them: the same as the items made."""
+    manifest = Manifest.from_yaml(job)
+    made: dict[tuple[str, str], list[int]] = {}
+    for item in manifest.items():
+        lane = made.setdefault((item.region, item.model), [0, 0])
+        lane[0] += 1
+        lane[1] += item.n
+    assert manifest.survey().lanes == {key: tuple(value) for key, value in made.items()}
+    assert sum(items for items, _ in manifest.survey().lanes.values()) == manifest.count()
+
+
+def test_digest_follows_the_text_and_the_prompts_files(tmp_path: Path) -> None:
+    """The digest changes with the manifest's text or a prompts file's content, and only then."""
+    (tmp_path / "p.txt").write_text("a fox\n")
+    path = tmp_path / "job.yaml"
+    path.write_text("defaults: {model: wan2.2-t2i-flash}\nprompts: [{file: p.txt}]\n")
+    first = Manifest.from_yaml(path).digest
+    assert Manifest.from_yaml(path).digest == first
+    (tmp_path / "p.txt").write_text("a fox\na hare\n")
+    second = Manifest.from_yaml(path).digest
+    path.write_text("defaults: {model: wan2.2-t2i-flash, n: 2}\nprompts: [{file: p.txt}]\n")
+    assert len({first, second, Manifest.from_yaml(path).digest}) == 3
+
+
+def test_a_prompts_file_is_surveyed_like_the_items_it_makes(tmp_path: Path) -> None:
+    """A .txt entry with axes, seeds, repeats and a negative prompt: counts, and each over-long line warned."""
+    long = "hare " * 120
+    (tmp_path / "p.txt").write_text(f"a fox\n# a comment\n\n{long}\na crow\n")
+    manifest = load(
+        tmp_path,
+        "defaults: {repeats: 2, seed: [1, 2], negative_prompt: 'blur, {style}'}\n"
+        "prompts:\n  - file: p.txt\n    prompt: '{prompt}, {style}'\n"
+        "    matrix: {model: [wan2.2-t2i-flash, wan2.6-t2i], style: [ink, oil]}\n",
+    )
+    made: dict[tuple[str, str], list[int]] = {}
+    for item in manifest.items():
+        lane = made.setdefault((item.region, item.model), [0, 0])
+        lane[0], lane[1] = lane[0] + 1, lane[1] + item.n
+    survey = manifest.survey()
+    assert survey.lanes == {key: tuple(value) for key, value in made.items()} and sum(made[k][0] for k in made) == 48
+    (warning,) = survey.warnings  # wan2.6 reads 2,100 characters: only wan2.2-t2i-flash's 500 are passed
+    assert "p.txt:4" in warning and "reads the first 500" in warning
+
+
+def test_an_item_carries_its_request_as_canonical_json() -> None:
+    """request_json (what the ledger stores) is the request as compact sorted JSON, and hashes to the id."""
+    for item in Manifest.from_yaml("jobs/seeds-and-repeats.yaml").items():
+        assert item.request_json == json.dumps(
+            item.request(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        assert item.item_id == item_id(item.request(), item.replica)
+
+
+def test_the_items_of_a_prompts_file_are_made_line_by_line_as_any_records(tmp_path: Path) -> None:
+    """A .txt file and the same prompts as a .csv make the same requests, variables and sources, item by item."""
+    lines = ["a fox", "a hare", "hare " * 120, "a crow"]
+    (tmp_path / "p.txt").write_text("".join(f"{line}\n" for line in lines))
+    (tmp_path / "p.csv").write_text("prompt\n" + "".join(f"{line}\n" for line in lines))
+    job = (
+        "name: same\ndefaults: {seed: {count: 2}, negative_prompt: 'blur, {style}'}\nprompts:\n  - file: p.%s\n"
+        "    prompt: '{prompt}, {style}'\n    matrix: {model: [wan2.2-t2i-flash, wan2.6-t2i], style: [ink, oil]}\n"
+    )
+    (tmp_path / "txt.yaml").write_text(job % "txt")
+    (tmp_path / "csv.yaml").write_text(job % "csv")
+    from_txt = list(Manifest.from_yaml(tmp_path / "txt.yaml").items())
+    from_csv = list(Manifest.from_yaml(tmp_path / "csv.yaml").items())
+    assert len(from_txt) == 4 * 2 * 2 * 2
+    assert [(i.request(), dict(i.variables), i.source.split(":")[1]) for i in from_txt] == [
+        (i.request(), dict(i.variables), str(int(i.source.split(":")[1]) - 1)) for i in from_csv
+    ]
+    assert from_txt[0].variables["prompt"] == "a fox"  # items made earlier keep their own values

@@ -344,3 +344,80 @@ async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_s
     assert second["items"]["saved"] == 2 and sim.requests["create"] == 2
     result = audit(tmp_path / "run", sim.billing)
     assert result.clean and result.billed == result.saved == 2
+
+
+# --- an unchanged manifest --------------------------------------------------------------------------
+
+
+def prompts_job(tmp_path: Path, prompts: list[str]) -> Path:
+    """A manifest reading its prompts from a .txt file, one image each."""
+    (tmp_path / "prompts.txt").write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8")
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        'name: resumed\ndefaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}\nprompts: [{file: prompts.txt}]\n'
+    )
+    return path
+
+
+async def half_done(start_sim, tmp_path: Path, prompts: list[str]):
+    """A run stopped by its budget halfway: half the items saved, the rest planned."""
+    sim = await start_sim(**FAST)
+    job = prompts_job(tmp_path, prompts)
+    first = await engine_for(sim, tmp_path / "run", budget=FLASH_PRICE * (len(prompts) // 2)).run(
+        Manifest.from_yaml(job)
+    )
+    assert (
+        first["items"]["saved"] == len(prompts) // 2 and first["items"]["planned"] == len(prompts) - len(prompts) // 2
+    )
+    return sim, job
+
+
+async def test_resume_of_an_unchanged_manifest_takes_its_items_from_the_ledger(start_sim, tmp_path, caplog):
+    """The same manifest and prompts file again: nothing is added or re-marked, the rest is sent, none twice."""
+    prompts = ["pond", "hill", "road", "barn", "mill", "reed"]
+    sim, job = await half_done(start_sim, tmp_path, prompts)
+    with caplog.at_level(logging.INFO, logger="wanbatch"):
+        report = await engine_for(sim, tmp_path / "run").run(Manifest.from_yaml(job))
+    assert "manifest unchanged since run 1" in caplog.text
+    assert (report["items_added"], report["items_existing"], report["items_no_longer_in_manifest"]) == (0, 6, 0)
+    assert report["submitted"] == 3 and report["items"]["saved"] == 6
+    assert report["items_in_manifest"]["saved"] == 6
+    # The items keep the marks of the run that planned them: the second run did not write them again.
+    assert {row[0] for row in ledger_rows(tmp_path / "run", "SELECT DISTINCT last_seen_run FROM items")} == {1}
+    result = audit(tmp_path / "run", sim.billing)
+    assert result.duplicates == [] and result.saved == 6 == len(sim.billing)
+
+
+async def test_resume_after_a_prompts_file_changed_plans_again(start_sim, tmp_path):
+    """One line of the prompts file edited: its new prompt is planned and sent, the old one is left, none twice."""
+    prompts = ["pond", "hill", "road", "barn", "mill", "reed"]
+    sim, job = await half_done(start_sim, tmp_path, prompts)
+    (tmp_path / "prompts.txt").write_text("".join(f"{p}\n" for p in [*prompts[:5], "reeds at dusk"]))
+    report = await engine_for(sim, tmp_path / "run").run(Manifest.from_yaml(job))
+    assert (report["items_added"], report["items_existing"], report["items_no_longer_in_manifest"]) == (1, 5, 1)
+    assert report["submitted"] == 3 and report["items_in_manifest"]["saved"] == 6
+    sent = {json.loads(row[0])["prompt"] for row in ledger_rows(tmp_path / "run", "SELECT request FROM items")}
+    assert "reeds at dusk" in sent
+    (left,) = ledger_rows(tmp_path / "run", "SELECT request, state FROM items WHERE last_seen_run < 2")
+    assert json.loads(left["request"])["prompt"] == "reed" and left["state"] == "planned"
+    assert audit(tmp_path / "run", sim.billing).duplicates == []
+    # Changed back: the ledger's record is of the edited file now, so this run plans again too.
+    (tmp_path / "prompts.txt").write_text("".join(f"{p}\n" for p in prompts))
+    again = await engine_for(sim, tmp_path / "run").run(Manifest.from_yaml(job))
+    assert (again["items_added"], again["items_existing"], again["items_no_longer_in_manifest"]) == (0, 6, 1)
+    assert again["submitted"] == 1 and again["items_in_manifest"]["saved"] == 6
+
+
+async def test_a_plan_kept_in_the_ledger_still_holds_the_budget(tmp_path):
+    """A resume of an unchanged manifest takes its plan from the ledger, and a budget below it still refuses."""
+    import wanbatch
+    from wanbatch.engine import stored_plan
+
+    job = prompts_job(tmp_path, ["pond", "hill"])
+    await wanbatch.run(job, out=tmp_path / "run", simulate=True, speed=600, gallery=False)
+    plan = stored_plan(tmp_path / "run", Manifest.from_yaml(job))
+    assert plan is not None and plan["items"] == 2 and plan["cost"] == {"CNY": pytest.approx(2 * FLASH_PRICE)}
+    with pytest.raises(wanbatch.BudgetExceeded, match=r"0\.28 CNY .* over the budget of 0\.10"):
+        await wanbatch.run(job, out=tmp_path / "run", simulate=True, budget=0.1)
+    (tmp_path / "prompts.txt").write_text("pond\nhill\nroad\n")
+    assert stored_plan(tmp_path / "run", Manifest.from_yaml(job)) is None

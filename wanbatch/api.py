@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .engine import Engine, EngineConfig, keys_from_env
+from .engine import Engine, EngineConfig, keys_from_env, stored_plan
 from .errors import ConfigError
 from .manifest import Manifest
 from .plan import make_plan
@@ -76,9 +76,13 @@ async def run(
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
-    for warning in manifest.validate():
-        log.warning("warning: %s", warning)
-    plan = make_plan(manifest)
+    # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
+    plan = stored_plan(Path(out), manifest)
+    if plan is None:
+        survey = manifest.survey()
+        for warning in survey.warnings:
+            log.warning("warning: %s", warning)
+        plan = make_plan(manifest, survey)
     limit = budget if budget is not None else manifest.budget
     planned_cost = sum(plan["cost"].values())
     if limit is not None and planned_cost > limit + 1e-9:
@@ -116,7 +120,7 @@ async def run(
             stack.enter_context(_signals(engine, cancel_pending=cancel_pending))
         if progress is not None:
             await stack.enter_async_context(live_progress(engine, progress))
-        return await engine.run(manifest)
+        return await engine.run(manifest, plan=plan)
 
 
 async def _simulators(stack: contextlib.AsyncExitStack, regions: list[str], *, speed: float, submit: SubmitConfig):

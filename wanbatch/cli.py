@@ -181,7 +181,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import make_plan
 
     manifest = Manifest.from_yaml(args.manifest)
-    manifest.validate()
     plan = make_plan(manifest)
     if args.json:
         print(json.dumps(plan, indent=2))

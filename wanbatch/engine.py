@@ -11,6 +11,7 @@ when no image is pending.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,15 +29,16 @@ from .clock import Clock, ScaledClock
 from .download import DownloadConfig, Downloader
 from .errors import ConfigError
 from .gallery import write_gallery
-from .ledger import Ledger, RunLock
+from .ledger import Ledger, RunLock, read_meta
 from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
 from .reconcile import ReconcileConfig, Reconciler
+from .records import AddResult
 from .states import ItemState
 from .submit import Lane, Slots, SubmitConfig, Submitter
 from .track import Tracker, TrackerConfig
 
-__all__ = ["Engine", "EngineConfig", "keys_from_env"]
+__all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
 
 log = logging.getLogger("wanbatch")
 
@@ -44,7 +46,13 @@ log = logging.getLogger("wanbatch")
 #: The service's content-moderation refusals: retried only when asked for by name.
 MODERATION_CODES = frozenset({"DataInspectionFailed", "IPInfringementSuspect"})
 
-_RESUMABLE = (ItemState.planned, ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
+#: The states of items whose task is (or may be) open: few, bounded by the lanes' slots.
+_OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
+_RESUMABLE = (ItemState.planned, *_OPEN)
+#: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
+#: items seen, how many it made, and its plan. Written only once every item is in.
+MANIFEST_META = "manifest"
+_RECORD_KEYS = frozenset({"digest", "run", "items", "stale", "plan"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,15 +142,19 @@ class Engine:
     def base_url(self, region: str) -> str:
         return self.config.base_urls.get(region) or self.config.base_url or catalog.REGIONS[region].base_url
 
-    async def run(self, manifest) -> dict[str, Any]:
-        """Plan the manifest into the ledger, run every open item to its end, write the outputs."""
+    async def run(self, manifest, *, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Plan the manifest into the ledger, run every open item to its end, write the outputs.
+
+        ``plan`` (:func:`wanbatch.make_plan`'s) is kept in the ledger with the manifest's digest, so that a
+        resume of the same manifest can take it from there (:func:`stored_plan`) instead of expanding again.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()
-            added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
-            stale = ledger.stale_count(run)
+            held = _plan_into(ledger, manifest, run, plan)
+            seen, added, stale = held.run, held.added, held.stale
             log.info(
                 "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
                 added.added,
@@ -150,7 +162,7 @@ class Engine:
                 stale,
             )
             try:
-                stages = await self._run_stages(ledger, run)
+                stages = await self._run_stages(ledger, seen, held.lanes)
             finally:
                 if self._live is not None:
                     self._final_snapshot = self.snapshot(final=True)
@@ -168,7 +180,7 @@ class Engine:
                     "items_added": added.added,
                     "items_existing": added.existing,
                     "items_no_longer_in_manifest": stale,
-                    "items_in_manifest": {str(k): v for k, v in ledger.counts(run=run).items()},
+                    "items_in_manifest": {str(k): v for k, v in ledger.counts(run=seen).items()},
                     "images_in_metadata": saved,
                     "interrupted": self.interrupted,
                     "started_at": started_at,
@@ -211,10 +223,14 @@ class Engine:
             if wanted:
                 ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
 
-    async def _run_stages(self, ledger: Ledger, run: int) -> dict[str, Any]:
+    async def _run_stages(self, ledger: Ledger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
+        """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
+        ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
         self._prepare(ledger, run)
         budget = Budget(self.budget_limit, spent=ledger.spent_cost())
-        lanes_wanted = ledger.lanes(_RESUMABLE)
+        # Only the manifest's items are sent, so its plan names the lanes of what is planned; the other open
+        # states are few and read from their index (planned would read every row of a big manifest).
+        lanes_wanted = ledger.lanes(_RESUMABLE) if manifest_lanes is None else ledger.lanes(_OPEN) | manifest_lanes
         missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
@@ -348,6 +364,60 @@ class _Stages:
             },
             "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
         }
+
+
+def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:
+    """The plan kept in ``run_dir``'s ledger when it holds every item of this very manifest, else None.
+
+    A look before the run takes the folder's lock; :meth:`Engine.run` checks the digest again under it.
+    """
+    known = _known_manifest(read_meta(run_dir, MANIFEST_META), manifest)
+    return known.get("plan") if known is not None else None
+
+
+def _known_manifest(value: str | None, manifest) -> dict[str, Any] | None:
+    """The ledger's record of the manifest it holds, if its digest is this manifest's."""
+    digest = getattr(manifest, "digest", "")
+    if not value or not digest:
+        return None
+    known = json.loads(value)
+    return known if known.get("digest") == digest and known.keys() >= _RECORD_KEYS else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What the ledger holds of the manifest once it is planned in."""
+
+    run: int  #: the run whose marks (``last_seen_run``) say which items the manifest has
+    added: AddResult
+    stale: int  #: items of earlier manifests that this one no longer has
+    lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
+
+
+def _plan_into(ledger: Ledger, manifest, run: int, plan: Mapping[str, Any] | None) -> _Held:
+    """Put the manifest's items into the ledger, unless it holds them all already.
+
+    An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,
+    so a resume skips expanding it, and its items keep the marks of the run that planned them (only
+    planning moves the marks, so the count of stale items kept with them holds too).
+    """
+    known = _known_manifest(ledger.meta(MANIFEST_META), manifest)
+    if known is not None:
+        log.info("manifest unchanged since run %d: its %d item(s) are in the ledger", known["run"], known["items"])
+        added = AddResult(added=0, existing=known["items"])
+        return _Held(known["run"], added, known["stale"], _lanes_of(known["plan"]))
+    # Forgotten first: a plan stopped halfway leaves no record, so the next run plans again.
+    ledger.delete_meta(MANIFEST_META)
+    added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
+    stale = ledger.stale_count(run)
+    record = {"digest": getattr(manifest, "digest", ""), "run": run, "items": added.added + added.existing}
+    record |= {"stale": stale, "plan": dict(plan) if plan is not None else None}
+    ledger.set_meta(MANIFEST_META, json.dumps(record))
+    return _Held(run, added, stale, _lanes_of(plan))
+
+
+def _lanes_of(plan: Mapping[str, Any] | None) -> frozenset[tuple[str, str]] | None:
+    return None if plan is None else frozenset((lane["region"], lane["model"]) for lane in plan["lanes"])
 
 
 def _iso_now() -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "ItemRow",
     "Ledger",
     "RunLock",
+    "read_meta",
 ]
 
 LEDGER_FILE = "ledger.sqlite"
@@ -379,6 +380,10 @@ class Ledger:
         with self._tx() as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+
     def spent_cost(self) -> float:
         """What the service has billed so far: the images every task generated, at the planned price."""
         return float(self._conn.execute("SELECT COALESCE(SUM(cost), 0) FROM items").fetchone()[0])
@@ -625,6 +630,26 @@ class Ledger:
         }
 
 
+def read_meta(run_dir: Path, key: str) -> str | None:
+    """One meta value of a run folder's ledger, opened read-only; None when there is no ledger or no such key.
+
+    For a look before a run takes the folder's lock: the value may change before then, so the run that
+    relies on it reads it again under the lock.
+    """
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else row[0]
+
+
 def _recorded_state(image: ImageRecord) -> ImageState:
     """A task's result is pending (it has a URL to fetch) or failed (the service says so)."""
     state = ImageState(image.state) if image.state else ImageState.pending if image.url else ImageState.failed
@@ -643,7 +668,8 @@ def _item_params(
         item.region,
         item.model,
         item.n,
-        _json(item.request()),
+        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
+        getattr(item, "request_json", "") or _json(item.request()),
         item.source or "",
         item.entry or "",
         _json(dict(item.variables)) if item.variables else "{}",

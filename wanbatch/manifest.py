@@ -2,8 +2,14 @@
 
     Manifest.from_yaml(path)   load, check keys and types (errors name file:line and field)
     manifest.count()           how many items, by arithmetic
-    manifest.validate()        every item through the catalog's rules; warnings back, errors raised
+    manifest.survey()          every item through the catalog's rules, counted per (region, model); no ids made
+    manifest.validate()        the survey's warnings; errors raised
     manifest.items()           the items, one at a time, never all in memory
+    manifest.digest            sha256 of the text, the prompts files and the version: same digest, same items
+
+Expansion goes by combination (a record of a prompts file with one row of
+each axis): the checks run once per combination, and its seeds and replicas
+are multiplied out after them.
 
 The language is described in docs/manifest.md. The loader lives in
 :mod:`wanbatch.yamlsrc`, value rules in :mod:`wanbatch.manifest_values`, prompts
@@ -21,13 +27,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from wanbatch import catalog
 from wanbatch.errors import ManifestInvalid
 from wanbatch.manifest_checks import Checks
+from wanbatch.manifest_files import Record
+from wanbatch.manifest_layers import Axis, SeedRange
 from wanbatch.manifest_parse import EntryPlan, Plan, parse
 from wanbatch.manifest_values import PARAMS, Problems, Val
 from wanbatch.yamlsrc import Origin, load_yaml
@@ -39,6 +49,15 @@ DEFAULT_OUTPUT = "{item_id}-{index}.png"
 #: validate() compares output file names among this many items (a set of names costs memory).
 OUTPUT_CHECK_ITEMS = 100_000
 _PARAM_SET = frozenset(PARAMS)
+#: The parameters whose values decide a request's fields besides its prompt and seed.
+_REQUEST_PARAMS = ("region", "model", "size", "n", "prompt_extend", "watermark", "sync")
+#: How many passing sets of parameter values an entry remembers (each a handful of small objects).
+_PASSED_KEPT = 4096
+#: A .txt entry is surveyed line by line only for at most this many combinations of its axes.
+_SHAPES_KEPT = 1000
+#: Bumped when the expansion changes in a way the package version would not show.
+_DIGEST_FORMAT = b"wanbatch manifest digest 1\x00"
+_READ_BYTES = 1 << 20
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -74,6 +93,8 @@ class Item:
     source: str  #: ``jobs/x.yaml:12`` or ``jobs/prompts.txt:7``
     entry: str  #: the entry's field path, ``prompts[2]``
     output: str | None  #: the output pattern that applies, if the manifest gives one
+    #: :meth:`request` as canonical JSON, when the expansion has made it already (the ledger stores it)
+    request_json: str = field(default="", repr=False, compare=False)
 
     def request(self) -> dict[str, object]:
         """The canonical request fields, hashed into the id and stored by the ledger."""
@@ -116,12 +137,17 @@ class Manifest:
     output: str | None  #: the top-level output pattern
     max_items: int
     plan: Plan = field(repr=False)
+    #: sha256 of everything the expansion reads (see :func:`_digest`): equal digests, equal items
+    digest: str = ""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Manifest:
         """Load and check the structure; raises :class:`ManifestInvalid` listing every error found."""
         path = Path(path)
         problems = Problems()
+        # Hashed before it is read: should the file change in between, the digest is the older one, and the
+        # next run re-plans rather than trusting a ledger planned from other text.
+        text_digest = _file_digest(path) if path.is_file() else ""
         root, load_errors = load_yaml(path, path.as_posix())
         problems.add(load_errors)
         plan = parse(root, path.parent, problems) if root is not None else None
@@ -136,6 +162,7 @@ class Manifest:
             output=output,
             max_items=plan.max_items,
             plan=plan,
+            digest=_digest(path, text_digest, plan),
         )
 
     def count(self) -> int:
@@ -153,20 +180,145 @@ class Manifest:
 
     def validate(self) -> list[str]:
         """Check every item against the catalog; returns the warnings, raises :class:`ManifestInvalid`."""
+        return self.survey().warnings
+
+    def survey(self) -> Survey:
+        """Check every item and count items and images per (region, model), in one pass without item ids.
+
+        Raises :class:`ManifestInvalid` with the errors found (up to :data:`MAX_ERRORS`).
+        """
         problems = Problems()
         names: dict[str, Item] = {}
+        lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for entry in self.plan.entries:
-            for item in _entry_items(entry, self.name, problems):
-                if item is not None and entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
-                    _check_collision(item, entry.output.origin, names, problems)
-                if problems.full:
-                    problems.truncated = True
-                    break
-            if problems.truncated:
+            self._survey_combos(entry, problems, lanes, names)
+            if problems.full:
+                problems.truncated = True
                 break
         if problems.errors:
             raise _invalid(problems, self.path)
-        return problems.warnings
+        return Survey(
+            warnings=problems.warnings, lanes={key: (items, images) for key, (items, images) in lanes.items()}
+        )
+
+    def _survey_combos(
+        self, entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]], names: dict[str, Item]
+    ) -> None:
+        # Without an output pattern no item's name is needed: the lines of a prompts file may share one combo.
+        for combo in _entry_combos(entry, problems, light=entry.output is None):
+            if combo is not None:
+                _tally(lanes, combo.request, _combo_count(entry, combo))
+                if entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
+                    self._check_names(entry, combo, names, problems)
+            if problems.full:
+                return
+
+    def _check_names(self, entry: EntryPlan, combo: _Combo, names: dict[str, Item], problems: Problems) -> None:
+        """Output names that two different items would both write (among the first items only)."""
+        for item in _combo_items(entry, self.name, combo):
+            if len(names) >= OUTPUT_CHECK_ITEMS:
+                return
+            _check_collision(item, entry.output.origin, names, problems)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Survey:
+    """What :meth:`Manifest.survey` found: the warnings, and per (region, model) how many items and images."""
+
+    warnings: list[str]
+    lanes: dict[tuple[str, str], tuple[int, int]]
+
+
+def _tally(lanes: dict[tuple[str, str], list[int]], request: Mapping[str, Any], count: int) -> None:
+    lane = lanes[(request["region"], request["model"])]
+    lane[0] += count
+    lane[1] += count * request["n"]
+
+
+def _line_combos(entry: EntryPlan, problems: Problems, *, light: bool) -> Iterator[_Combo | None] | None:
+    """A .txt entry's combinations without a record object per line; None when it needs the general way.
+
+    A line of a .txt file sets only the variable ``prompt``, so every line shares the checks of the
+    parameters and variables: the first line goes the general way for each combination of the axes (a
+    "shape"), and each later line only renders its prompt into a copy of its shape (a line whose prompt is
+    empty or too long goes the general way too, to report it). ``light`` yields the shape itself for such
+    a line, for a caller that only counts.
+    """
+    source = entry.source
+    if source is None or source.kind != ".txt":
+        return None
+    maker = _ComboMaker(entry, Checks(problems), _axis_seeds(_seed_axis(entry)))
+    lines = source.lines()
+    first = next(lines, None)
+    if first is None:
+        return iter(())
+    record = source.record_of(*first)
+    shapes = []
+    for values in _axis_values(entry):
+        combo = maker.combo(values | record.values, record.origin)
+        if combo is None or len(shapes) >= _SHAPES_KEPT:
+            return None
+        # Each shape renders into a variables dict of its own: the combination's stays its first line's.
+        shapes.append((values, combo, catalog.MODELS[combo.request["model"]], dict(combo.variables)))
+    return _later_lines(entry, maker, shapes, lines, light=light)
+
+
+def _later_lines(entry: EntryPlan, maker: _ComboMaker, shapes: list, lines, *, light: bool) -> Iterator[_Combo | None]:
+    source, template = entry.source, entry.template.value
+    yield from (combo for _, combo, _, _ in shapes)
+    for index, line_no, text in lines:
+        for values, shape, model, variables in shapes:
+            variables["prompt"] = text
+            prompt = template.render(variables).strip()
+            neg = values.get("negative_prompt")
+            negative = neg.value.render(variables).strip() if neg is not None and neg.value else ""
+            if not prompt or len(prompt) > model.prompt_max or len(negative) > model.negative_prompt_max:
+                line = source.record_of(index, line_no, text)
+                yield maker.combo(values | line.values, line.origin)
+            elif light:
+                yield shape
+            else:
+                request = {**shape.request, "prompt": prompt, "negative_prompt": negative or None}
+                yield _Combo(request, dict(variables), f"{source.display}:{line_no}", shape.seeds)
+
+
+def _seed_axis(entry: EntryPlan) -> Axis | None:
+    return entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
+
+
+def _axis_values(entry: EntryPlan) -> Iterator[dict[str, Val]]:
+    """The entry's fixed values with each combination of its axes but the seeds, in order."""
+    axes = entry.axes[:-1] if _seed_axis(entry) is not None else entry.axes
+    for rows in itertools.product(*(axis.rows for axis in axes)):
+        values = dict(entry.fixed)
+        for axis, row in zip(axes, rows, strict=True):
+            values.update(zip(axis.keys, row, strict=True))
+        yield values
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest(path: Path, text_digest: str, plan: Plan) -> str:
+    """The manifest's digest: its path and text, every prompts file it reads, and this wanbatch's version.
+
+    The path is in it because items name their source by it (and the name defaults to its stem); the
+    version because the catalog's defaults and prices shape the items too.
+    """
+    from wanbatch import __version__
+
+    digest = hashlib.sha256(_DIGEST_FORMAT)
+    parts = [__version__, path.as_posix(), text_digest]
+    for entry in plan.entries:
+        if entry.source is not None:
+            parts += [entry.field, entry.source.display, _file_digest(entry.source.path)]
+    digest.update("\x00".join(parts).encode())
+    return digest.hexdigest()
 
 
 def _invalid(problems: Problems, path: Path) -> ManifestInvalid:
@@ -187,9 +339,65 @@ def _check_collision(item: Item, origin: Origin, names: dict[str, Item], problem
         )
 
 
+class _Combo(NamedTuple):
+    """One combination of an entry's values: a request less its seed, made once per seed and replica."""
+
+    request: dict[str, Any]  #: every request field but ``seed``
+    variables: dict[str, str]
+    source: str  #: where its prompt was written, ``file:line``
+    seeds: Sequence[int | None] | None  #: None when ``seed: {count: k}`` draws them from the prompt
+
+
 def _entry_items(entry: EntryPlan, name: str, problems: Problems) -> Iterator[Item | None]:
-    """The entry's items in order (records, axes, seeds, replicas); None for one that has errors."""
-    # A seed axis (always last) is walked lazily: product() would first copy a range of a million seeds.
+    """The entry's items in order (records, axes, seeds, replicas); None for a combination that has errors."""
+    for combo in _entry_combos(entry, problems):
+        if combo is None:
+            yield None
+        else:
+            yield from _combo_items(entry, name, combo)
+
+
+def _combo_count(entry: EntryPlan, combo: _Combo) -> int:
+    seeds = len(combo.seeds) if combo.seeds is not None else entry.seed_draws.value
+    return seeds * entry.repeats
+
+
+def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
+    """The combination's items, one per seed and replica; the request's JSON is made once per seed."""
+    request = dict(combo.request)
+    seeds = combo.seeds
+    if seeds is None:
+        seeds = [draw_seed(name, request["prompt"], k) for k in range(entry.seed_draws.value)]
+    source = combo.source
+    output = entry.output.value.text if entry.output is not None else None
+    for seed in seeds:
+        request["seed"] = seed
+        payload = _CANONICAL_JSON.encode(request)
+        for replica in range(entry.repeats):
+            # The same text as item_id(request, replica): '[' + request + ',' + replica + ']'.
+            digest = hashlib.sha256(f"[{payload},{replica}]".encode()).hexdigest()[:20]
+            yield Item(
+                item_id=digest,
+                replica=replica,
+                variables=combo.variables,
+                source=source,
+                entry=entry.field,
+                output=output,
+                request_json=payload,
+                **request,
+            )
+
+
+def _entry_combos(entry: EntryPlan, problems: Problems, *, light: bool = False) -> Iterator[_Combo | None]:
+    """The entry's combinations in order (records, then axes); None for one that has errors.
+
+    ``light``: a caller that only counts may be given one combination for several lines of a .txt file.
+    """
+    lines = _line_combos(entry, problems, light=light)
+    if lines is not None:
+        yield from lines
+        return
+    # A seed axis (always last) is not multiplied out here: its seeds ride along with each combination.
     seed_axis = entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
     axes = entry.axes[:-1] if seed_axis is not None else entry.axes
     axis_rows = [axis.rows for axis in axes]
@@ -198,79 +406,104 @@ def _entry_items(entry: EntryPlan, name: str, problems: Problems) -> Iterator[It
     on_axes = {key: axis.origin for axis in entry.axes for key in axis.keys}
     if entry.seed_draws is not None:
         on_axes["seed"] = entry.seed_draws.origin
-    checks = Checks(problems)
+    maker = _ComboMaker(entry, Checks(problems), _axis_seeds(seed_axis))
     for record in entry.source.records() if entry.source is not None else (None,):
-        base = entry.fixed
+        base, prompt_origin = entry.fixed, entry.template.origin
         if record is not None:
-            clashes = sorted(on_axes.keys() & record.values.keys())
-            for origin, message in record.errors:
-                problems.error(origin, message)
-            for key in clashes:
-                problems.error(
-                    record.values[key].origin,
-                    f"found {key!r}, which {on_axes[key].field} (line {on_axes[key].line}) already sets;"
-                    " allowed: one source per key",
-                )
-            if record.errors or clashes:
+            if record.errors or not on_axes.keys().isdisjoint(record.values):
+                _record_errors(record, on_axes, problems)
                 yield None
                 continue
-            base = entry.fixed | record.values
-        for combo in itertools.product(*axis_rows):
+            base, prompt_origin = entry.fixed | record.values, record.origin
+        if not axes:
+            yield maker.combo(base, prompt_origin)
+            continue
+        for rows in itertools.product(*axis_rows):
             values = dict(base)
-            for keys, row in zip(axis_keys, combo, strict=True):
+            for keys, row in zip(axis_keys, rows, strict=True):
                 values.update(zip(keys, row, strict=True))
-            prompt_origin = record.origin if record is not None else entry.template.origin
-            for (seed,) in seed_axis.rows if seed_axis is not None else ((None,),):
-                if seed is not None:
-                    values["seed"] = seed
-                yield from _items(entry, name, values, prompt_origin, checks)
+            yield maker.combo(values, prompt_origin)
 
 
-def _items(entry: EntryPlan, name: str, values: dict[str, Val], prompt_origin: Origin, checks: Checks):
-    """The items of one combination of values: one per seed and replica (or a single None if it is bad)."""
-    variables = {key: val.value for key, val in values.items() if key not in _PARAM_SET}
-    failed_before = checks.failed
-    prompt = checks.render(entry.template, variables, prompt_origin)
-    negative = values.get("negative_prompt")
-    negative_text = checks.render(negative, variables, negative.origin) if negative and negative.value else None
-    model = checks.model(values, entry.origin)
-    if prompt is not None and not prompt:
-        checks.error(prompt_origin, "found an empty prompt; allowed: text describing the image")
-    if model is None or prompt is None or checks.failed > failed_before:
-        yield None
-        return
-    request = {
-        "region": values["region"].value,
-        "model": model.name,
-        "prompt": prompt,
-        "negative_prompt": negative_text or None,
-        "size": checks.size(model, values.get("size")),
-        "n": values["n"].value if "n" in values else model.n_default,
-        "prompt_extend": values["prompt_extend"].value if "prompt_extend" in values else model.prompt_extend_default,
-        "watermark": values["watermark"].value if "watermark" in values else model.watermark_default,
-        "sync": checks.sync(model, values.get("sync")),
-    }
-    checks.lengths(model, prompt, prompt_origin, negative_text, negative)
-    if "seed" in values:
-        seeds = [values["seed"].value]
-    elif entry.seed_draws is not None:
-        seeds = [draw_seed(name, prompt, k) for k in range(entry.seed_draws.value)]
-    else:
-        seeds = [None]
-    checks.output(entry, variables, request["n"], seeds[0])
-    if checks.failed > failed_before:
-        yield None
-        return
-    output = entry.output.value.text if entry.output is not None else None
-    for seed in seeds:
-        request["seed"] = seed
-        for replica in range(entry.repeats):
-            yield Item(
-                item_id=item_id(request, replica),
-                replica=replica,
-                variables=variables,
-                source=prompt_origin.where(),
-                entry=entry.field,
-                output=output,
-                **request,
-            )
+def _axis_seeds(seed_axis: Axis | None) -> Sequence[int] | None:
+    """The seeds of a seed axis as numbers; a range stays a range (a million seeds cost nothing)."""
+    if seed_axis is None:
+        return None
+    if isinstance(seed_axis.rows, SeedRange):
+        return seed_axis.rows.span
+    return [row[0].value for row in seed_axis.rows]
+
+
+def _record_errors(record: Record, on_axes: Mapping[str, Origin], problems: Problems) -> None:
+    for origin, message in record.errors:
+        problems.error(origin, message)
+    for key in sorted(on_axes.keys() & record.values.keys()):
+        problems.error(
+            record.values[key].origin,
+            f"found {key!r}, which {on_axes[key].field} (line {on_axes[key].line}) already sets;"
+            " allowed: one source per key",
+        )
+
+
+class _ComboMaker:
+    """Checks one combination of values and builds its request.
+
+    The parameter checks (model in region, size, sync) depend only on the parameters' values, which most
+    combinations share (a prompts file's lines usually set none): a combination whose parameter values are
+    the very ones that passed before reuses that answer instead of checking again.
+    """
+
+    def __init__(self, entry: EntryPlan, checks: Checks, axis_seeds: Sequence[int] | None) -> None:
+        self.entry, self.checks, self.axis_seeds = entry, checks, axis_seeds
+        #: ids of the parameter values → (model, request fields, the values, kept alive so the ids stay theirs)
+        self._passed: dict[tuple[int, ...], tuple[catalog.Model, dict[str, Any], tuple]] = {}
+
+    def combo(self, values: dict[str, Val], prompt_origin: Origin) -> _Combo | None:
+        entry, checks = self.entry, self.checks
+        variables = {key: val.value for key, val in values.items() if key not in _PARAM_SET}
+        failed_before = checks.failed
+        prompt = checks.render(entry.template, variables, prompt_origin)
+        negative = values.get("negative_prompt")
+        negative_text = checks.render(negative, variables, negative.origin) if negative and negative.value else None
+        params = tuple(map(values.get, _REQUEST_PARAMS))
+        key = tuple(map(id, params))
+        passed = self._passed.get(key)
+        model = passed[0] if passed is not None else checks.model(values, entry.origin)
+        if prompt is not None and not prompt:
+            checks.error(prompt_origin, "found an empty prompt; allowed: text describing the image")
+        if model is None or prompt is None or checks.failed > failed_before:
+            return None
+        fields = passed[1] if passed is not None else self._fields(model, values, key, params)
+        request = {"prompt": prompt, "negative_prompt": negative_text or None, **fields}
+        checks.lengths(model, prompt, prompt_origin, negative_text, negative)
+        seeds = self._seeds(values)
+        if entry.output is not None:
+            checks.output(entry, variables, fields["n"], seeds[0] if seeds is not None else 0)
+        if checks.failed > failed_before:
+            return None
+        return _Combo(request, variables, prompt_origin.where(), seeds)
+
+    def _fields(self, model: catalog.Model, values: dict[str, Val], key: tuple[int, ...], params: tuple) -> dict:
+        """The request fields the parameters decide, checked; remembered when they pass."""
+        failed_before = self.checks.failed
+        fields = {
+            "region": values["region"].value,
+            "model": model.name,
+            "size": self.checks.size(model, values.get("size")),
+            "n": values["n"].value if "n" in values else model.n_default,
+            "prompt_extend": values["prompt_extend"].value
+            if "prompt_extend" in values
+            else model.prompt_extend_default,
+            "watermark": values["watermark"].value if "watermark" in values else model.watermark_default,
+            "sync": self.checks.sync(model, values.get("sync")),
+        }
+        if self.checks.failed == failed_before and len(self._passed) < _PASSED_KEPT:
+            self._passed[key] = (model, fields, params)
+        return fields
+
+    def _seeds(self, values: dict[str, Val]) -> Sequence[int | None] | None:
+        if self.axis_seeds is not None:
+            return self.axis_seeds
+        if "seed" in values:
+            return [values["seed"].value]
+        return None if self.entry.seed_draws is not None else [None]

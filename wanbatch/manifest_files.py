@@ -78,16 +78,25 @@ class PromptFile:
     def _origin(self, index: int, line: int) -> Origin:
         return Origin(self.display, line, f"{self.field}[{index}]")
 
-    def _txt(self) -> Iterator[Record]:
+    def lines(self) -> Iterator[tuple[int, int, str]]:
+        """A .txt file's prompts as (index, line, text), read lazily: what a record holds, without its objects."""
         with self.path.open(encoding="utf-8-sig") as lines:
             index = 0
             for line_no, line in enumerate(lines, start=1):
                 text = line.strip()
                 if not text or text.startswith("#"):
                     continue
-                origin = self._origin(index, line_no)
-                yield Record(index, origin, {"prompt": Val(text, origin.child("prompt"))})
+                yield index, line_no, text
                 index += 1
+
+    def record_of(self, index: int, line_no: int, text: str) -> Record:
+        """The record of one line of a .txt file."""
+        origin = self._origin(index, line_no)
+        return Record(index, origin, {"prompt": Val(text, origin.child("prompt"))})
+
+    def _txt(self) -> Iterator[Record]:
+        for index, line_no, text in self.lines():
+            yield self.record_of(index, line_no, text)
 
     def _csv(self) -> Iterator[Record]:
         with self.path.open(encoding="utf-8-sig", newline="") as handle:

@@ -126,7 +126,7 @@ class Template:
     def render(self, variables: Mapping[str, str]) -> str:
         if not self.names:
             return "".join(literal for literal, _ in self.parts)
-        return "".join(literal + (variables[name] if name is not None else "") for literal, name in self.parts)
+        return "".join([literal + variables[name] if name is not None else literal for literal, name in self.parts])
 
     def missing(self, available: Collection[str]) -> list[str]:
         missing = [name for name in self.names if name not in available]

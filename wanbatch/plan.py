@@ -10,18 +10,16 @@ from . import catalog
 __all__ = ["make_plan"]
 
 
-def make_plan(manifest) -> dict[str, Any]:
+def make_plan(manifest, survey=None) -> dict[str, Any]:
     """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
 
-    Models run in parallel lanes, so the whole manifest needs as long as its slowest lane.
+    Models run in parallel lanes, so the whole manifest needs as long as its slowest lane. ``survey`` is
+    ``manifest.survey()`` when the caller has it already (the survey checks every item: it is the costly part).
     """
-    lanes: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"items": 0, "images": 0})
-    for item in manifest.items():
-        lane = lanes[(item.region, item.model)]
-        lane["items"] += 1
-        lane["images"] += item.n
+    survey = survey if survey is not None else manifest.survey()
     rows, cost = [], defaultdict(float)
-    for (region, model), lane in sorted(lanes.items()):
+    for (region, model), (items, images) in sorted(survey.lanes.items()):
+        lane = {"items": items, "images": images}
         offer = catalog.offer(region, model)
         bound_s = max(
             lane["items"] / offer.submit_rps, lane["items"] * offer.model.typical_duration_s / offer.concurrency
