@@ -26,8 +26,9 @@ from typing import Any
 from .aio import wait_event
 from .budget import Budget
 from .errors import ApiError, TransportError
-from .states import ImageState, ItemState
-from .wire import MalformedAnswer, image_results, parse_service_time_s, url_expires_s
+from .results import record_results
+from .states import ItemState
+from .wire import MalformedAnswer, parse_service_time_s
 
 __all__ = ["Durations", "OpenTask", "Tracker", "TrackerConfig"]
 
@@ -521,73 +522,3 @@ def _started_after_submit_s(entry: dict) -> float | None:
     except OverflowError:
         return None
     return seconds if math.isfinite(seconds) and 0.0 <= seconds <= MAX_RUNNING_S else None
-
-
-def _service_to_ours(output: dict, row, now_s: float) -> float:
-    """What to add to a time on the service's clock to place it on ours.
-
-    Both sides know when the task was submitted: the service says so in ``submit_time``, and the ledger
-    recorded the moment before the POST. Failing that, the task's end is taken as now (a sync answer).
-    """
-    service_submit = parse_service_time_s(output.get("submit_time"))
-    if service_submit is not None and row.submit_started_ms:
-        return row.submit_started_ms / 1000 - service_submit
-    service_end = parse_service_time_s(output.get("end_time"))
-    return now_s - service_end if service_end is not None else 0.0
-
-
-def record_results(
-    ledger,
-    item_id: str,
-    output: dict,
-    *,
-    lane,
-    now_s: float,
-    config: TrackerConfig,
-    common: dict,
-    budget: Budget | None = None,
-) -> None:
-    """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out)."""
-    from .ledger import ImageRecord  # the ledger owns the record type
-
-    results = image_results(output)  # raises MalformedAnswer before anything is recorded
-    row = ledger.get(item_id)
-    request = row.request
-    to_ours = _service_to_ours(output, row, now_s)
-    end_s = parse_service_time_s(output.get("end_time"))
-    images, good = [], 0
-    for result in results:
-        expires = url_expires_s(result.url) if result.url else None
-        if expires is None:
-            expires = (end_s if end_s is not None else now_s - to_ours) + config.url_lifetime_s
-        deadline_s = expires + to_ours
-        seed = request.get("seed")
-        images.append(
-            ImageRecord(
-                index=result.index,
-                state=ImageState.pending if result.url else ImageState.failed,
-                url=result.url,
-                deadline_ms=int((deadline_s - config.deadline_margin_s) * 1000),
-                seed=None if seed is None else seed + result.index,
-                actual_prompt=result.actual_prompt,
-                error_code=result.code,
-                error_message=result.message,
-            )
-        )
-        good += result.url is not None
-    ledger.record_images(item_id, images)
-    cost = good * lane.offer.price
-    if budget is not None:
-        budget.settle(item_id, cost)
-    if good:
-        ledger.transition(item_id, ItemState.generated, cost=cost, **common)
-        log.info("✓ %s generated %d/%d image(s)", item_id, good, len(images))
-    else:
-        first = next((r for r in images if r.error_code), None)
-        ledger.transition(
-            item_id,
-            ItemState.failed,
-            error_code=first.error_code if first else "NoImages",
-            error_message=first.error_message if first else "the task returned no image",
-            **common,
-        )
