@@ -31,20 +31,22 @@ DIAGNOSES: dict[str, str] = {
         "wider. Fix: that of diagnosis 1; the AIMD step already slows the lane after such a 429."
     ),
     "tracking": (
-        "Per task the tracker asks while the task still waits behind our backlog (track.py "
-        "Tracker._reschedule: again after expected/2 while PENDING), once near the expected end, then backs off "
-        "1, 2, 4, 8 s while running times spread ±30 % around the mean. Fix: do not poll queued tasks (the "
-        "service starts them in submit order as ours end, which the tracker sees) and put the first poll at a "
-        "high quantile of the learned running time (Tracker._learn keeps only a mean). Polling tasks one by one "
-        "cannot meet 1.2 per task and the lag targets together when durations spread ±30 %: see "
-        "benchmarks/README.md, 'Tracking cost against detection lag'."
+        "By design of the default policy (track.py, policy='prompt'): to see an end within about 1 s at the "
+        "median, a task that may have ended is looked at every 1.6 s from the shortest recent running time on, "
+        "and running times spread ±30 %, so a flash task gets several looks (a page of the task list replaces "
+        "them when more than one task of the region is likely still running, which is why wan2.6, five at a "
+        "time, costs less). The task list shows no results, so each task also costs one query for its images. "
+        "No policy meets 1.2 requests per task and the lag targets together at these rates of ends "
+        "(benchmarks/README.md, 'Tracking cost against detection lag'); --tracking frugal meets the 1.2 (see "
+        "its column) at the lag of figure 3. Queries cost no money, only their share of the account's 20 per "
+        "second."
     ),
     "lag": (
-        "After the expected end the tracker backs off exponentially (track.py Tracker._backoff_s: "
-        "1 s·2^polls/4, up to 30 s), so a task that runs 10 s past the mean is seen 8-16 s late. Fix: from a "
-        "little before the earliest likely end, poll at a fixed short interval (1-2 s); queries cost no money, "
-        "only their share of the account's 20 per second. The backlog of queued tasks keeps the quota busy "
-        "meanwhile, which is why utilisation stays near 1.0 despite the lag."
+        "The looks come on the engine's clock at the fast simulated speed, where every millisecond the event "
+        "loop is late (downloads, PNG checks and the ledger share it) is a tenth of a simulated second; with the "
+        "cores busy a look can come seconds late in simulated time. On the slower clock of the slow_clock rows "
+        "and at real speed the same delays are 4 and 100 times smaller. With --tracking frugal the lag is the "
+        "spread of running times by design."
     ),
     "ceiling": (
         "CPU-bound on one core: about 4.3 CPU s per 1,000 images at n=4 without the gallery (17 ms per task of "
