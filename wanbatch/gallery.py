@@ -3,7 +3,8 @@
 One static file that needs nothing but the run folder: inline style and script,
 no fonts or libraries fetched (its Content-Security-Policy forbids any fetch but
 the folder's own images). Each saved image has a card: a thumbnail made once
-with Pillow into ``thumbs/`` (linking to the full image), its model, size, seed,
+with Pillow into ``thumbs/`` (an image of at most ``SMALL_IMAGE_PX`` a side is
+shown as it is), linking to the full image, its model, size, seed,
 manifest variables and prompt. The page filters by any of those and groups by
 one of them; cards keep one order (variables, prompt, size, seed, model) in
 every group, so the groups of a matrix experiment line up cell by cell.
@@ -39,6 +40,9 @@ GALLERY_FILE = "gallery.html"
 THUMBS_DIR = "thumbs"
 #: The long side of a thumbnail: sharp in a 188 px card on a 1.2x screen, ~10 kB as a JPEG.
 THUMB_SIDE_PX = 256
+#: An image whose long side is at most this is its own thumbnail: shrinking it would save the page little,
+#: and decoding, resizing and encoding it would cost more CPU than the image's whole way through the engine.
+SMALL_IMAGE_PX = 2 * THUMB_SIDE_PX
 THUMB_JPEG_QUALITY = 85
 #: The facets every card has, in the order the filters show them; manifest variables follow as ``var.NAME``.
 FIXED_FACETS = ("model", "size", "seed", "region")
@@ -89,9 +93,8 @@ def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
 
 def _card(run_dir: Path, image: ImageRow, item: ItemRow) -> Card:
     file_name = image.file_name or ""
-    thumb = thumb_name(file_name)
     try:
-        thumb_size = _thumbnail(run_dir / file_name, run_dir / thumb)
+        thumb, thumb_size = _picture(run_dir, file_name)
     except (OSError, UnidentifiedImageError):
         # Deleted or damaged since it was saved: the card says so instead of the page failing.
         thumb, thumb_size = None, (0, 0)
@@ -120,6 +123,18 @@ def thumb_name(file_name: str) -> str:
     if path.parts[:1] == ("images",):
         path = path.relative_to("images")
     return str(PurePosixPath(THUMBS_DIR) / path.with_suffix(".jpg"))
+
+
+def _picture(run_dir: Path, file_name: str) -> tuple[str, tuple[int, int]]:
+    """What a card shows and at what size: the image itself when small, else its thumbnail (made if missing)."""
+    source = run_dir / file_name
+    with Image.open(source) as img:  # reads the header only
+        width, height = img.size
+    if max(width, height) <= SMALL_IMAGE_PX:
+        scale = min(1.0, THUMB_SIDE_PX / max(width, height, 1))
+        return file_name, (max(1, round(width * scale)), max(1, round(height * scale)))
+    thumb = thumb_name(file_name)
+    return thumb, _thumbnail(source, run_dir / thumb)
 
 
 def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
