@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -27,6 +27,7 @@ from PIL import Image
 
 from .aio import wait_event
 from .errors import DownloadError, IllegalTransition, UrlExpired
+from .records import ImageRow, ItemRow
 from .states import ImageState, ItemState
 
 __all__ = ["DownloadConfig", "Downloader", "image_file_name", "verify_png"]
@@ -85,6 +86,7 @@ class _Job:
     deadline_ms: int
     item_id: str
     index: int
+    image: ImageRow = field(compare=False)  #: as the ledger had it when queued: pending, with its URL
     attempts: int = 0
     not_before_s: float = 0.0
 
@@ -110,7 +112,11 @@ class Downloader:
         self._heap: list[_Job] = []
         self._wake = asyncio.Event()
         self._busy = 0
-        self._in_progress: set[tuple[str, int]] = set()
+        # Each image is queued once while it is open (a resume and a late result may both offer it); the item
+        # rows of open images are kept, so an image costs no ledger read of its own.
+        self._queued: set[tuple[str, int]] = set()
+        self._items: dict[str, tuple[ItemRow, int]] = {}  # item_id -> (row, open images)
+        self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
         self.saved = 0
         self.bytes = 0
 
@@ -121,10 +127,28 @@ class Downloader:
     def add_item(self, item_id: str) -> None:
         pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
         for image in pending:
-            heapq.heappush(self._heap, _Job(image.deadline_ms, item_id, image.image_index))
+            self._push(image)
         if not pending:
             self._close_item(item_id)  # saved already (queued again after a stop): settle it now
         self._wake.set()
+
+    def _push(self, image: ImageRow) -> None:
+        key = (image.item_id, image.image_index)
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        row, open_images = self._items.get(image.item_id) or (None, 0)
+        self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
+        heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index, image))
+
+    def _done(self, job: _Job) -> None:
+        """The job's image is saved, final or left for a later run: forget it and, with its last, its item."""
+        self._queued.discard((job.item_id, job.index))
+        row, open_images = self._items[job.item_id]
+        if open_images > 1:
+            self._items[job.item_id] = (row, open_images - 1)
+        else:
+            del self._items[job.item_id]
 
     def load_pending(self) -> int:
         """Queue every image the ledger says is still to be saved (on start and resume)."""
@@ -133,7 +157,7 @@ class Downloader:
             self._ledger.settle(row.item_id)
         count = 0
         for image in self._ledger.iter_images([ImageState.pending]):
-            heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index))
+            self._push(image)
             count += 1
         self._wake.set()
         return count
@@ -159,50 +183,49 @@ class Downloader:
                 continue
             self._busy += 1
             try:
-                await self._save(job)
+                if await self._save(job):
+                    heapq.heappush(self._heap, job)
+                else:
+                    self._done(job)
             finally:
                 self._busy -= 1
 
-    async def _save(self, job: _Job) -> None:
-        key = (job.item_id, job.index)
-        if key in self._in_progress:
-            return  # queued twice (a resume and a late result): one copy fetches it
-        self._in_progress.add(key)
-        try:
-            await self._save_one(job)
-        finally:
-            self._in_progress.discard(key)
+    async def _save(self, job: _Job) -> bool:
+        """Fetch, check and place one image, then record it (settling its item in the same commit).
 
-    async def _save_one(self, job: _Job) -> None:
-        item = self._ledger.get(job.item_id)
-        image = next(i for i in self._ledger.images_of(job.item_id) if i.image_index == job.index)
-        if image.state is not ImageState.pending:
-            return
+        True when it is to be tried again later (``job.not_before_s`` says when).
+        """
+        item_id, index = job.item_id, job.index
         try:
-            name, digest, size_bytes = await self._fetch(item, image)
+            name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
         except UrlExpired as exc:
-            self._ledger.image_final(job.item_id, job.index, ImageState.expired, code="UrlExpired", message=str(exc))
-            log.warning("✗ %s image %d expired: %s", job.item_id, job.index, exc)
+            settled = self._ledger.image_final(
+                item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=True
+            )
+            log.warning("✗ %s image %d expired: %s", item_id, index, exc)
         except (DownloadError, OSError) as exc:
+            self._folders.clear()  # a folder may have gone since it was made: make them again
             job.attempts += 1
-            retryable = getattr(exc, "retryable", True)
-            if retryable and job.attempts < self.config.attempts:
+            if getattr(exc, "retryable", True) and job.attempts < self.config.attempts:
                 job.not_before_s = self._clock.now() + self.config.retry_base_s * 2 ** (job.attempts - 1)
-                heapq.heappush(self._heap, job)
-                log.info("↻ %s image %d: %s", job.item_id, job.index, exc)
-                return
+                log.info("↻ %s image %d: %s", item_id, index, exc)
+                return True
             # Left pending: a later run tries again while the URL lives; the report shows it.
-            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=str(exc))
-            log.warning("✗ %s image %d not saved: %s", job.item_id, job.index, exc)
-            return
+            self._ledger.update_image(item_id, index, error_code="DownloadFailed", error_message=str(exc))
+            log.warning("✗ %s image %d not saved: %s", item_id, index, exc)
+            return False
         else:
             try:
-                self._ledger.image_saved(job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes)
+                settled = self._ledger.image_saved(
+                    item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=True
+                )
             except IllegalTransition:
-                return  # the same image was queued twice (a resume and a late result) and the other copy won
+                return False  # no longer pending: recorded already, nothing more to do
             self.saved += 1
             self.bytes += size_bytes
-        self._close_item(job.item_id)
+        if settled is not None:
+            self._on_item_done(item_id)
+        return False
 
     def _close_item(self, item_id: str) -> None:
         if self._ledger.settle(item_id) is not None:
@@ -227,7 +250,7 @@ class Downloader:
         final = self.run_dir / name
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        self._folder(partial.parent)
         try:
             digest, size_bytes = await self._stream(url, partial)
             await asyncio.to_thread(verify_png, partial, item.request["size"])
@@ -239,9 +262,14 @@ class Downloader:
             if not same:  # another image's name: keep both
                 name = name[: -len(".png")] + f"-{item.item_id}-{image.image_index}.png"
                 final = self.run_dir / name
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._folder(final.parent)
         os.replace(partial, final)
         return name, digest, size_bytes
+
+    def _folder(self, path: Path) -> None:
+        if path not in self._folders:
+            path.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path)
 
     async def _stream(self, url: str, partial: Path) -> tuple[str, int]:
         sha, size_bytes = hashlib.sha256(), 0
