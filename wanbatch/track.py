@@ -231,7 +231,7 @@ class Tracker:
             record_results(
                 ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common, budget=self.budget
             )
-            if ledger.get(item_id).state is ItemState.generated:
+            if ledger.state_of(item_id) is ItemState.generated:
                 self._on_images(item_id)
         elif status == "FAILED":
             code, message = str(output.get("code") or "TaskFailed"), str(output.get("message") or "")
@@ -306,18 +306,19 @@ def record_results(
             )
         )
         good += result.url is not None
-    ledger.record_images(item_id, images)
     cost = good * lane.offer.price
     if budget is not None:
         budget.settle(item_id, cost)
+    # The images are recorded in the item's own move: one commit per task.
     if good:
-        ledger.transition(item_id, ItemState.generated, cost=cost, **common)
+        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, **common)
         log.info("✓ %s generated %d/%d image(s)", item_id, good, len(images))
     else:
         first = next((r for r in images if r.error_code), None)
         ledger.transition(
             item_id,
             ItemState.failed,
+            images=images,
             error_code=first.error_code if first else "NoImages",
             error_message=first.error_message if first else "the task returned no image",
             **common,
