@@ -1,9 +1,10 @@
 """Saving every generated image before its URL dies, verified.
 
 Images wait in a heap ordered by URL deadline, so after a long stop the ones
-closest to being lost go first. Each is streamed to a partial file while its
-sha256 is computed, checked to be a PNG of the size that was asked for, then
-renamed into place atomically; only then does the ledger record it. A crash
+closest to being lost go first. Each is read into memory (the size cap bounds
+it), then in one trip to a worker thread checked to be a PNG of the size that
+was asked for, hashed, written to a partial file and renamed into place
+atomically; only then does the ledger record it. A crash
 between the rename and the commit is healed on resume: the file is already
 there with the same hash. Result URLs get no ``Authorization`` header.
 """
@@ -13,15 +14,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import heapq
+import io
 import logging
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
-import aiofiles
 import aiohttp
 from PIL import Image
 
@@ -65,11 +67,11 @@ class _Fields(dict):
         return key
 
 
-def verify_png(path: Path, size: str) -> None:
-    """Raise DownloadError unless ``path`` is a whole PNG of exactly ``size`` ("W*H")."""
+def verify_png(source: Path | BinaryIO, size: str) -> None:
+    """Raise DownloadError unless ``source`` (a file or its bytes) is a whole PNG of exactly ``size`` ("W*H")."""
     width, _, height = size.partition("*")
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format != "PNG":
                 raise DownloadError(f"not a PNG but {img.format}")
             if img.size != (int(width), int(height)):
@@ -247,32 +249,26 @@ class Downloader:
             "seed": image.seed if image.seed is not None else "random",
         }
         name = "images/" + image_file_name(item.output, fields)
-        final = self.run_dir / name
+        other_name = name[: -len(".png")] + f"-{item.item_id}-{image.image_index}.png"
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
+        body = await self._stream(url)
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
         self._folder(partial.parent)
-        try:
-            digest, size_bytes = await self._stream(url, partial)
-            await asyncio.to_thread(verify_png, partial, item.request["size"])
-        except DownloadError:
-            partial.unlink(missing_ok=True)  # nothing half-written stays behind
-            raise
-        if final.exists():
-            same = await asyncio.to_thread(_sha256_of, final) == digest
-            if not same:  # another image's name: keep both
-                name = name[: -len(".png")] + f"-{item.item_id}-{image.image_index}.png"
-                final = self.run_dir / name
-        self._folder(final.parent)
-        os.replace(partial, final)
-        return name, digest, size_bytes
+        self._folder((self.run_dir / name).parent)
+        # One trip to a worker thread does the CPU and disk work of an image: each trip costs the event loop.
+        placed = await asyncio.to_thread(
+            _place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
+        )
+        return (name if placed.own_name else other_name), placed.sha256, len(body)
 
     def _folder(self, path: Path) -> None:
         if path not in self._folders:
             path.mkdir(parents=True, exist_ok=True)
             self._folders.add(path)
 
-    async def _stream(self, url: str, partial: Path) -> tuple[str, int]:
-        sha, size_bytes = hashlib.sha256(), 0
+    async def _stream(self, url: str) -> bytes:
+        """The body at ``url``, up to the size cap; no Wan PNG comes near it, so it is held in memory."""
+        chunks, size_bytes = [], 0
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         try:
             async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
@@ -283,16 +279,36 @@ class Downloader:
                     raise DownloadError(f"HTTP {resp.status}", retryable=resp.status >= 500 or resp.status == 429)
                 if (resp.content_length or 0) > self.config.max_bytes:
                     raise DownloadError(f"body of {resp.content_length} bytes is over the cap", retryable=False)
-                async with aiofiles.open(partial, "wb") as out:
-                    async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
-                        size_bytes += len(chunk)
-                        if size_bytes > self.config.max_bytes:
-                            raise DownloadError("body is over the size cap", retryable=False)
-                        sha.update(chunk)
-                        await out.write(chunk)
+                async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
+                    size_bytes += len(chunk)
+                    if size_bytes > self.config.max_bytes:
+                        raise DownloadError("body is over the size cap", retryable=False)
+                    chunks.append(chunk)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise DownloadError(f"{type(exc).__name__}: {exc}") from None
-        return sha.hexdigest(), size_bytes
+        return b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    own_name: bool  #: False: under the other name, its own being another image's
+    sha256: str
+
+
+def _place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> _Placed:
+    """Check ``body`` is a PNG of ``size``, write it to ``partial`` and rename it to ``final`` (to ``other`` if
+    ``final`` holds a different image); runs in a worker thread. Nothing half-written stays behind."""
+    verify_png(io.BytesIO(body), size)
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        with open(partial, "wb") as out:
+            out.write(body)
+        own = not final.exists() or _sha256_of(final) == digest
+        os.replace(partial, final if own else other)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return _Placed(own_name=own, sha256=digest)
 
 
 def _oss_message(body: str) -> str:
