@@ -32,7 +32,7 @@ from urllib.parse import quote
 from PIL import Image, UnidentifiedImageError
 
 from .ledger import ImageRow, ItemRow, Ledger
-from .states import ImageState
+from .outputs import saved_images
 
 __all__ = ["GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "thumb_name", "write_gallery"]
 
@@ -77,13 +77,7 @@ class Card:
 def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
     """Write ``run_dir/gallery.html`` for every saved image (thumbnails made where missing); return its path."""
     run_dir = Path(run_dir)
-    cards: list[Card] = []
-    item: ItemRow | None = None
-    # Images come by item, so each item is read once.
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
-        if item is None or item.item_id != image.item_id:
-            item = ledger.get(image.item_id)
-        cards.append(_card(run_dir, image, item))
+    cards = [_card(run_dir, image, item) for image, item in saved_images(ledger)]
     facets = _facets(cards)
     cards.sort(key=lambda card: _order(card, facets))
     path = run_dir / GALLERY_FILE
