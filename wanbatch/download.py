@@ -143,6 +143,12 @@ class Downloader:
         self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
         heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index, image))
 
+    def _last(self, job: _Job) -> bool:
+        """Whether ``job`` is its item's last open image: only that one can settle the item, so the others
+        spare the ledger the look at the item's images. Asked with no await before the job's commit and
+        ``_done``, so two images of one item ending together cannot both think the other is last."""
+        return self._items[job.item_id][1] == 1
+
     def _done(self, job: _Job) -> None:
         """The job's image is saved, final or left for a later run: forget it and, with its last, its item."""
         self._queued.discard((job.item_id, job.index))
@@ -202,7 +208,7 @@ class Downloader:
             name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
         except UrlExpired as exc:
             settled = self._ledger.image_final(
-                item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=True
+                item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
             )
             log.warning("✗ %s image %d expired: %s", item_id, index, exc)
         except (DownloadError, OSError) as exc:
@@ -219,7 +225,7 @@ class Downloader:
         else:
             try:
                 settled = self._ledger.image_saved(
-                    item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=True
+                    item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
                 )
             except IllegalTransition:
                 return False  # no longer pending: recorded already, nothing more to do
