@@ -24,6 +24,7 @@ import html
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -77,7 +78,10 @@ class Card:
 def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
     """Write ``run_dir/gallery.html`` for every saved image (thumbnails made where missing); return its path."""
     run_dir = Path(run_dir)
-    cards = [_card(run_dir, image, item) for image, item in saved_images(ledger)]
+    # Thumbnails are made on every core: Pillow lets go of the GIL while it decodes, resizes and encodes.
+    # The ledger is read in this thread only (map takes the rows here, as it submits them).
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        cards = list(pool.map(lambda pair: _card(run_dir, *pair), saved_images(ledger)))
     facets = _facets(cards)
     cards.sort(key=lambda card: _order(card, facets))
     path = run_dir / GALLERY_FILE
