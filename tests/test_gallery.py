@@ -348,7 +348,8 @@ def test_an_empty_run_gets_a_page_that_says_so(tmp_path):
 
 
 def test_a_small_image_is_its_own_thumbnail(tmp_path):
-    """An image no larger than twice a thumbnail is shown as it is, at thumbnail size, and no thumbnail is made."""
+    """An image no larger than twice a thumbnail is shown as it is, at thumbnail size, with no thumbnail made;
+    once deleted, its card says so."""
     run_dir = run_batch(
         tmp_path,
         """\
@@ -362,3 +363,6 @@ def test_a_small_image_is_its_own_thumbnail(tmp_path):
     assert card["img"]["src"] == row["file_name"]
     assert (card["img"]["width"], card["img"]["height"]) == (str(THUMB_SIDE_PX), str(THUMB_SIDE_PX))
     assert not (run_dir / "thumbs").exists()
+    (run_dir / row["file_name"]).unlink()
+    (card,) = parse_cards(gallery_of(run_dir))
+    assert card["img"] is None and "image missing or unreadable" in card["text"]

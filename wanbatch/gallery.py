@@ -92,7 +92,7 @@ def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
 def _card(run_dir: Path, image: ImageRow, item: ItemRow) -> Card:
     file_name = image.file_name or ""
     try:
-        thumb, thumb_size = _picture(run_dir, file_name)
+        thumb, thumb_size = _picture(run_dir, file_name, item.request["size"])
     except (OSError, UnidentifiedImageError):
         # Deleted or damaged since it was saved: the card says so instead of the page failing.
         thumb, thumb_size = None, (0, 0)
@@ -123,12 +123,16 @@ def thumb_name(file_name: str) -> str:
     return str(PurePosixPath(THUMBS_DIR) / path.with_suffix(".jpg"))
 
 
-def _picture(run_dir: Path, file_name: str) -> tuple[str, tuple[int, int]]:
-    """What a card shows and at what size: the image itself when small, else its thumbnail (made if missing)."""
+def _picture(run_dir: Path, file_name: str, size: str) -> tuple[str, tuple[int, int]]:
+    """What a card shows and at what size: the image itself when small, else its thumbnail (made if missing).
+
+    ``size`` is the one asked for ("W*H"): the downloader saved the image only once it had checked it.
+    """
     source = run_dir / file_name
-    with Image.open(source) as img:  # reads the header only
-        width, height = img.size
+    width, height = (int(side) for side in size.split("*"))
     if max(width, height) <= SMALL_IMAGE_PX:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is gone")
         scale = min(1.0, THUMB_SIDE_PX / max(width, height, 1))
         return file_name, (max(1, round(width * scale)), max(1, round(height * scale)))
     thumb = thumb_name(file_name)
