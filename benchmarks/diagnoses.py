@@ -49,17 +49,15 @@ DIAGNOSES: dict[str, str] = {
         "spread of running times by design."
     ),
     "ceiling": (
-        "CPU-bound on one core: about 4.3 CPU s per 1,000 images at n=4 without the gallery (17 ms per task of "
-        "four images), so about 240 images/s at most; at n=1 a task costs nearly as much for one image, and "
-        "pacing.Pacer's guard_s (10 ms of wall time per create) caps a lane at 100 creates/s whatever the "
-        "quota. In the profile the ledger leads: about 70 SQLite statements per task (every state move, "
-        "record_images, image_saved and settle is its own BEGIN IMMEDIATE ... COMMIT in ledger.Ledger, and "
-        "ledger.get re-reads and re-parses the row, records.ItemRow.from_row, at each stage), then aiohttp's "
-        "per-request work and a stat and mkdir per image (download.Downloader._fetch). The gallery "
-        "(gallery.write_gallery, thumbnails at the end) adds about 6 CPU s per 1,000 images. Fix: save an "
-        "image and settle its item in one transaction; pass the row between stages instead of ledger.get; "
-        "create each image folder once; scale the guard with the interval (none when the quota is "
-        "unlimited); make thumbnails in worker processes or on demand."
+        "CPU-bound on two shared cores: the engine spends about 3-3.7 CPU s per 1,000 images at n=4 (its event "
+        "loop's thread 2.1-2.6 ms an image, the rest in its worker threads) and the simulator about 2.5 more "
+        "(it renders every PNG), so the pair cannot pass about 350 images/s here even alone on the machine; at "
+        "n=1 a task costs about 8 ms for its one image. In the profile SQLite leads with about a quarter: some "
+        "40 statements and 7 commits per task (each state move is committed before the network action that "
+        "depends on it, and each saved image is its own commit, settling its item with the last), then aiohttp's "
+        "per-request work (6 requests per task) and the event loop. Fix: commit the images that end in the same "
+        "turn of the loop together (their files are renamed first, so a kill loses nothing), fewer awaits per "
+        "request, and a simulator that serves images at less CPU than the engine spends on them."
     ),
     "one_prompt": (
         "Items sharing a prompt go one at a time: submit.Submitter._pass holds a row while lane.doubt has a "

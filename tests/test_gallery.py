@@ -345,3 +345,24 @@ def test_an_empty_run_gets_a_page_that_says_so(tmp_path):
     with Ledger.open(tmp_path, clock=ScaledClock()) as ledger:
         path = write_gallery(tmp_path, ledger)
     assert parse_cards(path) == [] and "No saved images yet." in path.read_text()
+
+
+def test_a_small_image_is_its_own_thumbnail(tmp_path):
+    """An image no larger than twice a thumbnail is shown as it is, at thumbnail size, with no thumbnail made;
+    once deleted, its card says so."""
+    run_dir = run_batch(
+        tmp_path,
+        """\
+        name: gallery-small
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}
+        prompts: ["a small lighthouse"]
+        """,
+    )
+    (row,) = metadata(run_dir)
+    (card,) = parse_cards(run_dir / GALLERY_FILE)
+    assert card["img"]["src"] == row["file_name"]
+    assert (card["img"]["width"], card["img"]["height"]) == (str(THUMB_SIDE_PX), str(THUMB_SIDE_PX))
+    assert not (run_dir / "thumbs").exists()
+    (run_dir / row["file_name"]).unlink()
+    (card,) = parse_cards(gallery_of(run_dir))
+    assert card["img"] is None and "image missing or unreadable" in card["text"]

@@ -497,6 +497,21 @@ def test_an_image_whose_url_died_makes_the_item_expired(ledger: Ledger) -> None:
     assert ledger.get(item_id).cost == pytest.approx(0.28)
 
 
+def test_saving_the_last_image_settles_the_item_in_the_same_call(ledger: Ledger) -> None:
+    """With settle, an image's save or end moves its item once no image is pending, and says so."""
+    first, second = planned(ledger, 2, n=2)
+    for item_id in (first, second):
+        drive(ledger, item_id, S.queued)
+        images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
+        ledger.transition(item_id, S.generated, images=images)
+    assert ledger.image_saved(first, 0, file_name="a.png", sha256="0" * 64, size_bytes=1, settle=True) is None
+    assert ledger.image_saved(first, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True) is S.saved
+    ledger.image_saved(second, 0, file_name="c.png", sha256="2" * 64, size_bytes=1, settle=True)
+    assert ledger.image_final(second, 1, ImageState.expired, code="UrlExpired", settle=True) is S.expired
+    assert (ledger.state_of(first), ledger.state_of(second)) == (S.saved, S.expired)
+    assert ledger.settle(first) is None  # settled once only
+
+
 def test_a_saved_image_is_never_moved_or_overwritten(ledger: Ledger) -> None:
     """Re-recording a task's results leaves saved images alone; moving a saved image again is refused."""
     (item_id,) = planned(ledger)

@@ -14,10 +14,8 @@ import errno
 import json
 import logging
 import signal
-import types
 from pathlib import Path
 
-import aiofiles
 import pytest
 from engine_helpers import engine_for
 from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
@@ -285,41 +283,40 @@ async def test_unwritable_image_folder_leaves_images_generated_and_a_resume_save
 
 
 class FullDisk:
-    """``aiofiles`` for the downloader, with writes failing ENOSPC ``failures`` times (forever when None)."""
+    """``open`` for the downloader's files, with writes failing ENOSPC ``failures`` times (forever when None)."""
 
     def __init__(self, failures: int | None) -> None:
         self.left, self.refused = failures, 0
 
     def open(self, path, mode="r", **kwargs):
-        return _FullDiskFile(self, aiofiles.open(path, mode, **kwargs))
+        return _FullDiskFile(self, open(path, mode, **kwargs))
 
 
 class _FullDiskFile:
-    def __init__(self, disk: FullDisk, opening) -> None:
-        self._disk, self._opening, self._file = disk, opening, None
+    def __init__(self, disk: FullDisk, file) -> None:
+        self._disk, self._file = disk, file
 
-    async def __aenter__(self):
-        self._file = await self._opening.__aenter__()
+    def __enter__(self):
         return self
 
-    async def __aexit__(self, *exc_info):
-        return await self._opening.__aexit__(*exc_info)
+    def __exit__(self, *exc_info):
+        self._file.close()
 
-    async def write(self, data: bytes) -> int:
+    def write(self, data: bytes) -> int:
         disk = self._disk
         if disk.left is None or disk.left > 0:
             disk.refused += 1
             if disk.left is not None:
                 disk.left -= 1
             raise OSError(errno.ENOSPC, "No space left on device")
-        return await self._file.write(data)
+        return self._file.write(data)
 
 
 async def test_disk_full_for_a_while_is_retried_and_the_images_saved(start_sim, tmp_path, monkeypatch):
     """A disk that is full for a few writes: each image is retried while its URL lives and saved in the same run,
     each request paid once."""
     disk = FullDisk(failures=4)
-    monkeypatch.setattr("wanbatch.download.aiofiles", types.SimpleNamespace(open=disk.open))
+    monkeypatch.setattr("wanbatch.download.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 3, "full for a while"))
     assert disk.refused == 4
@@ -331,7 +328,7 @@ async def test_disk_full_for_a_while_is_retried_and_the_images_saved(start_sim, 
 async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_sim, tmp_path, monkeypatch):
     """A disk full for the whole run: the images stay generated, the report names the disk error, no partial file
     is left in images/, and a resume after space is freed saves them."""
-    monkeypatch.setattr("wanbatch.download.aiofiles", types.SimpleNamespace(open=FullDisk(failures=None).open))
+    monkeypatch.setattr("wanbatch.download.open", FullDisk(failures=None).open, raising=False)
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "full")
     first = await engine_for(sim, tmp_path / "run").run(manifest)

@@ -3,7 +3,8 @@
 One static file that needs nothing but the run folder: inline style and script,
 no fonts or libraries fetched (its Content-Security-Policy forbids any fetch but
 the folder's own images). Each saved image has a card: a thumbnail made once
-with Pillow into ``thumbs/`` (linking to the full image), its model, size, seed,
+with Pillow into ``thumbs/`` (an image of at most ``SMALL_IMAGE_PX`` a side is
+shown as it is), linking to the full image, its model, size, seed,
 manifest variables and prompt. The page filters by any of those and groups by
 one of them; cards keep one order (variables, prompt, size, seed, model) in
 every group, so the groups of a matrix experiment line up cell by cell.
@@ -23,6 +24,7 @@ import html
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,7 +33,7 @@ from urllib.parse import quote
 from PIL import Image, UnidentifiedImageError
 
 from .ledger import ImageRow, ItemRow, Ledger
-from .states import ImageState
+from .outputs import saved_images
 
 __all__ = ["GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "thumb_name", "write_gallery"]
 
@@ -39,6 +41,9 @@ GALLERY_FILE = "gallery.html"
 THUMBS_DIR = "thumbs"
 #: The long side of a thumbnail: sharp in a 188 px card on a 1.2x screen, ~10 kB as a JPEG.
 THUMB_SIDE_PX = 256
+#: An image whose long side is at most this is its own thumbnail: shrinking it would save the page little,
+#: and decoding, resizing and encoding it would cost more CPU than the image's whole way through the engine.
+SMALL_IMAGE_PX = 2 * THUMB_SIDE_PX
 THUMB_JPEG_QUALITY = 85
 #: The facets every card has, in the order the filters show them; manifest variables follow as ``var.NAME``.
 FIXED_FACETS = ("model", "size", "seed", "region")
@@ -73,13 +78,10 @@ class Card:
 def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
     """Write ``run_dir/gallery.html`` for every saved image (thumbnails made where missing); return its path."""
     run_dir = Path(run_dir)
-    cards: list[Card] = []
-    item: ItemRow | None = None
-    # Images come by item, so each item is read once.
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
-        if item is None or item.item_id != image.item_id:
-            item = ledger.get(image.item_id)
-        cards.append(_card(run_dir, image, item))
+    # Thumbnails are made on every core: Pillow lets go of the GIL while it decodes, resizes and encodes.
+    # The ledger is read in this thread only (map takes the rows here, as it submits them).
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        cards = list(pool.map(lambda pair: _card(run_dir, *pair), saved_images(ledger)))
     facets = _facets(cards)
     cards.sort(key=lambda card: _order(card, facets))
     path = run_dir / GALLERY_FILE
@@ -89,9 +91,8 @@ def write_gallery(run_dir: Path, ledger: Ledger) -> Path:
 
 def _card(run_dir: Path, image: ImageRow, item: ItemRow) -> Card:
     file_name = image.file_name or ""
-    thumb = thumb_name(file_name)
     try:
-        thumb_size = _thumbnail(run_dir / file_name, run_dir / thumb)
+        thumb, thumb_size = _picture(run_dir, file_name, item.request["size"])
     except (OSError, UnidentifiedImageError):
         # Deleted or damaged since it was saved: the card says so instead of the page failing.
         thumb, thumb_size = None, (0, 0)
@@ -120,6 +121,22 @@ def thumb_name(file_name: str) -> str:
     if path.parts[:1] == ("images",):
         path = path.relative_to("images")
     return str(PurePosixPath(THUMBS_DIR) / path.with_suffix(".jpg"))
+
+
+def _picture(run_dir: Path, file_name: str, size: str) -> tuple[str, tuple[int, int]]:
+    """What a card shows and at what size: the image itself when small, else its thumbnail (made if missing).
+
+    ``size`` is the one asked for ("W*H"): the downloader saved the image only once it had checked it.
+    """
+    source = run_dir / file_name
+    width, height = (int(side) for side in size.split("*"))
+    if max(width, height) <= SMALL_IMAGE_PX:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is gone")
+        scale = min(1.0, THUMB_SIDE_PX / max(width, height, 1))
+        return file_name, (max(1, round(width * scale)), max(1, round(height * scale)))
+    thumb = thumb_name(file_name)
+    return thumb, _thumbnail(source, run_dir / thumb)
 
 
 def _thumbnail(source: Path, target: Path) -> tuple[int, int]:

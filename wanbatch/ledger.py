@@ -294,6 +294,10 @@ class Ledger:
             raise LedgerError(f"no item {item_id} in {self.path}")
         return ItemRow.from_row(row)
 
+    def state_of(self, item_id: str) -> ItemState:
+        """The item's state alone: one column, for the stages that need nothing else of the row."""
+        return self._state_of(self._conn, item_id)
+
     def item_for_task(self, task_id: str) -> ItemRow | None:
         """The item holding ``task_id``, to match the service's task list against the ledger."""
         row = self._conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE task_id = ?", (task_id,)).fetchone()
@@ -537,8 +541,14 @@ class Ledger:
         ).fetchall()
         return [ImageRow.from_row(row) for row in rows]
 
-    def image_saved(self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int) -> None:
-        """Mark one pending image saved, with its file (relative to the run folder) and checksum."""
+    def image_saved(
+        self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int, settle: bool = False
+    ) -> ItemState | None:
+        """Mark one pending image saved, with its file (relative to the run folder) and checksum.
+
+        With ``settle``, the item is settled (:meth:`settle`) in the same transaction: one commit per image
+        instead of two. Its new state is returned, or None if it stays as it is.
+        """
         now = self._clock.now_ms()
         with self._tx() as conn:
             done = conn.execute(
@@ -549,9 +559,12 @@ class Ledger:
             )
             if done.rowcount == 0:
                 self._refuse_image_move(conn, item_id, index, ImageState.saved)
+            return self._settle(conn, item_id, now) if settle else None
 
-    def image_final(self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "") -> None:
-        """Mark one pending image failed or expired, with the reason."""
+    def image_final(
+        self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "", settle: bool = False
+    ) -> ItemState | None:
+        """Mark one pending image failed or expired, with the reason; ``settle`` as for :meth:`image_saved`."""
         state = ImageState(state)
         if state not in IMAGE_TRANSITIONS[ImageState.pending] - {ImageState.saved}:
             raise LedgerError(f"image_final() takes failed or expired, not {state}; a saved image needs image_saved()")
@@ -564,6 +577,7 @@ class Ledger:
             )
             if done.rowcount == 0:
                 self._refuse_image_move(conn, item_id, index, state)
+            return self._settle(conn, item_id, now) if settle else None
 
     def update_image(self, item_id: str, index: int, *, error_code: str | None, error_message: str | None) -> None:
         """Note why a pending image is not saved yet (a download that failed for now); its state stays."""
@@ -584,22 +598,24 @@ class Ledger:
         """
         now = self._clock.now_ms()
         with self._tx() as conn:
-            if self._state_of(conn, item_id) is not ItemState.generated:
-                return None
-            per_state = dict(
-                conn.execute(
-                    "SELECT state, count(*) FROM images WHERE item_id = ? GROUP BY state", (item_id,)
-                ).fetchall()
-            )
-            if per_state.get(ImageState.pending):
-                return None
-            if per_state.get(ImageState.expired):
-                target, note = ItemState.expired, f"{per_state[ImageState.expired]} image(s) expired before saving"
-            elif per_state.get(ImageState.saved):
-                target, note = ItemState.saved, f"{per_state[ImageState.saved]} image(s) saved"
-            else:
-                return None
-            self._move(conn, item_id, ItemState.generated, target, note=note, now=now)
+            return self._settle(conn, item_id, now)
+
+    def _settle(self, conn: sqlite3.Connection, item_id: str, now: int) -> ItemState | None:
+        """:meth:`settle` inside the caller's transaction; images first, as most calls end at a pending one."""
+        per_state = dict(
+            conn.execute("SELECT state, count(*) FROM images WHERE item_id = ? GROUP BY state", (item_id,)).fetchall()
+        )
+        if per_state.get(ImageState.pending):
+            return None
+        if per_state.get(ImageState.expired):
+            target, note = ItemState.expired, f"{per_state[ImageState.expired]} image(s) expired before saving"
+        elif per_state.get(ImageState.saved):
+            target, note = ItemState.saved, f"{per_state[ImageState.saved]} image(s) saved"
+        else:
+            return None
+        if self._state_of(conn, item_id) is not ItemState.generated:
+            return None
+        self._move(conn, item_id, ItemState.generated, target, note=note, now=now)
         return target
 
     def _refuse_image_move(self, conn: sqlite3.Connection, item_id: str, index: int, target: ImageState) -> None:

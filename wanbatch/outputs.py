@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .records import ImageRow, ItemRow
 from .states import ImageState, ItemState
 
-__all__ = ["build_report", "write_metadata", "write_report"]
+__all__ = ["build_report", "saved_images", "write_metadata", "write_report"]
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
@@ -29,6 +31,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def saved_images(ledger) -> Iterator[tuple[ImageRow, ItemRow]]:
+    """Every saved image with its item; images come by item, so each item is read once, not once an image."""
+    item: ItemRow | None = None
+    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+        if item is None or item.item_id != image.item_id:
+            item = ledger.get(image.item_id)
+        yield image, item
+
+
 def write_metadata(run_dir: Path, ledger) -> int:
     """One line per saved image; returns how many.
 
@@ -36,11 +47,10 @@ def write_metadata(run_dir: Path, ledger) -> int:
     the file only, so a variable some items lack is "" there, not absent, and so is a missing text value.
     """
     names: set[str] = set()
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
-        names.update(ledger.get(image.item_id).variables)
+    for _, item in saved_images(ledger):
+        names.update(item.variables)
     lines = []
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
-        item = ledger.get(image.item_id)
+    for image, item in saved_images(ledger):
         request = item.request
         row = {
             "file_name": image.file_name,

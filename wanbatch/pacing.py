@@ -13,13 +13,17 @@ import asyncio
 
 from aiolimiter import AsyncLimiter
 
-__all__ = ["Pacer", "even_limiter"]
+__all__ = ["GUARD_INTERVALS", "Pacer", "even_limiter"]
+
+#: The guard is at most this many of the quota's own intervals. It stands for a few milliseconds of arrival
+#: jitter, which matters while the service's window holds few requests (every catalog quota, up to speed
+#: 100); against a quota far above what one process can send, a fixed guard would be the only limit left.
+GUARD_INTERVALS = 10
 
 
-def even_limiter(rate_per_s: float, *, speed: float = 1.0, guard_s: float = 0.0) -> AsyncLimiter:
-    """A limiter that lets one acquisition through every ``1/rate`` clock seconds (plus ``guard_s`` of wall
-    time), with no burst."""
-    return AsyncLimiter(1, 1.0 / (rate_per_s * speed) + guard_s)
+def even_limiter(rate_per_s: float, *, speed: float = 1.0) -> AsyncLimiter:
+    """A limiter that lets one acquisition through every ``1/rate`` clock seconds, with no burst."""
+    return AsyncLimiter(1, 1.0 / (rate_per_s * speed))
 
 
 class Pacer:
@@ -36,11 +40,14 @@ class Pacer:
         guard_s: float = 0.01,
     ) -> None:
         """``guard_s`` is wall time added to every interval: requests sent evenly can still arrive a few
-        milliseconds closer together, which on a fast simulated clock is a large part of a second."""
+        milliseconds closer together, which on a fast simulated clock is a large part of a second. It is
+        capped at ``GUARD_INTERVALS`` intervals, so an unlimited quota is not held to 1/guard_s creates/s."""
         self.quota_per_s = rate_per_s
         self._speed, self._margin, self._floor, self._step = speed, margin, floor, step
         self.factor = 1.0
-        self._limiter = even_limiter(rate_per_s * margin, speed=speed, guard_s=guard_s)
+        interval_s = 1.0 / (rate_per_s * margin * speed)
+        self.interval_s = interval_s + min(guard_s, GUARD_INTERVALS * interval_s)  #: wall time between creates
+        self._limiter = AsyncLimiter(1, self.interval_s)
         # Retrying submits wait here too: one at a time, so the slowed spacing holds between all of them.
         self._turn = asyncio.Lock()
 

@@ -86,12 +86,14 @@ class ItemRow:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ItemRow:
-        values = {f.name: row[f.name] for f in fields(cls)}
+        # Every stage reads rows: the names are listed once, and the JSON columns' usual empty values are
+        # not parsed at all.
+        values = {name: row[name] for name in _ITEM_FIELDS}
         values["state"] = ItemState(values["state"])
-        for name in ("request", "variables"):
-            values[name] = json.loads(values[name])
-        for name in ("request_ids", "actual_prompts"):
-            values[name] = tuple(json.loads(values[name]))
+        values["request"] = json.loads(values["request"])
+        values["variables"] = {} if values["variables"] == "{}" else json.loads(values["variables"])
+        values["request_ids"] = _json_tuple(values["request_ids"])
+        values["actual_prompts"] = _json_tuple(values["actual_prompts"])
         return cls(**values)
 
 
@@ -114,6 +116,14 @@ class ImageRow:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ImageRow:
-        values = {f.name: row[f.name] for f in fields(cls)}
+        values = {name: row[name] for name in _IMAGE_FIELDS}
         values["state"] = ImageState(values["state"])
         return cls(**values)
+
+
+_ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))
+_IMAGE_FIELDS = tuple(f.name for f in fields(ImageRow))
+
+
+def _json_tuple(text: str) -> tuple[Any, ...]:
+    return () if text == "[]" else tuple(json.loads(text))

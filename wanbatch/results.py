@@ -68,18 +68,19 @@ def record_results(
             )
         )
         good += result.url is not None
-    ledger.record_images(item_id, images)
     cost = good * lane.offer.price
     if budget is not None:
         budget.settle(item_id, cost)
+    # The images are recorded in the item's own move: one commit per task.
     if good:
-        ledger.transition(item_id, ItemState.generated, cost=cost, **common)
+        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, **common)
         log.info("✓ %s generated %d/%d image(s)", item_id, good, len(images))
     else:
         first = next((r for r in images if r.error_code), None)
         ledger.transition(
             item_id,
             ItemState.failed,
+            images=images,
             error_code=first.error_code if first else "NoImages",
             error_message=first.error_message if first else "the task returned no image",
             **common,

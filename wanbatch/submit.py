@@ -211,7 +211,7 @@ class Submitter:
 
     async def _dispatch(self, lane: Lane, row, group: asyncio.TaskGroup) -> bool:
         """Reserve budget and a slot, wait for the pace, start the submit; False when submitting must stop."""
-        if row.item_id in lane.doubt or self._ledger.get(row.item_id).state is not ItemState.planned:
+        if row.item_id in lane.doubt or self._ledger.state_of(row.item_id) is not ItemState.planned:
             return True  # the row was read while an earlier pass's submit of it was starting; it has moved on
         if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
             log.warning("■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency)
@@ -243,7 +243,7 @@ class Submitter:
             holds_slot = await self._attempts(lane, row)
         finally:
             self.in_flight -= 1
-            if self._ledger.get(row.item_id).state is not ItemState.unknown:
+            if self._ledger.state_of(row.item_id) is not ItemState.unknown:
                 lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
             if not holds_slot:
                 lane.slots.release()
@@ -280,9 +280,8 @@ class Submitter:
             )
         except IllegalTransition:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
-            log.warning("… %s is %s now, not planned: not sent", item_id, ledger.get(item_id).state)
+            log.warning("… %s is %s now, not planned: not sent", item_id, ledger.state_of(item_id))
             return False
-        row = ledger.get(item_id)
         try:
             if sync:
                 data = await lane.client.generate_sync(body)

@@ -463,7 +463,7 @@ class Tracker:
             record_results(
                 ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common, budget=self.budget
             )
-            if ledger.get(item_id).state is ItemState.generated:
+            if ledger.state_of(item_id) is ItemState.generated:
                 self._on_images(item_id)
         elif status == "FAILED":
             code, message = str(output.get("code") or "TaskFailed"), str(output.get("message") or "")
