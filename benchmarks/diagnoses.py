@@ -12,23 +12,18 @@ __all__ = ["DIAGNOSES"]
 #: Why a figure misses its target and what to change, from the profiles and request counts of this benchmark.
 DIAGNOSES: dict[str, str] = {
     "utilisation": (
-        "wan2.6 (and any items sharing a prompt): submit.Lane.doubt_key is '' for wan2.6, whose results carry "
-        "no prompt, so one create is in flight at a time; after each dispatch Submitter._lane_loop starts a new "
-        "Submitter._pass from the first planned row and reads every planned row again, held back one by one "
-        "(Ledger.iter_items, records.ItemRow.from_row: about 80 µs a row), and once more after "
-        "wait_event(lane.changed). Each create thus costs CPU in proportion to the items still planned (2,000 "
-        "rows: about 0.15 s, 15 simulated s at speed 100), so creates come slower than the service's five slots "
-        "free up. At real speed the same happens from about 10,000 items, when a pass outlasts the second "
-        "between creates. Fix: continue a pass after the dispatched row instead of from seq 0, and when rows are "
-        "held wait for lane.changed and resume there (a small in-memory queue of planned rows per lane), so a "
-        "create costs O(1) ledger reads."
+        "The fast clock: at speed 100 a simulated second is 10 ms of wall time, and the engine spends tens of "
+        "milliseconds of CPU per wan2.6 task (a 1280*1280 PNG checked and hashed, its looks, its ledger commits), "
+        "so whenever the event loop is held up the next create comes late against the quota in simulated time. "
+        "The slow_clock rows run the same engine at speed 25, where the same delays weigh four times less; at "
+        "real speed a hundred times less."
     ),
     "throttle": (
-        "pacing.Pacer spaces creates on the wall clock (0.9 of the quota plus a 10 ms guard per create); at speed "
-        "100 a simulated second is 10 ms of wall time, so an event loop held up for more than about 10 ms between "
-        "a create's turn and its sending (here by the re-reading of diagnosis 1) lets two creates reach the "
-        "service within one simulated second. On the slower clock, and at real speed, the margin is 100 times "
-        "wider. Fix: that of diagnosis 1; the AIMD step already slows the lane after such a 429."
+        "pacing.Pacer spaces creates on the wall clock (0.9 of the quota plus a guard of up to 10 ms per "
+        "create); at speed 100 a simulated second is 10 ms of wall time, so an event loop held up for more than "
+        "about 10 ms between a create's turn and its sending lets two creates reach the service within one "
+        "simulated second. The AIMD step slows the lane after such a 429; at real speed the margin is a hundred "
+        "times wider."
     ),
     "tracking": (
         "By design of the default policy (track.py, policy='prompt'): to see an end within about 1 s at the "
@@ -60,25 +55,11 @@ DIAGNOSES: dict[str, str] = {
         "request, and a simulator that serves images at less CPU than the engine spends on them."
     ),
     "one_prompt": (
-        "Items sharing a prompt go one at a time: submit.Submitter._pass holds a row while lane.doubt has a "
-        "create of the same prompt in flight (so that the task list could tell unknown outcomes apart), and "
-        "every pass re-reads and parses all the lane's planned rows (Ledger.iter_items, ItemRow.from_row: four "
-        "json.loads and dataclasses.fields per row): quadratic in the repeats. With 2,000 repeats of one prompt "
-        "(measured while writing this benchmark) the engine saved 20 images/s at 50 CPU s per 1,000 images. "
-        "Fix: hold a prompt back only once a create of it is in doubt (unknown outcome), not while it is merely "
-        "in flight; keep held rows in memory rather than re-reading from the first seq."
-    ),
-    "plan": (
-        "wanbatch plan expands every item twice (Manifest.validate, then plan.make_plan), at about 50 µs per "
-        "item per pass in manifest._entry_items/_items (a dict per item, canonical JSON and sha256 of the item "
-        "id, which a plan does not need). Fix: validate and count in one pass, and expand without ids when only "
-        "counting."
-    ),
-    "resume": (
-        "A resume expands the whole manifest three times before its first request: api.run "
-        "(Manifest.validate, then plan.make_plan for the budget check) and Engine.run (Ledger.add_items, "
-        "which also upserts every row to mark it seen). Fix: keep the manifest's digest in the ledger's meta and, "
-        "when it is unchanged, skip validation and planning and submit from the ledger at once; otherwise plan "
-        "in the background while the submitter already sends the planned rows."
+        "Items sharing a prompt go one at a time: submit.Submitter._pass holds a row while a create of the same "
+        "prompt is unanswered (the task list tells tasks apart by prompt only, so a second one in doubt would "
+        "make an unknown outcome ambiguous: the price of never paying twice), and each pass reads on through the "
+        "lane's planned rows in pages to find one it may send; with every row sharing one prompt a pass reads "
+        "them all (Ledger.iter_items), so the cost grows with the repeats. Fix: keep a lane's held rows in "
+        "memory by prompt and resume a pass where it stopped."
     ),
 }
