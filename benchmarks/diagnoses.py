@@ -44,15 +44,16 @@ DIAGNOSES: dict[str, str] = {
         "spread of running times by design."
     ),
     "ceiling": (
-        "CPU-bound on two shared cores: the engine spends about 3-3.7 CPU s per 1,000 images at n=4 (its event "
-        "loop's thread 2.1-2.6 ms an image, the rest in its worker threads) and the simulator about 2.5 more "
-        "(it renders every PNG), so the pair cannot pass about 350 images/s here even alone on the machine; at "
-        "n=1 a task costs about 8 ms for its one image. In the profile SQLite leads with about a quarter: some "
-        "40 statements and 7 commits per task (each state move is committed before the network action that "
-        "depends on it, and each saved image is its own commit, settling its item with the last), then aiohttp's "
-        "per-request work (6 requests per task) and the event loop. Fix: commit the images that end in the same "
-        "turn of the loop together (their files are renamed first, so a kill loses nothing), fewer awaits per "
-        "request, and a simulator that serves images at less CPU than the engine spends on them."
+        "CPU-bound on two shared cores: at n=4 the engine spends about 2.3-2.8 CPU s per 1,000 images (most of it "
+        "on its event loop's one thread, the rest in worker threads that check, hash and write the PNGs) and the "
+        "simulator, which renders and serves every PNG, about 2.2 more, so the pair cannot pass about 400 "
+        "images/s here (the steady parts measured 360-438); the engine's loop alone would stop near 450. At n=1 "
+        "a task costs nearly as much for its one image. In the profile the HTTP client and SQLite lead with "
+        "about a quarter each: 6 requests and some 40 statements and 7 commits per task (each state move is "
+        "committed before the network action that depends on it, each saved image is its own commit, settling "
+        "its item with the last), then the event loop. Fix: commit the images that end in the same turn of the "
+        "loop together (their files are renamed first, so a kill loses nothing), fewer awaits per request, and "
+        "on a machine with more cores the simulator in a process of its own no longer takes the engine's."
     ),
     "one_prompt": (
         "Items sharing a prompt go one at a time: submit.Submitter._pass holds a row while a create of the same "

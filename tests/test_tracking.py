@@ -4,6 +4,7 @@ of requests is asserted (the counts then do not depend on the machine's speed)."
 
 from __future__ import annotations
 
+import pytest
 from engine_helpers import engine_for
 from test_engine import assert_billed_once_and_saved, write_manifest
 
@@ -88,26 +89,27 @@ def assert_settled(engine) -> None:
     assert all(not lane.queued for lane in tracker._lanes.values())
 
 
-async def test_the_service_running_fewer_tasks_than_the_catalog_says(start_sim, tmp_path):
-    """The account runs one flash task at a time, not two: tasks thought running are found still queued,
-    and are looked at again once another ends. Everything is saved, nothing paid twice."""
-    sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 1}})
-    manifest = write_manifest(tmp_path, numbered(8, "wan2.2-t2i-flash"))
+@pytest.mark.parametrize(
+    ("concurrency", "count"),
+    [
+        # One at a time, not two: tasks thought running are found still queued, and looked at again once
+        # another ends.
+        pytest.param(1, 8, id="fewer"),
+        # Six at once: tasks thought queued behind two have ended already, and are found by their own look
+        # (or a page of the task list) all the same.
+        pytest.param(6, 12, id="more"),
+    ],
+)
+async def test_the_service_running_another_number_of_tasks_than_the_catalog_says(
+    start_sim, tmp_path, concurrency, count
+):
+    """The account's flash concurrency is not the catalog's two: everything is saved, nothing paid twice, and
+    at the end the tracker's belief of what runs where is empty."""
+    sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": concurrency}})
+    manifest = write_manifest(tmp_path, numbered(count, "wan2.2-t2i-flash"))
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
-    assert report["items"]["saved"] == 8
-    assert_settled(engine)
-    assert_billed_once_and_saved(sim, tmp_path / "run")
-
-
-async def test_the_service_running_more_tasks_than_the_catalog_says(start_sim, tmp_path):
-    """The account runs six flash tasks at once: tasks thought queued behind two have ended already, and are
-    found by their own look (or a page of the task list) all the same."""
-    sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": 6}})
-    manifest = write_manifest(tmp_path, numbered(12, "wan2.2-t2i-flash"))
-    engine = engine_for(sim, tmp_path / "run")
-    report = await engine.run(manifest)
-    assert report["items"]["saved"] == 12
+    assert report["items"]["saved"] == count
     assert_settled(engine)
     assert_billed_once_and_saved(sim, tmp_path / "run")
 
