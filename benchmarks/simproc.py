@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -32,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from wanbatch.aio import stop_on_signals
 from wanbatch.sim import SIM_STATE, SimConfig, create_app
 
 __all__ = ["AccountWatch", "endpoint_of", "main", "observed_app"]
@@ -195,11 +194,7 @@ async def _serve(args: argparse.Namespace) -> int:
     await site.start()
     port = runner.addresses[0][1]
     print(f"wanbatch sim: http://127.0.0.1:{port}{API}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     try:
         await stop.wait()
     finally:

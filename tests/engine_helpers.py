@@ -7,6 +7,8 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 from wanbatch.sim import SimConfig, running_sim
@@ -47,3 +49,27 @@ def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> tuple[Path, di
 
     with ThreadPoolExecutor(1) as pool:
         return run_dir, pool.submit(asyncio.run, run()).result()
+
+
+def numbered_manifest(
+    directory: Path,
+    count: int,
+    subject: str,
+    *,
+    model: str = "wan2.2-t2i-flash",
+    size: str = "512*512",
+    n: int = 1,
+    **defaults,
+) -> Manifest:
+    """``directory``/job.yaml: ``count`` prompts "``subject`` number i" of ``model`` and ``size``, ``n`` images each
+    (prompt_extend off unless ``defaults`` say otherwise)."""
+    text = yaml.safe_dump(
+        {
+            "name": "numbered",
+            "defaults": {"model": model, "size": size, "n": n, "prompt_extend": False, **defaults},
+            "prompts": [f"{subject} number {i}" for i in range(count)],
+        },
+        sort_keys=False,
+    )
+    (directory / "job.yaml").write_text(text)
+    return Manifest.from_yaml(directory / "job.yaml")

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from engine_helpers import engine_for
+from engine_helpers import engine_for, numbered_manifest
 from PIL import Image
 
 from wanbatch.engine import Engine, EngineConfig
@@ -128,16 +128,7 @@ prompts:
 async def test_resume_after_stop_bills_nothing_twice(start_sim, tmp_path):
     """Stopped after a few submissions and resumed, the run ends with every item saved and nothing paid twice."""
     sim = await start_sim(speed=100.0, durations={"*": 3.0})
-    prompts = "\n".join(f"  - a paper boat number {i}" for i in range(12))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: boats
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 2, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 12, "a paper boat", n=2)
     run_dir = tmp_path / "run"
     engine = engine_for(sim, run_dir)
 
@@ -160,16 +151,7 @@ prompts:
 async def test_resume_after_a_hard_cancel(start_sim, tmp_path):
     """A run torn down mid-flight (as by a crash) resumes from its ledger: all saved, nothing billed twice."""
     sim = await start_sim(speed=100.0, durations={"*": 3.0})
-    prompts = "\n".join(f"  - a glass marble number {i}" for i in range(10))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: marbles
-defaults: {{model: wanx2.1-t2i-turbo, size: "512*512", n: 1, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 10, "a glass marble", model="wanx2.1-t2i-turbo")
     run_dir = tmp_path / "run"
     task = asyncio.create_task(engine_for(sim, run_dir).run(manifest))
     while sim.requests["create"] < 4:
@@ -185,16 +167,7 @@ prompts:
 async def test_partial_failures_keep_the_good_images(start_sim, tmp_path):
     """With images failing at random, every good image is saved and every failed one recorded, none billed."""
     sim = await start_sim(**FAST, image_failure_rate=0.4, seed=3)
-    prompts = "\n".join(f"  - a clay pot number {i}" for i in range(6))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: pots
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 4, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 6, "a clay pot", n=4)
     run_dir = tmp_path / "run"
     report = await engine_for(sim, run_dir).run(manifest)
     assert report["images"]["failed"] > 0 and report["images"]["saved"] > 0
@@ -243,16 +216,7 @@ async def test_expired_urls_are_reported_as_paid_and_lost(start_sim, tmp_path):
 async def test_unknown_outcomes_are_reconciled_not_resent(start_sim, tmp_path):
     """Resets after the task was created leave items unknown; they are adopted from the list, never paid twice."""
     sim = await start_sim(**FAST, fault_rates={"reset_after": 0.4}, seed=5)
-    prompts = "\n".join(f"  - a kite number {i}" for i in range(10))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: kites
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 10, "a kite")
     from wanbatch.reconcile import ReconcileConfig
 
     engine = engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=5.0, retry_s=1.0))
@@ -321,16 +285,7 @@ async def test_wan26_sync_endpoint_saves_images(start_sim, tmp_path):
 async def test_cancel_pending_cancels_only_what_waits_on_the_service(start_sim, tmp_path):
     """Interrupted with cancel_pending, tasks still PENDING are canceled (not billed); running ones are saved."""
     sim = await start_sim(speed=50.0, durations={"*": 30.0})
-    prompts = "\n".join(f"  - a tin robot number {i}" for i in range(8))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: robots
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 8, "a tin robot")
     engine = engine_for(sim, tmp_path / "run")
 
     async def stop_when_backlog_waits() -> None:
@@ -354,16 +309,7 @@ async def test_an_unreachable_service_stops_the_lane_with_advice(tmp_path):
     with socket.socket() as probe:  # a loopback port with nothing behind it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    prompts = "\n".join(f"  - a stone bridge number {i}" for i in range(40))
-    manifest = write_manifest(
-        tmp_path,
-        f"""\
-name: nowhere
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 40, "a stone bridge")
     from wanbatch.clock import ScaledClock
     from wanbatch.submit import SubmitConfig
 

@@ -9,6 +9,7 @@ billing log proves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -91,22 +92,30 @@ def test_second_sigint_quits_at_once_and_the_folder_resumes(tmp_path):
     assert result.clean and result.billed == result.saved == 4
 
 
-def test_cancel_pending_cancels_tasks_waiting_on_the_service(tmp_path):
-    """With --cancel-pending, Ctrl-C also cancels the tasks still PENDING on the service: they are never billed,
-    their items end canceled, and the running task's images are saved before exit 130."""
-    # One task runs at a time on the service; the engine keeps its backlog waiting there, PENDING.
+@contextlib.contextmanager
+def interrupted_with_backlog(tmp_path, *, count: int, tag: str):
+    """A run with --cancel-pending stopped by Ctrl-C (exit 130) once a backlog of its tasks waits PENDING on
+    the service (which runs one task at a time); yields (simulator, manifest, run folder), the simulator
+    stopped after the block."""
     config = {"durations": {"*": 20.0}, "quotas": {"*": {"concurrency": 1}}}
     sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=8, models=FLASH, tag="cancel")
+    manifest = write_manifest(tmp_path / "job.yaml", count=count, models=FLASH, tag=tag)
     out = tmp_path / "run"
     try:
         run = start_run(manifest, out, sim=sim, extra=("--cancel-pending",))
         wait_until(lambda: count_items(out, "state = 'queued'") >= 3, what="a backlog of tasks on the service")
         run.signal(signal.SIGINT)
         assert run.wait(60) == 130, run.stderr()[-3000:]
-        sim.settle(60.0)  # a task left PENDING by mistake would run and be billed in this time
+        yield sim, manifest, out
     finally:
         sim.stop()
+
+
+def test_cancel_pending_cancels_tasks_waiting_on_the_service(tmp_path):
+    """With --cancel-pending, Ctrl-C also cancels the tasks still PENDING on the service: they are never billed,
+    their items end canceled, and the running task's images are saved before exit 130."""
+    with interrupted_with_backlog(tmp_path, count=8, tag="cancel") as (sim, _, out):
+        sim.settle(60.0)  # a task left PENDING by mistake would run and be billed in this time
     result = audit(out, sim.billing())
     assert result.duplicates == [] and result.lost == []
     assert result.items["canceled"] >= 2 and result.items["saved"] >= 1
@@ -144,20 +153,10 @@ async def test_a_hard_stop_takes_effect_at_once(start_sim, tmp_path):
 def test_resume_after_cancel_pending_makes_the_canceled_items(tmp_path):
     """Items whose tasks were canceled while PENDING cost nothing; resuming the run folder makes them, so the
     manifest ends complete (exit 0) with each request paid once."""
-    config = {"durations": {"*": 20.0}, "quotas": {"*": {"concurrency": 1}}}
-    sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=5, models=FLASH, tag="recancel")
-    out = tmp_path / "run"
-    try:
-        run = start_run(manifest, out, sim=sim, extra=("--cancel-pending",))
-        wait_until(lambda: count_items(out, "state = 'queued'") >= 3, what="a backlog of tasks on the service")
-        run.signal(signal.SIGINT)
-        assert run.wait(60) == 130, run.stderr()[-3000:]
+    with interrupted_with_backlog(tmp_path, count=5, tag="recancel") as (sim, manifest, out):
         assert count_items(out, "state = 'canceled'") >= 1
         resumed = start_run(manifest, out, sim=sim)
         assert resumed.wait(60) == 0, resumed.stdout()
         sim.settle(60.0)
-    finally:
-        sim.stop()
     result = audit(out, sim.billing())
     assert result.clean and result.billed == result.saved == 5

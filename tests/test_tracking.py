@@ -5,20 +5,10 @@ of requests is asserted (the counts then do not depend on the machine's speed)."
 from __future__ import annotations
 
 import pytest
-from engine_helpers import engine_for
-from test_engine import assert_billed_once_and_saved, write_manifest
+from engine_helpers import engine_for, numbered_manifest
+from test_engine import assert_billed_once_and_saved
 
 from wanbatch.track import Durations, TrackerConfig
-
-
-def numbered(count: int, model: str) -> str:
-    prompts = "\n".join(f"  - a paper lantern number {i}" for i in range(count))
-    return f"""\
-name: lanterns
-defaults: {{model: {model}, size: "1024*1024", n: 1, prompt_extend: false}}
-prompts:
-{prompts}
-"""
 
 
 def test_durations_start_from_the_catalog_and_follow_recent_tasks():
@@ -43,7 +33,7 @@ def test_an_unknown_tracking_policy_is_refused():
 async def _tracking_requests(start_sim, tmp_path, policy: str, count: int, **sim_config) -> int:
     """Queries plus lists the tracker of ``policy`` made for ``count`` flash tasks."""
     sim = await start_sim(speed=100.0, **sim_config)
-    manifest = write_manifest(tmp_path, numbered(count, "wan2.2-t2i-flash"))
+    manifest = numbered_manifest(tmp_path, count, "a paper lantern", size="1024*1024")
     run_dir = tmp_path / policy
     report = await engine_for(sim, run_dir, track=TrackerConfig(policy=policy)).run(manifest)
     assert report["items"]["saved"] == count
@@ -73,7 +63,7 @@ async def test_several_due_tasks_are_seen_through_one_list(start_sim, tmp_path):
     """wan2.6 runs five tasks at once: while several may still run, one page of the task list looks at them
     all, and only the tasks it shows ended are queried (once each, for their images)."""
     sim = await start_sim(speed=100.0, durations={"*": 30.0}, duration_spread=0.3)
-    manifest = write_manifest(tmp_path, numbered(15, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
+    manifest = numbered_manifest(tmp_path, 15, "a paper lantern", model="wan2.6-t2i", size="1280*1280")
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
     assert report["items"]["saved"] == 15
@@ -106,7 +96,7 @@ async def test_the_service_running_another_number_of_tasks_than_the_catalog_says
     """The account's flash concurrency is not the catalog's two: everything is saved, nothing paid twice, and
     at the end the tracker's belief of what runs where is empty."""
     sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": concurrency}})
-    manifest = write_manifest(tmp_path, numbered(count, "wan2.2-t2i-flash"))
+    manifest = numbered_manifest(tmp_path, count, "a paper lantern", size="1024*1024")
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
     assert report["items"]["saved"] == count
@@ -122,7 +112,7 @@ async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
         fault_rates={"internal_error": 1.0},
         fault_endpoints=("list",),
     )
-    manifest = write_manifest(tmp_path, numbered(10, "wan2.6-t2i").replace("1024*1024", "1280*1280"))
+    manifest = numbered_manifest(tmp_path, 10, "a paper lantern", model="wan2.6-t2i", size="1280*1280")
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["saved"] == 10
     assert sim.requests["list"] >= 1 and sim.statuses[("list", 500)] == sim.requests["list"]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
 from pathlib import Path
 
 from wanbatch import catalog
+from wanbatch.aio import stop_on_signals
 from wanbatch.sim.config import SimConfig
 from wanbatch.sim.faults import FAULT_PROFILES
 from wanbatch.sim.handle import running_sim
@@ -52,11 +51,7 @@ async def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"wanbatch sim: bad configuration: {exc}", file=sys.stderr)
         return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     try:
         async with running_sim(config, host=args.host, port=args.port) as sim:
             print(f"wanbatch sim: {sim.base_url}", flush=True)
