@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import aiohttp
-from engine_helpers import engine_for
+from engine_helpers import engine_for, numbered_manifest
 
 from wanbatch import catalog
 from wanbatch.ledger import LEDGER_FILE, Ledger
@@ -74,23 +74,15 @@ async def test_a_lost_sync_answer_is_never_sent_again(start_sim, tmp_path):
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK, sync_timeout_s=0.05).run(manifest)
     assert sim.requests["sync"] == 1 and report["items"]["expired"] == 1
     assert report["failures"]["SyncAnswerLost"]["count"] == 1
-    assert report["cost"]["CNY"] == catalog.offer("beijing", "wan2.6-t2i").price
+    price = catalog.offer("beijing", "wan2.6-t2i").price
+    assert report["cost"]["CNY"] == price and report["cost_lost"] == {"CNY": price}  # paid, and counted as lost
 
 
 async def test_cancel_pending_on_resume_cancels_only_the_waiting_tasks(start_sim, tmp_path):
     """Resumed with cancel_pending after a hard stop, the tasks still waiting are canceled and the running ones
     are followed to the end and saved (the sweep removes exactly the task it canceled)."""
     sim = await start_sim(speed=50.0, durations={"*": 60.0})
-    prompts = "\n".join(f"  - a tin robot number {i}" for i in range(8))
-    manifest = manifest_in(
-        tmp_path,
-        f"""\
-name: robots
-defaults: {{model: wan2.2-t2i-flash, size: "512*512", n: 1, prompt_extend: false}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 8, "a tin robot")
     engine = engine_for(sim, tmp_path / "run")
     run = asyncio.create_task(engine.run(manifest))
     while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:
@@ -109,16 +101,7 @@ async def test_sync_calls_run_side_by_side(start_sim, tmp_path):
     """A sync call leaves nothing to tell apart later (a lost answer is never sent again), so wan2.6 sync calls
     are not held back one at a time like its async creates: their times on the service overlap."""
     sim = await start_sim(speed=50.0, durations={"*": 5.0}, duration_distribution="fixed")
-    prompts = "\n".join(f"  - a brass compass number {i}" for i in range(4))
-    manifest = manifest_in(
-        tmp_path,
-        f"""\
-name: compasses
-defaults: {{model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false, sync: true}}
-prompts:
-{prompts}
-""",
-    )
+    manifest = numbered_manifest(tmp_path, 4, "a brass compass", model="wan2.6-t2i", size="1280*1280", sync=True)
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["saved"] == 4 and sim.requests["sync"] == 4
     with sqlite3.connect(tmp_path / "run" / LEDGER_FILE) as conn:

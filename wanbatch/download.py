@@ -213,7 +213,8 @@ class Downloader:
             )
             log.warning("✗ %s image %d expired: %s", item_id, index, exc)
         except (DownloadError, OSError) as exc:
-            self._folders.clear()  # a folder may have gone since it was made: make them again
+            if isinstance(exc, OSError):
+                self._folders.clear()  # a folder may have gone since it was made: make them again
             job.attempts += 1
             if getattr(exc, "retryable", True) and job.attempts < self.config.attempts:
                 job.not_before_s = self._clock.now() + self.config.retry_base_s * 2 ** (job.attempts - 1)

@@ -34,6 +34,7 @@ from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
 from .reconcile import ReconcileConfig, Reconciler
 from .records import AddResult
+from .results import write_off
 from .states import ItemState
 from .submit import Lane, Slots, SubmitConfig, Submitter
 from .track import Tracker, TrackerConfig
@@ -316,12 +317,12 @@ class Engine:
                     continue
                 if state is ItemState.queued and not row.task_id:
                     # A sync answer whose images were not recorded before a stop: nothing to ask for again.
-                    ledger.transition(
+                    write_off(
+                        ledger,
                         row.item_id,
-                        ItemState.expired,
-                        error_code="SyncAnswerLost",
-                        error_message="stopped before the sync answer was recorded; counted as paid",
-                        cost=row.n_images * row.price_per_image,
+                        paid=row.n_images * row.price_per_image,
+                        code="SyncAnswerLost",
+                        message="stopped before the sync answer was recorded; counted as paid",
                     )
                     continue
                 lane.slots.take_now()  # its task holds a place on the service already

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import ImageRow, ItemRow
+from .results import WRITE_OFF_CODES
 from .states import ImageState, ItemState
 
 __all__ = ["build_report", "saved_images", "write_metadata", "write_report"]
@@ -87,7 +88,7 @@ def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "state": "", "message": "", "sources": []})
     lost_cost = defaultdict(float)
     for row in ledger.iter_items(FAILURE_STATES):
-        if row.error_code == "TaskExpired":  # never seen finished: its images count as paid and lost
+        if row.error_code in WRITE_OFF_CODES:  # possibly billed, images never had: counted as paid and lost
             lost_cost[row.currency] += row.cost
         entry = failures[row.error_code or str(row.state)]
         entry["count"] += 1

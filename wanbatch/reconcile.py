@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from .aio import wait_event
 from .catalog import Protocol
 from .errors import ApiError, TransportError
+from .results import write_off
 from .states import ItemState
 
 __all__ = ["ReconcileConfig", "Reconciler"]
@@ -50,9 +51,6 @@ class Reconciler:
     def add(self, item_id: str, lane) -> None:
         self._pending[item_id] = lane
         self._changed.set()
-
-    def pending(self, lane=None) -> bool:
-        return any(lane is None or other is lane for other in self._pending.values())
 
     async def run(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and not self._pending):
@@ -96,14 +94,14 @@ class Reconciler:
         now = self._clock.now()
         started_s = (row.submit_started_ms or 0) / 1000
         if now - started_s > self.config.task_lifetime_s:
-            self._ledger.transition(
+            write_off(
+                self._ledger,
                 item_id,
-                ItemState.expired,
-                error_code="OutcomeUnknown",
-                error_message="the service no longer lists tasks this old; counted as paid and lost",
-                cost=row.n_images * row.price_per_image,
+                paid=row.n_images * row.price_per_image,
+                code="OutcomeUnknown",
+                message="the service no longer lists tasks this old; counted as paid and lost",
+                budget=self._tracker.budget,
             )
-            self._tracker.budget.settle(item_id, row.n_images * row.price_per_image)  # may have been billed
             lane.slots.release()
             return True
         waiting = False

@@ -13,9 +13,22 @@ from .records import ImageRecord
 from .states import ImageState, ItemState
 from .wire import image_results, parse_service_time_s, url_expires_s
 
-__all__ = ["record_results"]
+__all__ = ["WRITE_OFF_CODES", "record_results", "write_off"]
 
 log = logging.getLogger("wanbatch")
+
+#: Why an item was written off: its task may have been billed, its images can never be had.
+WRITE_OFF_CODES = frozenset({"TaskExpired", "SyncAnswerLost", "MalformedAnswer", "OutcomeUnknown"})
+
+
+def write_off(ledger, item_id: str, *, paid: float, code: str, message: str, budget: Budget | None = None, **fields):
+    """End an item that may have been paid for but can never give its images: expired, its cost counted as
+    paid (and as lost in the report), never sent again."""
+    if code not in WRITE_OFF_CODES:
+        raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
+    ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
+    if budget is not None:
+        budget.settle(item_id, paid)
 
 
 def _service_to_ours(output: dict, row, now_s: float) -> float:

@@ -31,6 +31,7 @@ from .errors import (
     TransportError,
 )
 from .pacing import Pacer
+from .results import write_off
 from .states import ItemState
 from .wire import build_body
 
@@ -109,7 +110,7 @@ class Lane:
     def doubt_key(self, row) -> str:
         """What tells this item's task apart in the service's list: its prompt, where results show it.
         wan2.6's results do not, so its creates are in doubt one at a time."""
-        return row.request["prompt"] if self.offer.model.protocol is Protocol.LEGACY else SHARED_KEY
+        return SHARED_KEY if self.one_at_a_time else row.request["prompt"]
 
     @property
     def one_at_a_time(self) -> bool:
@@ -340,14 +341,14 @@ class Submitter:
         Sending it again could pay twice, so it ends expired, counted as paid."""
         paid = row.n_images * row.price_per_image
         self._ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
-        self._ledger.transition(
+        write_off(
+            self._ledger,
             row.item_id,
-            ItemState.expired,
-            error_code="SyncAnswerLost",
-            cost=paid,
-            error_message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
+            paid=paid,
+            code="SyncAnswerLost",
+            message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
+            budget=self.budget,
         )
-        self.budget.settle(row.item_id, paid)
         log.warning(
             "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
         )

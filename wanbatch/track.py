@@ -26,7 +26,7 @@ from typing import Any
 from .aio import wait_event
 from .budget import Budget
 from .errors import ApiError, TransportError
-from .results import record_results
+from .results import record_results, write_off
 from .states import ItemState
 from .wire import MalformedAnswer, parse_service_time_s
 
@@ -74,10 +74,6 @@ class Durations:
     def add(self, seconds: float) -> None:
         if 0.0 <= seconds <= MAX_RUNNING_S:  # a time from a garbled answer would misplace every look
             self._recent.append(seconds)
-
-    @property
-    def mean_s(self) -> float:
-        return sum(self._recent) / len(self._recent) if self._recent else self._typical_s
 
     def share_ended(self, elapsed_s: float) -> float:
         """How likely a task running for ``elapsed_s`` has ended, judged by the recent running times."""
@@ -216,10 +212,9 @@ class Tracker:
         except MalformedAnswer as exc:
             # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost.
             paid = lane.offer.price * self._ledger.get(item_id).n_images
-            self._ledger.transition(
-                item_id, ItemState.expired, error_code="MalformedAnswer", error_message=str(exc), cost=paid, **common
+            write_off(
+                self._ledger, item_id, paid=paid, code="MalformedAnswer", message=str(exc), budget=self.budget, **common
             )
-            self.budget.settle(item_id, lane.offer.price * self._ledger.get(item_id).n_images)
             log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
             return
         self._on_images(item_id)
@@ -332,7 +327,7 @@ class Tracker:
                 ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
                 continue
             looked_due = task.due_s
-            if status in ("PENDING", "RUNNING"):
+            if status in OPEN:
                 self._seen(task, status, _started_after_submit_s(entry))
             if id(task) in due_ids:
                 task.polls += 1
@@ -405,7 +400,7 @@ class Tracker:
             lane.slots.release()
             return
         looked_due = task.due_s
-        if status in ("PENDING", "RUNNING"):
+        if status in OPEN:
             submitted = parse_service_time_s(output.get("submit_time"))
             scheduled = parse_service_time_s(output.get("scheduled_time"))
             self._seen(task, status, (scheduled - submitted) if submitted and scheduled else None)
@@ -431,8 +426,8 @@ class Tracker:
             return self.config.poll_interval_s
         return max(self.config.queued_poll_s, self.durations(task.lane).latest_s)
 
-    def _again(self, task: OpenTask, after_s: float, *, not_before: float = 0.0) -> None:
-        task.due_s = max(self._clock.now() + after_s, not_before)
+    def _again(self, task: OpenTask, after_s: float) -> None:
+        task.due_s = self._clock.now() + after_s
         heapq.heappush(self._heap, task)
 
     def _backoff_s(self, task: OpenTask) -> float:
@@ -473,17 +468,17 @@ class Tracker:
         elif status == "CANCELED":
             ledger.transition(item_id, ItemState.canceled, **common)
             self.budget.settle(item_id, 0.0)
-        else:  # UNKNOWN: the task id is gone, more than a day after the task ended.
-            ledger.transition(
+        else:  # UNKNOWN: the task id is gone, more than a day after the task ended; whether it was billed
+            # cannot be known now: count it as paid (and lost).
+            write_off(
+                ledger,
                 item_id,
-                ItemState.expired,
-                error_code="TaskExpired",
-                error_message="the service no longer knows this task (over 24 h old); counted as paid and lost",
-                cost=lane.offer.price * ledger.get(item_id).n_images,
+                paid=lane.offer.price * ledger.get(item_id).n_images,
+                code="TaskExpired",
+                message="the service no longer knows this task (over 24 h old); counted as paid and lost",
+                budget=self.budget,
                 **common,
             )
-            # Whether it was billed cannot be known now: count it as paid (and lost).
-            self.budget.settle(item_id, lane.offer.price * ledger.get(item_id).n_images)
 
 
 async def _each(look: Callable[[OpenTask], Awaitable[None]], tasks: list[OpenTask]) -> None:
