@@ -107,3 +107,31 @@ async def test_sync_calls_run_side_by_side(start_sim, tmp_path):
     with sqlite3.connect(tmp_path / "run" / LEDGER_FILE) as conn:
         spans = sorted(conn.execute("SELECT submit_started_ms, ended_ms FROM items").fetchall())
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+
+
+async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_waits(start_sim, tmp_path):
+    """A create in doubt waits out its grace, the task list swept every second; the account's finished tasks
+    that are not ours (another program's) cannot change, so each is queried once, not at every sweep."""
+    sim = await start_sim(**FAST)
+    manifest = numbered_manifest(tmp_path, 1, "a copper kettle")
+    with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:  # a crash before the POST went out
+        run = ledger.begin_run()
+        ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
+        (row,) = ledger.iter_items([ItemState.planned])
+        ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
+    async with aiohttp.ClientSession() as session:
+        for i in range(3):  # another program's tasks on the same account and model
+            body = {**row.request, "prompt": f"someone else's lamp {i}"}
+            body = build_body(body, api_name="wan2.2-t2i-flash", protocol=catalog.MODELS["wan2.2-t2i-flash"].protocol)
+            headers = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
+            async with session.post(
+                sim.base_url + "/services/aigc/text2image/image-synthesis", json=body, headers=headers
+            ) as answer:
+                assert answer.status == 200
+            await asyncio.sleep(0.02)  # two simulated seconds: within the account's rate
+    await asyncio.sleep(0.1)  # ten simulated seconds more: they have ended
+    report = await engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=40.0, retry_s=1.0)).run(manifest)
+    assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
+    assert report["items"]["saved"] == 1
+    # Three foreign tasks once each, and the re-sent item's own looks (a few), over some twenty sweeps.
+    assert sim.requests["list"] >= 5 and sim.requests["query"] <= 3 + 4, sim.requests

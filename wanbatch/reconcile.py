@@ -29,6 +29,8 @@ __all__ = ["ReconcileConfig", "Reconciler"]
 
 log = logging.getLogger("wanbatch")
 
+FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})  #: a task in these states answers the same ever after
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconcileConfig:
@@ -44,6 +46,8 @@ class Reconciler:
         self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
         self.config = config
         self._pending: dict[str, object] = {}  # item_id -> lane
+        #: task_id -> the answer of an unclaimed task that had finished: it cannot change, so it is asked once
+        self._finished: dict[str, dict] = {}
         self._changed = asyncio.Event()
         self.adopted = 0
         self.resent = 0
@@ -63,6 +67,7 @@ class Reconciler:
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
             else:
+                self._finished.clear()  # the next unknown outcome looks at the list as it is then
                 await wait_event(self._changed, 0.2)
 
     async def _sweep(self, lane) -> None:
@@ -73,9 +78,14 @@ class Reconciler:
         candidates = await self._candidates(lane)
         outputs: dict[str, dict] = {}
         for task in candidates:
-            data = await self._query(lane, task["task_id"])
-            output = data.get("output")
-            outputs[task["task_id"]] = output if isinstance(output, dict) else {}
+            task_id = task["task_id"]
+            output = self._finished.get(task_id)
+            if output is None:
+                output = (await self._query(lane, task_id)).get("output")
+                output = output if isinstance(output, dict) else {}
+                if output.get("task_status") in FINISHED:
+                    self._finished[task_id] = output
+            outputs[task_id] = output
         items = [i for i, other in self._pending.items() if other is lane]
         if lane.offer.model.protocol is not Protocol.LEGACY:
             self._pair_by_order(lane, items, candidates, outputs)
