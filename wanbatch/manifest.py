@@ -63,8 +63,12 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 def item_id(request: Mapping[str, object], replica: int) -> str:
     """The stable id: sha256 of ``[request, replica]`` as compact sorted JSON, first 20 hex digits."""
-    payload = _CANONICAL_JSON.encode([request, replica])
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+    return _id_of(_CANONICAL_JSON.encode(request), replica)
+
+
+def _id_of(request_json: str, replica: int) -> str:
+    """:func:`item_id` from the request's canonical JSON, made once for all its replicas."""
+    return hashlib.sha256(f"[{request_json},{replica}]".encode()).hexdigest()[:20]
 
 
 def draw_seed(manifest_name: str, prompt: str, k: int) -> int:
@@ -374,10 +378,8 @@ def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
         request["seed"] = seed
         payload = _CANONICAL_JSON.encode(request)
         for replica in range(entry.repeats):
-            # The same text as item_id(request, replica): '[' + request + ',' + replica + ']'.
-            digest = hashlib.sha256(f"[{payload},{replica}]".encode()).hexdigest()[:20]
             yield Item(
-                item_id=digest,
+                item_id=_id_of(payload, replica),
                 replica=replica,
                 variables=combo.variables,
                 source=source,
