@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 from engine_helpers import engine_for
+from helpers_proc import count_items, ledger_rows, start_run, wait_until, write_manifest
+from helpers_proc import start_sim as start_sim_process
 
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
@@ -224,3 +226,25 @@ def test_a_run_folder_of_the_earlier_schema_is_brought_up_to_date(tmp_path):
     with Ledger.open(tmp_path / "run", clock=clock, create=False) as ledger:
         (row,) = ledger.iter_items([ItemState.submitting])
         assert row.endpoint is None and ledger.meta("schema_version") == "2"
+
+
+def test_a_run_killed_during_a_sync_call_never_sends_it_again(tmp_path):
+    """kill -9 while a wan2.6 sync call is held open by the service: the resumed run finds the attempt recorded
+    as a sync call, which no task list shows, so it writes the item off as paid and lost (SyncAnswerLost)
+    instead of sending it again; the service billed it once."""
+    sim = start_sim_process(tmp_path / "sim", speed=20.0, config={"durations": {"*": 60.0}, "duration_spread": 0.0})
+    manifest = write_manifest(tmp_path / "sync.yaml", count=1, models=("wan2.6-t2i",), tag="sync", size="1280*1280")
+    out = tmp_path / "run"
+    try:
+        run = start_run(manifest, out, sim=sim, extra=("--sync",), tag="killed")
+        wait_until(lambda: count_items(out, "state = 'submitting'") == 1, what="the sync call under way")
+        assert run.kill() == -9
+        sim.settle(90.0)  # the held call's generation ends on the service, billed
+        resumed = start_run(manifest, out, sim=sim, extra=("--sync",), tag="resumed")
+        assert resumed.wait() == 3, resumed.stderr()[-2000:]
+        sim.settle(90.0)
+    finally:
+        sim.stop()
+    assert len(sim.billing()) == 1, "the sync call was sent again"
+    ((state, code, endpoint),) = ledger_rows(out, "SELECT state, error_code, endpoint FROM items")
+    assert (state, code, endpoint) == ("expired", "SyncAnswerLost", "sync")

@@ -135,7 +135,8 @@ async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_wa
                 assert answer.status == 200
             await asyncio.sleep(0.02)  # two simulated seconds: within the account's rate
     await asyncio.sleep(0.1)  # ten simulated seconds more: they have ended
-    report = await engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(request_window_s=40.0, list_lag_s=0.0, retry_s=1.0)).run(manifest)
+    window = ReconcileConfig(request_window_s=40.0, list_lag_s=0.0, retry_s=1.0)
+    report = await engine_for(sim, tmp_path / "run", reconcile=window).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
     assert report["items"]["saved"] == 1
     # Three foreign tasks once each, and the re-sent item's own looks (a few), over some twenty sweeps.
