@@ -132,10 +132,19 @@ _CHAOS = {
     Fault.MALFORMED_JSON: 0.02,
     Fault.SLOW_DOWNLOAD: 0.02,
     Fault.TRUNCATED_DOWNLOAD: 0.03,
+    Fault.ERROR_AFTER_CREATE: 0.02,
+    Fault.LATE_CREATE: 0.02,
+    Fault.LIST_LAG: 0.1,
+    Fault.QUERY_UNKNOWN: 0.05,
+    Fault.IMAGE_SLOWDOWN: 0.02,
+    Fault.IMAGE_NOT_FOUND: 0.01,
+    Fault.IMAGE_DENIED: 0.01,
+    Fault.ECHO_VARIANT: 0.1,
 }
 
-#: Named sets of fault rates. ``chaos`` holds every fault a correct client loses nothing by;
-#: early URL expiry, which loses images a slow client has not saved, has a profile of its own.
+#: Named sets of fault rates. ``chaos`` holds every fault a correct client loses nothing by; early URL
+#: expiry, which loses images a slow client has not saved, has a profile of its own, and the lost sync
+#: answer (which no client can recover) is only in ``unkind``.
 FAULT_PROFILES: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
         "none": MappingProxyType({}),
@@ -156,7 +165,7 @@ FAULT_PROFILES: Mapping[str, Mapping[str, float]] = MappingProxyType(
 )
 
 #: (neighbour_rate, neighbour_background_rps) of a profile, for the config fields left at None; (0, 0) if absent.
-PROFILE_NEIGHBOURS: Mapping[str, tuple[float, float]] = MappingProxyType({"unkind": (0.3, 0.05)})
+PROFILE_NEIGHBOURS: Mapping[str, tuple[float, float]] = MappingProxyType({"chaos": (0.1, 0.01), "unkind": (0.3, 0.05)})
 
 
 class FaultInjector:
