@@ -148,6 +148,7 @@ async def test_a_wan26_unknown_is_not_paired_with_another_programs_task(start_si
     first, lost = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     known(tmp_path / "run", first, await post(api, first), sim.clock)
+    await asyncio.sleep(0.05)  # five simulated seconds: within wan2.6's rate of one create a second
     foreign = await post(api, lost, key=OTHER_KEY, prompt="somebody else's orchid")
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
@@ -248,3 +249,23 @@ def test_a_run_killed_during_a_sync_call_never_sends_it_again(tmp_path):
     assert len(sim.billing()) == 1, "the sync call was sent again"
     ((state, code, endpoint),) = ledger_rows(out, "SELECT state, error_code, endpoint FROM items")
     assert (state, code, endpoint) == ("expired", "SyncAnswerLost", "sync")
+
+
+async def test_a_wan26_task_of_another_program_on_our_key_that_looks_like_ours_is_never_guessed(
+    start_sim, sim_api_for, tmp_path
+):
+    """Another program uses our very key, model, size and n inside our lost create's window: a wan2.6 result
+    shows no prompt, so nothing tells the two tasks apart. The item is held naming both, never adopted."""
+    sim = await start_sim(**FAST)
+    manifest = manifest_of(tmp_path, ["a pewter owl"], model="wan2.6-t2i", size="1280*1280")
+    (row,) = crashed(tmp_path / "run", manifest, sim.clock)
+    api = sim_api_for(sim)
+    tasks = {await post(api, row)}
+    await asyncio.sleep(0.05)  # five simulated seconds: within wan2.6's rate of one create a second
+    tasks.add(await post(api, row, prompt="another program's owl", seed=5))
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    assert (report["reconciled_adopted"], report["reconciled_held"], sim.requests["create"]) == (0, 1, 2)
+    with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+        held = ledger.get(row.item_id)
+    assert held.state is ItemState.unknown and held.error_code == "HeldAmbiguous" and held.task_id is None
+    assert all(task_id in held.error_message for task_id in tasks)

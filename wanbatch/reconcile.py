@@ -66,7 +66,7 @@ _PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, 
 class ReconcileConfig:
     request_window_s: float = 300.0  #: the gateway may hold a create this long before its task exists
     list_lag_s: float = 120.0  #: a new task may show in the task list this much later than it was made
-    clock_margin_s: float = 120.0  #: slack either side of an attempt's window placed on the service's clock
+    clock_margin_s: float = 120.0  #: slack before an attempt's window placed on the service's clock
     undecided_max_s: float = 1800.0  #: after the window, how long candidates still running may hold an item
     max_unknowns: int = 2  #: an item unknown this many times is held, not sent again, when no task is found
     retry_s: float = 5.0  #: how often to look again at unresolved items
@@ -260,7 +260,9 @@ class Reconciler:
 
     @property
     def _window_ms(self) -> int:
-        return int((self.config.request_window_s + self.config.clock_margin_s) * 1000)
+        # No margin after the window: the offset is learned as the smallest gap a create of ours took to land,
+        # never less than the clocks' true offset, so the window's end can only fall late, never early.
+        return int((self.config.request_window_s + 2.0) * 1000)
 
     # -- does a candidate fit the request ---------------------------------------------------------------------
 

@@ -141,6 +141,8 @@ class SimConfig:
     # --- neighbours: other users of the same account (None: the fault profile's, 0 outside ``unkind``)
     neighbour_rate: float | None = None  #: chance that one of our creates has a neighbour with the same prompt
     neighbour_same_key_share: float = 0.5  #: share of those neighbours sending through our own key
+    #: share of the background stream sent through our own key (its requests may look like ours; see the docs)
+    neighbour_background_same_key_share: float = 0.0
     neighbour_window_s: float = 30.0  #: a neighbour is made at most this long before or after our create
     neighbour_background_rps: float | None = None  #: unrelated neighbour creates per second on the models we use
 
@@ -178,7 +180,7 @@ class SimConfig:
             raise ValueError("durations must be >= 0 seconds")
 
     def _check_neighbours(self) -> None:
-        for name in ("neighbour_rate", "neighbour_same_key_share"):
+        for name in ("neighbour_rate", "neighbour_same_key_share", "neighbour_background_same_key_share"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")

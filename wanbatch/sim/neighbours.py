@@ -96,7 +96,7 @@ class Neighbours:
             rng, used = self._background, self._used[caller.account]
             offer, ours = used[rng.choice(sorted(used))]
             model = offer.model
-            key = ours if rng.random() < self._state.config.neighbour_same_key_share else None
+            key = ours if rng.random() < self._state.config.neighbour_background_same_key_share else None
             width, height = catalog.parse_size(rng.choice(self._sizes(model))) or (1024, 1024)
             request = GenerationRequest(
                 prompt=f"{rng.choice(_SUBJECTS)}, {rng.choice(_STYLES)}, study {rng.randrange(10**6)}",
