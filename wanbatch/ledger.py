@@ -641,7 +641,10 @@ class Ledger:
             return None
         if self._state_of(conn, item_id) is not ItemState.generated:
             return None
-        self._move(conn, item_id, ItemState.generated, target, note=note, now=now)
+        # An item that lost images says why, like every other item that did not end saved.
+        reason = {"error_code": "UrlExpired", "error_message": note} if target is ItemState.expired else {}
+        extra, params = _assignments(reason)
+        self._move(conn, item_id, ItemState.generated, target, note=note, now=now, extra=extra, params=params)
         return target
 
     def _refuse_image_move(self, conn: sqlite3.Connection, item_id: str, index: int, target: ImageState) -> None:
