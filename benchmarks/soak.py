@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py                  # 1,000 items, five kills, chaos faults
     .venv/bin/python benchmarks/soak.py --items 300 --kills 3 --seed 7 --keep /tmp/soak
+    .venv/bin/python benchmarks/soak.py --profile unkind --items 2000 --kills 10
 
 The simulated service runs in this process (so the faults it injected can be
 counted by kind) and keeps a billing log; every run is a ``wanbatch run``
@@ -47,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=1000, help="distinct requests of one image (default 1000)")
     parser.add_argument("--kills", type=int, default=5, help="SIGKILLs before the last run (default 5)")
     parser.add_argument("--speed", type=float, default=100.0, help="service seconds per wall second (default 100)")
-    parser.add_argument("--faults", default="chaos", help="the simulator's fault profile (default chaos)")
+    parser.add_argument(
+        "--profile", "--faults", dest="faults", default="chaos", help="the simulator's fault profile (default chaos)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seeds the faults, durations and kill moments")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     return parser.parse_args(argv)

@@ -250,7 +250,11 @@ class Audit:
 
 
 def audit(run_dir: Path, billing: list[dict[str, Any]]) -> Audit:
-    """Check every billed image against metadata.jsonl and the disk, and every item against the ledger."""
+    """Check every billed image of ours against metadata.jsonl and the disk, and every item against the ledger.
+
+    The simulator's neighbours (other users of the account) are billed too; their records are not ours.
+    """
+    billing = [record for record in billing if not record.get("neighbour")]
     result = Audit(billed=len(billing))
     tasks = Counter((r["fingerprint"], r["task_id"]) for r in billing)
     per_fingerprint = Counter(fingerprint for fingerprint, _ in tasks)

@@ -174,7 +174,7 @@ async def test_crash_before_the_post_resends_only_once_the_list_proves_no_task(s
     report = await engine.run(manifest)
     assert report["reconciled_resent"] == 2 and report["reconciled_adopted"] == 0
     assert sim.requests["list"] >= 2 and sim.requests["create"] == 2
-    grace_ms = engine.config.reconcile.grace_s * 1000
+    grace_ms = (engine.config.reconcile.request_window_s + engine.config.reconcile.list_lag_s) * 1000
     # From the crashed attempt's commit to the decision that no task was made.
     waited = ledger_rows(
         tmp_path / "run",

@@ -219,7 +219,8 @@ async def test_unknown_outcomes_are_reconciled_not_resent(start_sim, tmp_path):
     manifest = numbered_manifest(tmp_path, 10, "a kite")
     from wanbatch.reconcile import ReconcileConfig
 
-    engine = engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=5.0, retry_s=1.0))
+    quick = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
+    engine = engine_for(sim, tmp_path / "run", reconcile=quick)
     report = await engine.run(manifest)
     assert sim.faults_injected["reset_after"] > 0
     assert report["reconciled_adopted"] > 0  # the creates whose answers were lost made tasks: adopted

@@ -24,7 +24,8 @@ async def read_lines(path, count: int) -> list[dict]:
 
 
 async def test_billing_log_lines(tmp_path, start_sim, sim_api_for):
-    """Each generated image gets one line with time, task, index, model, the body's fingerprint and a key id."""
+    """Each generated image gets one line with time, task, index, model, the body's fingerprint, a key id, the
+    account, the endpoint and whether a neighbour made it."""
     log = tmp_path / "billing" / "log.jsonl"
     sim = await start_sim(billing_log=log, durations=20, duration_spread=0)
     api = sim_api_for(sim)
@@ -39,7 +40,11 @@ async def test_billing_log_lines(tmp_path, start_sim, sim_api_for):
     assert records == sim.billing
     assert [r["image_index"] for r in records] == [0, 1, 2]
     first = records[0]
-    assert set(first) == {"time", "task_id", "image_index", "model", "fingerprint", "key_id"}
+    assert set(first) == {
+        *("time", "task_id", "image_index", "model", "fingerprint", "key_id"),
+        *("account", "endpoint", "neighbour"),
+    }
+    assert (first["account"], first["endpoint"], first["neighbour"]) == ("demo", "legacy", False)
     assert (first["task_id"], first["model"]) == (task_id, "wan2.5-t2i-preview")
     assert first["fingerprint"] == canonical_sha256(body)
     assert first["time"] == round(sim.tasks[task_id].end_s, 3)

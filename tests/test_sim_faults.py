@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from wanbatch.sim import FAULT_PROFILES, Fault
-from wanbatch.sim.faults import AFTER_FAULTS, BEFORE_FAULTS, DOWNLOAD_FAULTS, FaultInjector
+from wanbatch.sim.faults import AFTER_FAULTS, BEFORE_FAULTS, DOWNLOAD_FAULTS, SERVICE_FAULTS, FaultInjector
 
 LEGACY = "/services/aigc/text2image/image-synthesis"
 HEADERS = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
@@ -203,8 +203,11 @@ async def test_early_expiry_profile(start_sim, sim_api_for, sim_http):
 
 
 def test_profiles():
-    """``chaos`` holds every fault but early expiry; ``expire-early`` only that; ``none`` nothing."""
-    assert set(FAULT_PROFILES["chaos"]) == set(BEFORE_FAULTS + AFTER_FAULTS + DOWNLOAD_FAULTS)
+    """``chaos`` holds every fault but early expiry and the lost sync answer; ``expire-early`` only early expiry;
+    ``none`` nothing."""
+    assert set(FAULT_PROFILES["chaos"]) == set(BEFORE_FAULTS + AFTER_FAULTS + DOWNLOAD_FAULTS + SERVICE_FAULTS) - {
+        Fault.SYNC_LOST
+    }
     assert set(FAULT_PROFILES["expire-early"]) == {Fault.EARLY_EXPIRY}
     assert not FAULT_PROFILES["none"]
     for name, rates in FAULT_PROFILES.items():

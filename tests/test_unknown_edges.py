@@ -19,7 +19,7 @@ from wanbatch.states import ItemState
 from wanbatch.wire import build_body
 
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
-QUICK = ReconcileConfig(grace_s=5.0, retry_s=1.0)
+QUICK = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
 
 
 def manifest_in(tmp_path: Path, text: str) -> Manifest:
@@ -27,9 +27,10 @@ def manifest_in(tmp_path: Path, text: str) -> Manifest:
     return Manifest.from_yaml(tmp_path / "job.yaml")
 
 
-async def test_wan26_unknowns_are_paired_with_their_tasks_not_sent_again(start_sim, tmp_path):
-    """Two wan2.6 creates in doubt after a crash, both made on the service: wan2.6 results do not show their
-    prompt, so they are paired with the unclaimed tasks in creation order; nothing is sent or paid twice."""
+async def test_wan26_unknowns_that_cannot_be_told_apart_are_held_not_guessed(start_sim, tmp_path):
+    """Two wan2.6 creates in doubt at once (the submitter never does this; a hand-made crash does), both made on
+    the service: wan2.6 results show no prompt and both fit either request, so neither is guessed: both items are
+    held, each naming both tasks, and nothing is sent again."""
     sim = await start_sim(**FAST)
     manifest = manifest_in(
         tmp_path,
@@ -55,8 +56,12 @@ async def test_wan26_unknowns_are_paired_with_their_tasks_not_sent_again(start_s
                 assert answer.status == 200
             await asyncio.sleep(0.05)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
-    assert (report["reconciled_adopted"], report["reconciled_resent"]) == (2, 0)
-    assert sim.requests["create"] == 2 and len(sim.billing) == 2 and report["items"]["saved"] == 2
+    assert (report["reconciled_adopted"], report["reconciled_resent"], report["reconciled_held"]) == (0, 0, 2)
+    assert sim.requests["create"] == 2 and report["items"]["unknown"] == 2
+    with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+        for row in ledger.iter_items([ItemState.unknown]):
+            assert row.error_code == "HeldAmbiguous"
+            assert all(task_id in row.error_message for task_id in sim.tasks)
 
 
 async def test_a_lost_sync_answer_is_never_sent_again(start_sim, tmp_path):
@@ -130,7 +135,8 @@ async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_wa
                 assert answer.status == 200
             await asyncio.sleep(0.02)  # two simulated seconds: within the account's rate
     await asyncio.sleep(0.1)  # ten simulated seconds more: they have ended
-    report = await engine_for(sim, tmp_path / "run", reconcile=ReconcileConfig(grace_s=40.0, retry_s=1.0)).run(manifest)
+    window = ReconcileConfig(request_window_s=40.0, list_lag_s=0.0, retry_s=1.0)
+    report = await engine_for(sim, tmp_path / "run", reconcile=window).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
     assert report["items"]["saved"] == 1
     # Three foreign tasks once each, and the re-sent item's own looks (a few), over some twenty sweeps.

@@ -1,11 +1,13 @@
 """The service's HTTP API, spoken through one ``aiohttp.ClientSession``.
 
 This is the one place where aiohttp's exceptions become wanbatch's
-(:mod:`wanbatch.errors`). For a create request the mapping decides money: an
-error *response* proves no task was made, and so does a connection that
-failed before the request went out; anything else after sending (a reset, a
-timeout, a body that does not parse) leaves the outcome unknown, and the
-caller must reconcile instead of sending again.
+(:mod:`wanbatch.errors`). For a create request the mapping decides money:
+only the service's own refusal (a 4xx carrying its error code, or a 429)
+proves no task was made, and so does a connection that failed before the
+request went out. Anything else after sending (a 5xx, which a gateway may
+answer after the backend made the task; a reset; a timeout; a body that does
+not parse) leaves the outcome unknown, and the caller must reconcile instead
+of sending again.
 
 The key travels only in the ``Authorization`` header of requests to the
 service's own base URL, never to result URLs, and only over HTTPS or to a
@@ -86,6 +88,11 @@ class WanClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._sync_timeout = aiohttp.ClientTimeout(total=sync_timeout_s)
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session requests go through (result URLs are fetched through it too, without the key)."""
+        return self._session
+
     def __repr__(self) -> str:  # never show the key
         return f"WanClient({self.base_url!r})"
 
@@ -159,10 +166,16 @@ class WanClient:
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than any real answer
             # A create's 5xx without the service's JSON error may come from a proxy in front of a
             # service that did act on it; a 4xx without JSON still proves nothing was made.
-            if status == 200 or not creates or status >= 500:
+            if status == 200 or not creates or status != 429:
                 body = _clip(self._redact(raw.decode("utf-8", "replace")), 120)
                 raise after_send(f"{method} {path}: HTTP {status}, body not JSON: {body!r}") from None
             data = {}
+        if creates and status != 200 and not _refused(status, data):
+            # A gateway can fail after the backend made the task (a 5xx, a proxy's own answer): only the service's
+            # own refusal (spec §4: a 4xx with its error code, or a 429) proves that nothing was made.
+            code = self._redact(str(data.get("code") or f"HTTP{status}"))
+            message = _clip(self._redact(str(data.get("message") or "")))
+            raise OutcomeUnknown(f"{method} {path}: HTTP {status} {code}: {message}")
         if status != 200:
             raise classify_api_error(
                 status,
@@ -171,6 +184,11 @@ class WanClient:
                 self._redact(str(data.get("request_id") or "")),
             )
         return data
+
+
+def _refused(status: int, data: dict[str, Any]) -> bool:
+    """Whether an error answer to a create is the service's refusal, which proves that no task was made."""
+    return status == 429 or (400 <= status < 500 and isinstance(data.get("code"), str) and bool(data["code"]))
 
 
 def _clip(value: object, limit: int = 200) -> str:

@@ -34,7 +34,7 @@ from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
 from .reconcile import ReconcileConfig, Reconciler
 from .records import AddResult
-from .results import write_off
+from .results import sync_answer_lost
 from .states import ItemState
 from .submit import Lane, Slots, SubmitConfig, Submitter
 from .track import Tracker, TrackerConfig
@@ -212,6 +212,9 @@ class Engine:
         """Settle what a stop left half done, and put back the items the user asked to try again."""
         for row in ledger.iter_items([ItemState.submitting]):
             # A crash between the commit and the reply: the POST may have gone out.
+            if row.endpoint == "sync":
+                sync_answer_lost(ledger, row, "stopped while the sync call was under way")
+                continue
             ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
         for row in ledger.iter_items([ItemState.canceled], run=run):
             # Canceled before it was made, so nothing was paid: the manifest still asks for it.
@@ -278,7 +281,12 @@ class Engine:
             budget=budget,
         )
         reconciler = Reconciler(
-            ledger=ledger, clock=self.clock, limiters=limiters, tracker=tracker, config=self.config.reconcile
+            ledger=ledger,
+            clock=self.clock,
+            limiters=limiters,
+            tracker=tracker,
+            budget=budget,
+            config=self.config.reconcile,
         )
         submitter = Submitter(
             ledger=ledger,
@@ -317,13 +325,10 @@ class Engine:
                     continue
                 if state is ItemState.queued and not row.task_id:
                     # A sync answer whose images were not recorded before a stop: nothing to ask for again.
-                    write_off(
-                        ledger,
-                        row.item_id,
-                        paid=row.n_images * row.price_per_image,
-                        code="SyncAnswerLost",
-                        message="stopped before the sync answer was recorded; counted as paid",
-                    )
+                    sync_answer_lost(ledger, row, "stopped before the sync answer was recorded")
+                    continue
+                if state is ItemState.unknown and row.endpoint == "sync":
+                    sync_answer_lost(ledger, row, "stopped while the sync call was under way")
                     continue
                 lane.slots.take_now()  # its task holds a place on the service already
                 budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
@@ -356,6 +361,7 @@ class _Stages:
             "canceled_on_service": self.tracker.canceled,
             "reconciled_adopted": self.reconciler.adopted,
             "reconciled_resent": self.reconciler.resent,
+            "reconciled_held": self.reconciler.held,
             "images_saved_this_run": self.downloader.saved,
             "bytes_saved_this_run": self.downloader.bytes,
             "blocked": {

@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What each older schema lacks, by the version that added it.
+_UPGRADES = {2: ("ALTER TABLE items ADD COLUMN endpoint TEXT",)}
 #: How long a writer waits for another connection's write lock (``wanbatch status`` reads while a run writes).
 BUSY_TIMEOUT_S = 10.0
 CACHE_KIB = 64 * 1024
@@ -79,7 +81,8 @@ _SCHEMA = (
         actual_prompts TEXT NOT NULL DEFAULT '[]', images_generated INTEGER NOT NULL DEFAULT 0,
         cost REAL NOT NULL DEFAULT 0,
         planned_ms INTEGER NOT NULL, submit_started_ms INTEGER, submitted_ms INTEGER, ended_ms INTEGER,
-        updated_ms INTEGER NOT NULL, first_seen_run INTEGER NOT NULL, last_seen_run INTEGER NOT NULL)""",
+        updated_ms INTEGER NOT NULL, first_seen_run INTEGER NOT NULL, last_seen_run INTEGER NOT NULL,
+        endpoint TEXT)""",
     # (state, seq) serves "the next planned items in manifest order" and counts per state from the index alone.
     "CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq)",
     "CREATE INDEX IF NOT EXISTS items_task_id ON items (task_id) WHERE task_id IS NOT NULL",
@@ -129,7 +132,7 @@ _ON_ENTRY |= {state: ("ended_ms = COALESCE(ended_ms, :now)",) for state in ItemS
 #: Columns a caller may set with ``transition`` or ``update``; ``request_id`` is appended to ``request_ids``.
 #: The times and ``attempts`` are set on entering a state (``_ON_ENTRY``); a caller may give its own.
 _SETTABLE = frozenset(
-    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost"}
+    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint"}
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 _ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
@@ -193,6 +196,12 @@ class Ledger:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ms', ?)", (str(self._clock.now_ms()),))
             found = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            if found < SCHEMA_VERSION:  # a run folder made by an earlier wanbatch: bring it up to date
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    for statement in _UPGRADES[version]:
+                        conn.execute(statement)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                found = SCHEMA_VERSION
         if found != SCHEMA_VERSION:
             raise LedgerError(
                 f"{self.path}: schema version {found}, this wanbatch reads version {SCHEMA_VERSION};"
@@ -302,6 +311,23 @@ class Ledger:
         """The item holding ``task_id``, to match the service's task list against the ledger."""
         row = self._conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE task_id = ?", (task_id,)).fetchone()
         return None if row is None else ItemRow.from_row(row)
+
+    def times_unknown(self, item_id: str) -> int:
+        """How many of the item's attempts ended with their outcome unknown."""
+        sql = "SELECT count(*) FROM transitions WHERE item_id = ? AND to_state = 'unknown'"
+        return self._conn.execute(sql, (item_id,)).fetchone()[0]
+
+    def recent_tasks(self, region: str, limit: int) -> list[tuple[str, int]]:
+        """The newest tasks the ledger knows in ``region``, with when their attempts began (our clock, ms)."""
+        # From the audit's end, not the items: in a big run the items with tasks are few among the planned.
+        rows = self._conn.execute(
+            """SELECT items.task_id, items.submit_started_ms FROM transitions JOIN items USING (item_id)
+               WHERE transitions.to_state = 'queued' AND items.region = ? AND items.task_id IS NOT NULL
+                 AND items.submit_started_ms IS NOT NULL
+               ORDER BY transitions.id DESC LIMIT ?""",
+            (region, limit * 4),
+        ).fetchall()
+        return list(dict.fromkeys((task_id, started) for task_id, started in rows))[:limit]
 
     def iter_items(
         self,
@@ -615,7 +641,10 @@ class Ledger:
             return None
         if self._state_of(conn, item_id) is not ItemState.generated:
             return None
-        self._move(conn, item_id, ItemState.generated, target, note=note, now=now)
+        # An item that lost images says why, like every other item that did not end saved.
+        reason = {"error_code": "UrlExpired", "error_message": note} if target is ItemState.expired else {}
+        extra, params = _assignments(reason)
+        self._move(conn, item_id, ItemState.generated, target, note=note, now=now, extra=extra, params=params)
         return target
 
     def _refuse_image_move(self, conn: sqlite3.Connection, item_id: str, index: int, target: ImageState) -> None:

@@ -1,56 +1,124 @@
-"""Finding out what an ``unknown`` create did, without paying twice.
+"""Finding out what an ``unknown`` create did, without paying twice and without guessing.
 
-A create whose answer was lost (a reset or timeout after sending, or a crash
-between the ledger's ``submitting`` commit and the reply) may or may not have
-made a task. The service's task list is the witness: every task of the model
-that the account created in the last 24 hours (the list's own default window,
-on the service's clock, so no clock of ours needs to agree with it) and that
-the ledger does not know is a candidate. A candidate whose result carries our
-prompt is adopted. Once a create can no longer land (the grace time has
-passed) and every candidate
-has shown its prompt without a match, no task was made and the item may be
-sent again. (The grace is measured on the run folder's own clock, which a
-resumed run continues.) Until then the item waits: it is never re-sent on a guess.
+A create whose answer was lost (a 5xx, reset or timeout after sending, or a
+crash between the ledger's ``submitting`` commit and the reply) may or may
+not have made a task, now or later: the gateway may hold a create for its
+whole request window (300 s) before the task exists, and the task list may
+show a new task late. The list is the witness, read with care:
+
+- **Candidates** are tasks of the lane's model, made by our key (its
+  ``api_key_id``, learned from a task we know), created in the attempt's
+  window (from its start until the request window has passed, placed on the
+  service's clock through tasks we know), that the ledger does not know.
+  Tasks that failed or were canceled cost nothing and are passed over.
+- A candidate **fits** when its results fit the request: the prompt it echoes
+  (when it echoes one) is ours, allowing for the service's truncation and
+  whitespace normalisation; it has no more images than we asked for; and
+  every image has the requested size. A candidate that does not fit is not ours.
+- **One** fitting candidate and no other that could still be ours: adopt it,
+  at once when its echoed prompt and our key prove it, otherwise once the
+  window has passed and a list read after the list's lag agrees.
+- **More than one**: never guess; the item is held (still ``unknown``, its
+  candidates named in its error message) for the user.
+- **None**, by a list read after the window and the lag have passed: no task
+  was made; the item is planned again, unless it has gone unknown
+  ``max_unknowns`` times: then it is held with the evidence, not sent again.
+
+Until a decision an item keeps its slot, its doubt (no other create that the
+list could confuse with it is sent) and its full price in the budget. Held
+items are reconciled again by the next run, which may see more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiohttp
 
 from .aio import wait_event
-from .catalog import Protocol
+from .budget import Budget
 from .errors import ApiError, TransportError
+from .records import ItemRow
 from .results import write_off
 from .states import ItemState
+from .wire import SERVICE_TZ, MalformedAnswer, image_results
 
-__all__ = ["ReconcileConfig", "Reconciler"]
+__all__ = ["HELD_CODES", "ReconcileConfig", "Reconciler", "echoes_prompt"]
 
 log = logging.getLogger("wanbatch")
 
+OPEN = frozenset({"PENDING", "RUNNING"})
 FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})  #: a task in these states answers the same ever after
+#: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
+#: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
+SHORTEST_ECHO = 400
+#: Why an unknown item is held for the user instead of decided.
+HELD_CODES = frozenset({"HeldAmbiguous", "HeldUndecided", "HeldUnknownTwice"})
+_PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, height
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconcileConfig:
-    grace_s: float = 90.0  #: after the attempt began, how long a create can still land on the service
-    retry_s: float = 5.0  #: how often to look again at an unresolved item
+    request_window_s: float = 300.0  #: the gateway may hold a create this long before its task exists
+    list_lag_s: float = 120.0  #: a new task may show in the task list this much later than it was made
+    clock_margin_s: float = 120.0  #: slack before an attempt's window placed on the service's clock
+    undecided_max_s: float = 1800.0  #: after the window, how long candidates still running may hold an item
+    max_unknowns: int = 2  #: an item unknown this many times is held, not sent again, when no task is found
+    retry_s: float = 5.0  #: how often to look again at unresolved items
     page_size: int = 100
+    max_pages: int = 50  #: pages of one listing; a longer list decides nothing that needs it whole
+    probe_timeout_s: float = 30.0  #: reading an image's header to check its size
     task_lifetime_s: float = 24 * 3600.0
 
 
+class _Verdict(enum.Enum):
+    FITS = "fits"  #: finished, and its results fit the request
+    FITS_BY_PROMPT = "fits by prompt"  #: fits, and echoes our prompt
+    MAYBE = "maybe"  #: could be ours: still running, or not readable or checkable yet
+    NOT_OURS = "not ours"
+
+
+@dataclass(slots=True)
+class _KeyFacts:
+    """What the service's list tells of our key in one region, learned from tasks the ledger knows."""
+
+    key_id: str | None = None  #: our key's ``api_key_id``
+    offset_ms: int | None = None  #: service time of a task's creation minus our clock at its attempt's start
+
+
+@dataclass(slots=True)
+class _Listing:
+    entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable
+    complete: bool = True  #: every page was read
+    at_s: float = 0.0  #: when it was asked for (our clock): proof only of what could show by then
+
+
+def echoes_prompt(echo: str, prompt: str) -> bool:
+    """Whether ``echo`` (a result's ``orig_prompt``) is ``prompt`` as the service keeps it: with runs of white
+    space made one, and cut at one of its documented limits."""
+    echo, prompt = " ".join(echo.split()), " ".join(prompt.split())
+    return bool(echo) and prompt.startswith(echo) and (len(echo) == len(prompt) or len(echo) >= SHORTEST_ECHO)
+
+
 class Reconciler:
-    def __init__(self, *, ledger, clock, limiters, tracker, config: ReconcileConfig = ReconcileConfig()) -> None:
+    def __init__(
+        self, *, ledger, clock, limiters, tracker, budget: Budget, config: ReconcileConfig = ReconcileConfig()
+    ) -> None:
         # What an adopted task costs is settled by the tracker; one proved never made costs nothing.
         self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
+        self._budget = budget
         self.config = config
         self._pending: dict[str, object] = {}  # item_id -> lane
-        #: task_id -> the answer of an unclaimed task that had finished: it cannot change, so it is asked once
-        self._finished: dict[str, dict] = {}
+        self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
+        self._sizes: dict[str, tuple[int, int]] = {}  #: image URL -> its (width, height)
+        self._keys: dict[str, _KeyFacts] = {}  #: region -> what we know of our key there
         self._changed = asyncio.Event()
-        self.adopted = 0
-        self.resent = 0
+        self.adopted = self.resent = self.held = 0
 
     def add(self, item_id: str, lane) -> None:
         self._pending[item_id] = lane
@@ -71,126 +139,255 @@ class Reconciler:
                 await wait_event(self._changed, 0.2)
 
     async def _sweep(self, lane) -> None:
-        """One listing of the lane's unclaimed tasks, each queried at most once, against all its unknown items."""
-        # Only what the list could already show counts as proof: an attempt is out of its grace only if it was
-        # when the list was asked for, not when the (slow) sweep gets to it.
-        listed_at_s = self._clock.now()
-        candidates = await self._candidates(lane)
-        outputs: dict[str, dict] = {}
-        for task in candidates:
-            task_id = task["task_id"]
-            output = self._finished.get(task_id)
-            if output is None:
-                output = (await self._query(lane, task_id)).get("output")
-                output = output if isinstance(output, dict) else {}
-                if output.get("task_status") in FINISHED:
-                    self._finished[task_id] = output
-            outputs[task_id] = output
-        items = [i for i, other in self._pending.items() if other is lane]
-        if lane.offer.model.protocol is not Protocol.LEGACY:
-            self._pair_by_order(lane, items, candidates, outputs)
-            items = [i for i in items if i in self._pending]
-        for item_id in items:
-            if self._reconcile(item_id, lane, candidates, outputs, listed_at_s):
-                del self._pending[item_id]
-                lane.settle_doubt(item_id)
+        """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
+        facts = await self._facts(lane)
+        rows = sorted(
+            (self._ledger.get(i) for i, other in self._pending.items() if other is lane),
+            key=lambda row: (row.submit_started_ms or 0, row.seq),
+        )
+        listing = await self._listing(lane, rows, facts)
+        for row in rows:
+            if await self._decide(lane, row, listing, facts):
+                del self._pending[row.item_id]
+                lane.settle_doubt(row.item_id)
                 self._changed.set()
 
-    def _reconcile(
-        self, item_id: str, lane, candidates: list[dict], outputs: dict[str, dict], listed_at_s: float
-    ) -> bool:
-        """True once the item has left ``unknown``."""
-        row = self._ledger.get(item_id)
-        now = self._clock.now()
+    async def _decide(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> bool:
+        """Settle ``row`` if the listing allows; True once it has left the reconciler."""
+        cfg, now = self.config, self._clock.now()
         started_s = (row.submit_started_ms or 0) / 1000
-        if now - started_s > self.config.task_lifetime_s:
-            write_off(
-                self._ledger,
-                item_id,
-                paid=row.n_images * row.price_per_image,
-                code="OutcomeUnknown",
-                message="the service no longer lists tasks this old; counted as paid and lost",
-                budget=self._tracker.budget,
-            )
-            lane.slots.release()
+        if now - started_s > cfg.task_lifetime_s:
+            self._write_off(lane, row)
             return True
-        waiting = False
-        prompt = row.request["prompt"][: lane.offer.model.prompt_max]
-        for task in list(candidates):
-            output = outputs[task["task_id"]]
-            status = output.get("task_status")
-            if status in ("PENDING", "RUNNING"):
-                waiting = True  # its prompt shows only once it has results
+        fits, maybe = [], []
+        for entry in listing.entries:
+            if not self._in_window(entry, row, facts):
                 continue
-            results = output.get("results")
-            prompts = (
-                {e.get("orig_prompt") for e in results if isinstance(e, dict)} if isinstance(results, list) else set()
-            )
-            prompts.discard(None)
-            if prompt in prompts:
-                candidates.remove(task)
-                self._adopt(item_id, lane, task["task_id"], row)
+            verdict = await self._verdict(lane, row, entry)
+            if verdict in (_Verdict.FITS, _Verdict.FITS_BY_PROMPT):
+                fits.append((entry, verdict))
+            elif verdict is _Verdict.MAYBE:
+                maybe.append(entry)
+        closed_s = started_s + cfg.request_window_s + cfg.list_lag_s
+        closed = listing.complete and listing.at_s >= closed_s
+        if len(fits) > 1:
+            return self._hold(lane, row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
+        if len(fits) == 1 and not maybe:
+            entry, verdict = fits[0]
+            proven = verdict is _Verdict.FITS_BY_PROMPT and facts.key_id is not None
+            if proven or closed:
+                listing.entries.remove(entry)
+                self._adopt(lane, row, entry["task_id"])
                 return True
-            if status == "SUCCEEDED" and not prompts and lane.offer.model.protocol is Protocol.LEGACY:
-                waiting = True  # a finished task that does not show its prompt rules nothing out
-        in_grace = listed_at_s - started_s < self.config.grace_s
-        if waiting or in_grace:
             return False
-        self._ledger.transition(item_id, ItemState.planned, note="the task list shows no task for this attempt")
+        if closed and not fits and not maybe:
+            return self._no_task(lane, row)
+        if listing.at_s >= closed_s + cfg.undecided_max_s:
+            reason = "tasks that could be this attempt's did not finish in time to tell"
+            return self._hold(lane, row, "HeldUndecided", reason, fits, maybe)
+        return False
+
+    # -- what the list says -----------------------------------------------------------------------------------
+
+    async def _facts(self, lane) -> _KeyFacts:
+        """Our key's id and the service clock's offset, from up to five tasks of the region the ledger knows."""
+        facts = self._keys.setdefault(lane.region, _KeyFacts())
+        if facts.key_id is not None and facts.offset_ms is not None:
+            return facts
+        offsets = []
+        for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5):
+            entries, _ = await self._list_page(lane, 1, task_id=task_id)
+            entry = entries[0] if entries else None
+            if entry is None or entry["task_id"] != task_id:
+                continue
+            facts.key_id = entry.get("api_key_id") if isinstance(entry.get("api_key_id"), str) else facts.key_id
+            offsets.append(entry["gmt_create"] - started_ms)
+        if offsets:
+            # A create reaches the service after its attempt began: the smallest gap is the clocks' offset.
+            facts.offset_ms = min(offsets)
+        return facts
+
+    async def _listing(self, lane, rows: list[ItemRow], facts: _KeyFacts) -> _Listing:
+        """The unclaimed tasks of the lane's model that could belong to any of ``rows``: made by our key, in
+        the span of their windows (where both are known)."""
+        listing = _Listing(at_s=self._clock.now())
+        params: dict[str, str] = {"model_name": lane.offer.api_name}
+        if facts.key_id is not None:
+            params["api_key_id"] = facts.key_id
+        if facts.offset_ms is not None and rows:
+            low = min(row.submit_started_ms or 0 for row in rows) + facts.offset_ms - self._margin_ms
+            high = max(row.submit_started_ms or 0 for row in rows) + facts.offset_ms + self._window_ms
+            if high - low < 24 * 3600 * 1000:  # the list's longest window; past it, its default (the last day)
+                params |= {"start_time": _list_time(low - 1000), "end_time": _list_time(high + 1000)}
+        for page in range(1, self.config.max_pages + 1):
+            entries, total_pages = await self._list_page(lane, page, **params)
+            listing.entries += [e for e in entries if self._ledger.item_for_task(e["task_id"]) is None]
+            if not entries or page >= total_pages:
+                return listing
+        listing.complete = False
+        return listing
+
+    async def _list_page(self, lane, page: int, **params: str) -> tuple[list[dict], int]:
+        """One page of the list: its readable entries (a task id, a status, a creation time) and the page count."""
+        await self._limiters[lane.region].acquire()
+        data = await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params)
+        rows = data.get("data")
+        entries = [
+            row
+            for row in (rows if isinstance(rows, list) else [])
+            if isinstance(row, dict)
+            and isinstance(row.get("task_id"), str)
+            and row["task_id"]
+            and isinstance(row.get("status"), str)
+            and isinstance(row.get("gmt_create"), int)
+            and not isinstance(row.get("gmt_create"), bool)
+        ]
+        pages = data.get("total_page")
+        return entries, pages if isinstance(pages, int) else 0
+
+    def _in_window(self, entry: dict, row: ItemRow, facts: _KeyFacts) -> bool:
+        """Whether the listed task was made by our key within the attempt's window (as far as both are known)."""
+        if facts.key_id is not None and entry.get("api_key_id", facts.key_id) != facts.key_id:
+            return False
+        if facts.offset_ms is None:
+            return True
+        start_ms = (row.submit_started_ms or 0) + facts.offset_ms
+        return start_ms - self._margin_ms <= entry["gmt_create"] <= start_ms + self._window_ms
+
+    @property
+    def _margin_ms(self) -> int:
+        return int(self.config.clock_margin_s * 1000)
+
+    @property
+    def _window_ms(self) -> int:
+        # No margin after the window: the offset is learned as the smallest gap a create of ours took to land,
+        # never less than the clocks' true offset, so the window's end can only fall late, never early.
+        return int((self.config.request_window_s + 2.0) * 1000)
+
+    # -- does a candidate fit the request ---------------------------------------------------------------------
+
+    async def _verdict(self, lane, row: ItemRow, entry: dict) -> _Verdict:
+        if entry["status"] in OPEN:
+            return _Verdict.MAYBE  # its results, and so its prompt and images, show only once it ends
+        if entry["status"] != "SUCCEEDED":
+            return _Verdict.NOT_OURS  # failed or canceled tasks are not billed; gone ones cannot be adopted
+        answer = await self._answer(lane, entry["task_id"])
+        output = answer.get("output") if answer else None
+        status = output.get("task_status") if isinstance(output, dict) else None
+        if status in ("FAILED", "CANCELED"):
+            return _Verdict.NOT_OURS
+        if status != "SUCCEEDED":
+            return _Verdict.MAYBE  # unreadable, or an answer that lags the list: ask again next sweep
+        try:
+            results = image_results(output)
+        except MalformedAnswer:
+            return _Verdict.MAYBE
+        request = row.request
+        echoed = [e.get("orig_prompt") for e in output.get("results") or () if isinstance(e, dict)]
+        echoed = [text for text in echoed if isinstance(text, str)]
+        if echoed and not any(echoes_prompt(text, request["prompt"]) for text in echoed):
+            return _Verdict.NOT_OURS
+        metrics = output.get("task_metrics")
+        asked = metrics.get("TOTAL") if isinstance(metrics, dict) else None
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        if len(results) > row.n_images or (isinstance(asked, int) and asked != row.n_images):
+            return _Verdict.NOT_OURS
+        if isinstance(usage.get("size"), str) and usage["size"] != request["size"]:
+            return _Verdict.NOT_OURS
+        wanted = tuple(int(side) for side in request["size"].split("*"))
+        for result in results:
+            if result.url is None:
+                continue
+            size = await self._image_size(lane, result.url)
+            if size is None:
+                return _Verdict.MAYBE
+            if size != wanted:
+                return _Verdict.NOT_OURS
+        return _Verdict.FITS_BY_PROMPT if echoed else _Verdict.FITS
+
+    async def _answer(self, lane, task_id: str) -> dict | None:
+        """The task's query answer; a finished task's is asked for once."""
+        found = self._finished.get(task_id)
+        if found is not None:
+            return found
+        await self._limiters[lane.region].acquire()
+        try:
+            data = await lane.client.get_task(task_id)
+        except (ApiError, TransportError) as exc:
+            log.info("↻ reconcile: query %s: %s", task_id, exc)
+            return None
+        output = data.get("output")
+        if isinstance(output, dict) and output.get("task_status") in FINISHED:
+            self._finished[task_id] = data
+        return data
+
+    async def _image_size(self, lane, url: str) -> tuple[int, int] | None:
+        """The width and height in the PNG header at ``url`` (no key is sent); None if it cannot be read now."""
+        if url in self._sizes:
+            return self._sizes[url]
+        if not url.startswith(("http://", "https://")):
+            return None
+        timeout = aiohttp.ClientTimeout(total=self.config.probe_timeout_s)
+        try:
+            async with lane.client.session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    return None
+                head = await resp.content.readexactly(_PNG_HEAD.size)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            return None
+        signature, _, chunk, width, height = _PNG_HEAD.unpack(head)
+        if signature != b"\x89PNG\r\n\x1a\n" or chunk != b"IHDR":
+            return (0, 0)  # not a PNG: fits no request
+        self._sizes[url] = (width, height)
+        return width, height
+
+    # -- decisions --------------------------------------------------------------------------------------------
+
+    def _adopt(self, lane, row: ItemRow, task_id: str) -> None:
+        self._ledger.transition(
+            row.item_id, ItemState.queued, task_id=task_id, note="adopted from the task list after an unknown outcome"
+        )
+        self.adopted += 1
+        log.info("⇐ %s adopted task %s", row.item_id, task_id)
+        submitted_s = (row.submit_started_ms or 0) / 1000
+        self._tracker.add(task_id=task_id, item_id=row.item_id, lane=lane, submitted_s=submitted_s, resumed=True)
+
+    def _no_task(self, lane, row: ItemRow) -> bool:
+        """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
+        if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns:
+            reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
+            return self._hold(lane, row, "HeldUnknownTwice", reason, [], [])
+        self._ledger.transition(row.item_id, ItemState.planned, note="the task list shows no task for this attempt")
         self.resent += 1
-        log.info("↻ %s: no task was created; it will be sent again", item_id)
-        self._tracker.budget.settle(item_id, 0.0)
+        log.info("↻ %s: no task was created; it will be sent again", row.item_id)
+        self._budget.settle(row.item_id, 0.0)
         lane.slots.release()
         return True
 
-    def _pair_by_order(self, lane, items: list[str], candidates: list[dict], outputs: dict[str, dict]) -> None:
-        """wan2.6 results do not show their prompt: pair unknown items with finished unclaimed tasks in the order
-        both were made. The submitter keeps at most one wan2.6 create in doubt, so there is one of each."""
-        if any(outputs[t["task_id"]].get("task_status") in ("PENDING", "RUNNING") for t in candidates):
-            return  # not all finished yet: pair once they are
-        finished = sorted(
-            (t for t in candidates if outputs[t["task_id"]].get("task_status") == "SUCCEEDED"),
-            key=lambda t: (t.get("gmt_create") if isinstance(t.get("gmt_create"), int) else 0, t["task_id"]),
+    def _hold(self, lane, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
+        """Leave the item unknown for the user, with the evidence; its price stays counted as spent."""
+        named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
+        evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
+        message = f"{reason}{evidence}. Not sent again; a later run looks again (see the README's money rules)"
+        self._ledger.update(row.item_id, error_code=code, error_message=message)
+        self._budget.settle(row.item_id, row.n_images * row.price_per_image)
+        lane.slots.release()
+        self.held += 1
+        log.warning("? %s held: %s%s", row.item_id, reason, evidence)
+        return True
+
+    def _write_off(self, lane, row: ItemRow) -> None:
+        write_off(
+            self._ledger,
+            row.item_id,
+            paid=row.n_images * row.price_per_image,
+            code="OutcomeUnknown",
+            message="the service no longer lists tasks this old; counted as paid and lost",
+            budget=self._budget,
         )
-        rows = sorted((self._ledger.get(i) for i in items), key=lambda r: (r.submit_started_ms or 0, r.seq))
-        for row, task in zip(rows, finished, strict=False):
-            candidates.remove(task)
-            self._adopt(row.item_id, lane, task["task_id"], row)
-            del self._pending[row.item_id]
-            lane.settle_doubt(row.item_id)
-            self._changed.set()
+        lane.slots.release()
 
-    def _adopt(self, item_id: str, lane, task_id: str, row) -> None:
-        self._ledger.transition(
-            item_id, ItemState.queued, task_id=task_id, note="adopted from the task list after an unknown outcome"
-        )
-        self.adopted += 1
-        log.info("⇐ %s adopted task %s", item_id, task_id)
-        submitted_s = (row.submit_started_ms or 0) / 1000
-        self._tracker.add(task_id=task_id, item_id=item_id, lane=lane, submitted_s=submitted_s, resumed=True)
 
-    async def _candidates(self, lane) -> list[dict]:
-        """Tasks of this model from the last 24 hours that the ledger does not know."""
-        found, page = [], 1
-        while True:
-            await self._limiters[lane.region].acquire()
-            data = await lane.client.list_tasks(
-                model_name=lane.offer.api_name, page_no=page, page_size=self.config.page_size
-            )
-            rows = data.get("data")
-            rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
-            found += [
-                r
-                for r in rows
-                if isinstance(r.get("task_id"), str)
-                and r["task_id"]
-                and self._ledger.item_for_task(r["task_id"]) is None
-            ]
-            total_pages = data.get("total_page")
-            if not rows or not isinstance(total_pages, int) or page >= total_pages:
-                return found
-            page += 1
-
-    async def _query(self, lane, task_id: str) -> dict:
-        await self._limiters[lane.region].acquire()
-        return await lane.client.get_task(task_id)
+def _list_time(epoch_ms: int) -> str:
+    """A list filter time as the service documents it: ``YYYYMMDDhhmmss`` in UTC+8."""
+    return datetime.fromtimestamp(epoch_ms / 1000, SERVICE_TZ).strftime("%Y%m%d%H%M%S")

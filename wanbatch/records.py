@@ -83,6 +83,7 @@ class ItemRow:
     updated_ms: int
     first_seen_run: int
     last_seen_run: int
+    endpoint: str | None = None  #: where the latest attempt went: "async" (a task) or "sync" (no task to find)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ItemRow:

@@ -13,7 +13,7 @@ from .records import ImageRecord
 from .states import ImageState, ItemState
 from .wire import image_results, parse_service_time_s, url_expires_s
 
-__all__ = ["WRITE_OFF_CODES", "record_results", "write_off"]
+__all__ = ["WRITE_OFF_CODES", "record_results", "sync_answer_lost", "write_off"]
 
 log = logging.getLogger("wanbatch")
 
@@ -29,6 +29,21 @@ def write_off(ledger, item_id: str, *, paid: float, code: str, message: str, bud
     ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
     if budget is not None:
         budget.settle(item_id, paid)
+
+
+def sync_answer_lost(ledger, row, reason: str, budget: Budget | None = None) -> None:
+    """A sync call whose answer was lost (a fault, or a stop before it was recorded): it has no task id to find
+    again and may have been billed, so sending it again could pay twice. It ends expired, counted as paid."""
+    if row.state is ItemState.submitting:
+        ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
+    write_off(
+        ledger,
+        row.item_id,
+        paid=row.n_images * row.price_per_image,
+        code="SyncAnswerLost",
+        message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
+        budget=budget,
+    )
 
 
 def _service_to_ours(output: dict, row, now_s: float) -> float:

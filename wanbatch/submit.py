@@ -31,7 +31,7 @@ from .errors import (
     TransportError,
 )
 from .pacing import Pacer
-from .results import write_off
+from .results import sync_answer_lost
 from .states import ItemState
 from .wire import build_body
 
@@ -273,11 +273,13 @@ class Submitter:
         sync = self._sync(lane, row)
         body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
         try:
+            # Where it goes is committed with it: a lost sync answer has no task to find, and must never be re-sent.
             ledger.transition(
                 item_id,
                 ItemState.submitting,
                 expect=ItemState.planned,
                 submit_started_ms=self._clock.now_ms(),
+                endpoint="sync" if sync else "async",
             )
         except IllegalTransition:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
@@ -311,8 +313,6 @@ class Submitter:
             log.warning("✗ %s rejected: %s %s", item_id, exc.code, exc.message)
             return False
         except (ApiError, TransportError) as exc:
-            if sync and getattr(exc, "code", "") == "RequestTimeOut":  # the generation may have gone on, billed
-                return self._sync_lost(lane, row, str(exc))
             self._count_unreachable(lane, exc)
             return self._again(item_id, exc)
         lane.unreachable = 0
@@ -337,18 +337,7 @@ class Submitter:
         return True
 
     def _sync_lost(self, lane: Lane, row, reason: str) -> bool:
-        """A sync call whose answer was lost: it has no task id to find again, and may have been billed.
-        Sending it again could pay twice, so it ends expired, counted as paid."""
-        paid = row.n_images * row.price_per_image
-        self._ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
-        write_off(
-            self._ledger,
-            row.item_id,
-            paid=paid,
-            code="SyncAnswerLost",
-            message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
-            budget=self.budget,
-        )
+        sync_answer_lost(self._ledger, self._ledger.get(row.item_id), reason, self.budget)
         log.warning(
             "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
         )

@@ -78,6 +78,10 @@ class Accounts:
             raise wire.SimError(401, "InvalidApiKey", wire.INVALID_API_KEY)
         return found
 
+    def neighbour_key(self, caller: ApiKey) -> ApiKey:
+        """A key of ``caller``'s account that no client holds: the one a simulated neighbour sends through."""
+        return ApiKey(caller.account, caller.account_uid, key_id(f"{caller.account}/neighbour"), caller.region)
+
     def quota(self, account: str, model: catalog.Model, offer: catalog.Offer) -> tuple[float | None, int | None]:
         """(submit_rps, concurrency) of ``account`` for ``model``; None = unlimited."""
         values: dict[str, float | None] = {"submit_rps": offer.submit_rps, "concurrency": offer.concurrency}

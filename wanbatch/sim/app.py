@@ -18,6 +18,7 @@ from aiohttp import web
 from wanbatch.clock import ScaledClock
 from wanbatch.sim import respond, wire
 from wanbatch.sim.config import SimConfig
+from wanbatch.sim.faults import Fault
 from wanbatch.sim.images import ImageKey
 from wanbatch.sim.service import Handler, Service
 from wanbatch.sim.state import SimState
@@ -28,6 +29,7 @@ __all__ = ["SIM_STATE", "create_app"]
 #: Where the app keeps its :class:`SimState`: ``app[SIM_STATE]``.
 SIM_STATE = web.AppKey("wanbatch_sim_state", SimState)
 
+_EXPIRED = "Request has expired."
 TICK_S = 0.05  #: wall seconds between materialisations (billing log written as time passes)
 API = "/api/v1"
 
@@ -68,7 +70,7 @@ def create_app(config: SimConfig | None = None, *, clock: ScaledClock | None = N
     return app
 
 
-async def _wrong_url(request: web.Request, caller: object, request_id: str) -> tuple[int, dict]:
+async def _wrong_url(request: web.Request, caller: object, request_id: str, may_fault: bool) -> tuple[int, dict]:
     raise wire.SimError(400, "InvalidParameter", wire.URL_ERROR)
 
 
@@ -79,13 +81,16 @@ def _image_handler(state: SimState) -> Callable[[web.Request], Awaitable[web.Str
         path, expires, signature = request.path, request.query.get("Expires", ""), request.query.get("Signature", "")
         now = state.clock.now()
         if expires.isdigit() and now > int(expires):
-            return _oss_error(state, 403, "AccessDenied", "Request has expired.", now, expires)
+            return _oss_error(state, 403, "AccessDenied", _EXPIRED, now, expires)
         if not state.images.signature_ok(path, expires, signature):
             message = "The request signature we calculated does not match the signature you provided."
             return _oss_error(state, 403, "SignatureDoesNotMatch", message, now, expires)
         found = state.image_at(path)
         if found is None or not found[0].images[found[1]].ok or found[0].request is None:
             return _oss_error(state, 404, "NoSuchKey", "The specified key does not exist.", now, expires)
+        transient = _transient_error(state, path)
+        if transient is not None:
+            return _oss_error(state, *transient, now, expires)
         task, index = found
         spec = task.request
         key = ImageKey(spec.prompt, spec.seed + index, spec.width, spec.height, spec.watermark)
@@ -96,12 +101,32 @@ def _image_handler(state: SimState) -> Callable[[web.Request], Awaitable[web.Str
     return image
 
 
+#: Object-storage errors a client may meet once on a live object (OSS answers them under load or while an
+#: object replicates): fault -> (HTTP status, code, message).
+_TRANSIENT = {
+    Fault.IMAGE_SLOWDOWN: (503, "SlowDown", "Please reduce your request rate."),
+    Fault.IMAGE_NOT_FOUND: (404, "NoSuchKey", "The specified key does not exist."),
+    Fault.IMAGE_DENIED: (403, "AccessDenied", "You have no right to access this object."),
+}
+
+
+def _transient_error(state: SimState, path: str) -> tuple[int, str, str] | None:
+    """The error of an image's first GET when an image fault falls on it; later GETs of the URL work."""
+    if not state.first_get(path):
+        return None
+    fault = state.faults.draw_image()
+    if fault is None:
+        return None
+    state.faults_injected[fault] += 1
+    return _TRANSIENT[fault]
+
+
 def _oss_error(state: SimState, status: int, code: str, message: str, now_s: float, expires: str) -> web.Response:
     """OSS's XML error body, as a browser or HTTP client would see it."""
     state.statuses[("image", status)] += 1
     server_time = dt.datetime.fromtimestamp(now_s, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     extra = ""
-    if code == "AccessDenied" and expires.isdigit():
+    if message == _EXPIRED and expires.isdigit():
         expired_at = dt.datetime.fromtimestamp(int(expires), dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         extra = f"  <Expires>{expired_at}</Expires>\n  <ServerTime>{server_time}</ServerTime>\n"
     body = (

@@ -5,9 +5,13 @@ succeeds; failed images and failed or canceled tasks are free. A record is
 written when its task ends in simulated time, with that end time:
 
     {"time": 1767225600.123, "task_id": "...", "image_index": 0, "model": "wan2.6-t2i",
-     "fingerprint": "<sha256 of the canonical request body>", "key_id": "..."}
+     "fingerprint": "<sha256 of the canonical request body>", "key_id": "...",
+     "account": "demo", "endpoint": "async", "neighbour": false}
 
-``image_index`` is the image's place in the task's results (0-based).
+``image_index`` is the image's place in the task's results (0-based),
+``endpoint`` the create endpoint (``legacy``, ``async`` or ``sync``), and
+``neighbour`` true for a task another user of the account made (a simulated
+neighbour), so that a check of what *we* paid can leave those out.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ class BillingLog:
                 "model": task.model,
                 "fingerprint": task.fingerprint,
                 "key_id": task.key_id,
+                "account": task.account,
+                "endpoint": task.endpoint.kind,
+                "neighbour": task.neighbour,
             }
             self.records.append(record)
             lines.append(json.dumps(record, ensure_ascii=False))

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from wanbatch import catalog
-from wanbatch.sim.faults import FAULT_PROFILES, Fault
+from wanbatch.sim.faults import FAULT_PROFILES, PROFILE_NEIGHBOURS, Fault
 
 FAULT_ENDPOINTS = ("create", "sync", "query", "list", "cancel")
 
@@ -134,6 +134,17 @@ class SimConfig:
     slow_body_s: float = 5.0  #: how long a slow body or slow download takes to send
     storm_s: float = 5.0  #: how long a 429 storm lasts
     early_expiry_s: float = 120.0  #: URL lifetime after the task ends under the early-expiry fault
+    late_create_max_s: float = 300.0  #: a late create lands up to this long after it was sent (the gateway's window)
+    list_lag_s: float = 60.0  #: how long a lagging task stays out of the list
+    young_task_s: float = 300.0  #: a task this young may be read as UNKNOWN once (query_unknown)
+
+    # --- neighbours: other users of the same account (None: the fault profile's, 0 outside ``unkind``)
+    neighbour_rate: float | None = None  #: chance that one of our creates has a neighbour with the same prompt
+    neighbour_same_key_share: float = 0.5  #: share of those neighbours sending through our own key
+    #: share of the background stream sent through our own key (its requests may look like ours; see the docs)
+    neighbour_background_same_key_share: float = 0.0
+    neighbour_window_s: float = 30.0  #: a neighbour is made at most this long before or after our create
+    neighbour_background_rps: float | None = None  #: unrelated neighbour creates per second on the models we use
 
     # --- records
     billing_log: Path | None = None  #: one JSON line per billed image is appended here
@@ -163,9 +174,28 @@ class SimConfig:
                 f"unknown fault endpoint(s) {', '.join(sorted(unknown))}; known: {', '.join(FAULT_ENDPOINTS)}"
             )
         _check_quotas(self.quotas, "quotas")
+        self._check_neighbours()
         means = self.durations.values() if isinstance(self.durations, Mapping) else [self.durations or 0.0]
         if any(m < 0 for m in means):
             raise ValueError("durations must be >= 0 seconds")
+
+    def _check_neighbours(self) -> None:
+        for name in ("neighbour_rate", "neighbour_same_key_share", "neighbour_background_same_key_share"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        for name in ("neighbour_background_rps", "neighbour_window_s", "late_create_max_s", "list_lag_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def neighbours(self) -> tuple[float, float]:
+        """(neighbour_rate, neighbour_background_rps): the fields, or the fault profile's where they are None."""
+        rate, rps = PROFILE_NEIGHBOURS.get(self.faults, (0.0, 0.0))
+        return (
+            rate if self.neighbour_rate is None else self.neighbour_rate,
+            rps if self.neighbour_background_rps is None else self.neighbour_background_rps,
+        )
 
     def mean_duration_s(self, model: catalog.Model) -> float:
         """The configured mean time a task of ``model`` runs."""

@@ -10,18 +10,40 @@ they should sum to at most 1.
 *Before* faults answer without touching anything (no task is created).
 *After* faults act once the request has been handled: a create has made its
 task, which runs and is billed, a cancel has canceled. The sync endpoint gets
-only *before* faults, since a lost sync answer could not be recovered by any
-client (it has no task id).
+only *before* faults from that stream; its lost answer (``sync_lost``) is a
+fault of its own, kept out of ``chaos`` since no client could recover it.
+
+The *service* faults (what the service, its gateway and its object storage
+may lawfully do beyond plain errors: a create answered 5xx after its task was
+made, a create that lands late, a lagging list, a young task read as UNKNOWN,
+transient object-storage errors, a lost sync answer, a prompt echoed in
+another form) each draw from a stream of their own, only while their rate is
+above zero, so switching one on changes no other fault's sequence. A request
+meets a service fault only when the API stream left it alone.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import TypeVar
 
-__all__ = ["AFTER_FAULTS", "BEFORE_FAULTS", "DOWNLOAD_FAULTS", "FAULT_PROFILES", "Fault", "FaultInjector"]
+__all__ = [
+    "AFTER_FAULTS",
+    "BEFORE_FAULTS",
+    "CREATE_FAULTS",
+    "DOWNLOAD_FAULTS",
+    "FAULT_PROFILES",
+    "IMAGE_FAULTS",
+    "PROFILE_NEIGHBOURS",
+    "SERVICE_FAULTS",
+    "Fault",
+    "FaultInjector",
+]
+
+T = TypeVar("T")
 
 
 class Fault(enum.StrEnum):
@@ -51,11 +73,52 @@ class Fault(enum.StrEnum):
     TRUNCATED_DOWNLOAD = "truncated_download"
     #: a task's URLs expire ``early_expiry_s`` after it ends instead of ``url_ttl_s``
     EARLY_EXPIRY = "early_expiry"
+    #: an async create makes its task (it runs and is billed), then is answered 500 or 503
+    ERROR_AFTER_CREATE = "error_after_create"
+    #: an async or sync create is reset unanswered; its task is made up to ``late_create_max_s`` later
+    LATE_CREATE = "late_create"
+    #: a new task stays out of ``GET /tasks`` for ``list_lag_s`` (``GET /tasks/{id}`` finds it)
+    LIST_LAG = "list_lag"
+    #: a query of a task younger than ``young_task_s`` answers UNKNOWN once; the next query answers truly
+    QUERY_UNKNOWN = "query_unknown"
+    #: the first GET of an image answers 503 SlowDown (object storage); later GETs work
+    IMAGE_SLOWDOWN = "image_slowdown"
+    #: the first GET of an image answers 404 NoSuchKey; later GETs work
+    IMAGE_NOT_FOUND = "image_not_found"
+    #: the first GET of an image answers 403 AccessDenied; later GETs work
+    IMAGE_DENIED = "image_denied"
+    #: a sync call's task runs and is billed, then the answer is lost (a reset or 500 RequestTimeOut)
+    SYNC_LOST = "sync_lost"
+    #: a task's ``orig_prompt`` echoes the prompt with whitespace collapsed and/or truncated at another limit
+    ECHO_VARIANT = "echo_variant"
 
 
 BEFORE_FAULTS = (Fault.INTERNAL_ERROR, Fault.MODEL_SERVING, Fault.THROTTLE_STORM, Fault.RESET_BEFORE)
 AFTER_FAULTS = (Fault.RESET_AFTER, Fault.HOLD_RESPONSE, Fault.SLOW_BODY, Fault.TRUNCATED_BODY, Fault.MALFORMED_JSON)
 DOWNLOAD_FAULTS = (Fault.SLOW_DOWNLOAD, Fault.TRUNCATED_DOWNLOAD)
+CREATE_FAULTS = (Fault.LATE_CREATE, Fault.ERROR_AFTER_CREATE)
+IMAGE_FAULTS = (Fault.IMAGE_SLOWDOWN, Fault.IMAGE_NOT_FOUND, Fault.IMAGE_DENIED)
+#: Drawn each on a stream of its own, by the service, the gateway or the object store (see the module's docs).
+SERVICE_FAULTS = (
+    *CREATE_FAULTS,
+    Fault.LIST_LAG,
+    Fault.QUERY_UNKNOWN,
+    *IMAGE_FAULTS,
+    Fault.SYNC_LOST,
+    Fault.ECHO_VARIANT,
+)
+
+_UNKIND = {
+    Fault.ERROR_AFTER_CREATE: 0.05,
+    Fault.LATE_CREATE: 0.05,
+    Fault.LIST_LAG: 0.2,
+    Fault.QUERY_UNKNOWN: 0.1,
+    Fault.IMAGE_SLOWDOWN: 0.03,
+    Fault.IMAGE_NOT_FOUND: 0.02,
+    Fault.IMAGE_DENIED: 0.02,
+    Fault.SYNC_LOST: 0.05,
+    Fault.ECHO_VARIANT: 0.3,
+}
 
 _CHAOS = {
     Fault.INTERNAL_ERROR: 0.02,
@@ -69,10 +132,19 @@ _CHAOS = {
     Fault.MALFORMED_JSON: 0.02,
     Fault.SLOW_DOWNLOAD: 0.02,
     Fault.TRUNCATED_DOWNLOAD: 0.03,
+    Fault.ERROR_AFTER_CREATE: 0.02,
+    Fault.LATE_CREATE: 0.02,
+    Fault.LIST_LAG: 0.1,
+    Fault.QUERY_UNKNOWN: 0.05,
+    Fault.IMAGE_SLOWDOWN: 0.02,
+    Fault.IMAGE_NOT_FOUND: 0.01,
+    Fault.IMAGE_DENIED: 0.01,
+    Fault.ECHO_VARIANT: 0.1,
 }
 
-#: Named sets of fault rates. ``chaos`` holds every fault a correct client loses nothing by;
-#: early URL expiry, which loses images a slow client has not saved, has a profile of its own.
+#: Named sets of fault rates. ``chaos`` holds every fault a correct client loses nothing by; early URL
+#: expiry, which loses images a slow client has not saved, has a profile of its own, and the lost sync
+#: answer (which no client can recover) is only in ``unkind``.
 FAULT_PROFILES: Mapping[str, Mapping[str, float]] = MappingProxyType(
     {
         "none": MappingProxyType({}),
@@ -88,8 +160,12 @@ FAULT_PROFILES: Mapping[str, Mapping[str, float]] = MappingProxyType(
             }
         ),
         "expire-early": MappingProxyType({Fault.EARLY_EXPIRY: 0.5}),
+        "unkind": MappingProxyType(dict(_UNKIND)),
     }
 )
+
+#: (neighbour_rate, neighbour_background_rps) of a profile, for the config fields left at None; (0, 0) if absent.
+PROFILE_NEIGHBOURS: Mapping[str, tuple[float, float]] = MappingProxyType({"chaos": (0.1, 0.01), "unkind": (0.3, 0.05)})
 
 
 class FaultInjector:
@@ -99,6 +175,7 @@ class FaultInjector:
         self._api = random.Random(f"{seed}/faults/api")
         self._download = random.Random(f"{seed}/faults/download")
         self._expiry = random.Random(f"{seed}/faults/expiry")
+        self._own = {fault: random.Random(f"{seed}/faults/{fault}") for fault in SERVICE_FAULTS}
         self.storm_until_s = float("-inf")
         self.profile = "none"
         self._rates: dict[Fault, float] = {}
@@ -134,6 +211,26 @@ class FaultInjector:
     def expires_early(self) -> bool:
         rate = self._rates.get(Fault.EARLY_EXPIRY, 0.0)
         return bool(rate) and self._expiry.random() < rate
+
+    def hits(self, fault: Fault) -> bool:
+        """Whether a service fault falls on this request or task, drawn on the fault's own stream."""
+        rate = self._rates.get(fault, 0.0)
+        return bool(rate) and self._own[fault].random() < rate
+
+    def draw_create(self) -> Fault | None:
+        """The create fault of one async create that met no API fault: a late landing or an error after creating."""
+        return next((fault for fault in CREATE_FAULTS if self.hits(fault)), None)
+
+    def draw_image(self) -> Fault | None:
+        """The object-storage error of an image's first GET, if any."""
+        return next((fault for fault in IMAGE_FAULTS if self.hits(fault)), None)
+
+    def choice(self, fault: Fault, options: Sequence[T]) -> T:
+        """One of ``options``, drawn on ``fault``'s own stream (which error, which variant)."""
+        return self._own[fault].choice(options)
+
+    def uniform(self, fault: Fault, low: float, high: float) -> float:
+        return self._own[fault].uniform(low, high)
 
     def _draw(self, rng: random.Random, kinds: tuple[Fault, ...]) -> Fault | None:
         if not any(self._rates.get(kind) for kind in kinds):

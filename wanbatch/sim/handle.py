@@ -50,6 +50,11 @@ class TaskView:
     end_s: float
     images_ok: int
     url_expires_s: float
+    neighbour: bool  #: made by a simulated neighbour on the account, not by a client
+    sent_s: float  #: when its create reached the simulator (earlier than ``landed_s`` for a late create)
+    landed_s: float  #: when the task was made (its ``submit_s``, ``gmt_create`` and ``submit_time``)
+    listed_s: float  #: from when ``GET /tasks`` shows it (later than ``landed_s`` under list lag)
+    orig_prompt: str  #: what its results echo as ``orig_prompt`` (the prompt, unless an echo variant fell on it)
 
 
 class SimHandle:
@@ -110,6 +115,16 @@ class SimHandle:
         self._state.materialise()
         return {task_id: self._view(task) for task_id, task in self._state.tasks.items()}
 
+    @property
+    def our_tasks(self) -> Mapping[str, TaskView]:
+        """The tasks clients made (``tasks`` without the neighbours')."""
+        return {task_id: view for task_id, view in self.tasks.items() if not view.neighbour}
+
+    @property
+    def neighbour_tasks(self) -> Mapping[str, TaskView]:
+        """The tasks simulated neighbours made on the clients' accounts."""
+        return {task_id: view for task_id, view in self.tasks.items() if view.neighbour}
+
     def _view(self, task: Task) -> TaskView:
         request = task.request
         return TaskView(
@@ -129,6 +144,11 @@ class SimHandle:
             end_s=task.end_s,
             images_ok=len(task.succeeded_images),
             url_expires_s=task.url_expires_s,
+            neighbour=task.neighbour,
+            sent_s=task.sent_s,
+            landed_s=task.submit_s,
+            listed_s=task.listed_s,
+            orig_prompt=(request.prompt if task.echo is None else task.echo) if request else "",
         )
 
 

@@ -4,7 +4,9 @@
 effects up to date, draw the request's fault, authenticate, apply the
 injected and real quotas, run the endpoint, and answer through
 ``respond.send`` (which applies an *after* fault). Endpoints return
-``(status, body)`` or raise ``wire.SimError``.
+``(status, body)``, raise ``wire.SimError``, or raise :class:`Dropped` to
+close the connection unanswered. An endpoint told that the API stream left
+its request alone may apply a service fault of its own (faults.SERVICE_FAULTS).
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from wanbatch import catalog
 from wanbatch.sim import bodies, respond, validate, wire
 from wanbatch.sim.accounts import ApiKey
 from wanbatch.sim.faults import BEFORE_FAULTS, Fault
+from wanbatch.sim.neighbours import Neighbours
 from wanbatch.sim.quotas import Admission
 from wanbatch.sim.state import SimState
-from wanbatch.sim.tasks import TERMINAL, Endpoint, Task, TaskStatus
+from wanbatch.sim.tasks import TERMINAL, Endpoint, GenerationRequest, Task, TaskStatus
 
-__all__ = ["Handler", "Service"]
+__all__ = ["Dropped", "Handler", "Service"]
 
 Answer = tuple[int, dict[str, Any]]
-Handler = Callable[[web.Request, ApiKey, str], Awaitable[Answer]]
+#: (request, caller, request_id, may_fault): ``may_fault`` when the API stream drew no fault for the request
+Handler = Callable[[web.Request, ApiKey, str, bool], Awaitable[Answer]]
+
+
+class Dropped(Exception):
+    """The connection is reset with no answer (the service has done, or will do, what was asked)."""
 
 _LEGACY_SYNC_MODELS = ("wan2.2-t2i-flash", "wan2.2-t2i-plus")  # what the SDK's sync_call docstring names
 _DAY_S = 86400.0
@@ -39,6 +47,7 @@ class Service:
     def __init__(self, state: SimState) -> None:
         self.state = state
         self.config = state.config
+        self.neighbours = Neighbours(state)
 
     async def handle(
         self, request: web.Request, endpoint: str, run: Handler, *, sync: bool = False, read_kind: str = ""
@@ -62,7 +71,11 @@ class Service:
             self._injected_errors(fault)
             if read_kind and not state.accounts.admit_read(caller, read_kind, state.clock.now()):
                 raise state.accounts.throttled()
-            status, body = await run(request, caller, request_id)
+            status, body = await run(request, caller, request_id, aimed and fault is None)
+        except Dropped:
+            state.statuses[(endpoint, 0)] += 1
+            respond.reset(request)
+            return web.Response()
         except wire.SimError as error:
             status, body = error.status, bodies.error_body(request_id, error)
             if status == 429 and self.config.retry_after_s is not None:
@@ -91,12 +104,14 @@ class Service:
     # --- create: the three generation endpoints
 
     def creator(self, endpoint: Endpoint) -> Handler:
-        async def run(request: web.Request, caller: ApiKey, request_id: str) -> Answer:
-            return await self._create(request, caller, request_id, endpoint)
+        async def run(request: web.Request, caller: ApiKey, request_id: str, may_fault: bool) -> Answer:
+            return await self._create(request, caller, request_id, endpoint, may_fault)
 
         return run
 
-    async def _create(self, request: web.Request, caller: ApiKey, request_id: str, endpoint: Endpoint) -> Answer:
+    async def _create(
+        self, request: web.Request, caller: ApiKey, request_id: str, endpoint: Endpoint, may_fault: bool
+    ) -> Answer:
         state, config = self.state, self.config
         endpoint, hold = self._mode(request, endpoint)
         body = validate.parse_json(await request.read())
@@ -106,9 +121,8 @@ class Service:
         refusal = caller.refused()
         if refusal is not None:
             raise refusal
-        admission = state.accounts.admit_submit(caller, offer, state.clock.now())
-        if admission is not Admission.OK:
-            raise state.accounts.throttled(admission)
+        # Only async creates: a late or errored sync call would lose its images to every client.
+        fault = state.faults.draw_create() if may_fault and not hold else None
         common = {
             "caller": caller,
             "offer": offer,
@@ -116,21 +130,72 @@ class Service:
             "fingerprint": validate.fingerprint(body),
             "request_id": request_id,
         }
+        if fault is Fault.LATE_CREATE:
+            self._land_later(body, common)
+        admission = state.accounts.admit_submit(caller, offer, state.clock.now())
+        if admission is not Admission.OK:
+            raise state.accounts.throttled(admission)
         try:
-            generation = validate.parse_request(body, offer, config, state.seeds)
-            refusal = validate.input_moderation(generation, config)
-            if refusal is not None:
-                raise refusal
+            generation, echo = self._generation(body, offer)
         except wire.SimError as error:
             # A sync call has no task to report a failure in, so its parameter errors are always a 400.
             if not error.deferrable or config.param_errors == "submit" or hold:
                 raise
             task = state.submit(**common, request=None, error=error, n=validate.requested_n(body, offer.model))
-            return 200, _created(request_id, task)
-        task = state.submit(**common, request=generation)
+            return self._created(request_id, task, fault)
+        task = state.submit(**common, request=generation, echo=echo)
+        self.neighbours.beside(task, caller)
         if hold:
-            return await self._finish_sync(request, task, request_id, legacy=endpoint is Endpoint.LEGACY)
+            legacy = endpoint is Endpoint.LEGACY
+            return await self._finish_sync(request, task, request_id, legacy=legacy, may_fault=may_fault)
+        return self._created(request_id, task, fault)
+
+    def _generation(self, body: dict[str, Any], offer: catalog.Offer) -> tuple[GenerationRequest, str | None]:
+        """The checked request, and the prompt its results echo when an echo variant falls on it (else None)."""
+        model, state = offer.model, self.state
+        variant = ""
+        if model.protocol is catalog.Protocol.LEGACY and state.faults.hits(Fault.ECHO_VARIANT):
+            # §2.1 gives wan2.2/2.1 both 500 and 800 characters: the other limit is as lawful as the catalog's.
+            variants = ("collapsed", "limit", "both") if model.prompt_max == 500 else ("collapsed",)
+            variant = state.faults.choice(Fault.ECHO_VARIANT, variants)
+            state.faults_injected[Fault.ECHO_VARIANT] += 1
+        other_limit = 500 if validate.prompt_limit(model, self.config) == 800 else 800
+        prompt_max = other_limit if variant in ("limit", "both") else None
+        generation = validate.parse_request(body, offer, self.config, state.seeds, prompt_max=prompt_max)
+        refusal = validate.input_moderation(generation, self.config)
+        if refusal is not None:
+            raise refusal
+        echo = " ".join(generation.prompt.split()) if variant in ("collapsed", "both") else None
+        return generation, echo
+
+    def _created(self, request_id: str, task: Task, fault: Fault | None) -> Answer:
+        """The create's answer: the task id, or a 5xx although the task was made (error_after_create)."""
+        if fault is Fault.ERROR_AFTER_CREATE:
+            self.state.faults_injected[fault] += 1
+            status, code, message = self.state.faults.choice(fault, wire.ERRORS_AFTER_CREATE)
+            raise wire.SimError(status, code, message)
         return 200, _created(request_id, task)
+
+    def _land_later(self, body: dict[str, Any], common: dict[str, Any]) -> None:
+        """Reset the create now and make its task when it lands, up to ``late_create_max_s`` later (or never,
+        when it would have been refused then: the quota is applied on landing)."""
+        state = self.state
+        state.faults_injected[Fault.LATE_CREATE] += 1
+        sent_s = state.clock.now()
+        try:
+            generation, echo = self._generation(body, common["offer"])
+        except wire.SimError:
+            raise Dropped from None  # refused on landing: no task, and the client never hears of it
+
+        def land(at_s: float) -> None:
+            if state.accounts.admit_submit(common["caller"], common["offer"], at_s) is not Admission.OK:
+                return
+            task = state.submit(**common, request=generation, echo=echo, at_s=at_s)
+            task.sent_s = sent_s
+            self.neighbours.beside(task, common["caller"])
+
+        state.call_at(sent_s + state.faults.uniform(Fault.LATE_CREATE, 0.0, self.config.late_create_max_s), land)
+        raise Dropped
 
     def _mode(self, request: web.Request, endpoint: Endpoint) -> tuple[Endpoint, bool]:
         """The endpoint served and whether the answer waits for the images, from ``X-DashScope-Async``."""
@@ -147,8 +212,10 @@ class Service:
             return endpoint, True
         raise wire.SimError(403, "AccessDenied", wire.SYNC_NOT_SUPPORTED)
 
-    async def _finish_sync(self, request: web.Request, task: Task, request_id: str, *, legacy: bool) -> Answer:
-        """Hold a sync call until its task ends in simulated time, then answer with its images."""
+    async def _finish_sync(
+        self, request: web.Request, task: Task, request_id: str, *, legacy: bool, may_fault: bool
+    ) -> Answer:
+        """Hold a sync call until its task ends in simulated time, then answer with its images (or lose them)."""
         state = self.state
         deadline_s = task.submit_s + self.config.sync_timeout_s
         while (status := state.status(task)) not in TERMINAL:
@@ -157,6 +224,12 @@ class Service:
                 raise wire.SimError(500, "RequestTimeOut", wire.REQUEST_TIMEOUT)
             if not await state.sleep_until(min(task.end_s, deadline_s)):
                 raise wire.SimError(503, "ModelUnavailable", "Model is unavailable, please try again later.")
+        if may_fault and state.faults.hits(Fault.SYNC_LOST):
+            state.faults_injected[Fault.SYNC_LOST] += 1
+            state.materialise()  # billed before the answer is lost, as the service bills it
+            if state.faults.choice(Fault.SYNC_LOST, (True, False)):
+                raise Dropped
+            raise wire.SimError(500, "RequestTimeOut", wire.REQUEST_TIMEOUT)
         urls = self.result_urls(request, task)
         if legacy:
             return 200, bodies.query_body(request_id, task.task_id, task, status, urls, self.config)
@@ -175,20 +248,33 @@ class Service:
 
     # --- tasks: query, cancel, list
 
-    async def query(self, request: web.Request, caller: ApiKey, request_id: str) -> Answer:
+    async def query(self, request: web.Request, caller: ApiKey, request_id: str, may_fault: bool) -> Answer:
         task_id = request.match_info["task_id"]
         task = self.state.find(task_id, caller)
+        if task is not None and may_fault and self._read_as_unknown(task):
+            task = None
         status = self.state.status(task) if task else TaskStatus.UNKNOWN
         urls = self.result_urls(request, task) if task and status is TaskStatus.SUCCEEDED else []
         return 200, bodies.query_body(request_id, task_id, task, status, urls, self.config)
 
-    async def cancel(self, request: web.Request, caller: ApiKey, request_id: str) -> Answer:
+    def _read_as_unknown(self, task: Task) -> bool:
+        """query_unknown: a young task, read from a replica that has not seen it yet, once."""
+        state = self.state
+        if task.read_unknown or state.clock.now() - task.submit_s >= self.config.young_task_s:
+            return False
+        if not state.faults.hits(Fault.QUERY_UNKNOWN):
+            return False
+        state.faults_injected[Fault.QUERY_UNKNOWN] += 1
+        task.read_unknown = True
+        return True
+
+    async def cancel(self, request: web.Request, caller: ApiKey, request_id: str, may_fault: bool) -> Answer:
         task = self.state.find(request.match_info["task_id"], caller)
         if task is None or not self.state.cancel(task):
             raise wire.SimError(400, "UnsupportedOperation", wire.CANCEL_NOT_PENDING)
         return 200, {"request_id": request_id}
 
-    async def list(self, request: web.Request, caller: ApiKey, request_id: str) -> Answer:
+    async def list(self, request: web.Request, caller: ApiKey, request_id: str, may_fault: bool) -> Answer:
         q = request.query
         page_no, page_size = _positive(q, "page_no", 1), _positive(q, "page_size", 10)
         lo_s, hi_s = self._window(q.get("start_time"), q.get("end_time"))
@@ -198,7 +284,7 @@ class Service:
             return 200, bodies.list_body(request_id, [], 0, page_no, page_size)
         if q.get("task_id"):
             found = self.state.find(q["task_id"], caller)
-            tasks = iter([found] if found else [])
+            tasks = iter([found] if found and self.state.listed(found) else [])
         else:
             tasks = self.state.listing(caller, lo_s, hi_s)
         # Filter on the tasks themselves; only the page's entries are built.

@@ -21,7 +21,7 @@ import random
 import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from wanbatch import catalog
@@ -46,8 +46,9 @@ class _AccountTasks:
         self._items: list[Task] = []
         self._start = 0  #: tasks before this index have been forgotten
 
-    def append(self, task: Task) -> None:
-        self._items.append(task)
+    def add(self, task: Task) -> None:
+        # A neighbour's task may be made with a submit time a little in the past: keep the order by time.
+        bisect.insort(self._items, task, lo=self._start, key=lambda t: t.submit_s)
 
     def forget(self, task: Task) -> None:
         if self._start < len(self._items) and self._items[self._start] is task:
@@ -83,10 +84,15 @@ class SimState:
         self._in_order: deque[Task] = deque()
         self._objects: dict[str, tuple[Task, int]] = {}
         self._due: list[tuple[float, int, int, Task]] = []
+        self._later: list[tuple[float, int, Callable[[float], None]]] = []  #: actions due at a time
+        self._fetched: set[str] = set()  #: image paths already asked for once
         self._seq = itertools.count()
         self._durations = random.Random(f"{config.seed}/durations")
         self._outcomes = random.Random(f"{config.seed}/outcomes")
         self.seeds = random.Random(f"{config.seed}/seeds")
+        # Neighbours' tasks draw from streams of their own, so that switching them on leaves ours as they were.
+        self._neighbour_durations = random.Random(f"{config.seed}/neighbours/durations")
+        self._neighbour_outcomes = random.Random(f"{config.seed}/neighbours/outcomes")
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -104,9 +110,17 @@ class SimState:
         request: GenerationRequest | None,
         error: wire.SimError | None = None,
         n: int = 0,
+        at_s: float | None = None,
+        backdate_s: float = 0.0,
+        neighbour: bool = False,
+        echo: str | None = None,
     ) -> Task:
-        """Create a task and plan its life. ``error`` makes a task that FAILED at once (``param_errors="task"``)."""
-        now = self.clock.now()
+        """Create a task and plan its life. ``error`` makes a task that FAILED at once (``param_errors="task"``).
+
+        ``at_s`` is the instant it is made (a due action's time; now when None); ``backdate_s`` moves its submit
+        time that much earlier without moving its place in the queue (a neighbour made just before ours).
+        """
+        now = self.clock.now() if at_s is None else at_s
         task = Task(
             task_id=str(uuid.uuid4()),
             request_id=request_id,
@@ -116,19 +130,22 @@ class SimState:
             endpoint=endpoint,
             fingerprint=fingerprint,
             request=request,
-            submit_s=now,
+            submit_s=now - backdate_s,
             duration_s=0.0,
             images=(),
             start_s=now,
             end_s=now,
+            neighbour=neighbour,
+            sent_s=now - backdate_s,
+            echo=echo,
         )
         if request is None:
             message = error.message if error else ""
             task.images = tuple(ImageResult(i, 0, False, "InvalidParameter", message) for i in range(n))
         else:
-            task.images = self._outcomes_for(request)
-            task.duration_s = self._draw_duration(offer.model)
-            task.url_ttl_s = self._url_ttl_s()
+            task.images = self._outcomes_for(request, neighbour=neighbour)
+            task.duration_s = self._draw_duration(offer.model, neighbour=neighbour)
+            task.url_ttl_s = self.config.url_ttl_s if neighbour else self._url_ttl_s()
             self._lane(caller.account, offer).schedule(task, now)
             heapq.heappush(self._due, (task.end_s, next(self._seq), task.version, task))
         task.object_keys = self._object_paths(task)
@@ -136,9 +153,17 @@ class SimState:
             self._objects[path] = (task, index)
         self.tasks[task.task_id] = task
         self._in_order.append(task)
+        task.listed_s = task.submit_s
         if not task.sync:
-            self._listable.setdefault(task.account, _AccountTasks()).append(task)
+            if self.faults.hits(Fault.LIST_LAG):
+                self.faults_injected[Fault.LIST_LAG] += 1
+                task.listed_s += self.config.list_lag_s
+            self._listable.setdefault(task.account, _AccountTasks()).add(task)
         return task
+
+    def call_at(self, at_s: float, action: Callable[[float], None]) -> None:
+        """Run ``action(at_s)`` once the simulated clock reaches ``at_s``, even if no request comes."""
+        heapq.heappush(self._later, (at_s, next(self._seq), action))
 
     def cancel(self, task: Task) -> bool:
         """Cancel ``task`` if it is PENDING now; the tasks queued behind it move up."""
@@ -161,11 +186,22 @@ class SimState:
         return None if self.status(task) is TaskStatus.UNKNOWN else task
 
     def listing(self, caller: ApiKey, lo_s: float, hi_s: float) -> Iterator[Task]:
-        """The caller's account's live tasks submitted in [lo_s, hi_s], newest first."""
+        """The caller's account's live tasks submitted in [lo_s, hi_s] that the list shows by now, newest first."""
         tasks = self._listable.get(caller.account)
         if tasks is None:
             return iter(())
-        return (t for t in tasks.newest_first(lo_s, hi_s) if self.status(t) is not TaskStatus.UNKNOWN)
+        return (t for t in tasks.newest_first(lo_s, hi_s) if self.listed(t))
+
+    def listed(self, task: Task) -> bool:
+        """Whether ``GET /tasks`` shows ``task`` now (past its list lag, not forgotten)."""
+        return self.clock.now() >= task.listed_s and self.status(task) is not TaskStatus.UNKNOWN
+
+    def first_get(self, path: str) -> bool:
+        """Whether this is the first GET of the image at ``path`` (counting this one)."""
+        if path in self._fetched:
+            return False
+        self._fetched.add(path)
+        return True
 
     def image_at(self, path: str) -> tuple[Task, int] | None:
         return self._objects.get(path)
@@ -177,23 +213,24 @@ class SimState:
             lane = self._lanes[(account, offer.model.name)] = Lane(concurrency)
         return lane
 
-    def _draw_duration(self, model: catalog.Model) -> float:
+    def _draw_duration(self, model: catalog.Model, *, neighbour: bool) -> float:
         mean, spread = self.config.mean_duration_s(model), self.config.duration_spread
         if mean == 0 or spread == 0 or self.config.duration_distribution == "fixed":
             return mean
+        rng = self._neighbour_durations if neighbour else self._durations
         if self.config.duration_distribution == "lognormal":
-            return self._durations.lognormvariate(math.log(mean) - spread**2 / 2, spread)
-        return mean * self._durations.uniform(max(0.0, 1 - spread), 1 + spread)
+            return rng.lognormvariate(math.log(mean) - spread**2 / 2, spread)
+        return mean * rng.uniform(max(0.0, 1 - spread), 1 + spread)
 
-    def _outcomes_for(self, request: GenerationRequest) -> tuple[ImageResult, ...]:
+    def _outcomes_for(self, request: GenerationRequest, *, neighbour: bool) -> tuple[ImageResult, ...]:
         text = request.prompt.lower()
         if any(word.lower() in text for word in self.config.output_inspection_words):
             code, message = "DataInspectionFailed", wire.OUTPUT_INSPECTION
             return tuple(ImageResult(i, request.seed + i, False, code, message) for i in range(request.n))
-        results = []
+        results, rng = [], self._neighbour_outcomes if neighbour else self._outcomes
         for i in range(request.n):
-            if self._outcomes.random() < self.config.image_failure_rate:
-                if self._outcomes.random() < 0.5:
+            if rng.random() < self.config.image_failure_rate:
+                if rng.random() < 0.5:
                     code, message = "InternalError.Timeout", wire.INTERNAL_TIMEOUT
                 else:
                     code, message = "DataInspectionFailed", wire.OUTPUT_INSPECTION
@@ -216,8 +253,11 @@ class SimState:
     # --- time-driven effects
 
     def materialise(self) -> None:
-        """Bill the tasks that have ended by now and forget those past their lifetime."""
+        """Run the actions due by now, bill the tasks that have ended and forget those past their lifetime."""
         now = self.clock.now()
+        while self._later and self._later[0][0] <= now:
+            at_s, _, action = heapq.heappop(self._later)
+            action(at_s)
         while self._due and self._due[0][0] <= now:
             _, _, version, task = heapq.heappop(self._due)
             if version == task.version and task.canceled_s is None:
@@ -228,6 +268,7 @@ class SimState:
             self.tasks.pop(task.task_id, None)
             for path in task.object_keys:
                 self._objects.pop(path, None)
+                self._fetched.discard(path)
             if not task.sync:
                 self._listable[task.account].forget(task)
 

@@ -49,6 +49,11 @@ class Endpoint(enum.StrEnum):
     #: sync generation, new protocol (wan2.6); answers when the images are done
     SYNC = "multimodal-generation/generation"
 
+    @property
+    def kind(self) -> str:
+        """``legacy``, ``async`` or ``sync``: the billing log's name for the endpoint."""
+        return self.name.lower()
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
@@ -100,6 +105,11 @@ class Task:
     canceled_s: float | None = None
     version: int = 0  #: bumped whenever start/end move, so stale billing events are skipped
     object_keys: tuple[str, ...] = field(default=())
+    neighbour: bool = False  #: made by another user of the account, not by the simulator's caller
+    sent_s: float = 0.0  #: when its create reached the simulator (before ``submit_s`` for a late create)
+    listed_s: float = 0.0  #: from when ``GET /tasks`` shows it (after ``submit_s`` under list lag)
+    echo: str | None = None  #: the ``orig_prompt`` results carry, when it is not the prompt (echo variant)
+    read_unknown: bool = False  #: a query has already been answered UNKNOWN for it (query_unknown)
 
     @property
     def sync(self) -> bool:

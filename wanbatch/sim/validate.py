@@ -22,7 +22,16 @@ from wanbatch.sim import wire
 from wanbatch.sim.config import SimConfig
 from wanbatch.sim.tasks import Endpoint, GenerationRequest
 
-__all__ = ["fingerprint", "input_moderation", "parse_json", "parse_request", "requested_n", "resolve_offer"]
+__all__ = [
+    "fingerprint",
+    "input_moderation",
+    "parse_json",
+    "parse_request",
+    "prompt_limit",
+    "requested_n",
+    "resolve_offer",
+    "size_rule",
+]
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -61,9 +70,12 @@ def resolve_offer(body: dict[str, Any], region: str, endpoint: Endpoint) -> cata
 
 
 def parse_request(
-    body: dict[str, Any], offer: catalog.Offer, config: SimConfig, rng: random.Random
+    body: dict[str, Any], offer: catalog.Offer, config: SimConfig, rng: random.Random, *, prompt_max: int | None = None
 ) -> GenerationRequest:
-    """The validated, defaulted and truncated request; raises a deferrable SimError on bad parameters."""
+    """The validated, defaulted and truncated request; raises a deferrable SimError on bad parameters.
+
+    ``prompt_max`` truncates the prompt at another limit than the configured one (an echo variant).
+    """
     model = offer.model
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
@@ -83,7 +95,7 @@ def parse_request(
     if seed is None:
         seed = rng.randrange(model.seed_max + 1 - model.n_max)
     return GenerationRequest(
-        prompt=prompt[: config.prompt_max.get(model.name, model.prompt_max)],
+        prompt=prompt[: prompt_max or prompt_limit(model, config)],
         negative_prompt=negative[: model.negative_prompt_max],
         width=width,
         height=height,
@@ -92,6 +104,11 @@ def parse_request(
         prompt_extend=_bool(params, "prompt_extend", model.prompt_extend_default),
         watermark=_bool(params, "watermark", model.watermark_default),
     )
+
+
+def prompt_limit(model: catalog.Model, config: SimConfig) -> int:
+    """The characters of a prompt kept for ``model`` (the catalog's limit unless configured)."""
+    return config.prompt_max.get(model.name, model.prompt_max)
 
 
 def requested_n(body: dict[str, Any], model: catalog.Model) -> int:
@@ -128,13 +145,19 @@ def _message_text(input_: dict[str, Any]) -> str:
     return text
 
 
+def size_rule(model: catalog.Model, config: SimConfig) -> catalog.SizeRule:
+    """The sizes this simulator accepts for ``model`` (the catalog's rule, its pixel floor as configured)."""
+    rule = model.size_rule
+    if rule.min_pixels and config.pixel_floor_side is not None:
+        rule = dataclasses.replace(rule, min_pixels=config.pixel_floor_side**2)
+    return rule
+
+
 def _size(value: Any, model: catalog.Model, config: SimConfig) -> tuple[int, int]:
     if isinstance(value, str) and config.accept_x_size:
         value = value.replace("x", "*")
     parsed = catalog.parse_size(value) if isinstance(value, str) else None
-    rule = model.size_rule
-    if rule.min_pixels and config.pixel_floor_side is not None:
-        rule = dataclasses.replace(rule, min_pixels=config.pixel_floor_side**2)
+    rule = size_rule(model, config)
     if parsed is None:
         raise wire.invalid_parameter(f"size must be a string W*H ({rule.describe()}), got {value!r}")
     problem = rule.violation(*parsed)

@@ -41,9 +41,20 @@ MODEL_SERVING = (
     "Too many requests. Your requests are being throttled due to system capacity limits. Please try again later."
 )
 REQUEST_TIMEOUT = "Request timed out, please try again later."
+SYSTEM_ERROR = "An system error has occured, please try again later."
 
 #: HTTP status for a code carried by a failed sync call (async tasks report it inside a 200 body).
 STATUS_OF_CODE = {"DataInspectionFailed": 400, "IPInfringementSuspect": 400, "InvalidParameter": 400}
+
+
+#: The 5xx answers a create may get after the service has made its task (§4: InternalError, SystemError,
+#: RequestTimeOut, ModelServingError): (status, code, message).
+ERRORS_AFTER_CREATE = (
+    (500, "InternalError", INTERNAL_ERROR),
+    (500, "SystemError", SYSTEM_ERROR),
+    (500, "RequestTimeOut", REQUEST_TIMEOUT),
+    (503, "ModelServingError", MODEL_SERVING),
+)
 
 
 class SimError(Exception):
