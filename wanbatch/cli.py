@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from .track import POLICIES
 __all__ = ["main"]
 
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+#: The output's reader went away (``| head``): what a shell reports for any command a closed pipe stops.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 log = logging.getLogger("wanbatch")
 
@@ -35,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, where it can be handled, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was sent.", file=sys.stderr)
@@ -45,6 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _reader_gone() -> int:
+    """The output's reader closed it (``wanbatch status DIR | head``): stop quietly, as ``cat`` would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # what is still buffered must not fail again at exit
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
