@@ -52,7 +52,9 @@ async def test_raised_quotas_run_more_tasks_at_once(start_sim, tmp_path):
 async def test_simulate_takes_a_simulator_config_and_a_quota_file(tmp_path):
     """`run(simulate=True, sim_config=..., quotas=...)`: the embedded simulator has the raised quotas, and the
     engine keeps more tasks open at once than the catalog's concurrency and backlog."""
-    sim_config = _write(tmp_path / "sim.yaml", {"speed": 100, "durations": {"*": 30}, "quotas": RAISED})
+    # The file's region is another's: each embedded simulator serves the region it is started for.
+    settings = {"region": "singapore", "speed": 100, "durations": {"*": 30}, "quotas": RAISED}
+    sim_config = _write(tmp_path / "sim.yaml", settings)
     quotas = _write(tmp_path / "quotas.yaml", RAISED)
     job = numbered_manifest(tmp_path, 16, "a simulated raised quota")
     engines = []

@@ -161,7 +161,8 @@ def _sim_config(region: str, speed: float | None, config_file: str | Path | None
     try:
         config = SimConfig(config_file=Path(config_file)).resolved()
         speed = speed or (config.speed if "speed" in read_config_file(Path(config_file)) else SIM_SPEED)
-        return replace(config, region=region, speed=speed)
+        # Read once: the simulator would read the file again over the region and speed set here.
+        return replace(config, region=region, speed=speed, config_file=None)
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         raise ConfigError(f"simulator config {config_file}: {exc}") from exc
 
