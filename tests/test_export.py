@@ -182,3 +182,14 @@ def test_same_run_exports_to_the_same_bytes(mixed_run, tmp_path):
     first = export(mixed_run, fmt="webdataset", out=tmp_path / "a")
     second = export(mixed_run, fmt="webdataset", out=tmp_path / "b")
     assert [path.read_bytes() for path in first] == [path.read_bytes() for path in second]
+
+
+def test_webdataset_samples_carry_their_caption_as_txt(mixed_run, tmp_path):
+    """Each WebDataset sample has a ``.txt`` caption, the prompt its image was made from, as image-text readers
+    expect (``to_tuple("png", "txt")``)."""
+    shards = export(mixed_run, fmt="webdataset", out=tmp_path / "wds")
+    pairs = list(webdataset.WebDataset([str(path) for path in shards], shardshuffle=False).to_tuple("txt", "json"))
+    assert len(pairs) == MIXED_SAVED
+    for caption, meta in pairs:
+        row = json.loads(meta)
+        assert caption.decode() == (row["actual_prompt"] or row["prompt"]) and caption

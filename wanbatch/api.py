@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 
 from .engine import Engine, EngineConfig, keys_from_env, stored_plan
@@ -31,6 +32,7 @@ from .errors import ConfigError
 from .manifest import Manifest
 from .plan import make_plan
 from .progress import live_progress
+from .quotas import QuotaTable, check_quotas, load_quotas
 from .submit import SubmitConfig
 from .track import TrackerConfig
 
@@ -63,6 +65,8 @@ async def run(
     progress: Console | None = None,
     gallery: bool = True,
     tracking: str = "prompt",
+    quotas: str | Path | QuotaTable | None = None,
+    sim_config: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -73,7 +77,11 @@ async def run(
     ``progress`` shows a live display of the run on that ``rich`` console; ``gallery`` writes
     ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
+    ``quotas`` are the account's quotas where they differ from the catalog's (a YAML file or a mapping, see
+    :mod:`wanbatch.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim --config``'s file).
     """
+    _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
+    account_quotas = _quotas(quotas)
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
@@ -93,8 +101,10 @@ async def run(
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
-            keys, config, clock = await _simulators(stack, plan["regions"], speed=speed or SIM_SPEED, submit=submit)
-            config = replace(config, gallery=gallery, track=track)
+            keys, config, clock = await _simulators(
+                stack, plan["regions"], speed=speed, submit=submit, config_file=sim_config
+            )
+            config = replace(config, gallery=gallery, track=track, quotas=account_quotas)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
@@ -103,6 +113,7 @@ async def run(
                 submit=submit,
                 track=track,
                 gallery=gallery,
+                quotas=account_quotas,
             )
             clock = None
         engine = Engine(
@@ -123,14 +134,53 @@ async def run(
         return await engine.run(manifest, plan=plan)
 
 
-async def _simulators(stack: contextlib.AsyncExitStack, regions: list[str], *, speed: float, submit: SubmitConfig):
-    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``."""
-    from .sim import SimConfig, running_sim
+def _check_options(*, speed: float | None, budget: float | None, simulate: bool, sim_config) -> None:
+    """Refuse what cannot be meant, before anything is read or sent."""
+    if speed is not None and not speed > 0:
+        raise ConfigError(f"speed {speed:g}: the service clock's speed must be above 0 (1 is real time)")
+    if budget is not None and not budget >= 0:
+        raise ConfigError(f"budget {budget:g}: a budget is an amount of CNY, 0 or more")
+    if sim_config is not None and not simulate:
+        raise ConfigError("a simulator config is only for --simulate; a real service is configured by its account")
 
-    sims = {
-        region: await stack.enter_async_context(running_sim(SimConfig(region=region, speed=speed)))
-        for region in regions
-    }
+
+def _quotas(quotas: str | Path | QuotaTable | None) -> dict[str, dict[str, float]]:
+    if quotas is None:
+        return {}
+    return load_quotas(quotas) if isinstance(quotas, str | Path) else check_quotas(quotas)
+
+
+def _sim_config(region: str, speed: float | None, config_file: str | Path | None):
+    """The embedded simulator of ``region``: ``config_file``'s settings, the speed given, else the file's, else
+    :data:`SIM_SPEED`."""
+    from .sim import SimConfig
+    from .sim.config import read_config_file
+
+    if config_file is None:
+        return SimConfig(region=region, speed=speed or SIM_SPEED)
+    try:
+        config = SimConfig(config_file=Path(config_file)).resolved()
+        speed = speed or (config.speed if "speed" in read_config_file(Path(config_file)) else SIM_SPEED)
+        # Read once: the simulator would read the file again over the region and speed set here.
+        return replace(config, region=region, speed=speed, config_file=None)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"simulator config {config_file}: {exc}") from exc
+
+
+async def _simulators(
+    stack: contextlib.AsyncExitStack,
+    regions: list[str],
+    *,
+    speed: float | None,
+    submit: SubmitConfig,
+    config_file: str | Path | None = None,
+):
+    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``."""
+    from .sim import running_sim
+
+    configs = {region: _sim_config(region, speed, config_file) for region in regions}
+    speed = next(iter(configs.values())).speed if configs else speed or SIM_SPEED
+    sims = {region: await stack.enter_async_context(running_sim(config)) for region, config in configs.items()}
     log.info("simulating %s at %gx speed", ", ".join(sims), speed)
     keys = {region: f"sk-sim-{region}" for region in sims}
     config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)

@@ -12,12 +12,14 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import catalog
+from . import __version__, catalog
 from .errors import ConfigError, LedgerError, ManifestError
 from .progress import JsonFormatter, format_duration
 from .track import POLICIES
@@ -25,6 +27,8 @@ from .track import POLICIES
 __all__ = ["main"]
 
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+#: The output's reader went away (``| head``): what a shell reports for any command a closed pipe stops.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 log = logging.getLogger("wanbatch")
 
@@ -34,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, where it can be handled, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing was sent.", file=sys.stderr)
@@ -46,8 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _reader_gone() -> int:
+    """The output's reader closed it (``wanbatch status DIR | head``): stop quietly, as ``cat`` would."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # what is still buffered must not fail again at exit
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbatch", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debugging)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
     parser.add_argument(
@@ -73,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--speed",
-        type=float,
+        type=_above_zero,
         default=None,
         help="the service clock's speed: only for simulators (default with --simulate: 60)",
     )
@@ -98,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--budget",
-        type=float,
+        type=_not_negative,
         default=None,
         help="CNY; overrides the manifest's budget: a plan over it is refused, spending stops before it",
     )
@@ -117,6 +134,20 @@ def _parser() -> argparse.ArgumentParser:
         "--cancel-pending",
         action="store_true",
         help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
+    )
+    run.add_argument(
+        "--quotas",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML of the account's raised quotas, {model: {submit_rps: X, concurrency: N}}; default: the catalog's",
+    )
+    run.add_argument(
+        "--sim-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --simulate: the simulator's config, as `wanbatch sim --config` takes (docs/simulator.md)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -147,6 +178,30 @@ def _parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.run)
     return parser
+
+
+def _above_zero(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"found {text}; allowed: a number above 0 (1 is real time)")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"found {text}; allowed: an amount of CNY, 0 or more")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"found {text!r}; allowed: a number")
+    return value
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -223,6 +278,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress=args.console,
                 gallery=args.gallery,
                 tracking=args.tracking,
+                quotas=args.quotas,
+                sim_config=args.sim_config,
             )
         )
     except asyncio.CancelledError:

@@ -12,6 +12,7 @@ there with the same hash. Result URLs get no ``Authorization`` header.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import io
@@ -175,6 +176,9 @@ class Downloader:
         async with asyncio.TaskGroup() as group:
             for _ in range(self.config.workers):
                 group.create_task(self._worker(stop))
+        # Every partial file is renamed or removed by now; an empty folder would only puzzle whoever looks.
+        with contextlib.suppress(OSError):
+            self._partial.rmdir()
 
     async def _worker(self, stop: asyncio.Event) -> None:
         while True:
@@ -211,7 +215,13 @@ class Downloader:
             settled = self._ledger.image_final(
                 item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
             )
-            log.warning("✗ %s image %d expired: %s", item_id, index, exc)
+            log.warning(
+                "✗ %s image %d expired: %s",
+                item_id,
+                index,
+                exc,
+                extra={"event": "expired", "item": item_id, "image": index, "state": "expired", "code": "UrlExpired"},
+            )
         except (DownloadError, OSError) as exc:
             if isinstance(exc, OSError):
                 self._folders.clear()  # a folder may have gone since it was made: make them again
@@ -222,7 +232,13 @@ class Downloader:
                 return True
             # Left pending: a later run tries again while the URL lives; the report shows it.
             self._ledger.update_image(item_id, index, error_code="DownloadFailed", error_message=str(exc))
-            log.warning("✗ %s image %d not saved: %s", item_id, index, exc)
+            log.warning(
+                "✗ %s image %d not saved: %s",
+                item_id,
+                index,
+                exc,
+                extra={"event": "not_saved", "item": item_id, "image": index, "code": "DownloadFailed"},
+            )
             return False
         else:
             try:

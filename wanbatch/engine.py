@@ -32,6 +32,7 @@ from .gallery import write_gallery
 from .ledger import Ledger, RunLock, read_meta
 from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
+from .quotas import QuotaTable, apply_quotas
 from .reconcile import ReconcileConfig, Reconciler
 from .records import AddResult
 from .results import sync_answer_lost
@@ -69,6 +70,8 @@ class EngineConfig:
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    #: the account's quotas where they differ from the catalog's (see wanbatch.quotas): the lanes pace to them
+    quotas: QuotaTable = field(default_factory=dict)
 
 
 def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
@@ -306,6 +309,7 @@ class Engine:
         offer = catalog.offer(region, model)
         if offer is None:
             raise ConfigError(f"{model} is not offered in {region}")
+        offer = apply_quotas(offer, self.config.quotas)
         return Lane(
             region=region,
             offer=offer,

@@ -6,7 +6,8 @@ Both formats carry every saved image with every column of ``metadata.jsonl``,
 which is the run's dataset view: the same rows, in the same order.
 
 - ``webdataset``: ``shard-000000.tar`` ...; each sample is ``{key}.png`` (the
-  file as saved) and ``{key}.json`` (its metadata row). The key is
+  file as saved), ``{key}.txt`` (its caption, the prompt the image was made
+  from, as image-text readers expect) and ``{key}.json`` (its metadata row). The key is
   ``{item_id}-{image_index}``: unique, stable across exports, and free of the
   dots and slashes that WebDataset would read as an extension or a folder.
 - ``parquet``: ``shard-000000.parquet`` ...; an ``image`` column
@@ -150,7 +151,13 @@ def _write_tar(path: Path, samples: Iterable[Sample]) -> None:
         for sample in samples:
             meta = json.dumps(sample.row, ensure_ascii=False, sort_keys=True).encode()
             _add(tar, f"{sample.key}.{sample.extension}", sample.data)
+            _add(tar, f"{sample.key}.txt", _caption(sample.row).encode())
             _add(tar, f"{sample.key}.json", meta)
+
+
+def _caption(row: dict[str, Any]) -> str:
+    """The text the image was made from: the service's rewrite of the prompt when it made one."""
+    return row.get("actual_prompt") or row.get("prompt") or ""
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

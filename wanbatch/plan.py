@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 from . import catalog
+from .manifest import Manifest
 
 __all__ = ["make_plan"]
 
@@ -13,9 +16,12 @@ __all__ = ["make_plan"]
 def make_plan(manifest, survey=None) -> dict[str, Any]:
     """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
 
+    ``manifest`` is a :class:`wanbatch.Manifest` or the path of one, as :func:`wanbatch.run` takes.
     Models run in parallel lanes, so the whole manifest needs as long as its slowest lane. ``survey`` is
     ``manifest.survey()`` when the caller has it already (the survey checks every item: it is the costly part).
     """
+    if isinstance(manifest, str | PathLike):
+        manifest = Manifest.from_yaml(Path(manifest))
     survey = survey if survey is not None else manifest.survey()
     rows, cost = [], defaultdict(float)
     for (region, model), (items, images) in sorted(survey.lanes.items()):

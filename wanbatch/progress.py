@@ -23,14 +23,23 @@ from rich.table import Table
 __all__ = ["JsonFormatter", "format_duration", "live_progress", "render"]
 
 
+#: The fields a log call may give (``extra=``) beside its event's name, in the order they are written.
+EVENT_FIELDS = ("item", "task", "image", "region", "model", "state", "code", "images")
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per event: time, level, message."""
+    """One JSON object per event: time, level, the event's name, its fields, and the line a person reads.
+
+    A log call names its event and fields with ``extra={"event": "generated", "item": ...}``; a line that
+    names none is the event ``"log"`` with only its message.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {"time": round(record.created, 3), "level": record.levelname.lower(), "event": record.getMessage()},
-            ensure_ascii=False,
-        )
+        event = {"time": round(record.created, 3), "level": record.levelname.lower()}
+        event["event"] = getattr(record, "event", "log")
+        event |= {name: getattr(record, name) for name in EVENT_FIELDS if hasattr(record, name)}
+        event["message"] = record.getMessage()
+        return json.dumps(event, ensure_ascii=False, default=str)
 
 
 def render(snapshot: dict) -> Group:

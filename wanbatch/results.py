@@ -102,7 +102,13 @@ def record_results(
     # The images are recorded in the item's own move: one commit per task.
     if good:
         ledger.transition(item_id, ItemState.generated, images=images, cost=cost, **common)
-        log.info("✓ %s generated %d/%d image(s)", item_id, good, len(images))
+        log.info(
+            "✓ %s generated %d/%d image(s)",
+            item_id,
+            good,
+            len(images),
+            extra={"event": "generated", "item": item_id, "state": "generated", "images": good},
+        )
     else:
         first = next((r for r in images if r.error_code), None)
         ledger.transition(

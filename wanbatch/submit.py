@@ -160,7 +160,14 @@ class Submitter:
             affected = other is lane or (error.code in KEY_WIDE and other.region == lane.region)
             if affected and other.blocked is None:
                 other.blocked = error
-                log.error("■ %s %s: submitting stopped: %s. %s", other.region, other.model, error, _advice(error))
+                log.error(
+                    "■ %s %s: submitting stopped: %s. %s",
+                    other.region,
+                    other.model,
+                    error,
+                    _advice(error),
+                    extra={"event": "lane_stopped", "region": other.region, "model": other.model, "code": error.code},
+                )
 
     async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
         while not (self.stop.is_set() or lane.blocked):
@@ -294,7 +301,12 @@ class Submitter:
             if sync:
                 return self._sync_lost(lane, row, str(exc))
             ledger.transition(item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=str(exc))
-            log.warning("? %s outcome unknown (%s): reconciling, not resending", item_id, exc)
+            log.warning(
+                "? %s outcome unknown (%s): reconciling, not resending",
+                item_id,
+                exc,
+                extra={"event": "unknown", "item": item_id, "state": "unknown"},
+            )
             self._reconciler.add(item_id, lane)
             return True  # a task may exist and occupy the service: keep its slot until reconciled
         except ThrottledError as exc:
@@ -310,7 +322,13 @@ class Submitter:
             ledger.transition(
                 item_id, ItemState.rejected, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
             )
-            log.warning("✗ %s rejected: %s %s", item_id, exc.code, exc.message)
+            log.warning(
+                "✗ %s rejected: %s %s",
+                item_id,
+                exc.code,
+                exc.message,
+                extra={"event": "rejected", "item": item_id, "state": "rejected", "code": exc.code},
+            )
             return False
         except (ApiError, TransportError) as exc:
             self._count_unreachable(lane, exc)
@@ -332,7 +350,19 @@ class Submitter:
             task_status=created.task_status,
             submitted_ms=self._clock.now_ms(),
         )
-        log.info("→ %s %s task %s", item_id, lane.model, created.task_id)
+        log.info(
+            "→ %s %s task %s",
+            item_id,
+            lane.model,
+            created.task_id,
+            extra={
+                "event": "submitted",
+                "item": item_id,
+                "task": created.task_id,
+                "model": lane.model,
+                "state": "queued",
+            },
+        )
         self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
         return True
 

@@ -464,7 +464,14 @@ class Tracker:
             code, message = str(output.get("code") or "TaskFailed"), str(output.get("message") or "")
             ledger.transition(item_id, ItemState.failed, error_code=code, error_message=message, **common)
             self.budget.settle(item_id, 0.0)
-            log.info("✗ %s task %s FAILED %s: %s", item_id, task.task_id, code, message)
+            log.info(
+                "✗ %s task %s FAILED %s: %s",
+                item_id,
+                task.task_id,
+                code,
+                message,
+                extra={"event": "failed", "item": item_id, "task": task.task_id, "state": "failed", "code": code},
+            )
         elif status == "CANCELED":
             ledger.transition(item_id, ItemState.canceled, **common)
             self.budget.settle(item_id, 0.0)

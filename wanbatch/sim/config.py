@@ -23,7 +23,7 @@ from wanbatch.sim.faults import FAULT_PROFILES, PROFILE_NEIGHBOURS, Fault
 
 FAULT_ENDPOINTS = ("create", "sync", "query", "list", "cancel")
 
-__all__ = ["ACCOUNT_REFUSALS", "DEMO_ACCOUNT", "DEMO_KEYS", "AccountConfig", "SimConfig"]
+__all__ = ["ACCOUNT_REFUSALS", "DEMO_ACCOUNT", "DEMO_KEYS", "AccountConfig", "SimConfig", "read_config_file"]
 
 #: The demo keys every simulator knows, one per region, all of one account.
 DEMO_KEYS: Mapping[str, str] = {
@@ -209,7 +209,7 @@ class SimConfig:
         """This config with its ``config_file`` read in (fields left at their default take the file's value)."""
         if self.config_file is None:
             return self
-        data = _read_file(Path(self.config_file))
+        data = read_config_file(Path(self.config_file))
         known = {account.name for account in self.accounts}  # resolving twice adds nothing twice
         accounts = tuple(
             _account(name, spec) for name, spec in (data.pop("accounts", None) or {}).items() if name not in known
@@ -257,7 +257,8 @@ def _account(name: str, spec: Mapping[str, Any]) -> AccountConfig:
     )
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings a config file holds, as written (YAML, or JSON when named ``*.json``)."""
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if data is None:
