@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import subprocess
 import sys
@@ -164,3 +165,41 @@ def test_export_command_writes_shards_both_formats(tmp_path):
     assert sum(pq.read_table(line).num_rows for line in done.stdout.split()) == 2
     missing = wanbatch("export", str(tmp_path / "nothing"), "--format", "parquet")
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def test_global_flags_work_after_the_subcommand(tmp_path):
+    """-q and --log-format json work after the subcommand too: quiet keeps events off, json makes every line JSON."""
+    quiet = wanbatch("run", "jobs/foxes.yaml", "--out", str(tmp_path / "q"), "--simulate", "--speed", "600", "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "plan:" not in quiet.stderr  # an info event, kept off by -q
+    logged = wanbatch(
+        "run", "jobs/foxes.yaml", "--out", str(tmp_path / "j"), "--simulate", "--speed", "600", "--log-format", "json"
+    )
+    assert logged.returncode == 0, logged.stderr
+    events = [json.loads(line) for line in logged.stderr.splitlines()]
+    assert any(event["event"].startswith("plan:") for event in events)
+    before = wanbatch("-v", "status", str(tmp_path / "q"), "-q")
+    assert before.returncode == 0 and "2 saved" in before.stdout
+
+
+def readme_run_lines() -> list[list[str]]:
+    """The argv after `wanbatch` of every scheduled `wanbatch run` line in the README (cron and systemd)."""
+    lines = []
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if "bin/wanbatch run " in line:
+            command = line.split("bin/wanbatch ", 1)[1].split(" >>")[0]
+            lines.append(shlex.split(command))
+    return lines
+
+
+def test_the_readmes_scheduled_run_lines_work_as_printed(tmp_path):
+    """The README's cron and systemd command lines run as printed (their own manifest and folder swapped for the
+    demo's, --simulate added after --out), each flag where the README puts it."""
+    lines = readme_run_lines()
+    assert len(lines) == 2
+    for number, argv in enumerate(lines):
+        assert argv[:2] == ["run", "jobs/nightly.yaml"] and argv[2] == "--out", argv
+        out = tmp_path / f"nightly{number}"
+        done = wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600", *argv[4:])
+        assert done.returncode == 0, (argv, done.stderr)
+        assert json.loads((out / "report.json").read_text())["items"]["saved"] == 2

@@ -48,22 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbatch", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debugging)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
-    parser.add_argument(
-        "--log-format",
-        choices=("plain", "json"),
-        default="plain",
-        help="events as plain lines or one JSON object per line (no live display)",
-    )
+    _global_flags(parser, defaults=True)
+    # The same flags after the subcommand (cron and systemd lines put them last); SUPPRESS keeps a value given
+    # before the subcommand when the subcommand's parser does not see the flag again.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, defaults=False)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    plan = sub.add_parser("plan", help="show items, images, cost and quota time of a manifest; sends nothing")
+    plan = sub.add_parser(
+        "plan", parents=[common], help="show items, images, cost and quota time of a manifest; sends nothing"
+    )
     plan.add_argument("manifest", type=Path)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
-    run = sub.add_parser("run", help="run or resume a manifest into a run folder")
+    run = sub.add_parser("run", parents=[common], help="run or resume a manifest into a run folder")
     run.add_argument("manifest", type=Path)
     run.add_argument("--out", type=Path, required=True, help="the run folder (ledger, images, metadata, report)")
     run.add_argument(
@@ -120,19 +119,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="counts per state of a run folder, also while it runs")
+    status = sub.add_parser("status", parents=[common], help="counts per state of a run folder, also while it runs")
     status.add_argument("run_dir", type=Path)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    export = sub.add_parser("export", help="write a run folder's images and metadata as dataset shards")
+    export = sub.add_parser(
+        "export", parents=[common], help="write a run folder's images and metadata as dataset shards"
+    )
     export.add_argument("run_dir", type=Path)
     export.add_argument("--format", dest="fmt", choices=("webdataset", "parquet"), required=True)
     export.add_argument("--out", type=Path, default=None, help="where the shards go (default: DIR/exports/FORMAT)")
     export.add_argument("--shard-size", type=int, default=200, help="images per shard")
     export.set_defaults(func=cmd_export)
 
-    cancel = sub.add_parser("cancel", help="cancel the tasks a stopped run left waiting (PENDING) on the service")
+    cancel = sub.add_parser(
+        "cancel", parents=[common], help="cancel the tasks a stopped run left waiting (PENDING) on the service"
+    )
     cancel.add_argument("run_dir", type=Path)
     cancel.add_argument(
         "--base-url",
@@ -141,12 +144,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     cancel.set_defaults(func=cmd_cancel)
 
-    sim = sub.add_parser("sim", help="serve the simulated service on loopback until Ctrl-C")
+    sim = sub.add_parser("sim", parents=[common], help="serve the simulated service on loopback until Ctrl-C")
     from .sim import cli as sim_cli
 
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.run)
     return parser
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """-v, -q and --log-format: on the main parser with their defaults, on each subcommand's without."""
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more detail (-vv for debugging)")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default(False), help="only warnings and the final summary"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=default("plain"),
+        help="events as plain lines or one JSON object per line (no live display)",
+    )
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
