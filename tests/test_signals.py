@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shlex
 import signal
 import time
 
@@ -160,3 +161,28 @@ def test_resume_after_cancel_pending_makes_the_canceled_items(tmp_path):
         sim.settle(60.0)
     result = audit(out, sim.billing())
     assert result.clean and result.billed == result.saved == 5
+
+
+def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused(tmp_path):
+    """After Ctrl-C a `--simulate` run prints the exact command that resumes it (--simulate and --speed kept); with
+    a key in the environment, a resume without --simulate is refused (exit 2, nothing sent) and the hint's
+    command finishes the batch."""
+    manifest = write_manifest(tmp_path / "job.yaml", count=8, models=FLASH, tag="hint")
+    out = tmp_path / "run"
+    run = start_run(manifest, out, extra=("--simulate", "--speed", "20"), key="sk-a-real-looking-key")
+    wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
+    run.signal(signal.SIGINT)
+    assert run.wait(60) == 130, run.stderr()[-3000:]
+    hint = run.stderr().split("resume with: ", 1)[1].splitlines()[0]
+    assert hint == shlex.join(["wanbatch", "run", str(manifest), "--out", str(out), "--simulate", "--speed", "20"])
+    planned, attempted = count_items(out, "state = 'planned'"), count_items(out, ATTEMPTED)
+    assert planned > 0
+
+    real = start_run(manifest, out, key="sk-a-real-looking-key")
+    assert real.wait(60) == 2, real.stderr()[-3000:]
+    assert "made against the embedded simulator (--simulate)" in real.stderr()
+    assert count_items(out, "state = 'planned'") == planned and count_items(out, ATTEMPTED) == attempted
+
+    resumed = start_run(manifest, out, extra=tuple(shlex.split(hint)[5:]), key="sk-a-real-looking-key")
+    assert resumed.wait(60) == 0, resumed.stderr()[-3000:]
+    assert count_items(out, "state = 'saved'") == 8

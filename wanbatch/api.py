@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from . import backend
 from .engine import Engine, EngineConfig, keys_from_env, stored_plan
 from .errors import ConfigError
 from .manifest import Manifest
@@ -63,6 +64,7 @@ async def run(
     progress: Console | None = None,
     gallery: bool = True,
     tracking: str = "prompt",
+    force_backend: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -73,6 +75,8 @@ async def run(
     ``progress`` shows a live display of the run on that ``rich`` console; ``gallery`` writes
     ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
+    A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
+    is refused (:class:`wanbatch.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
@@ -90,6 +94,10 @@ async def run(
             f"{manifest.path}: the plan costs {planned_cost:.2f} CNY ({plan['images']} images), over the budget of "
             f"{limit:.2f} CNY; raise `budget:` or --budget, or trim the manifest (see `wanbatch plan`)"
         )
+    base_url = None if simulate else base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL")
+    endpoints = backend.describe(simulate=simulate, base_url=base_url)
+    # Looked at before any simulator starts; the engine checks again under the folder's lock.
+    backend.check(Path(out), backend.recorded(Path(out)), endpoints, force=force_backend)
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
@@ -98,13 +106,14 @@ async def run(
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
-                base_url=base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+                base_url=base_url,
                 speed=speed or 1.0,
                 submit=submit,
                 track=track,
                 gallery=gallery,
             )
             clock = None
+        config = replace(config, backend=endpoints, force_backend=force_backend)
         engine = Engine(
             run_dir=Path(out),
             keys=keys,

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         "--cancel-pending",
         action="store_true",
         help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
+    )
+    run.add_argument(
+        "--force-backend",
+        action="store_true",
+        help="resume a run folder against another service than the one it was made against (see --simulate, "
+        "--base-url); its new images then sit beside the earlier ones",
     )
     run.set_defaults(func=cmd_run)
 
@@ -244,16 +251,38 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress=args.console,
                 gallery=args.gallery,
                 tracking=args.tracking,
+                force_backend=args.force_backend,
             )
         )
     except asyncio.CancelledError:
-        print(f"interrupted; resume with: wanbatch run {args.manifest} --out {args.out}", file=sys.stderr)
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     _print_summary(report, args.out)
     if report["interrupted"]:
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     items = report["items_in_manifest"]
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``wanbatch run`` line that resumes this run as it was started: same folder, same service, same options."""
+    argv = ["wanbatch", "run", str(args.manifest), "--out", str(args.out)]
+    if args.simulate:
+        argv.append("--simulate")
+    elif args.base_url:
+        argv += ["--base-url", args.base_url]
+    if args.speed is not None:
+        argv += ["--speed", f"{args.speed:g}"]
+    if args.budget is not None:
+        argv += ["--budget", f"{args.budget:g}"]
+    if args.tracking != "prompt":
+        argv += ["--tracking", args.tracking]
+    flags = ("sync", "retry_failed", "retry_moderated", "cancel_pending")
+    argv += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
+    if not args.gallery:
+        argv.append("--no-gallery")
+    return shlex.join(argv)
 
 
 def _print_failures(report: dict) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from . import catalog
+from .backend import claim as claim_backend
 from .budget import Budget
 from .client import WanClient
 from .clock import Clock, ScaledClock
@@ -69,6 +70,10 @@ class EngineConfig:
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    #: the endpoints the run folder is made against (:func:`wanbatch.backend.describe`), checked against and
+    #: recorded in its ledger; None: neither (tests that point one folder at several simulators)
+    backend: Mapping[str, str] | None = None
+    force_backend: bool = False  #: resume even against other endpoints than the folder's record
 
 
 def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
@@ -151,6 +156,8 @@ class Engine:
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
+            if self.config.backend is not None:
+                claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()
