@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from helpers_proc import start_sim
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -203,3 +205,25 @@ def test_the_readmes_scheduled_run_lines_work_as_printed(tmp_path):
         done = wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--speed", "600", *argv[4:])
         assert done.returncode == 0, (argv, done.stderr)
         assert json.loads((out / "report.json").read_text())["items"]["saved"] == 2
+
+
+def test_a_refused_key_and_an_unreachable_service_exit_4(tmp_path):
+    """An invalid key, and a service that cannot be reached, stop every lane with items left planned: exit 4 (not
+    3, which a scheduler may take for success), the summary and report.json saying why."""
+    sim = start_sim(tmp_path / "sim", speed=600)
+    service = ("--base-url", sim.base_url, "--speed", "600")
+    try:
+        revoked = wanbatch(
+            "run", "jobs/foxes.yaml", "--out", str(tmp_path / "key"), *service, env={"DASHSCOPE_API_KEY": "sk-revoked"}
+        )
+    finally:
+        sim.stop()
+    assert revoked.returncode == 4, revoked.stderr
+    assert "submitting stopped for beijing/wan2.2-t2i-flash: InvalidApiKey" in revoked.stdout
+    report = json.loads((tmp_path / "key" / "report.json").read_text())
+    assert report["halted"] is True and report["items"]["planned"] == 2
+    gone = wanbatch(  # the simulator has stopped: nothing listens on its port any more
+        "run", "jobs/foxes.yaml", "--out", str(tmp_path / "net"), *service, env={"DASHSCOPE_API_KEY": "sk-sim-beijing"}
+    )
+    assert gone.returncode == 4, gone.stderr
+    assert "submitting stopped for beijing/wan2.2-t2i-flash: Unreachable" in gone.stdout

@@ -2,8 +2,10 @@
 
 Exit codes (documented in the README, relied on by cron and systemd):
 0 every item saved; 3 finished, but some items were rejected, failed, expired
-or left unsubmitted; 2 invalid input or usage, nothing sent; 130 interrupted
-(the run folder is resumable).
+or left unsubmitted; 4 halted: the account (key, billing, access) or an
+unreachable service stopped submitting on every lane with items left;
+2 invalid input or usage, nothing sent; 130 interrupted (the run folder is
+resumable).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .track import POLICIES
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 log = logging.getLogger("wanbatch")
 
@@ -261,6 +263,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report["interrupted"]:
         print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if report.get("halted"):
+        return EXIT_HALTED
     items = report["items_in_manifest"]
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
 

@@ -256,7 +256,9 @@ class Engine:
                 stages.tracker.run,
                 stages.downloader.run,
             )
-        return stages.stats(budget)
+        stats = stages.stats(budget)
+        stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"])
+        return stats
 
     def _build(self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
@@ -372,6 +374,12 @@ class _Stages:
             },
             "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
         }
+
+
+def _halted(ledger: Ledger, blocked: Mapping[str, str]) -> bool:
+    """Whether every lane that still has items to send was stopped by the account or the network (``blocked``)."""
+    left = {f"{region}/{model}" for region, model in ledger.lanes([ItemState.planned])}
+    return bool(left) and left <= set(blocked)
 
 
 def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:
