@@ -16,7 +16,7 @@ import signal
 import time
 
 import pytest
-from helpers_proc import audit, count_items, start_run, start_sim, wait_until, write_manifest
+from helpers_proc import audit, count_items, read_billing, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
@@ -186,3 +186,22 @@ def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused
     resumed = start_run(manifest, out, extra=tuple(shlex.split(hint)[5:]), key="sk-a-real-looking-key")
     assert resumed.wait(60) == 0, resumed.stderr()[-3000:]
     assert count_items(out, "state = 'saved'") == 8
+
+
+def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
+    """After kill -9, a `--simulate` resume finds the embedded simulator's tasks, clock and billing in the run
+    folder: nothing is written off (TaskExpired, OutcomeUnknown), every item is saved, each image paid once."""
+    manifest = write_manifest(tmp_path / "job.yaml", count=10, models=FLASH, tag="hard stop")
+    out = tmp_path / "run"
+    flags = ("--simulate", "--speed", "20")
+    run = start_run(manifest, out, extra=flags)
+    wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
+    run.kill()
+    assert count_items(out, OPEN) >= 2  # paid work in flight died with the process
+
+    resumed = start_run(manifest, out, extra=flags)
+    assert resumed.wait(120) == 0, resumed.stderr()[-3000:]
+    assert count_items(out, "error_code IN ('TaskExpired', 'OutcomeUnknown') OR state = 'expired'") == 0
+    billing = read_billing(out / ".sim" / "beijing" / "billing.jsonl")
+    result = audit(out, billing)
+    assert result.clean and result.billed == result.saved == 10
