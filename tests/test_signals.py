@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -205,3 +208,41 @@ def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
     billing = read_billing(out / ".sim" / "beijing" / "billing.jsonl")
     result = audit(out, billing)
     assert result.clean and result.billed == result.saved == 10
+
+
+def cancel(out, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`wanbatch cancel OUT` as a user runs it, with only ``env``'s DASHSCOPE variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
+    argv = [sys.executable, "-m", "wanbatch", "cancel", str(out)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**clean, **env})
+
+
+def test_cancel_without_a_key_is_refused_and_a_simulated_folder_cancels_on_its_simulator(tmp_path):
+    """`wanbatch cancel DIR` without a key refuses a folder of the real service with exit 2 and the variable to
+    set (no traceback); on a --simulate folder it needs no key, cancels the PENDING tasks on the folder's own
+    simulator, and the folder then resumes to the end with each image paid once."""
+    config = {"durations": {"*": 60.0}, "quotas": {"*": {"concurrency": 1}}}
+    sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
+    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=FLASH, tag="cancel later")
+    try:
+        real = start_run(manifest, tmp_path / "real", sim=sim)
+        wait_until(lambda: count_items(tmp_path / "real", "state = 'queued'") >= 2, what="tasks on the service")
+        real.kill()
+        keyless = cancel(tmp_path / "real", {})
+        assert keyless.returncode == 2 and "DASHSCOPE_API_KEY" in keyless.stderr, keyless.stderr
+        assert "Traceback" not in keyless.stderr
+    finally:
+        sim.stop()
+
+    out = tmp_path / "simulated"
+    run = start_run(manifest, out, extra=("--simulate", "--speed", "10"))
+    wait_until(lambda: count_items(out, "state = 'queued'") == 4, what="two tasks running and two waiting")
+    run.kill()
+    done = cancel(out, {"DASHSCOPE_HTTP_BASE_URL": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("canceled 2; 2 already running"), done.stdout
+    assert count_items(out, "state = 'canceled'") == 2
+    resumed = start_run(manifest, out, extra=("--simulate", "--speed", "10"))
+    assert resumed.wait(120) == 0, resumed.stderr()[-3000:]
+    result = audit(out, read_billing(out / ".sim" / "beijing" / "billing.jsonl"))
+    assert result.clean and result.billed == result.saved == 4

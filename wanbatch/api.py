@@ -39,9 +39,6 @@ __all__ = ["BudgetExceeded", "run"]
 
 log = logging.getLogger("wanbatch")
 
-SIM_SPEED = 60.0  #: the embedded simulator's default clock: a simulated minute per second
-SIM_DIR = ".sim"  #: where the embedded simulators keep their state in a run folder, one folder per region
-
 
 class BudgetExceeded(ConfigError):
     """The manifest's plan costs more than its budget: nothing was sent."""
@@ -102,9 +99,7 @@ async def run(
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
-            keys, config, clock = await _simulators(
-                stack, out, plan["regions"], speed=speed or SIM_SPEED, submit=submit
-            )
+            keys, config, clock = await _simulators(stack, out, plan["regions"], speed=speed, submit=submit)
             config = replace(config, gallery=gallery, track=track)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
@@ -136,20 +131,16 @@ async def run(
 
 
 async def _simulators(
-    stack: contextlib.AsyncExitStack, out: str | Path, regions: list[str], *, speed: float, submit: SubmitConfig
+    stack: contextlib.AsyncExitStack, out: str | Path, regions: list[str], *, speed: float | None, submit: SubmitConfig
 ):
-    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``."""
-    from .sim import SimConfig, running_sim
-    from .sim.persist import BILLING_FILE
+    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``.
+    ``speed`` None: the folder's earlier speed, or 60 (a simulated minute per second)."""
+    from .sim.embedded import demo_key, start_embedded
 
-    sims = {}
-    for region in regions:
-        # Its state and billing log stay in the run folder, so a resume finds the tasks a stop left open.
-        state_dir = Path(out) / SIM_DIR / region
-        config = SimConfig(region=region, speed=speed, state_dir=state_dir, billing_log=state_dir / BILLING_FILE)
-        sims[region] = await stack.enter_async_context(running_sim(config))
+    sims = await start_embedded(stack, Path(out), regions, speed=speed)
+    speed = next(iter(sims.values())).clock.speed if sims else 1.0
     log.info("simulating %s at %gx speed", ", ".join(sims), speed)
-    keys = {region: f"sk-sim-{region}" for region in sims}
+    keys = {region: demo_key(region) for region in sims}
     config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)
     return keys, config, next(iter(sims.values())).clock if sims else None
 

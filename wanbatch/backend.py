@@ -45,17 +45,22 @@ def recorded(run_dir: Path) -> dict[str, str] | None:
     return json.loads(value) if value else None
 
 
-def check(run_dir: Path, known: Mapping[str, str] | None, wanted: Mapping[str, str], *, force: bool) -> None:
+def check(
+    run_dir: Path, known: Mapping[str, str] | None, wanted: Mapping[str, str], *, force: bool, command: str = "run"
+) -> None:
     """Refuse ``wanted`` when ``known`` (the folder's record) names other endpoints, unless ``force``."""
     if known is None or force:
         return
     changed = sorted(region for region, url in wanted.items() if known.get(region, url) != url)
-    if changed:
-        raise BackendMismatch(
-            f"{run_dir} was made against {_phrase(known)}; this run would use {_phrase(wanted)}. Nothing was sent. "
-            f"Resume it against the same service ({_flags(known)}), or pass --force-backend to go on against "
-            "the new one (its images then sit beside the earlier ones)"
-        )
+    if not changed:
+        return
+    message = (
+        f"{run_dir} was made against {_phrase(known)}; this {command} would use {_phrase(wanted)}. Nothing was "
+        f"sent. Point it at the same service ({_flags(known)})"
+    )
+    if command == "run":
+        message += ", or pass --force-backend to go on against the new one (its images then sit beside the earlier)"
+    raise BackendMismatch(message)
 
 
 def claim(ledger: Ledger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:

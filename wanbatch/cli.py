@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "--speed",
         type=float,
         default=None,
-        help="the service clock's speed: only for simulators (default with --simulate: 60)",
+        help="the service clock's speed: only for simulators (default with --simulate: the folder's last, else 60)",
     )
     run.add_argument(
         "--base-url",
@@ -149,7 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument(
         "--base-url",
         default=os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
-        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL)",
+        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else the folder's own service)",
+    )
+    cancel.add_argument(
+        "--simulate",
+        action="store_true",
+        help="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
     )
     cancel.set_defaults(func=cmd_cancel)
 
@@ -335,13 +340,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cancel import cancel_queued
-    from .engine import keys_from_env
+    from .cancel import cancel_in_folder
 
     if not (args.run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
-    keys = keys_from_env(sorted(catalog.REGIONS), {**os.environ}, require=False)
-    counts = asyncio.run(cancel_queued(args.run_dir, keys=keys, base_url=args.base_url))
+    counts = asyncio.run(
+        cancel_in_folder(args.run_dir, environ=os.environ, simulate=args.simulate, base_url=args.base_url)
+    )
     print(
         f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
         f"{counts['errors']} error(s)"

@@ -9,8 +9,8 @@ batch finds the service's, instead of a service that forgot everything.
 the answer that depends on it is sent (so a process killed at any instant
 leaves no task that a client knows of unrecorded):
 
-- ``{"kind": "meta", ...}``: the URL-signing secret, the port served, and a
-  clock anchor (speed, reading, wall time); the last one counts;
+- ``{"kind": "meta", ...}``: the URL-signing secret, the port served, the
+  clock's speed and an anchor (reading, wall time); the last one counts;
 - ``{"kind": "task", ...}``: a task as made, and again whenever a cancel
   moves it; the last line of a task id counts.
 
@@ -21,6 +21,7 @@ rewrites the file with one line per task, so it does not grow across runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -69,6 +70,16 @@ class SimStore:
         saved.tasks = [task_from(record) for record in records.values()]
         self._rewrite([saved.meta, *records.values()] if saved.meta else list(records.values()))
         return saved
+
+    def last_meta(self) -> dict[str, Any]:
+        """The folder's last meta record (secret, port, speed, clock anchor), without loading its tasks."""
+        meta: dict[str, Any] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                if line.startswith('{"kind": "meta"'):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        meta = json.loads(line)
+        return meta
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; flushed, so it survives the process being killed (not a power cut)."""

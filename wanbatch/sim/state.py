@@ -253,8 +253,16 @@ class SimState:
             return
         reading_s, wall_s = self.clock.anchor()
         secret = self.images.secret.hex()
+        speed = self.clock.speed
         self.store.write(
-            {"kind": "meta", "secret": secret, "port": self.port, "reading_s": reading_s, "wall_s": wall_s}
+            {
+                "kind": "meta",
+                "secret": secret,
+                "port": self.port,
+                "speed": speed,
+                "reading_s": reading_s,
+                "wall_s": wall_s,
+            }
         )
 
     def _save(self, task: Task) -> None:
