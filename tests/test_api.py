@@ -8,6 +8,7 @@ import pytest
 from engine_helpers import engine_for
 
 import wanbatch
+from wanbatch.errors import ConfigError
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 
@@ -130,3 +131,26 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
         counts = ledger.counts()
     assert (counts["canceled"], counts["queued"], counts["planned"]) == (2, 2, 2)
+
+
+async def test_a_folder_resumes_only_against_the_service_it_was_made_against(start_sim, tmp_path):
+    """A folder made with simulate=True is refused (ConfigError, nothing sent) when resumed through base_url or
+    against the service's own hosts; force_backend goes on against the new one, which the folder then records."""
+    job = tmp_path / "job.yaml"
+    job.write_text("name: two\ndefaults: {model: wan2.2-t2i-flash, size: '512*512', n: 1}\nprompts: [one, two]\n")
+    out = tmp_path / "run"
+    await wanbatch.run(job, out=out, simulate=True, speed=600)
+    job.write_text(job.read_text().replace("[one, two]", "[one, two, three]"))
+    sim = await start_sim(**FAST)
+    elsewhere = {"base_url": sim.base_url, "speed": FAST["speed"], "keys": {"beijing": "sk-sim-beijing"}}
+    with pytest.raises(ConfigError, match=r"made against the embedded simulator \(--simulate\); this run would use "):
+        await wanbatch.run(job, out=out, **elsewhere)
+    with pytest.raises(ConfigError, match="would use the service's own hosts"):
+        await wanbatch.run(job, out=out, keys={"beijing": "sk-not-a-real-key"})
+    assert sum(sim.requests.values()) == 0
+    report = await wanbatch.run(job, out=out, **elsewhere, force_backend=True)
+    assert report["submitted"] == 1 and report["items"]["saved"] == 3
+    again = await wanbatch.run(job, out=out, **elsewhere)  # the folder now records the new endpoint
+    assert again["submitted"] == 0
+    with pytest.raises(ConfigError, match=f"made against the endpoint {sim.base_url}"):
+        await wanbatch.run(job, out=out, simulate=True, speed=600)

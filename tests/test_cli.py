@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from helpers_proc import start_sim
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -164,3 +166,40 @@ def test_export_command_writes_shards_both_formats(tmp_path):
     assert sum(pq.read_table(line).num_rows for line in done.stdout.split()) == 2
     missing = wanbatch("export", str(tmp_path / "nothing"), "--format", "parquet")
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def test_global_flags_work_after_the_subcommand(tmp_path):
+    """-q and --log-format json work after the subcommand too: quiet keeps events off, json makes every line JSON."""
+    quiet = wanbatch("run", "jobs/foxes.yaml", "--out", str(tmp_path / "q"), "--simulate", "--speed", "600", "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "plan:" not in quiet.stderr  # an info event, kept off by -q
+    logged = wanbatch(
+        "run", "jobs/foxes.yaml", "--out", str(tmp_path / "j"), "--simulate", "--speed", "600", "--log-format", "json"
+    )
+    assert logged.returncode == 0, logged.stderr
+    events = [json.loads(line) for line in logged.stderr.splitlines()]
+    assert any(event["event"].startswith("plan:") for event in events)
+    before = wanbatch("-v", "status", str(tmp_path / "q"), "-q")
+    assert before.returncode == 0 and "2 saved" in before.stdout
+
+
+def test_a_refused_key_and_an_unreachable_service_exit_4(tmp_path):
+    """An invalid key, and a service that cannot be reached, stop every lane with items left planned: exit 4 (not
+    3, which a scheduler may take for success), the summary and report.json saying why."""
+    sim = start_sim(tmp_path / "sim", speed=600)
+    service = ("--base-url", sim.base_url, "--speed", "600")
+    try:
+        revoked = wanbatch(
+            "run", "jobs/foxes.yaml", "--out", str(tmp_path / "key"), *service, env={"DASHSCOPE_API_KEY": "sk-revoked"}
+        )
+    finally:
+        sim.stop()
+    assert revoked.returncode == 4, revoked.stderr
+    assert "submitting stopped for beijing/wan2.2-t2i-flash: InvalidApiKey" in revoked.stdout
+    report = json.loads((tmp_path / "key" / "report.json").read_text())
+    assert report["halted"] is True and report["items"]["planned"] == 2
+    gone = wanbatch(  # the simulator has stopped: nothing listens on its port any more
+        "run", "jobs/foxes.yaml", "--out", str(tmp_path / "net"), *service, env={"DASHSCOPE_API_KEY": "sk-sim-beijing"}
+    )
+    assert gone.returncode == 4, gone.stderr
+    assert "submitting stopped for beijing/wan2.2-t2i-flash: Unreachable" in gone.stdout

@@ -29,8 +29,6 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 COMMAND_TIMEOUT_S = 240
 #: The README's placeholder for the user's key, and the simulator's demo key that stands in for it.
 KEY_PLACEHOLDER, DEMO_KEY = "sk-...", "sk-sim-beijing"
-#: Global flags written after the subcommand: accepted only once the parser takes them anywhere on the line.
-LATE_GLOBAL_FLAG = re.compile(r"\brun\b.*\s(-q|--log-format)\b")
 #: The kinds of command this module runs; a README line of any other kind is not covered.
 RUNNABLE = re.compile(r"^(make (demo|test)|(\S*/)?wanbatch \S|python\b)")
 
@@ -169,13 +167,7 @@ _CELL_RUNNER = textwrap.dedent("""\
 """)
 
 
-def _marks(command: Command) -> list:
-    if LATE_GLOBAL_FLAG.search(command.text):
-        return [pytest.mark.xfail(reason="global flags after the subcommand are not parsed yet", strict=False)]
-    return []
-
-
-@pytest.mark.parametrize("command", [pytest.param(c, id=c.id, marks=_marks(c)) for c in COMMANDS])
+@pytest.mark.parametrize("command", [pytest.param(c, id=c.id) for c in COMMANDS])
 def test_readme_command_runs_as_printed(command: Command, project: Path, service):
     """The README's command runs as printed and does what the README says: a run saves every image."""
     if command.text.startswith("make test"):

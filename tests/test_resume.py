@@ -195,14 +195,14 @@ async def test_arrears_mid_run_stop_new_submissions_and_finish_what_is_in_flight
     assert result.duplicates == [] and result.lost == [] and result.billed == made
 
 
-def test_cli_account_failure_exits_3_and_prints_what_to_do(tmp_path):
-    """From the command line, arrears end the run with exit 3, the lanes stopped and the advice printed."""
+def test_cli_account_failure_exits_4_and_prints_what_to_do(tmp_path):
+    """From the command line, arrears end the run with exit 4 (halted), the lanes stopped and the advice printed."""
     config = {"accounts": {"broke": {"keys": {"sk-broke": "beijing"}, "refusal": "Arrearage"}}}
     sim = start_sim(tmp_path / "sim", speed=50.0, config=config)
     manifest = write_manifest(tmp_path / "job.yaml", count=4, models=("wan2.2-t2i-flash",), tag="cli arrears")
     try:
         run = start_run(manifest, tmp_path / "run", sim=sim, key="sk-broke")
-        assert run.wait(60) == 3
+        assert run.wait(60) == 4
     finally:
         sim.stop()
     assert "submitting stopped for beijing/wan2.2-t2i-flash: Arrearage" in run.stdout()

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from helpers_proc import audit, count_items, start_run, start_sim, wait_until, write_manifest
+from helpers_proc import audit, count_items, read_billing, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
@@ -160,3 +164,85 @@ def test_resume_after_cancel_pending_makes_the_canceled_items(tmp_path):
         sim.settle(60.0)
     result = audit(out, sim.billing())
     assert result.clean and result.billed == result.saved == 5
+
+
+def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused(tmp_path):
+    """After Ctrl-C a `--simulate` run prints the exact command that resumes it (--simulate and --speed kept); with
+    a key in the environment, a resume without --simulate is refused (exit 2, nothing sent) and the hint's
+    command finishes the batch."""
+    manifest = write_manifest(tmp_path / "job.yaml", count=8, models=FLASH, tag="hint")
+    out = tmp_path / "run"
+    run = start_run(manifest, out, extra=("--simulate", "--speed", "20"), key="sk-a-real-looking-key")
+    wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
+    run.signal(signal.SIGINT)
+    assert run.wait(60) == 130, run.stderr()[-3000:]
+    hint = run.stderr().split("resume with: ", 1)[1].splitlines()[0]
+    assert hint == shlex.join(["wanbatch", "run", str(manifest), "--out", str(out), "--simulate", "--speed", "20"])
+    planned, attempted = count_items(out, "state = 'planned'"), count_items(out, ATTEMPTED)
+    assert planned > 0
+
+    real = start_run(manifest, out, key="sk-a-real-looking-key")
+    assert real.wait(60) == 2, real.stderr()[-3000:]
+    assert "made against the embedded simulator (--simulate)" in real.stderr()
+    assert count_items(out, "state = 'planned'") == planned and count_items(out, ATTEMPTED) == attempted
+
+    resumed = start_run(manifest, out, extra=tuple(shlex.split(hint)[5:]), key="sk-a-real-looking-key")
+    assert resumed.wait(60) == 0, resumed.stderr()[-3000:]
+    assert count_items(out, "state = 'saved'") == 8
+
+
+def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
+    """After kill -9, a `--simulate` resume finds the embedded simulator's tasks, clock and billing in the run
+    folder: nothing is written off (TaskExpired, OutcomeUnknown), every item is saved, each image paid once."""
+    manifest = write_manifest(tmp_path / "job.yaml", count=10, models=FLASH, tag="hard stop")
+    out = tmp_path / "run"
+    flags = ("--simulate", "--speed", "20")
+    run = start_run(manifest, out, extra=flags)
+    wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
+    run.kill()
+    assert count_items(out, OPEN) >= 2  # paid work in flight died with the process
+
+    resumed = start_run(manifest, out, extra=flags)
+    assert resumed.wait(120) == 0, resumed.stderr()[-3000:]
+    assert count_items(out, "error_code IN ('TaskExpired', 'OutcomeUnknown') OR state = 'expired'") == 0
+    billing = read_billing(out / ".sim" / "beijing" / "billing.jsonl")
+    result = audit(out, billing)
+    assert result.clean and result.billed == result.saved == 10
+
+
+def cancel(out, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`wanbatch cancel OUT` as a user runs it, with only ``env``'s DASHSCOPE variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
+    argv = [sys.executable, "-m", "wanbatch", "cancel", str(out)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**clean, **env})
+
+
+def test_cancel_without_a_key_is_refused_and_a_simulated_folder_cancels_on_its_simulator(tmp_path):
+    """`wanbatch cancel DIR` without a key refuses a folder of the real service with exit 2 and the variable to
+    set (no traceback); on a --simulate folder it needs no key, cancels the PENDING tasks on the folder's own
+    simulator, and the folder then resumes to the end with each image paid once."""
+    config = {"durations": {"*": 60.0}, "quotas": {"*": {"concurrency": 1}}}
+    sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
+    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=FLASH, tag="cancel later")
+    try:
+        real = start_run(manifest, tmp_path / "real", sim=sim)
+        wait_until(lambda: count_items(tmp_path / "real", "state = 'queued'") >= 2, what="tasks on the service")
+        real.kill()
+        keyless = cancel(tmp_path / "real", {})
+        assert keyless.returncode == 2 and "DASHSCOPE_API_KEY" in keyless.stderr, keyless.stderr
+        assert "Traceback" not in keyless.stderr
+    finally:
+        sim.stop()
+
+    out = tmp_path / "simulated"
+    run = start_run(manifest, out, extra=("--simulate", "--speed", "10"))
+    wait_until(lambda: count_items(out, "state = 'queued'") == 4, what="two tasks running and two waiting")
+    run.kill()
+    done = cancel(out, {"DASHSCOPE_HTTP_BASE_URL": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("canceled 2; 2 already running"), done.stdout
+    assert count_items(out, "state = 'canceled'") == 2
+    resumed = start_run(manifest, out, extra=("--simulate", "--speed", "10"))
+    assert resumed.wait(120) == 0, resumed.stderr()[-3000:]
+    result = audit(out, read_billing(out / ".sim" / "beijing" / "billing.jsonl"))
+    assert result.clean and result.billed == result.saved == 4

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from wanbatch.sim import SimConfig, running_sim
+
 SYNC26 = "/services/aigc/multimodal-generation/generation"
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}$")
 DAY_S = 86400
@@ -293,3 +295,31 @@ async def test_duration_distributions(start_sim, sim_api_for, distribution):
     durations = [sim.tasks[t].end_s - sim.tasks[t].start_s for t in ids]
     assert all(d > 0 for d in durations)
     assert 16 <= sum(durations) / len(durations) <= 24
+
+
+async def test_a_simulator_started_again_in_its_state_dir_goes_on(sim_api_for, sim_http, tmp_path):
+    """Started again in its state_dir, a simulator knows the tasks made before (results, queue, clock), serves
+    their result URLs on its old port, and bills each task once, one that ended while it was down included."""
+    folder = tmp_path / "sim"
+    quotas = {"*": {"concurrency": 1, "submit_rps": None}}
+    settings = {"durations": 60, "duration_spread": 0, "quotas": quotas, "burst_idle_s": None, "speed": 1e-6}
+    config = SimConfig(**settings, state_dir=folder, billing_log=folder / "billing.jsonl")
+    async with running_sim(config) as first:
+        api = sim_api_for(first)
+        done, running, waiting = [await api.task_id(prompt=prompt, n=1) for prompt in ("one", "two", "three")]
+        first.advance(90)  # "one" ended, "two" half done, "three" waits for its slot
+        url = (await api.query(done))["results"][0]["url"]
+        base_url, clock_s = first.base_url, first.clock.now()
+    async with running_sim(config) as again:
+        api = sim_api_for(again)
+        assert again.base_url == base_url and again.clock.now() == pytest.approx(clock_s, abs=1)
+        assert [(await api.query(t))["task_status"] for t in (done, running, waiting)] == [
+            "SUCCEEDED",
+            "RUNNING",
+            "PENDING",
+        ]
+        async with sim_http.get(url) as response:
+            assert response.status == 200 and response.content_type == "image/png"
+        again.advance(120)
+        assert (await api.query(waiting))["task_status"] == "SUCCEEDED"
+        assert sorted(record["task_id"] for record in again.billing) == sorted([done, running, waiting])

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from . import backend
 from .engine import Engine, EngineConfig, keys_from_env, stored_plan
 from .errors import ConfigError
 from .manifest import Manifest
@@ -39,8 +40,6 @@ from .track import TrackerConfig
 __all__ = ["BudgetExceeded", "run"]
 
 log = logging.getLogger("wanbatch")
-
-SIM_SPEED = 60.0  #: the embedded simulator's default clock: a simulated minute per second
 
 
 class BudgetExceeded(ConfigError):
@@ -67,6 +66,7 @@ async def run(
     tracking: str = "prompt",
     quotas: str | Path | QuotaTable | None = None,
     sim_config: str | Path | None = None,
+    force_backend: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -79,6 +79,8 @@ async def run(
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
     ``quotas`` are the account's quotas where they differ from the catalog's (a YAML file or a mapping, see
     :mod:`wanbatch.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim --config``'s file).
+    A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
+    is refused (:class:`wanbatch.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
     account_quotas = _quotas(quotas)
@@ -98,17 +100,21 @@ async def run(
             f"{manifest.path}: the plan costs {planned_cost:.2f} CNY ({plan['images']} images), over the budget of "
             f"{limit:.2f} CNY; raise `budget:` or --budget, or trim the manifest (see `wanbatch plan`)"
         )
+    base_url = None if simulate else base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL")
+    endpoints = backend.describe(simulate=simulate, base_url=base_url)
+    # Looked at before any simulator starts; the engine checks again under the folder's lock.
+    backend.check(Path(out), backend.recorded(Path(out)), endpoints, force=force_backend)
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
         if simulate:
             keys, config, clock = await _simulators(
-                stack, plan["regions"], speed=speed, submit=submit, config_file=sim_config
+                stack, out, plan["regions"], speed=speed, submit=submit, config_file=sim_config
             )
             config = replace(config, gallery=gallery, track=track, quotas=account_quotas)
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
-                base_url=base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+                base_url=base_url,
                 speed=speed or 1.0,
                 submit=submit,
                 track=track,
@@ -116,6 +122,7 @@ async def run(
                 quotas=account_quotas,
             )
             clock = None
+        config = replace(config, backend=endpoints, force_backend=force_backend)
         engine = Engine(
             run_dir=Path(out),
             keys=keys,
@@ -150,39 +157,41 @@ def _quotas(quotas: str | Path | QuotaTable | None) -> dict[str, dict[str, float
     return load_quotas(quotas) if isinstance(quotas, str | Path) else check_quotas(quotas)
 
 
-def _sim_config(region: str, speed: float | None, config_file: str | Path | None):
-    """The embedded simulator of ``region``: ``config_file``'s settings, the speed given, else the file's, else
-    :data:`SIM_SPEED`."""
+def _sim_configs(regions: list[str], config_file: str | Path | None) -> tuple[dict, float | None]:
+    """The embedded simulators' settings from ``config_file`` (``wanbatch sim --config``'s), one per region,
+    and the speed the file sets, if it sets one."""
     from .sim import SimConfig
     from .sim.config import read_config_file
 
     if config_file is None:
-        return SimConfig(region=region, speed=speed or SIM_SPEED)
+        return {}, None
     try:
         config = SimConfig(config_file=Path(config_file)).resolved()
-        speed = speed or (config.speed if "speed" in read_config_file(Path(config_file)) else SIM_SPEED)
-        # Read once: the simulator would read the file again over the region and speed set here.
-        return replace(config, region=region, speed=speed, config_file=None)
+        speed = config.speed if "speed" in read_config_file(Path(config_file)) else None
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         raise ConfigError(f"simulator config {config_file}: {exc}") from exc
+    # Read once: the simulator would read the file again over the region set for it.
+    return {region: replace(config, region=region, config_file=None) for region in regions}, speed
 
 
 async def _simulators(
     stack: contextlib.AsyncExitStack,
+    out: str | Path,
     regions: list[str],
     *,
     speed: float | None,
     submit: SubmitConfig,
     config_file: str | Path | None = None,
 ):
-    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``."""
-    from .sim import running_sim
+    """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``.
+    ``speed`` None: the config file's, else the folder's earlier speed, else 60 (a simulated minute per second)."""
+    from .sim.embedded import demo_key, start_embedded
 
-    configs = {region: _sim_config(region, speed, config_file) for region in regions}
-    speed = next(iter(configs.values())).speed if configs else speed or SIM_SPEED
-    sims = {region: await stack.enter_async_context(running_sim(config)) for region, config in configs.items()}
+    bases, file_speed = _sim_configs(regions, config_file)
+    sims = await start_embedded(stack, Path(out), regions, speed=speed or file_speed, bases=bases)
+    speed = next(iter(sims.values())).clock.speed if sims else 1.0
     log.info("simulating %s at %gx speed", ", ".join(sims), speed)
-    keys = {region: f"sk-sim-{region}" for region in sims}
+    keys = {region: demo_key(region) for region in sims}
     config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)
     return keys, config, next(iter(sims.values())).clock if sims else None
 

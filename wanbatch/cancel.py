@@ -2,28 +2,56 @@
 
 Only a task still PENDING can be canceled (the service refuses the others
 with UnsupportedOperation); those are left queued for a later run to save,
-since they are being paid for already.
+since they are being paid for already. The service is the one the folder was
+made against (its ledger's record), so a simulated folder is canceled on its
+embedded simulator and never sends its task ids, or a key, to the real hosts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
 
-from . import catalog
+from . import backend, catalog
 from .client import WanClient
 from .clock import ScaledClock
-from .errors import ApiError, TransportError
+from .errors import ApiError, ConfigError, TransportError
 from .ledger import Ledger, RunLock
 from .pacing import even_limiter
 from .states import ItemState
 
-__all__ = ["cancel_queued"]
+__all__ = ["cancel_in_folder", "cancel_queued"]
 
 log = logging.getLogger("wanbatch")
+
+
+async def cancel_in_folder(
+    run_dir: Path, *, environ: Mapping[str, str], simulate: bool = False, base_url: str | None = None
+) -> dict[str, int]:
+    """Cancel the folder's PENDING tasks on the service it was made against, unless ``simulate``/``base_url``
+    name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
+    from .engine import keys_from_env
+
+    known, base_url = backend.recorded(run_dir), base_url or None
+    if not simulate and base_url is None and known is not None:
+        simulate = set(known.values()) == {backend.SIMULATED}
+        base_url = backend.base_url_of(known)
+    wanted = backend.describe(simulate=simulate, base_url=base_url)
+    backend.check(run_dir, known, wanted, force=False, command="cancel")
+    with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
+        regions = sorted({region for region, _ in ledger.lanes([ItemState.queued])})
+    if not simulate:
+        return await cancel_queued(run_dir, keys=keys_from_env(regions, environ), base_url=base_url)
+    from .sim.embedded import demo_key, start_embedded
+
+    async with contextlib.AsyncExitStack() as stack:
+        sims = await start_embedded(stack, run_dir, regions, speed=None)
+        keys = {region: demo_key(region) for region in sims}
+        return await cancel_queued(run_dir, keys=keys, base_urls={r: sim.base_url for r, sim in sims.items()})
 
 
 async def cancel_queued(
@@ -38,6 +66,9 @@ async def cancel_queued(
     counts = {"canceled": 0, "running": 0, "errors": 0}
     clock = ScaledClock()
     with RunLock(run_dir), Ledger.open(run_dir, clock=clock, create=False) as ledger:
+        missing = sorted({region for region, _ in ledger.lanes([ItemState.queued])} - set(keys))
+        if missing:
+            raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
         async with aiohttp.ClientSession() as session:
             limiter = even_limiter(query_qps)
             clients: dict[str, WanClient] = {}

@@ -2,8 +2,10 @@
 
 Exit codes (documented in the README, relied on by cron and systemd):
 0 every item saved; 3 finished, but some items were rejected, failed, expired
-or left unsubmitted; 2 invalid input or usage, nothing sent; 130 interrupted
-(the run folder is resumable).
+or left unsubmitted; 4 halted: the account (key, billing, access) or an
+unreachable service stopped submitting on every lane with items left;
+2 invalid input or usage, nothing sent; 130 interrupted (the run folder is
+resumable).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -26,7 +29,7 @@ from .track import POLICIES
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 2, 3, 130
+EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 #: The output's reader went away (``| head``): what a shell reports for any command a closed pipe stops.
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
@@ -65,22 +68,21 @@ def _reader_gone() -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanbatch", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail (-vv for debugging)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
-    parser.add_argument(
-        "--log-format",
-        choices=("plain", "json"),
-        default="plain",
-        help="events as plain lines or one JSON object per line (no live display)",
-    )
+    _global_flags(parser, defaults=True)
+    # The same flags after the subcommand (cron and systemd lines put them last); SUPPRESS keeps a value given
+    # before the subcommand when the subcommand's parser does not see the flag again.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, defaults=False)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    plan = sub.add_parser("plan", help="show items, images, cost and quota time of a manifest; sends nothing")
+    plan = sub.add_parser(
+        "plan", parents=[common], help="show items, images, cost and quota time of a manifest; sends nothing"
+    )
     plan.add_argument("manifest", type=Path)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
-    run = sub.add_parser("run", help="run or resume a manifest into a run folder")
+    run = sub.add_parser("run", parents=[common], help="run or resume a manifest into a run folder")
     run.add_argument("manifest", type=Path)
     run.add_argument("--out", type=Path, required=True, help="the run folder (ledger, images, metadata, report)")
     run.add_argument(
@@ -92,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "--speed",
         type=_above_zero,
         default=None,
-        help="the service clock's speed: only for simulators (default with --simulate: 60)",
+        help="the service clock's speed: only for simulators (default with --simulate: the folder's last, else 60)",
     )
     run.add_argument(
         "--base-url",
@@ -149,30 +151,45 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --simulate: the simulator's config, as `wanbatch sim --config` takes (docs/simulator.md)",
     )
+    run.add_argument(
+        "--force-backend",
+        action="store_true",
+        help="resume a run folder against another service than the one it was made against (see --simulate, "
+        "--base-url); its new images then sit beside the earlier ones",
+    )
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="counts per state of a run folder, also while it runs")
+    status = sub.add_parser("status", parents=[common], help="counts per state of a run folder, also while it runs")
     status.add_argument("run_dir", type=Path)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    export = sub.add_parser("export", help="write a run folder's images and metadata as dataset shards")
+    export = sub.add_parser(
+        "export", parents=[common], help="write a run folder's images and metadata as dataset shards"
+    )
     export.add_argument("run_dir", type=Path)
     export.add_argument("--format", dest="fmt", choices=("webdataset", "parquet"), required=True)
     export.add_argument("--out", type=Path, default=None, help="where the shards go (default: DIR/exports/FORMAT)")
     export.add_argument("--shard-size", type=int, default=200, help="images per shard")
     export.set_defaults(func=cmd_export)
 
-    cancel = sub.add_parser("cancel", help="cancel the tasks a stopped run left waiting (PENDING) on the service")
+    cancel = sub.add_parser(
+        "cancel", parents=[common], help="cancel the tasks a stopped run left waiting (PENDING) on the service"
+    )
     cancel.add_argument("run_dir", type=Path)
     cancel.add_argument(
         "--base-url",
         default=os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
-        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL)",
+        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else the folder's own service)",
+    )
+    cancel.add_argument(
+        "--simulate",
+        action="store_true",
+        help="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
     )
     cancel.set_defaults(func=cmd_cancel)
 
-    sim = sub.add_parser("sim", help="serve the simulated service on loopback until Ctrl-C")
+    sim = sub.add_parser("sim", parents=[common], help="serve the simulated service on loopback until Ctrl-C")
     from .sim import cli as sim_cli
 
     sim_cli.add_arguments(sim)
@@ -202,6 +219,24 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"found {text!r}; allowed: a number")
     return value
+
+
+def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """-v, -q and --log-format: on the main parser with their defaults, on each subcommand's without."""
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more detail (-vv for debugging)")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default(False), help="only warnings and the final summary"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=default("plain"),
+        help="events as plain lines or one JSON object per line (no live display)",
+    )
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -280,16 +315,43 @@ def cmd_run(args: argparse.Namespace) -> int:
                 tracking=args.tracking,
                 quotas=args.quotas,
                 sim_config=args.sim_config,
+                force_backend=args.force_backend,
             )
         )
     except asyncio.CancelledError:
-        print(f"interrupted; resume with: wanbatch run {args.manifest} --out {args.out}", file=sys.stderr)
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     _print_summary(report, args.out)
     if report["interrupted"]:
+        print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if report.get("halted"):
+        return EXIT_HALTED
     items = report["items_in_manifest"]
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``wanbatch run`` line that resumes this run as it was started: same folder, same service, same options."""
+    argv = ["wanbatch", "run", str(args.manifest), "--out", str(args.out)]
+    if args.simulate:
+        argv.append("--simulate")
+    elif args.base_url:
+        argv += ["--base-url", args.base_url]
+    if args.speed is not None:
+        argv += ["--speed", f"{args.speed:g}"]
+    if args.budget is not None:
+        argv += ["--budget", f"{args.budget:g}"]
+    if args.tracking != "prompt":
+        argv += ["--tracking", args.tracking]
+    for option in ("quotas", "sim_config"):
+        if getattr(args, option, None) is not None:
+            argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    flags = ("sync", "retry_failed", "retry_moderated", "cancel_pending")
+    argv += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
+    if not args.gallery:
+        argv.append("--no-gallery")
+    return shlex.join(argv)
 
 
 def _print_failures(report: dict) -> None:
@@ -338,13 +400,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cancel import cancel_queued
-    from .engine import keys_from_env
+    from .cancel import cancel_in_folder
 
     if not (args.run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
-    keys = keys_from_env(sorted(catalog.REGIONS), {**os.environ}, require=False)
-    counts = asyncio.run(cancel_queued(args.run_dir, keys=keys, base_url=args.base_url))
+    counts = asyncio.run(
+        cancel_in_folder(args.run_dir, environ=os.environ, simulate=args.simulate, base_url=args.base_url)
+    )
     print(
         f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
         f"{counts['errors']} error(s)"

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from . import catalog
+from .backend import claim as claim_backend
 from .budget import Budget
 from .client import WanClient
 from .clock import Clock, ScaledClock
@@ -72,6 +73,10 @@ class EngineConfig:
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
     #: the account's quotas where they differ from the catalog's (see wanbatch.quotas): the lanes pace to them
     quotas: QuotaTable = field(default_factory=dict)
+    #: the endpoints the run folder is made against (:func:`wanbatch.backend.describe`), checked against and
+    #: recorded in its ledger; None: neither (tests that point one folder at several simulators)
+    backend: Mapping[str, str] | None = None
+    force_backend: bool = False  #: resume even against other endpoints than the folder's record
 
 
 def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
@@ -154,6 +159,8 @@ class Engine:
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
+            if self.config.backend is not None:
+                claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()
@@ -255,7 +262,9 @@ class Engine:
                 stages.tracker.run,
                 stages.downloader.run,
             )
-        return stages.stats(budget)
+        stats = stages.stats(budget)
+        stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"])
+        return stats
 
     def _build(self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
@@ -375,6 +384,12 @@ class _Stages:
             },
             "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
         }
+
+
+def _halted(ledger: Ledger, blocked: Mapping[str, str]) -> bool:
+    """Whether every lane that still has items to send was stopped by the account or the network (``blocked``)."""
+    left = {f"{region}/{model}" for region, model in ledger.lanes([ItemState.planned])}
+    return bool(left) and left <= set(blocked)
 
 
 def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:

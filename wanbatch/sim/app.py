@@ -150,6 +150,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await ticker
     state.materialise()
     state.billing.close()
+    if state.store is not None:
+        state.store.close()
 
 
 async def _tick(state: SimState) -> None:

@@ -33,6 +33,17 @@ class BillingLog:
         self._path = path
         self._file: IO[str] | None = None
 
+    def load(self) -> set[str]:
+        """Take in the records an earlier process appended to the file; returns the task ids billed."""
+        if self._path is None or not self._path.is_file():
+            return set()
+        for line in self._path.read_text(encoding="utf-8").splitlines():
+            try:
+                self.records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a process killed while writing it
+                continue
+        return {record["task_id"] for record in self.records}
+
     def open(self) -> None:
         if self._path is not None and self._file is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)

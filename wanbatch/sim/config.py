@@ -148,6 +148,8 @@ class SimConfig:
 
     # --- records
     billing_log: Path | None = None  #: one JSON line per billed image is appended here
+    #: where the simulator keeps its tasks, clock and URL secret, and finds them when started again there
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.region not in catalog.REGIONS:
@@ -232,7 +234,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def _coerce(name: str, value: Any) -> Any:
     """File values into the field's type where YAML cannot say it (paths, tuples)."""
-    if name == "billing_log" and value is not None:
+    if name in ("billing_log", "state_dir") and value is not None:
         return Path(value)
     if name.endswith("_words"):
         return tuple(value)

@@ -12,6 +12,7 @@ are also safe from other threads).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from wanbatch.sim.tasks import Endpoint, Task, TaskStatus
 __all__ = ["SimHandle", "TaskView", "running_sim"]
 
 SHUTDOWN_TIMEOUT_S = 2.0
+
+log = logging.getLogger("wanbatch")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,14 +159,27 @@ class SimHandle:
 async def running_sim(
     config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
 ) -> AsyncIterator[SimHandle]:
-    """Serve a simulator on ``host:port`` (0 = a free port) for the duration of the block."""
+    """Serve a simulator on ``host:port`` (0 = a free port) for the duration of the block.
+
+    A simulator started again in its ``state_dir`` takes the port it served before when ``port`` is 0, since the
+    result URLs it handed out name that port; if another process holds it now, a free one is taken instead.
+    """
     app = create_app(config)
+    state = app[SIM_STATE]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await web.TCPSite(runner, host, port or state.port or 0).start()
+        except OSError:
+            if port or not state.port:
+                raise
+            log.warning("simulator: port %d of its earlier run is taken; its old result URLs fail", state.port)
+            await web.TCPSite(runner, host, 0).start()
         bound_host, bound_port = runner.addresses[0][:2]
+        if state.store is not None and state.port != bound_port:
+            state.port = bound_port
+            state.save_meta()
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
         yield SimHandle(app, f"http://{shown_host}:{bound_port}/api/v1")
     finally:

@@ -81,6 +81,11 @@ class ImageStore:
         self._cache_size = cache_size
         self._rendering: dict[ImageKey, asyncio.Future[bytes]] = {}
 
+    @property
+    def secret(self) -> bytes:
+        """The key URLs are signed with (a simulator started again in its state folder signs with the same)."""
+        return self._secret
+
     def signature(self, path: str, expires_s: int) -> str:
         mac = hmac.new(self._secret, f"{path}\n{expires_s}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac[:18]).decode()

@@ -18,6 +18,7 @@ import heapq
 import itertools
 import math
 import random
+import secrets
 import threading
 import uuid
 from collections import Counter, deque
@@ -32,6 +33,7 @@ from wanbatch.sim.billing import BillingLog
 from wanbatch.sim.config import SimConfig
 from wanbatch.sim.faults import Fault, FaultInjector
 from wanbatch.sim.images import ImageStore
+from wanbatch.sim.persist import Saved, SimStore, task_record
 from wanbatch.sim.tasks import Endpoint, GenerationRequest, ImageResult, Lane, Task, TaskStatus
 
 __all__ = ["SimState"]
@@ -72,8 +74,12 @@ class SimState:
         self.clock = clock
         self.accounts = Accounts(config)
         self.faults = FaultInjector(profile=config.faults, rates=config.fault_rates, seed=config.seed)
-        self.images = ImageStore()
         self.billing = BillingLog(config.billing_log)
+        self.store = SimStore(config.state_dir) if config.state_dir is not None else None
+        saved = self.store.load() if self.store is not None else Saved()
+        secret = bytes.fromhex(saved.meta["secret"]) if "secret" in saved.meta else secrets.token_bytes(32)
+        self.images = ImageStore(secret=secret)
+        self.port: int | None = saved.meta.get("port")  #: the port served (an earlier process's, until bound)
         self.requests: Counter[str] = Counter()
         self.statuses: Counter[tuple[str, int]] = Counter()
         self.faults_injected: Counter[str] = Counter()
@@ -96,6 +102,8 @@ class SimState:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        if self.store is not None:
+            self._restore(saved)
 
     # --- lifecycle of tasks
 
@@ -151,15 +159,19 @@ class SimState:
         task.object_keys = self._object_paths(task)
         for index, path in enumerate(task.object_keys):
             self._objects[path] = (task, index)
+        task.listed_s = task.submit_s
+        if not task.sync and self.faults.hits(Fault.LIST_LAG):
+            self.faults_injected[Fault.LIST_LAG] += 1
+            task.listed_s += self.config.list_lag_s
+        self._remember(task)
+        self._save(task)
+        return task
+
+    def _remember(self, task: Task) -> None:
         self.tasks[task.task_id] = task
         self._in_order.append(task)
-        task.listed_s = task.submit_s
         if not task.sync:
-            if self.faults.hits(Fault.LIST_LAG):
-                self.faults_injected[Fault.LIST_LAG] += 1
-                task.listed_s += self.config.list_lag_s
             self._listable.setdefault(task.account, _AccountTasks()).add(task)
-        return task
 
     def call_at(self, at_s: float, action: Callable[[float], None]) -> None:
         """Run ``action(at_s)`` once the simulated clock reaches ``at_s``, even if no request comes."""
@@ -172,6 +184,8 @@ class SimState:
             return False
         for moved in self._lane(task.account, task.offer).cancel(task, now):
             heapq.heappush(self._due, (moved.end_s, next(self._seq), moved.version, moved))
+            self._save(moved)
+        self._save(task)
         self.notify()
         return True
 
@@ -250,6 +264,48 @@ class SimState:
         stem = f"/oss/{_BUCKETS[self.config.region]}/{day}/{uuid.uuid4()}"
         return tuple(f"{stem}-{i + 1}.png" for i in range(task.n))
 
+    # --- kept in a folder (config.state_dir)
+
+    def _restore(self, saved: Saved) -> None:
+        """Continue what an earlier process left in the folder: its clock, its tasks and what was billed."""
+        meta = saved.meta
+        if "reading_s" in meta:
+            # One timeline across processes: the time the simulator was stopped passes, as it does for a service.
+            self.clock.continue_from(meta["reading_s"], meta["wall_s"])
+        billed = self.billing.load()
+        for task in saved.tasks:
+            for index, path in enumerate(task.object_keys):
+                self._objects[path] = (task, index)
+            self._remember(task)
+            if task.request is None or task.canceled_s is not None:
+                continue
+            self._lane(task.account, task.offer).restore(task)
+            if task.task_id not in billed:  # ended while no process ran (billed now, at its end time) or later
+                heapq.heappush(self._due, (task.end_s, next(self._seq), task.version, task))
+        self.save_meta()
+
+    def save_meta(self) -> None:
+        """Record the secret, the port and where the clock stands, for a simulator started again in the folder."""
+        if self.store is None:
+            return
+        reading_s, wall_s = self.clock.anchor()
+        secret = self.images.secret.hex()
+        speed = self.clock.speed
+        self.store.write(
+            {
+                "kind": "meta",
+                "secret": secret,
+                "port": self.port,
+                "speed": speed,
+                "reading_s": reading_s,
+                "wall_s": wall_s,
+            }
+        )
+
+    def _save(self, task: Task) -> None:
+        if self.store is not None:
+            self.store.write(task_record(task))
+
     # --- time-driven effects
 
     def materialise(self) -> None:
@@ -292,6 +348,7 @@ class SimState:
             self._loop.call_soon_threadsafe(self.notify)
             return
         self.materialise()
+        self.save_meta()  # the clock may have jumped or changed speed
         woken, self._wake = self._wake, asyncio.Event()
         woken.set()
 

@@ -182,6 +182,16 @@ class Lane:
                 self._active = [t for t in self._active if t.end_s > now_s]
                 self._prune_at = max(64, 2 * len(self._active))
 
+    def restore(self, task: Task) -> None:
+        """Take back a task an earlier process scheduled (times kept); tasks come in the order they were made."""
+        if self.concurrency is None:
+            return
+        # Pushing then popping the earliest is what schedule() did, popping first: the end is never earlier.
+        heapq.heappush(self._free_at, task.end_s)
+        if len(self._free_at) > self.concurrency:
+            heapq.heappop(self._free_at)
+        self._active.append(task)
+
     def cancel(self, task: Task, now_s: float) -> list[Task]:
         """Cancel the PENDING ``task``; the tasks queued behind it move up. Returns the moved tasks."""
         task.canceled_s = task.end_s = now_s
