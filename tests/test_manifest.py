@@ -222,6 +222,26 @@ def test_zip_walks_lists_side_by_side_and_multiplies_with_a_matrix(tmp_path: Pat
     ]
 
 
+def test_a_zip_column_may_repeat_a_value(tmp_path: Path) -> None:
+    """zip pairs positions: a value that comes again in a column makes a row of its own, not an error."""
+    items = items_of(
+        tmp_path,
+        """
+        defaults: {model: wan2.2-t2i-flash, n: 1}
+        prompts:
+          - prompt: "a fox, {style}"
+            zip:
+              style: [photo, painting, photo]
+              negative_prompt: [blurry, photo, painting]
+        """,
+    )
+    assert [(i.prompt, i.negative_prompt) for i in items] == [
+        ("a fox, photo", "blurry"),
+        ("a fox, painting", "photo"),
+        ("a fox, photo", "painting"),
+    ]
+
+
 # --- prompts from files -----------------------------------------------------------------------------
 
 
@@ -585,6 +605,25 @@ def test_per_item_errors_are_all_collected(tmp_path: Path) -> None:
         ("prompts[0].matrix.size[2]", "wan2.2-t2i-flash"),
     }
     assert all("did you mean" in e.detail for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("written", "says"),
+    [
+        ("wan2.5-t2i", "did you mean 'wan2.5-t2i-preview'?"),
+        ("wan2.2-t2i", "did you mean one of 'wan2.2-t2i-plus', 'wan2.2-t2i-flash'?"),
+        ("wan2.7-t2i", None),
+        ("flash", None),
+    ],
+)
+def test_a_misspelt_model_is_matched_within_its_version_only(tmp_path: Path, written: str, says: str | None) -> None:
+    """A model name is suggested only from the version written (another costs another price); else none."""
+    (error,) = errors_of(tmp_path, f"defaults: {{model: {written}}}\nprompts: [a fox]\n")
+    assert "allowed: one of wan2.6-t2i, wan2.5-t2i-preview" in error.detail
+    if says is None:
+        assert "did you mean" not in error.detail
+    else:
+        assert error.detail.endswith(says) and "wan2.6-t2i'?" not in error.detail
 
 
 def test_errors_stop_at_a_cap(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import catalog
-from .errors import ConfigError, LedgerError, ManifestError
+from .errors import ConfigError, LedgerError, ManifestError, ManifestInvalid
 from .progress import JsonFormatter, format_duration
 from .track import POLICIES
 
@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print("nothing was sent.", file=sys.stderr)
+        if not isinstance(exc, ManifestInvalid):  # whose first line says so already
+            print("nothing was sent.", file=sys.stderr)
         return EXIT_USAGE
     except (ConfigError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
