@@ -403,7 +403,7 @@ def test_output_pattern_fields(tmp_path: Path) -> None:
           - {prompt: an owl, output: "{region}-{n}-{item_id}-{index}.png"}
         """,
     )
-    assert first.output_name(1) == "wan2.2-t2i-flash/1024*1024/fox-6-r0-1.png"
+    assert first.output_name(1) == "wan2.2-t2i-flash/1024_1024/fox-6-r0-1.png"  # Windows refuses "*"
     assert second.output_name(0) == f"beijing-2-{second.item_id}-0.png"
 
 

@@ -179,7 +179,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .manifest import Manifest
-    from .plan import make_plan
+    from .plan import make_plan, repeats_line
 
     manifest = Manifest.from_yaml(args.manifest)
     plan = make_plan(manifest)
@@ -187,6 +187,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return EXIT_OK
     print(f"{manifest.name}: {plan['items']} item(s), {plan['images']} image(s)")
+    if repeats_line(plan):
+        print(repeats_line(plan))
     print(f"{'region':<10} {'model':<20} {'items':>8} {'images':>8} {'cost':>12}  quota time")
     for row in plan["lanes"]:
         print(

@@ -628,6 +628,10 @@ class Ledger:
 
     # ── reporting ───────────────────────────────────────────────────────────────────────────────────
 
+    def planned_images(self) -> int:
+        """How many images the items ask for, at n each."""
+        return self._conn.execute("SELECT COALESCE(SUM(n_images), 0) FROM items").fetchone()[0]
+
     def summary(self) -> dict[str, Any]:
         """Counts per item and image state, images billed, and cost per currency (spent, and planned at n each)."""
         images = dict(self._conn.execute("SELECT state, count(*) FROM images GROUP BY state").fetchall())
