@@ -68,6 +68,8 @@ def write_metadata(run_dir: Path, ledger) -> int:
             "image_index": image.image_index,
             "sha256": image.sha256,
             "source": item.source,
+            # Every row of the manifest that asked for this request: a row repeating another finds its image here.
+            "sources": [item.source, *item.more_sources],
         }
         if not names:
             del row["variables"]  # a struct with no fields cannot be stored

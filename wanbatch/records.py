@@ -83,6 +83,8 @@ class ItemRow:
     updated_ms: int
     first_seen_run: int
     last_seen_run: int
+    #: where else the manifest asks for this very request (``file:line``, up to ``MORE_SOURCES_KEPT``)
+    more_sources: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ItemRow:
@@ -94,6 +96,7 @@ class ItemRow:
         values["variables"] = {} if values["variables"] == "{}" else json.loads(values["variables"])
         values["request_ids"] = _json_tuple(values["request_ids"])
         values["actual_prompts"] = _json_tuple(values["actual_prompts"])
+        values["more_sources"] = _json_tuple(values["more_sources"])
         return cls(**values)
 
 
