@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .manifest import Manifest
 from .plan import make_plan
 from .progress import live_progress
+from .runfolder import refuse_other_manifest
 from .submit import SubmitConfig
 from .track import TrackerConfig
 
@@ -63,6 +64,7 @@ async def run(
     progress: Console | None = None,
     gallery: bool = True,
     tracking: str = "prompt",
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -73,9 +75,13 @@ async def run(
     ``progress`` shows a live display of the run on that ``rich`` console; ``gallery`` writes
     ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
+    A folder filled from another manifest is refused (:class:`~wanbatch.runfolder.OtherManifest`) unless
+    ``force``: the two would mix in one ``metadata.jsonl``.
     """
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
+    if not force:
+        refuse_other_manifest(Path(out), manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
     plan = stored_plan(Path(out), manifest)
     if plan is None:

@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
     )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="run even if the folder holds another manifest's items (their images then share metadata.jsonl)",
+    )
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="counts per state of a run folder, also while it runs")
@@ -226,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 progress=args.console,
                 gallery=args.gallery,
                 tracking=args.tracking,
+                force=args.force,
             )
         )
     except asyncio.CancelledError:
@@ -240,8 +246,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_failures(report: dict) -> None:
     for code, failure in report["failures"].items():
-        first = failure["sources"][0]["source"] if failure["sources"] else ""
-        print(f"  {failure['count']} {failure['state']} {code}: {failure['message']} (first at {first})")
+        for state, group in failure["states"].items():
+            first = next((s["source"] for s in failure["sources"] if s["state"] == state), "")
+            print(f"  {group['count']} {state} {code}: {group['message']} (first at {first})")
     lost = ", ".join(f"{v:.2f} {k}" for k, v in report.get("cost_lost", {}).items())
     if lost:
         print(f"  paid and lost (URLs expired before saving): {lost}")
