@@ -199,7 +199,7 @@ async def test_moderation_rejection_is_final_and_reported(start_sim, tmp_path):
     assert report["items"]["saved"] == 1 and report["items"]["rejected"] == 1
     failure = report["failures"]["DataInspectionFailed"]
     assert failure["count"] == 1 and failure["sources"][0]["source"].endswith("job.yaml:5")
-    assert "inappropriate" in failure["message"]
+    assert "inappropriate" in failure["states"]["rejected"]["message"]
     assert len(sim.billing) == 1
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import wanbatch
 from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
 from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed, item_id
+from wanbatch.plan import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "manifests" / "bad"
@@ -222,6 +224,26 @@ def test_zip_walks_lists_side_by_side_and_multiplies_with_a_matrix(tmp_path: Pat
     ]
 
 
+def test_a_zip_column_may_repeat_a_value(tmp_path: Path) -> None:
+    """zip pairs positions: a value that comes again in a column makes a row of its own, not an error."""
+    items = items_of(
+        tmp_path,
+        """
+        defaults: {model: wan2.2-t2i-flash, n: 1}
+        prompts:
+          - prompt: "a fox, {style}"
+            zip:
+              style: [photo, painting, photo]
+              negative_prompt: [blurry, photo, painting]
+        """,
+    )
+    assert [(i.prompt, i.negative_prompt) for i in items] == [
+        ("a fox, photo", "blurry"),
+        ("a fox, painting", "photo"),
+        ("a fox, photo", "painting"),
+    ]
+
+
 # --- prompts from files -----------------------------------------------------------------------------
 
 
@@ -383,7 +405,7 @@ def test_output_pattern_fields(tmp_path: Path) -> None:
           - {prompt: an owl, output: "{region}-{n}-{item_id}-{index}.png"}
         """,
     )
-    assert first.output_name(1) == "wan2.2-t2i-flash/1024*1024/fox-6-r0-1.png"
+    assert first.output_name(1) == "wan2.2-t2i-flash/1024_1024/fox-6-r0-1.png"  # Windows refuses "*"
     assert second.output_name(0) == f"beijing-2-{second.item_id}-0.png"
 
 
@@ -440,6 +462,59 @@ def test_identical_requests_from_two_entries_are_one_item(tmp_path: Path) -> Non
     assert items[0].item_id == items[1].item_id != items[2].item_id
 
 
+# --- repeated requests ------------------------------------------------------------------------------
+
+
+def repeating_csv(directory: Path, rows: int = 200, distinct: int = 50) -> Manifest:
+    """``rows`` CSV rows over ``distinct`` prompts, each × 2 models × 3 seeds: row i repeats row i % distinct."""
+    lines = ["id,prompt"] + [f"img{i:04d},a fox number {i % distinct}" for i in range(rows)]
+    write(directory, "\n".join(lines) + "\n", "data/foxes.csv")
+    return load(
+        directory,
+        """
+        defaults: {size: "512*512", n: 1, seed: [1, 2, 3]}
+        matrix: {model: [wan2.2-t2i-flash, wan2.2-t2i-plus]}
+        prompts:
+          - file: data/foxes.csv
+            output: "{id}-{model}-{seed}.png"
+        """,
+    )
+
+
+def test_the_plan_counts_each_distinct_request_once_and_names_the_rows_that_repeat(tmp_path: Path) -> None:
+    """200 rows of 50 prompts × 2 models × 3 seeds plan 300 items (51 CNY), and say which rows repeat which."""
+    manifest = repeating_csv(tmp_path)
+    assert manifest.count() == 1200  # what the manifest writes; the ledger keeps one item per request
+    plan = make_plan(manifest)
+    assert (plan["items"], plan["images"], plan["cost"]) == (300, 300, {"CNY": 51.0})
+    assert {lane["model"]: lane["items"] for lane in plan["lanes"]} == {"wan2.2-t2i-flash": 150, "wan2.2-t2i-plus": 150}
+    repeats = plan["repeats"]
+    assert (repeats["rows"], repeats["items"]) == (150, 900)
+    csv = (tmp_path / "data" / "foxes.csv").as_posix()
+    assert repeats["examples"][0] == {"source": f"{csv}:52", "repeats": f"{csv}:2"}
+    assert len({item.item_id for item in manifest.items()}) == 300
+
+
+def test_repeats_made_on_purpose_stay_distinct_items(tmp_path: Path) -> None:
+    """``repeats: 3`` asks for three images of one request: three items, none counted as a repeat."""
+    text = "defaults: {model: wan2.2-t2i-flash, n: 1}\nprompts: [{prompt: a fox, repeats: 3}]\n"
+    plan = make_plan(load(tmp_path, text))
+    assert plan["items"] == 3 and plan["repeats"]["rows"] == 0
+
+
+async def test_every_row_finds_its_image_and_the_budget_counts_distinct_requests(tmp_path: Path) -> None:
+    """A run under a budget the distinct requests fit pays each once, and metadata lists every CSV row's image."""
+    manifest = repeating_csv(tmp_path, rows=20, distinct=5)
+    report = await wanbatch.run(manifest, out=tmp_path / "run", simulate=True, speed=600, budget=5.2, gallery=False)
+    assert report["items"]["saved"] == 30 and report["cost"] == {"CNY": 5.1}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metadata.jsonl").read_text().splitlines()]
+    served = {source for row in rows for source in row["sources"]}
+    csv = (tmp_path / "data" / "foxes.csv").as_posix()
+    assert served == {f"{csv}:{line}" for line in range(2, 22)}
+    assert all(row["source"] == row["sources"][0] for row in rows)
+
+
+# --- streaming and limits ---------------------------------------------------------------------------
 # --- streaming and limits ---------------------------------------------------------------------------
 
 
@@ -585,6 +660,55 @@ def test_per_item_errors_are_all_collected(tmp_path: Path) -> None:
         ("prompts[0].matrix.size[2]", "wan2.2-t2i-flash"),
     }
     assert all("did you mean" in e.detail for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("written", "says"),
+    [
+        ("wan2.5-t2i", "did you mean 'wan2.5-t2i-preview'?"),
+        ("wan2.2-t2i", "did you mean one of 'wan2.2-t2i-plus', 'wan2.2-t2i-flash'?"),
+        ("wan2.7-t2i", None),
+        ("flash", None),
+    ],
+)
+def test_a_misspelt_model_is_matched_within_its_version_only(tmp_path: Path, written: str, says: str | None) -> None:
+    """A model name is suggested only from the version written (another costs another price); else none."""
+    (error,) = errors_of(tmp_path, f"defaults: {{model: {written}}}\nprompts: [a fox]\n")
+    assert "allowed: one of wan2.6-t2i, wan2.5-t2i-preview" in error.detail
+    if says is None:
+        assert "did you mean" not in error.detail
+    else:
+        assert error.detail.endswith(says) and "wan2.6-t2i'?" not in error.detail
+
+
+def test_every_error_is_reported_in_one_pass(tmp_path: Path) -> None:
+    """A malformed size and two sizes the model does not make are reported together, not one fix at a time."""
+    errors = errors_of(
+        tmp_path,
+        """
+        defaults: {model: wan2.2-t2i-flash}
+        prompts:
+          - {prompt: a fox, size: "1024x"}
+          - {prompt: an owl, size: "100*100"}
+          - {prompt: a heron, size: "5000*5000"}
+          - {prompt: a cat, size: "1024*1024"}
+        """,
+    )
+    assert [(e.line, e.field) for e in errors] == [(4 + i, f"prompts[{i}].size") for i in range(3)]
+
+
+def test_an_entry_under_a_refused_default_is_not_checked_again(tmp_path: Path) -> None:
+    """A refused top-level model is reported once, not again as "no model" on each entry that inherits it."""
+    errors = errors_of(
+        tmp_path,
+        """
+        defaults: {model: wan2.7-t2i}
+        prompts:
+          - a fox
+          - {prompt: an owl, model: wan2.2-t2i-flash, size: "100*100"}
+        """,
+    )
+    assert [(e.line, e.field) for e in errors] == [(2, "defaults.model"), (5, "prompts[1].size")]
 
 
 def test_errors_stop_at_a_cap(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from .manifest import Manifest
 from .plan import make_plan
 from .progress import live_progress
 from .quotas import QuotaTable, check_quotas, load_quotas
+from .runfolder import refuse_other_manifest
 from .submit import SubmitConfig
 from .track import TrackerConfig
 
@@ -67,6 +68,7 @@ async def run(
     quotas: str | Path | QuotaTable | None = None,
     sim_config: str | Path | None = None,
     force_backend: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
 
@@ -81,11 +83,15 @@ async def run(
     :mod:`wanbatch.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim --config``'s file).
     A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
     is refused (:class:`wanbatch.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
+    A folder filled from another manifest is refused (:class:`~wanbatch.runfolder.OtherManifest`) unless
+    ``force``: the two would mix in one ``metadata.jsonl``.
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
     account_quotas = _quotas(quotas)
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
+    if not force:
+        refuse_other_manifest(Path(out), manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
     plan = stored_plan(Path(out), manifest)
     if plan is None:

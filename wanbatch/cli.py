@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, catalog
-from .errors import ConfigError, LedgerError, ManifestError
+from .errors import ConfigError, LedgerError, ManifestError, ManifestInvalid
 from .progress import JsonFormatter, format_duration
 from .track import POLICIES
 
@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _reader_gone()
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        print("nothing was sent.", file=sys.stderr)
+        if not isinstance(exc, ManifestInvalid):  # whose first line says so already
+            print("nothing was sent.", file=sys.stderr)
         return EXIT_USAGE
     except (ConfigError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -156,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="resume a run folder against another service than the one it was made against (see --simulate, "
         "--base-url); its new images then sit beside the earlier ones",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="run even if the folder holds another manifest's items (their images then share metadata.jsonl)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -268,7 +274,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .manifest import Manifest
-    from .plan import make_plan
+    from .plan import make_plan, repeats_line
 
     manifest = Manifest.from_yaml(args.manifest)
     plan = make_plan(manifest)
@@ -276,6 +282,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return EXIT_OK
     print(f"{manifest.name}: {plan['items']} item(s), {plan['images']} image(s)")
+    if repeats_line(plan):
+        print(repeats_line(plan))
     print(f"{'region':<10} {'model':<20} {'items':>8} {'images':>8} {'cost':>12}  quota time")
     for row in plan["lanes"]:
         print(
@@ -316,6 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 quotas=args.quotas,
                 sim_config=args.sim_config,
                 force_backend=args.force_backend,
+                force=args.force,
             )
         )
     except asyncio.CancelledError:
@@ -356,8 +365,9 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def _print_failures(report: dict) -> None:
     for code, failure in report["failures"].items():
-        first = failure["sources"][0]["source"] if failure["sources"] else ""
-        print(f"  {failure['count']} {failure['state']} {code}: {failure['message']} (first at {first})")
+        for state, group in failure["states"].items():
+            first = next((s["source"] for s in failure["sources"] if s["state"] == state), "")
+            print(f"  {group['count']} {state} {code}: {group['message']} (first at {first})")
     lost = ", ".join(f"{v:.2f} {k}" for k, v in report.get("cost_lost", {}).items())
     if lost:
         print(f"  paid and lost (URLs expired before saving): {lost}")

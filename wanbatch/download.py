@@ -29,17 +29,15 @@ import aiofiles.os
 import aiohttp
 from PIL import Image
 
+from . import naming
 from .aio import wait_event
 from .errors import DownloadError, IllegalTransition, UrlExpired
 from .records import ImageRow, ItemRow
 from .states import ImageState, ItemState
 
-__all__ = ["DownloadConfig", "Downloader", "image_file_name", "verify_png"]
+__all__ = ["DownloadConfig", "Downloader", "verify_png"]
 
 log = logging.getLogger("wanbatch")
-
-DEFAULT_PATTERN = "{item_id}-{index}.png"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,23 +48,6 @@ class DownloadConfig:
     timeout_s: float = 120.0
     retry_base_s: float = 2.0
     chunk_bytes: int = 256 * 1024
-
-
-def image_file_name(pattern: str | None, fields: dict[str, object]) -> str:
-    """A safe path relative to ``images/`` from the manifest's pattern; every part is sanitised."""
-    text = (pattern or DEFAULT_PATTERN).format_map(_Fields(fields))
-    parts = [_UNSAFE.sub("_", part).strip("._")[:120] for part in text.replace("\\", "/").split("/")]
-    parts = [part for part in parts if part]
-    if not parts:
-        parts = [f"{fields['item_id']}-{fields['index']}"]
-    if not parts[-1].lower().endswith(".png"):
-        parts[-1] += ".png"
-    return "/".join(parts)
-
-
-class _Fields(dict):
-    def __missing__(self, key: str) -> str:
-        return key
 
 
 def verify_png(source: Path | BinaryIO, size: str) -> None:
@@ -121,6 +102,7 @@ class Downloader:
         self._queued: set[tuple[str, int]] = set()
         self._items: dict[str, tuple[ItemRow, int]] = {}  # item_id -> (row, open images)
         self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
+        self._sharded = naming.sharded(ledger)
         self.saved = 0
         self.bytes = 0
 
@@ -261,18 +243,7 @@ class Downloader:
         url = image.url or ""
         if urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
-        fields = {
-            **(item.variables or {}),
-            "item_id": item.item_id,
-            "index": image.image_index,
-            "replica": item.replica,
-            "model": item.model,
-            "size": item.request["size"],
-            "n": item.n_images,
-            "region": item.region,
-            "seed": image.seed if image.seed is not None else "random",
-        }
-        name = "images/" + image_file_name(item.output, fields)
+        name = naming.saved_name(item, image.image_index, image.seed, sharded=self._sharded)
         other_name = name[: -len(".png")] + f"-{item.item_id}-{image.image_index}.png"
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         body = await self._stream(url)

@@ -437,6 +437,7 @@ def _plan_into(ledger: Ledger, manifest, run: int, plan: Mapping[str, Any] | Non
     added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
     stale = ledger.stale_count(run)
     record = {"digest": getattr(manifest, "digest", ""), "run": run, "items": added.added + added.existing}
+    record |= {"path": str(Path(manifest.path).resolve()), "name": manifest.name}  # see runfolder.py
     record |= {"stale": stale, "plan": dict(plan) if plan is not None else None}
     ledger.set_meta(MANIFEST_META, json.dumps(record))
     return _Held(run, added, stale, _lanes_of(plan))

@@ -47,8 +47,8 @@ __all__ = [
 
 LEDGER_FILE = "ledger.sqlite"
 SCHEMA_VERSION = 2
-#: What each older schema lacks, by the version that added it.
-_UPGRADES = {2: ("ALTER TABLE items ADD COLUMN endpoint TEXT",)}
+#: Columns added to ``items`` since version 1, with their definitions: an older ledger gains them when opened.
+_ADDED_COLUMNS = {"endpoint": "TEXT", "more_sources": "TEXT NOT NULL DEFAULT '[]'"}
 #: How long a writer waits for another connection's write lock (``wanbatch status`` reads while a run writes).
 BUSY_TIMEOUT_S = 10.0
 CACHE_KIB = 64 * 1024
@@ -82,7 +82,7 @@ _SCHEMA = (
         cost REAL NOT NULL DEFAULT 0,
         planned_ms INTEGER NOT NULL, submit_started_ms INTEGER, submitted_ms INTEGER, ended_ms INTEGER,
         updated_ms INTEGER NOT NULL, first_seen_run INTEGER NOT NULL, last_seen_run INTEGER NOT NULL,
-        endpoint TEXT)""",
+        endpoint TEXT, more_sources TEXT NOT NULL DEFAULT '[]')""",
     # (state, seq) serves "the next planned items in manifest order" and counts per state from the index alone.
     "CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq)",
     "CREATE INDEX IF NOT EXISTS items_task_id ON items (task_id) WHERE task_id IS NOT NULL",
@@ -102,12 +102,23 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS transitions_item ON transitions (item_id)",
 )
 
+#: The later places of one request in one manifest kept with its item (the first is its ``source``).
+MORE_SOURCES_KEPT = 100
 # Items met again stay as they are, only marked seen in this run; their place in the manifest may have moved.
-_UPSERT_ITEM = """INSERT INTO items (item_id, replica, region, model, n_images, request, source, entry,
+# Met again in the same run, the item is a later row asking for the same request: its place is kept too, so
+# that every row of the manifest can find its image.
+_UPSERT_ITEM = f"""INSERT INTO items (item_id, replica, region, model, n_images, request, source, entry,
     variables, output, price_per_image, currency, planned_ms, updated_ms, first_seen_run, last_seen_run, state)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'planned')
-    ON CONFLICT (item_id) DO UPDATE SET last_seen_run = excluded.last_seen_run, source = excluded.source,
-    entry = excluded.entry WHERE items.last_seen_run < excluded.last_seen_run"""
+    ON CONFLICT (item_id) DO UPDATE SET
+        more_sources = CASE
+            WHEN items.last_seen_run < excluded.last_seen_run THEN '[]'
+            WHEN items.source = excluded.source OR json_array_length(items.more_sources) >= {MORE_SOURCES_KEPT}
+                THEN items.more_sources
+            ELSE json_insert(items.more_sources, '$[#]', excluded.source) END,
+        source = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.source ELSE items.source END,
+        entry = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.entry ELSE items.entry END,
+        last_seen_run = excluded.last_seen_run"""
 
 _UPSERT_IMAGE = """INSERT INTO images (item_id, image_index, state, url, deadline_ms, seed, actual_prompt,
         error_code, error_message, updated_ms)
@@ -196,10 +207,11 @@ class Ledger:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_ms', ?)", (str(self._clock.now_ms()),))
             found = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-            if found < SCHEMA_VERSION:  # a run folder made by an earlier wanbatch: bring it up to date
-                for version in range(found + 1, SCHEMA_VERSION + 1):
-                    for statement in _UPGRADES[version]:
-                        conn.execute(statement)
+            if found <= SCHEMA_VERSION:  # a run folder made by an earlier wanbatch: bring it up to date
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+                for name, definition in _ADDED_COLUMNS.items():
+                    if name not in columns:
+                        conn.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 found = SCHEMA_VERSION
         if found != SCHEMA_VERSION:
@@ -656,6 +668,10 @@ class Ledger:
         raise IllegalTransition(f"image {index} of item {item_id}: illegal move {row[0]} → {target}")
 
     # ── reporting ───────────────────────────────────────────────────────────────────────────────────
+
+    def planned_images(self) -> int:
+        """How many images the items ask for, at n each."""
+        return self._conn.execute("SELECT COALESCE(SUM(n_images), 0) FROM items").fetchone()[0]
 
     def summary(self) -> dict[str, Any]:
         """Counts per item and image state, images billed, and cost per currency (spent, and planned at n each)."""

@@ -1,133 +1,39 @@
 """The job manifest: a YAML file that expands, streaming, into generation items.
 
-    Manifest.from_yaml(path)   load, check keys and types (errors name file:line and field)
-    manifest.count()           how many items, by arithmetic
-    manifest.survey()          every item through the catalog's rules, counted per (region, model); no ids made
+    Manifest.from_yaml(path)   load and check; every error found is raised at once (file:line and field)
+    manifest.count()           how many items the manifest writes, by arithmetic (repeats counted)
+    manifest.survey()          every item through the catalog's rules; distinct items per (region, model)
     manifest.validate()        the survey's warnings; errors raised
     manifest.items()           the items, one at a time, never all in memory
     manifest.digest            sha256 of the text, the prompts files and the version: same digest, same items
 
-Expansion goes by combination (a record of a prompts file with one row of
-each axis): the checks run once per combination, and its seeds and replicas
-are multiplied out after them.
-
 The language is described in docs/manifest.md. The loader lives in
 :mod:`wanbatch.yamlsrc`, value rules in :mod:`wanbatch.manifest_values`, prompts
-files in :mod:`wanbatch.manifest_files` and the structure in
-:mod:`wanbatch.manifest_parse`; this module expands the plan into items and
-checks each against :mod:`wanbatch.catalog` (:mod:`wanbatch.manifest_checks`).
-
-An item's id is the first 20 hex digits of the sha256 of its canonical request
-and replica number (:func:`item_id`), so a re-run finds the same items and an
-edit keeps the ids of what it did not change.
+files in :mod:`wanbatch.manifest_files`, the structure in
+:mod:`wanbatch.manifest_parse`, the expansion into items (and their ids) in
+:mod:`wanbatch.manifest_expand`, and the survey (catalog checks, counts,
+repeats, output names) in :mod:`wanbatch.manifest_survey`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
-from wanbatch import catalog
 from wanbatch.errors import ManifestInvalid
-from wanbatch.manifest_checks import Checks
-from wanbatch.manifest_files import Record
-from wanbatch.manifest_layers import Axis, SeedRange
-from wanbatch.manifest_parse import EntryPlan, Plan, parse
-from wanbatch.manifest_values import PARAMS, Problems, Val
-from wanbatch.yamlsrc import Origin, load_yaml
+from wanbatch.manifest_expand import DEFAULT_OUTPUT, Item, draw_seed, entry_items, item_id
+from wanbatch.manifest_parse import Plan, parse
+from wanbatch.manifest_survey import Survey, survey_plan
+from wanbatch.manifest_values import Problems
+from wanbatch.yamlsrc import load_yaml
 
 __all__ = ["DEFAULT_OUTPUT", "Item", "Manifest", "draw_seed", "item_id"]
 
-#: The file name of an image when the manifest gives no ``output`` pattern.
-DEFAULT_OUTPUT = "{item_id}-{index}.png"
-#: validate() compares output file names among this many items (a set of names costs memory).
-OUTPUT_CHECK_ITEMS = 100_000
-_PARAM_SET = frozenset(PARAMS)
-#: The parameters whose values decide a request's fields besides its prompt and seed.
-_REQUEST_PARAMS = ("region", "model", "size", "n", "prompt_extend", "watermark", "sync")
-#: How many passing sets of parameter values an entry remembers (each a handful of small objects).
-_PASSED_KEPT = 4096
-#: A .txt entry is surveyed line by line only for at most this many combinations of its axes.
-_SHAPES_KEPT = 1000
-#: Bumped when the expansion changes in a way the package version would not show.
-_DIGEST_FORMAT = b"wanbatch manifest digest 1\x00"
+#: Bumped when the expansion or the plan changes in a way the package version would not show.
+_DIGEST_FORMAT = b"wanbatch manifest digest 2\x00"
 _READ_BYTES = 1 << 20
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def item_id(request: Mapping[str, object], replica: int) -> str:
-    """The stable id: sha256 of ``[request, replica]`` as compact sorted JSON, first 20 hex digits."""
-    return _id_of(_CANONICAL_JSON.encode(request), replica)
-
-
-def _id_of(request_json: str, replica: int) -> str:
-    """:func:`item_id` from the request's canonical JSON, made once for all its replicas."""
-    return hashlib.sha256(f"[{request_json},{replica}]".encode()).hexdigest()[:20]
-
-
-def draw_seed(manifest_name: str, prompt: str, k: int) -> int:
-    """The ``k``-th seed drawn for a prompt: the same on every run, under every model and size."""
-    digest = hashlib.sha256(f"{manifest_name}\x00{prompt}\x00{k}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (catalog.SEED_MAX + 1)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Item:
-    """One generation request, ready to send, and where in the manifest it came from."""
-
-    item_id: str
-    replica: int  #: 0-based repeat number
-    region: str
-    model: str  #: canonical catalog name (a ``catalog.MODELS`` key)
-    prompt: str
-    negative_prompt: str | None
-    size: str  #: ``"W*H"``
-    n: int
-    seed: int | None  #: None lets the service choose
-    prompt_extend: bool
-    watermark: bool
-    sync: bool
-    variables: Mapping[str, str]  #: template, matrix, zip and file-column values
-    source: str  #: ``jobs/x.yaml:12`` or ``jobs/prompts.txt:7``
-    entry: str  #: the entry's field path, ``prompts[2]``
-    output: str | None  #: the output pattern that applies, if the manifest gives one
-    #: :meth:`request` as canonical JSON, when the expansion has made it already (the ledger stores it)
-    request_json: str = field(default="", repr=False, compare=False)
-
-    def request(self) -> dict[str, object]:
-        """The canonical request fields, hashed into the id and stored by the ledger."""
-        return {
-            "region": self.region,
-            "model": self.model,
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "size": self.size,
-            "n": self.n,
-            "seed": self.seed,
-            "prompt_extend": self.prompt_extend,
-            "watermark": self.watermark,
-            "sync": self.sync,
-        }
-
-    def output_fields(self, image_index: int) -> dict[str, str]:
-        """What an output pattern can name for image ``image_index`` (0-based) of this item."""
-        fields = dict(self.variables)
-        fields |= {"item_id": self.item_id, "index": str(image_index), "replica": str(self.replica)}
-        fields |= {"model": self.model, "size": self.size, "n": str(self.n), "region": self.region}
-        if self.seed is not None:
-            # The service numbers the images of one request seed, seed+1, ...: the name says which.
-            fields["seed"] = str(self.seed + image_index)
-        return fields
-
-    def output_name(self, image_index: int) -> str:
-        """The image's relative file name from the pattern (or :data:`DEFAULT_OUTPUT`), not yet sanitised."""
-        return (self.output or DEFAULT_OUTPUT).format_map(self.output_fields(image_index))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +62,8 @@ class Manifest:
         problems.add(load_errors)
         plan = parse(root, path.parent, problems) if root is not None else None
         if problems.errors or plan is None:
+            if plan is not None:
+                _survey_sound_entries(plan, problems)
             raise _invalid(problems, path)
         output = plan.output.value.text if plan.output is not None else None
         return cls(
@@ -174,10 +82,13 @@ class Manifest:
         return sum(entry.count for entry in self.plan.entries)
 
     def items(self) -> Iterator[Item]:
-        """The items in manifest order, streaming; raises :class:`ManifestInvalid` at the first bad one."""
+        """The items in manifest order, streaming; raises :class:`ManifestInvalid` at the first bad one.
+
+        Identical requests come each time they appear (with the same id): the ledger keeps one item for them.
+        """
         problems = Problems()
         for entry in self.plan.entries:
-            for item in _entry_items(entry, self.name, problems):
+            for item in entry_items(entry, self.name, problems):
                 if item is None:
                     raise ManifestInvalid(problems.errors, manifest=self.path.as_posix())
                 yield item
@@ -187,117 +98,27 @@ class Manifest:
         return self.survey().warnings
 
     def survey(self) -> Survey:
-        """Check every item and count items and images per (region, model), in one pass without item ids.
+        """Check every item; count distinct items and images per (region, model) and the rows that repeat one.
 
         Raises :class:`ManifestInvalid` with the errors found (up to :data:`MAX_ERRORS`).
         """
         problems = Problems()
-        names: dict[str, Item] = {}
-        lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for entry in self.plan.entries:
-            self._survey_combos(entry, problems, lanes, names)
-            if problems.full:
-                problems.truncated = True
-                break
+        found = survey_plan(self.plan, self.name, problems)
         if problems.errors:
             raise _invalid(problems, self.path)
-        return Survey(
-            warnings=problems.warnings, lanes={key: (items, images) for key, (items, images) in lanes.items()}
-        )
-
-    def _survey_combos(
-        self, entry: EntryPlan, problems: Problems, lanes: dict[tuple[str, str], list[int]], names: dict[str, Item]
-    ) -> None:
-        # Without an output pattern no item's name is needed: the lines of a prompts file may share one combo.
-        for combo in _entry_combos(entry, problems, light=entry.output is None):
-            if combo is not None:
-                _tally(lanes, combo.request, _combo_count(entry, combo))
-                if entry.output is not None and len(names) < OUTPUT_CHECK_ITEMS:
-                    self._check_names(entry, combo, names, problems)
-            if problems.full:
-                return
-
-    def _check_names(self, entry: EntryPlan, combo: _Combo, names: dict[str, Item], problems: Problems) -> None:
-        """Output names that two different items would both write (among the first items only)."""
-        for item in _combo_items(entry, self.name, combo):
-            if len(names) >= OUTPUT_CHECK_ITEMS:
-                return
-            _check_collision(item, entry.output.origin, names, problems)
+        return found
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Survey:
-    """What :meth:`Manifest.survey` found: the warnings, and per (region, model) how many items and images."""
+def _survey_sound_entries(plan: Plan, problems: Problems) -> None:
+    """Add the catalog's errors of the entries that parsed well, so that one pass reports every error.
 
-    warnings: list[str]
-    lanes: dict[tuple[str, str], tuple[int, int]]
-
-
-def _tally(lanes: dict[tuple[str, str], list[int]], request: Mapping[str, Any], count: int) -> None:
-    lane = lanes[(request["region"], request["model"])]
-    lane[0] += count
-    lane[1] += count * request["n"]
-
-
-def _line_combos(entry: EntryPlan, problems: Problems, *, light: bool) -> Iterator[_Combo | None] | None:
-    """A .txt entry's combinations without a record object per line; None when it needs the general way.
-
-    A line of a .txt file sets only the variable ``prompt``, so every line shares the checks of the
-    parameters and variables: the first line goes the general way for each combination of the axes (a
-    "shape"), and each later line only renders its prompt into a copy of its shape (a line whose prompt is
-    empty or too long goes the general way too, to report it). ``light`` yields the shape itself for such
-    a line, for a caller that only counts.
+    Not when the manifest is too large (its expansion could take forever), nor for an entry that inherits a
+    top-level value that was refused (its errors would only repeat that one).
     """
-    source = entry.source
-    if source is None or source.kind != ".txt":
-        return None
-    maker = _ComboMaker(entry, Checks(problems), _axis_seeds(_seed_axis(entry)))
-    lines = source.lines()
-    first = next(lines, None)
-    if first is None:
-        return iter(())
-    record = source.record_of(*first)
-    shapes = []
-    for values in _axis_values(entry):
-        combo = maker.combo(values | record.values, record.origin)
-        if combo is None or len(shapes) >= _SHAPES_KEPT:
-            return None
-        # Each shape renders into a variables dict of its own: the combination's stays its first line's.
-        shapes.append((values, combo, catalog.MODELS[combo.request["model"]], dict(combo.variables)))
-    return _later_lines(entry, maker, shapes, lines, light=light)
-
-
-def _later_lines(entry: EntryPlan, maker: _ComboMaker, shapes: list, lines, *, light: bool) -> Iterator[_Combo | None]:
-    source, template = entry.source, entry.template.value
-    yield from (combo for _, combo, _, _ in shapes)
-    for index, line_no, text in lines:
-        for values, shape, model, variables in shapes:
-            variables["prompt"] = text
-            prompt = template.render(variables).strip()
-            neg = values.get("negative_prompt")
-            negative = neg.value.render(variables).strip() if neg is not None and neg.value else ""
-            if not prompt or len(prompt) > model.prompt_max or len(negative) > model.negative_prompt_max:
-                line = source.record_of(index, line_no, text)
-                yield maker.combo(values | line.values, line.origin)
-            elif light:
-                yield shape
-            else:
-                request = {**shape.request, "prompt": prompt, "negative_prompt": negative or None}
-                yield _Combo(request, dict(variables), f"{source.display}:{line_no}", shape.seeds)
-
-
-def _seed_axis(entry: EntryPlan) -> Axis | None:
-    return entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
-
-
-def _axis_values(entry: EntryPlan) -> Iterator[dict[str, Val]]:
-    """The entry's fixed values with each combination of its axes but the seeds, in order."""
-    axes = entry.axes[:-1] if _seed_axis(entry) is not None else entry.axes
-    for rows in itertools.product(*(axis.rows for axis in axes)):
-        values = dict(entry.fixed)
-        for axis, row in zip(axes, rows, strict=True):
-            values.update(zip(axis.keys, row, strict=True))
-        yield values
+    if problems.full or sum(entry.count for entry in plan.entries) > plan.max_items:
+        return
+    sound = [entry for entry in plan.entries if not entry.inherits_errors]
+    survey_plan(plan, plan.name, problems, sound)
 
 
 def _file_digest(path: Path) -> str:
@@ -331,181 +152,3 @@ def _invalid(problems: Problems, path: Path) -> ManifestInvalid:
     ordered = sorted(problems.errors, key=lambda error: (error.path != manifest, error.path, error.line or 0))
     return ManifestInvalid(ordered, manifest=manifest, truncated=problems.truncated)
 
-
-def _check_collision(item: Item, origin: Origin, names: dict[str, Item], problems: Problems) -> None:
-    name = item.output_name(0)
-    other = names.setdefault(name, item)
-    if other.item_id != item.item_id:
-        problems.error(
-            origin,
-            f"found two items writing {name!r} ({other.source} and {item.source}); allowed: a pattern that tells"
-            " items apart, e.g. with {item_id} or {seed}",
-        )
-
-
-class _Combo(NamedTuple):
-    """One combination of an entry's values: a request less its seed, made once per seed and replica."""
-
-    request: dict[str, Any]  #: every request field but ``seed``
-    variables: dict[str, str]
-    source: str  #: where its prompt was written, ``file:line``
-    seeds: Sequence[int | None] | None  #: None when ``seed: {count: k}`` draws them from the prompt
-
-
-def _entry_items(entry: EntryPlan, name: str, problems: Problems) -> Iterator[Item | None]:
-    """The entry's items in order (records, axes, seeds, replicas); None for a combination that has errors."""
-    for combo in _entry_combos(entry, problems):
-        if combo is None:
-            yield None
-        else:
-            yield from _combo_items(entry, name, combo)
-
-
-def _combo_count(entry: EntryPlan, combo: _Combo) -> int:
-    seeds = len(combo.seeds) if combo.seeds is not None else entry.seed_draws.value
-    return seeds * entry.repeats
-
-
-def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
-    """The combination's items, one per seed and replica; the request's JSON is made once per seed."""
-    request = dict(combo.request)
-    seeds = combo.seeds
-    if seeds is None:
-        seeds = [draw_seed(name, request["prompt"], k) for k in range(entry.seed_draws.value)]
-    source = combo.source
-    output = entry.output.value.text if entry.output is not None else None
-    for seed in seeds:
-        request["seed"] = seed
-        payload = _CANONICAL_JSON.encode(request)
-        for replica in range(entry.repeats):
-            yield Item(
-                item_id=_id_of(payload, replica),
-                replica=replica,
-                variables=combo.variables,
-                source=source,
-                entry=entry.field,
-                output=output,
-                request_json=payload,
-                **request,
-            )
-
-
-def _entry_combos(entry: EntryPlan, problems: Problems, *, light: bool = False) -> Iterator[_Combo | None]:
-    """The entry's combinations in order (records, then axes); None for one that has errors.
-
-    ``light``: a caller that only counts may be given one combination for several lines of a .txt file.
-    """
-    lines = _line_combos(entry, problems, light=light)
-    if lines is not None:
-        yield from lines
-        return
-    # A seed axis (always last) is not multiplied out here: its seeds ride along with each combination.
-    seed_axis = entry.axes[-1] if entry.axes and entry.axes[-1].kind == "seed" else None
-    axes = entry.axes[:-1] if seed_axis is not None else entry.axes
-    axis_rows = [axis.rows for axis in axes]
-    axis_keys = [axis.keys for axis in axes]
-    # Keys the entry multiplies over: a .jsonl line may not set them too, or count() would be wrong.
-    on_axes = {key: axis.origin for axis in entry.axes for key in axis.keys}
-    if entry.seed_draws is not None:
-        on_axes["seed"] = entry.seed_draws.origin
-    maker = _ComboMaker(entry, Checks(problems), _axis_seeds(seed_axis))
-    for record in entry.source.records() if entry.source is not None else (None,):
-        base, prompt_origin = entry.fixed, entry.template.origin
-        if record is not None:
-            if record.errors or not on_axes.keys().isdisjoint(record.values):
-                _record_errors(record, on_axes, problems)
-                yield None
-                continue
-            base, prompt_origin = entry.fixed | record.values, record.origin
-        if not axes:
-            yield maker.combo(base, prompt_origin)
-            continue
-        for rows in itertools.product(*axis_rows):
-            values = dict(base)
-            for keys, row in zip(axis_keys, rows, strict=True):
-                values.update(zip(keys, row, strict=True))
-            yield maker.combo(values, prompt_origin)
-
-
-def _axis_seeds(seed_axis: Axis | None) -> Sequence[int] | None:
-    """The seeds of a seed axis as numbers; a range stays a range (a million seeds cost nothing)."""
-    if seed_axis is None:
-        return None
-    if isinstance(seed_axis.rows, SeedRange):
-        return seed_axis.rows.span
-    return [row[0].value for row in seed_axis.rows]
-
-
-def _record_errors(record: Record, on_axes: Mapping[str, Origin], problems: Problems) -> None:
-    for origin, message in record.errors:
-        problems.error(origin, message)
-    for key in sorted(on_axes.keys() & record.values.keys()):
-        problems.error(
-            record.values[key].origin,
-            f"found {key!r}, which {on_axes[key].field} (line {on_axes[key].line}) already sets;"
-            " allowed: one source per key",
-        )
-
-
-class _ComboMaker:
-    """Checks one combination of values and builds its request.
-
-    The parameter checks (model in region, size, sync) depend only on the parameters' values, which most
-    combinations share (a prompts file's lines usually set none): a combination whose parameter values are
-    the very ones that passed before reuses that answer instead of checking again.
-    """
-
-    def __init__(self, entry: EntryPlan, checks: Checks, axis_seeds: Sequence[int] | None) -> None:
-        self.entry, self.checks, self.axis_seeds = entry, checks, axis_seeds
-        #: ids of the parameter values → (model, request fields, the values, kept alive so the ids stay theirs)
-        self._passed: dict[tuple[int, ...], tuple[catalog.Model, dict[str, Any], tuple]] = {}
-
-    def combo(self, values: dict[str, Val], prompt_origin: Origin) -> _Combo | None:
-        entry, checks = self.entry, self.checks
-        variables = {key: val.value for key, val in values.items() if key not in _PARAM_SET}
-        failed_before = checks.failed
-        prompt = checks.render(entry.template, variables, prompt_origin)
-        negative = values.get("negative_prompt")
-        negative_text = checks.render(negative, variables, negative.origin) if negative and negative.value else None
-        params = tuple(map(values.get, _REQUEST_PARAMS))
-        key = tuple(map(id, params))
-        passed = self._passed.get(key)
-        model = passed[0] if passed is not None else checks.model(values, entry.origin)
-        if prompt is not None and not prompt:
-            checks.error(prompt_origin, "found an empty prompt; allowed: text describing the image")
-        if model is None or prompt is None or checks.failed > failed_before:
-            return None
-        fields = passed[1] if passed is not None else self._fields(model, values, key, params)
-        request = {"prompt": prompt, "negative_prompt": negative_text or None, **fields}
-        checks.lengths(model, prompt, prompt_origin, negative_text, negative)
-        seeds = self._seeds(values)
-        if entry.output is not None:
-            checks.output(entry, variables, fields["n"], seeds[0] if seeds is not None else 0)
-        if checks.failed > failed_before:
-            return None
-        return _Combo(request, variables, prompt_origin.where(), seeds)
-
-    def _fields(self, model: catalog.Model, values: dict[str, Val], key: tuple[int, ...], params: tuple) -> dict:
-        """The request fields the parameters decide, checked; remembered when they pass."""
-        failed_before = self.checks.failed
-        fields = {
-            "region": values["region"].value,
-            "model": model.name,
-            "size": self.checks.size(model, values.get("size")),
-            "n": values["n"].value if "n" in values else model.n_default,
-            "prompt_extend": values["prompt_extend"].value
-            if "prompt_extend" in values
-            else model.prompt_extend_default,
-            "watermark": values["watermark"].value if "watermark" in values else model.watermark_default,
-            "sync": self.checks.sync(model, values.get("sync")),
-        }
-        if self.checks.failed == failed_before and len(self._passed) < _PASSED_KEPT:
-            self._passed[key] = (model, fields, params)
-        return fields
-
-    def _seeds(self, values: dict[str, Val]) -> Sequence[int | None] | None:
-        if self.axis_seeds is not None:
-            return self.axis_seeds
-        if "seed" in values:
-            return [values["seed"].value]
-        return None if self.entry.seed_draws is not None else [None]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from wanbatch import catalog
 from wanbatch.manifest_parse import DEFAULT_REGION, OUTPUT_FIELDS, EntryPlan
-from wanbatch.manifest_values import Problems, Val, did_you_mean
+from wanbatch.manifest_values import Problems, Val, did_you_mean, did_you_mean_model
 from wanbatch.yamlsrc import Origin
 
 __all__ = ["Checks"]
@@ -65,7 +65,7 @@ class Checks:
             self.error(
                 model_val.origin,
                 f"found {model_val.value!r}, which region {region_val.value!r} ({named}) does not offer;"
-                f" allowed there: {', '.join(offered)}{did_you_mean(model_val.value, offered)}",
+                f" allowed there: {', '.join(offered)}{did_you_mean_model(model_val.value, offered)}",
             )
             return None
         return self._offers[key].model

@@ -161,8 +161,12 @@ def _seed_rows(node: Node, problems: Problems) -> Sequence[tuple[Val, ...]]:
     return SeedRange(span, spec["range"].origin)
 
 
-def _values(key: str, node: Node, problems: Problems) -> list[Val]:
-    """The values of one matrix key or zip column: each checked, no repeats, at least one."""
+def _values(key: str, node: Node, problems: Problems, *, once: bool = True) -> list[Val]:
+    """The values of one matrix key or zip column: each checked, at least one; ``once``: no repeats.
+
+    A matrix value given twice makes the same requests twice, so it is refused; a zip pairs positions, so a
+    value may well come again in another row.
+    """
     if not isinstance(node.value, list):
         problems.error(node.origin, f"found {node.kind}; allowed: a list of values")
         return []
@@ -184,7 +188,7 @@ def _values(key: str, node: Node, problems: Problems) -> list[Val]:
         if val is None:
             continue
         marker = val.value.text if isinstance(val.value, Template) else val.value
-        if marker in seen:
+        if once and marker in seen:
             problems.error(item.origin, f"found {marker!r} again (first at {seen[marker]}); allowed: each value once")
         seen.setdefault(marker, item.origin.field)
         values.append(val)
@@ -248,7 +252,7 @@ def read_zip(node: Node | None, layer: Layer, problems: Problems) -> None:
     columns: dict[str, list[Val]] = {}
     for key, child in node.value.items():
         if layer.claim(key, child.origin, problems) and _check_key(key, child.origin, problems):
-            columns[key] = _values(key, child, problems)
+            columns[key] = _values(key, child, problems, once=False)
     lengths = {key: len(values) for key, values in columns.items()}
     if len(set(lengths.values())) > 1:
         first = next(iter(lengths))

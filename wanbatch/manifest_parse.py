@@ -57,6 +57,8 @@ class EntryPlan:
     repeats: int
     output: Val | None  #: a :class:`Template`
     count: int
+    #: it takes a top-level value that was refused: its own checks would only repeat that error
+    inherits_errors: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,9 +81,11 @@ def parse(root: Node, manifest_dir: Path, problems: Problems) -> Plan | None:
     file = root.origin.file
     name = _scalar(top.get("name"), str, "a name (text)", problems) or Path(file).stem
     region_node = top.get("region")
-    region = "beijing"
+    region, refused = "beijing", set()
     if region_node is not None:
-        region = _checked(region_node, "region", problems) or region
+        checked = _checked(region_node, "region", problems)
+        region = checked or region
+        refused = set() if checked else {"region"}
     layer = Layer()
     layer.fixed["region"] = Val(region, region_node.origin if region_node else Origin(file, 1, DEFAULT_REGION))
     if "defaults" in top:
@@ -94,6 +98,7 @@ def parse(root: Node, manifest_dir: Path, problems: Problems) -> Plan | None:
     read_vars(top.get("vars"), layer, problems)
     read_matrix(top.get("matrix"), layer, problems)
     output = _output(top.get("output"), problems)
+    refused |= _refused(layer)
     entries_node = top.get("prompts")
     if entries_node is None or not isinstance(entries_node.value, list) or not entries_node.value:
         where = entries_node.origin if entries_node else Origin(file, 1, "prompts")
@@ -102,7 +107,7 @@ def parse(root: Node, manifest_dir: Path, problems: Problems) -> Plan | None:
         return None
     entries = []
     for node in entries_node.value:
-        entry = _entry(node, layer, output, manifest_dir, problems)
+        entry = _entry(node, layer, output, manifest_dir, problems, refused)
         if entry is not None:
             entries.append(entry)
     max_items = _max_items(top.get("max_items"), problems)
@@ -182,7 +187,16 @@ def _output(node: Node | None, problems: Problems) -> Val | None:
     return Val(template, node.origin)
 
 
-def _entry(node: Node, top: Layer, output: Val | None, manifest_dir: Path, problems: Problems) -> EntryPlan | None:
+def _refused(layer: Layer) -> set[str]:
+    """The keys a level names whose value was refused: claimed, yet with no value, axis or seeds to draw."""
+    on_axes = {key for axis in layer.axes for key in axis.keys}
+    drawn = {"seed"} if layer.seed_draws is not None else set()
+    return {key for key in layer.owner if key not in layer.fixed and key not in on_axes | drawn}
+
+
+def _entry(
+    node: Node, top: Layer, output: Val | None, manifest_dir: Path, problems: Problems, refused: set[str]
+) -> EntryPlan | None:
     """One entry of ``prompts``, merged with the top level."""
     origin = node.origin
     if isinstance(node.value, str):
@@ -227,6 +241,7 @@ def _entry(node: Node, top: Layer, output: Val | None, manifest_dir: Path, probl
         * math.prod(len(a.rows) for a in axes)
         * (draws.value if draws else 1)
         * repeats,
+        inherits_errors=bool(refused - sets),
     )
     # Names claimed count as given even when their values were wrong, so one mistake is reported once.
     claimed = set(top.owner) | sets

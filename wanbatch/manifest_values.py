@@ -28,6 +28,7 @@ __all__ = [
     "Val",
     "coerce_param",
     "did_you_mean",
+    "did_you_mean_model",
     "parse_template",
     "variable_text",
 ]
@@ -41,6 +42,8 @@ MAX_ERRORS = 50
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 _SIZE = re.compile(r"^\s*(\d+)\s*[*xX×]\s*(\d+)\s*$")
+#: The version in a model's name: ``2.5`` in ``wan2.5-t2i-preview``.
+_VERSION = re.compile(r"\d+(?:\.\d+)?")
 _N_MAX = max(model.n_max for model in catalog.MODELS.values())
 
 
@@ -62,6 +65,26 @@ class Val:
 
     value: Any
     origin: Origin
+
+
+def did_you_mean_model(word: object, choices: Iterable[str]) -> str:
+    """Like :func:`did_you_mean`, among the models of the version ``word`` names only.
+
+    Models of another version make other images at another price: a near spelling of one (``wan2.5-t2i``
+    and ``wan2.6-t2i``) is no hint. Several near ones of the version (``wan2.2-t2i``: plus or flash) are all
+    named, and a word naming no version gets no hint: the error lists the choices.
+    """
+    version = _VERSION.search(word) if isinstance(word, str) else None
+    if version is None:
+        return ""
+    same = [name for name in choices if (found := _VERSION.search(name)) and found[0] == version[0]]
+    scores = {name: difflib.SequenceMatcher(None, word, name).ratio() for name in same}
+    best = max(scores.values(), default=0.0)
+    # Names as near as the nearest (within a typo's worth) are all named: which was meant is the user's call.
+    near = [name for name, score in scores.items() if score >= 0.6 and score >= best - 0.1]
+    if len(near) > 1:
+        return "; did you mean one of " + ", ".join(map(repr, near)) + "?"
+    return f"; did you mean {near[0]!r}?" if near else ""
 
 
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
@@ -181,7 +204,7 @@ def _found(raw: Any, allowed: str, suggestion: str = "") -> tuple[None, str]:
 def _model(raw: Any, from_text: bool) -> tuple[Any, str | None]:
     if isinstance(raw, str) and raw.strip() in MODEL_NAMES:
         return MODEL_NAMES[raw.strip()], None
-    return _found(raw, "one of " + ", ".join(catalog.MODELS), did_you_mean(raw, MODEL_NAMES))
+    return _found(raw, "one of " + ", ".join(catalog.MODELS), did_you_mean_model(raw, catalog.MODELS))
 
 
 def _size(raw: Any, from_text: bool) -> tuple[Any, str | None]:

@@ -68,6 +68,8 @@ def write_metadata(run_dir: Path, ledger) -> int:
             "image_index": image.image_index,
             "sha256": image.sha256,
             "source": item.source,
+            # Every row of the manifest that asked for this request: a row repeating another finds its image here.
+            "sources": [item.source, *item.more_sources],
         }
         if not names:
             del row["variables"]  # a struct with no fields cannot be stored
@@ -77,25 +79,32 @@ def write_metadata(run_dir: Path, ledger) -> int:
 
 
 def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write and return ``report.json``: the ledger's summary, failures grouped by code, and ``extra``."""
+    """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
+    message of every state it ended items in), and ``extra``."""
     report = build_report(ledger, run=run, extra=extra)
     _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
+def _count_failure(group: dict[str, Any], row: ItemRow) -> None:
+    """One failed item into its code's group. The message is kept per state: one code can mean two things
+    (DataInspectionFailed refuses a prompt at submit, rejected, or an image after generating it, failed)."""
+    state = str(row.state)
+    group["count"] += 1
+    per_state = group["states"].setdefault(state, {"count": 0, "message": row.error_message or ""})
+    per_state["count"] += 1
+    if len(group["sources"]) < 20:
+        group["sources"].append({"item_id": row.item_id, "state": state, "source": row.source, "entry": row.entry})
+
+
 def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
-    failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "state": "", "message": "", "sources": []})
+    failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "states": {}, "sources": []})
     lost_cost = defaultdict(float)
     for row in ledger.iter_items(FAILURE_STATES):
         if row.error_code in WRITE_OFF_CODES:  # possibly billed, images never had: counted as paid and lost
             lost_cost[row.currency] += row.cost
-        entry = failures[row.error_code or str(row.state)]
-        entry["count"] += 1
-        entry["state"] = str(row.state)
-        entry["message"] = entry["message"] or (row.error_message or "")
-        if len(entry["sources"]) < 20:
-            entry["sources"].append({"item_id": row.item_id, "source": row.source, "entry": row.entry})
+        _count_failure(failures[row.error_code or str(row.state)], row)
     lost = []
     for image in ledger.iter_images([ImageState.expired]):
         item = ledger.get(image.item_id)

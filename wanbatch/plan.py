@@ -10,13 +10,16 @@ from typing import Any
 from . import catalog
 from .manifest import Manifest
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "repeats_line"]
 
 
 def make_plan(manifest, survey=None) -> dict[str, Any]:
     """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
 
     ``manifest`` is a :class:`wanbatch.Manifest` or the path of one, as :func:`wanbatch.run` takes.
+    Items are distinct requests: rows that ask for one already asked are counted once (the ledger keeps
+    one item for them, sent and paid once) and reported under ``repeats``.
+
     Models run in parallel lanes, so the whole manifest needs as long as its slowest lane. ``survey`` is
     ``manifest.survey()`` when the caller has it already (the survey checks every item: it is the costly part).
     """
@@ -53,4 +56,22 @@ def make_plan(manifest, survey=None) -> dict[str, Any]:
         "regions": sorted({r["region"] for r in rows}),
         "budget": manifest.budget,
         "lanes": rows,
+        "repeats": {
+            "items": survey.repeats.items,
+            "rows": survey.repeats.rows,
+            "examples": survey.repeats.examples,
+        },
     }
+
+
+def repeats_line(plan: dict[str, Any]) -> str | None:
+    """For people: how many rows repeat an earlier request, and a few of them with the row they repeat."""
+    repeats = plan.get("repeats") or {}
+    if not repeats.get("rows"):
+        return None
+    shown = ", ".join(f"{e['source']} repeats {e['repeats'] or 'an earlier row'}" for e in repeats["examples"])
+    more = ", ..." if repeats["rows"] > len(repeats["examples"]) else ""
+    return (
+        f"{repeats['rows']} row(s) repeat an earlier request, {repeats['items']} item(s) counted, sent and paid"
+        f" once: {shown}{more}"
+    )

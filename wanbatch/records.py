@@ -84,6 +84,8 @@ class ItemRow:
     first_seen_run: int
     last_seen_run: int
     endpoint: str | None = None  #: where the latest attempt went: "async" (a task) or "sync" (no task to find)
+    #: where else the manifest asks for this very request (``file:line``, up to ``MORE_SOURCES_KEPT``)
+    more_sources: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ItemRow:
@@ -95,6 +97,7 @@ class ItemRow:
         values["variables"] = {} if values["variables"] == "{}" else json.loads(values["variables"])
         values["request_ids"] = _json_tuple(values["request_ids"])
         values["actual_prompts"] = _json_tuple(values["actual_prompts"])
+        values["more_sources"] = _json_tuple(values["more_sources"])
         return cls(**values)
 
 
