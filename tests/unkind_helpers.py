@@ -71,7 +71,7 @@ class StorageRefusals:
         if status is not None and (self.times is None or len(seen) < self.times):
             seen.append((state.clock.now(), status))
             self.refused[prompt] += 1
-            body = f"<?xml version='1.0'?><Error><Code>{_OSS_CODES[status]}</Code><Message>now and then</Message></Error>"
+            body = f"<Error><Code>{_OSS_CODES[status]}</Code><Message>now and then</Message></Error>"
             return web.Response(status=status, body=body.encode(), content_type="application/xml")
         response = await handler(request)
         seen.append((state.clock.now(), response.status))
@@ -95,8 +95,9 @@ class UnknownAnswers:
             wanted = self.times is None or self.answered[task_id] < self.times
             if wanted and self.word in _prompt_of_task(request, task_id):
                 self.answered[task_id] += 1
-                body = {"request_id": "unknown-" + task_id[:8], "output": {"task_id": task_id, "task_status": "UNKNOWN"}}
-                return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+                output = {"task_id": task_id, "task_status": "UNKNOWN"}
+                body = json.dumps({"request_id": "unknown-" + task_id[:8], "output": output})
+                return web.Response(body=body.encode(), content_type="application/json")
             return await handler(request)
 
         self.middleware = middleware
