@@ -71,9 +71,10 @@ def _id_of(request_json: str, replica: int) -> str:
     return hashlib.sha256(f"[{request_json},{replica}]".encode()).hexdigest()[:20]
 
 
-def draw_seed(manifest_name: str, prompt: str, k: int) -> int:
-    """The ``k``-th seed drawn for a prompt: the same on every run, under every model and size."""
-    digest = hashlib.sha256(f"{manifest_name}\x00{prompt}\x00{k}".encode()).digest()
+def draw_seed(prompt: str, k: int) -> int:
+    """The ``k``-th seed drawn for a prompt: the same on every run, under every model and size, and whatever
+    the manifest is called (a renamed manifest must not make new items, which would be paid again)."""
+    digest = hashlib.sha256(f"{prompt}\x00{k}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (catalog.SEED_MAX + 1)
 
 
@@ -177,7 +178,7 @@ class Manifest:
         """The items in manifest order, streaming; raises :class:`ManifestInvalid` at the first bad one."""
         problems = Problems()
         for entry in self.plan.entries:
-            for item in _entry_items(entry, self.name, problems):
+            for item in _entry_items(entry, problems):
                 if item is None:
                     raise ManifestInvalid(problems.errors, manifest=self.path.as_posix())
                 yield item
@@ -219,7 +220,7 @@ class Manifest:
 
     def _check_names(self, entry: EntryPlan, combo: _Combo, names: dict[str, Item], problems: Problems) -> None:
         """Output names that two different items would both write (among the first items only)."""
-        for item in _combo_items(entry, self.name, combo):
+        for item in _combo_items(entry, combo):
             if len(names) >= OUTPUT_CHECK_ITEMS:
                 return
             _check_collision(item, entry.output.origin, names, problems)
@@ -352,13 +353,13 @@ class _Combo(NamedTuple):
     seeds: Sequence[int | None] | None  #: None when ``seed: {count: k}`` draws them from the prompt
 
 
-def _entry_items(entry: EntryPlan, name: str, problems: Problems) -> Iterator[Item | None]:
+def _entry_items(entry: EntryPlan, problems: Problems) -> Iterator[Item | None]:
     """The entry's items in order (records, axes, seeds, replicas); None for a combination that has errors."""
     for combo in _entry_combos(entry, problems):
         if combo is None:
             yield None
         else:
-            yield from _combo_items(entry, name, combo)
+            yield from _combo_items(entry, combo)
 
 
 def _combo_count(entry: EntryPlan, combo: _Combo) -> int:
@@ -366,12 +367,12 @@ def _combo_count(entry: EntryPlan, combo: _Combo) -> int:
     return seeds * entry.repeats
 
 
-def _combo_items(entry: EntryPlan, name: str, combo: _Combo) -> Iterator[Item]:
+def _combo_items(entry: EntryPlan, combo: _Combo) -> Iterator[Item]:
     """The combination's items, one per seed and replica; the request's JSON is made once per seed."""
     request = dict(combo.request)
     seeds = combo.seeds
     if seeds is None:
-        seeds = [draw_seed(name, request["prompt"], k) for k in range(entry.seed_draws.value)]
+        seeds = [draw_seed(request["prompt"], k) for k in range(entry.seed_draws.value)]
     source = combo.source
     output = entry.output.value.text if entry.output is not None else None
     for seed in seeds:
