@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def engine_for(
         retry_failed=retry_failed,
         retry_moderated=retry_moderated,
     )
+
+
+async def run_stopped_when(engine: Engine, manifest: Manifest, done: Callable[[], bool], *, timeout_s: float = 30.0):
+    """Run ``engine`` and stop it as the user would (Ctrl-C) once ``done()`` holds; its report."""
+    running = asyncio.create_task(engine.run(manifest))
+    async with asyncio.timeout(timeout_s):
+        while not done() and not running.done():
+            await asyncio.sleep(0.02)
+        engine.interrupt()
+        return await running
 
 
 def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> tuple[Path, dict]:

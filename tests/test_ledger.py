@@ -527,6 +527,31 @@ def test_a_saved_image_is_never_moved_or_overwritten(ledger: Ledger) -> None:
         ledger.image_final(item_id, 0, ImageState.saved)
 
 
+def test_a_saved_image_whose_file_went_missing_is_reopened_with_its_item(ledger: Ledger) -> None:
+    """reopen_image takes a saved image back to pending (its file forgotten) and its saved item back to
+    generated, in one move the audit names; an image that is not saved is refused."""
+    (item_id,) = planned(ledger, n=2)
+    drive(ledger, item_id, S.queued)
+    images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
+    ledger.transition(item_id, S.generated, images=images)
+    ledger.image_saved(item_id, 0, file_name="a.png", sha256="0" * 64, size_bytes=1)
+    ledger.image_saved(item_id, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True)
+    ledger.reopen_image(item_id, 1, reason="images/b.png was missing on resume")
+    image = ledger.images_of(item_id)[1]
+    assert (image.state, image.file_name, image.error_code) == (ImageState.pending, None, "FileMissing")
+    assert ledger.state_of(item_id) is S.generated
+    assert audit(ledger.path.parent)[-1] == ("saved", "generated", "images/b.png was missing on resume")
+    with pytest.raises(IllegalTransition, match="pending → pending"):
+        ledger.reopen_image(item_id, 1, reason="again")
+
+
+def test_every_commit_is_fsynced(ledger: Ledger) -> None:
+    """The ledger's connection runs WAL with synchronous=FULL: a commit survives a power loss, not only a crash."""
+    with sqlite3.connect(ledger.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL; a per-connection setting
+
+
 def test_update_image_notes_a_transient_error_without_moving_it(ledger: Ledger) -> None:
     """A download that failed for now stays pending, with the reason recorded."""
     (item_id,) = planned(ledger)

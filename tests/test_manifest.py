@@ -306,7 +306,7 @@ def test_seed_lists_ranges_and_counts(tmp_path: Path) -> None:
     )
     seeds = {p: [i.seed for i in items if i.prompt == p] for p in "abcd"}
     assert seeds["a"] == [7] and seeds["b"] == [1, 2] and seeds["c"] == [10, 12, 14]
-    assert seeds["d"] == [draw_seed("seeds", "d", k) for k in range(3)]
+    assert seeds["d"] == [draw_seed("d", k) for k in range(3)]
     assert len(set(seeds["d"])) == 3 and all(0 <= s <= catalog.SEED_MAX for s in seeds["d"])
 
 
@@ -327,6 +327,20 @@ def test_drawn_seeds_repeat_across_loads_and_match_across_models(tmp_path: Path)
                 per_combo[(item.model, item.size)].append(item.seed)
         assert len({tuple(seeds) for seeds in per_combo.values()}) == 1
     assert {i.seed for i in first if i.prompt == "a harbour"} != {i.seed for i in first if i.prompt == "a meadow"}
+
+
+def test_renaming_a_manifest_keeps_its_drawn_seeds_and_items(tmp_path: Path) -> None:
+    """Drawn seeds come from the prompt and the draw number alone: a manifest renamed makes the same items (the
+    same ids), so a run folder never pays again for them."""
+    text = """
+        name: {name}
+        defaults: {{model: wan2.2-t2i-flash, n: 1, seed: {{count: 3}}}}
+        prompts: [a lighthouse, a pier]
+        """
+    before = items_of(tmp_path, text.format(name="coast"))
+    after = items_of(tmp_path, text.format(name="coast-renamed"))
+    assert [i.item_id for i in before] == [i.item_id for i in after]
+    assert [i.seed for i in before if i.prompt == "a pier"] == [draw_seed("a pier", k) for k in range(3)]
 
 
 def test_repeats_make_distinct_items_of_one_request(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from engine_helpers import engine_for
+from engine_helpers import engine_for, run_stopped_when
 from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch import catalog
@@ -46,11 +46,14 @@ def billed_cost(billing: list[dict], task_ids: set[str], price: float = FLASH_PR
 
 
 async def test_long_stop_after_urls_died_reports_the_images_expired_with_count_and_cost(start_sim, tmp_path):
-    """Images generated but not saved (every download broke) and resumed a day later, when their URLs are dead:
-    each is reported expired, paid and lost, with its count and cost; nothing is sent again."""
+    """Images generated but not saved (every download broke until the user stopped the run) and resumed a day
+    later, when their URLs are dead: each is reported expired, paid and lost, with its count and cost; nothing is
+    sent again."""
     sim = await start_sim(**FAST, fault_rates={"truncated_download": 1.0})
     manifest = manifest_of(tmp_path, 4, "dead urls", n=2)
-    first = await engine_for(sim, tmp_path / "run").run(manifest)
+    first = await run_stopped_when(
+        engine_for(sim, tmp_path / "run"), manifest, lambda: sim.faults_injected["truncated_download"] >= 8
+    )
     assert first["items"]["generated"] == 4 and first["images"]["pending"] == 8
     assert len(first["images_not_saved_yet"]) == 8
     sim.set_faults("none")
@@ -112,7 +115,10 @@ async def test_resume_after_a_long_stop_saves_the_nearest_deadlines_first(start_
     manifest = manifest_of(tmp_path, 4, "deadlines")
     # Made last item first, five hours apart: the last item's URL dies first, in about four hours.
     task_ids = await made_long_ago(sim, sim_api_for(sim), tmp_path / "run", manifest, count=4, gap_s=5 * 3600.0)
-    first = await engine_for(sim, tmp_path / "run").run(manifest)  # every download breaks: all stay pending
+    # Every download breaks until the user stops the run: all stay pending.
+    first = await run_stopped_when(
+        engine_for(sim, tmp_path / "run"), manifest, lambda: sim.faults_injected["truncated_download"] >= 4
+    )
     assert first["images"]["pending"] == 4
     dies_at_ms = {task_id: sim.tasks[task_id].url_expires_s * 1000 for task_id in task_ids}
     recorded = ledger_rows(
@@ -265,14 +271,15 @@ def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
 
 
 async def test_unwritable_image_folder_leaves_images_generated_and_a_resume_saves_them(start_sim, tmp_path):
-    """The folder an image goes into cannot be made (a file stands in its way): the images stay generated, the
-    report says why, and once the folder is fixed a resume saves them without sending anything again."""
+    """The folder an image goes into cannot be made (a file stands in its way) until the user stops the run: the
+    images stay generated, the report says why, and once the folder is fixed a resume saves them without sending
+    anything again."""
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 3, "blocked", output="{model}/{item_id}-{index}.png")
     blocker = tmp_path / "run" / "images" / "wan2.2-t2i-flash"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
-    first = await engine_for(sim, tmp_path / "run").run(manifest)
+    first = await run_stopped_when(engine_for(sim, tmp_path / "run"), manifest, lambda: sim.requests["image"] >= 3)
     assert first["items"]["generated"] == 3 and first["images"]["pending"] == 3
     assert all("File exists" in entry["error"] for entry in first["images_not_saved_yet"])
     blocker.unlink()
@@ -302,6 +309,9 @@ class _FullDiskFile:
     def __exit__(self, *exc_info):
         self._file.close()
 
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
     def write(self, data: bytes) -> int:
         disk = self._disk
         if disk.left is None or disk.left > 0:
@@ -326,12 +336,13 @@ async def test_disk_full_for_a_while_is_retried_and_the_images_saved(start_sim, 
 
 
 async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_sim, tmp_path, monkeypatch):
-    """A disk full for the whole run: the images stay generated, the report names the disk error, no partial file
-    is left in images/, and a resume after space is freed saves them."""
-    monkeypatch.setattr("wanbatch.download.open", FullDisk(failures=None).open, raising=False)
+    """A disk full until the user stops the run: the images stay generated, the report names the disk error, no
+    partial file is left in images/, and a resume after space is freed saves them."""
+    disk = FullDisk(failures=None)
+    monkeypatch.setattr("wanbatch.download.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "full")
-    first = await engine_for(sim, tmp_path / "run").run(manifest)
+    first = await run_stopped_when(engine_for(sim, tmp_path / "run"), manifest, lambda: disk.refused >= 2)
     assert first["items"]["generated"] == 2
     assert all("No space left on device" in entry["error"] for entry in first["images_not_saved_yet"])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["images_not_saved_yet"]

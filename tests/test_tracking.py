@@ -4,10 +4,16 @@ of requests is asserted (the counts then do not depend on the machine's speed)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from engine_helpers import engine_for, numbered_manifest
 from test_engine import assert_billed_once_and_saved
+from unkind_helpers import UnknownAnswers, sim_with
 
+from wanbatch.ledger import Ledger
+from wanbatch.manifest import Manifest
 from wanbatch.track import Durations, TrackerConfig
 
 
@@ -118,3 +124,45 @@ async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
     assert sim.requests["list"] >= 1 and sim.statuses[("list", 500)] == sim.requests["list"]
     assert sim.requests["query"] >= 10
     assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+# --- a query that answers UNKNOWN -------------------------------------------------------------------
+
+
+def _prompts_manifest(directory: Path, prompts: list[str]) -> Manifest:
+    text = yaml.safe_dump(
+        {"name": "unknowns", "defaults": {"model": "wan2.2-t2i-flash", "size": "512*512", "n": 2}, "prompts": prompts}
+    )
+    (directory / "job.yaml").write_text(text)
+    return Manifest.from_yaml(directory / "job.yaml")
+
+
+async def test_a_young_task_answered_unknown_is_asked_again_and_its_images_saved(tmp_path):
+    """A task the service answers UNKNOWN for, an hour old at most, is not written off: it is looked at again,
+    found SUCCEEDED, and its images saved; each request paid once."""
+    unknown = UnknownAnswers("flicker", times=3)
+    manifest = _prompts_manifest(tmp_path, ["a moth flicker", "a moth steady"])
+    async with sim_with([unknown.middleware], speed=100.0, durations=3.0) as sim:
+        report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert sum(unknown.answered.values()) == 3
+    assert report["items"]["saved"] == 2 and report["images"]["saved"] == 4
+    assert_billed_once_and_saved(sim, tmp_path / "run")
+
+
+async def test_a_task_unknown_past_its_lifetime_is_written_off_at_its_planned_price(tmp_path):
+    """A task answered UNKNOWN for good is asked again until its lifetime has passed since it was made, then
+    written off as paid and lost at the price stored when it was planned (not the catalog's of today)."""
+    unknown = UnknownAnswers("forgotten", times=None)
+    manifest = _prompts_manifest(tmp_path, ["a gnat forgotten", "a gnat kept"])
+    track = TrackerConfig(task_lifetime_s=120.0)
+    async with sim_with([unknown.middleware], speed=100.0, durations=3.0) as sim:
+        with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:  # planned when an image cost 1.0
+            ledger.add_items(manifest.items(), run=ledger.begin_run(), price_of=lambda item: 1.0)
+        started_s = sim.clock.now()
+        report = await engine_for(sim, tmp_path / "run", track=track).run(manifest)
+        ended_s = sim.clock.now()
+    (forgotten,) = unknown.answered.values()
+    assert forgotten >= 3 and ended_s - started_s >= 120.0
+    assert report["items"]["saved"] == 1 and report["items"]["expired"] == 1
+    assert report["failures"]["TaskExpired"]["count"] == 1
+    assert report["cost_lost"] == {"CNY": pytest.approx(2 * 1.0)}

@@ -1,9 +1,18 @@
 """The wire shapes: request bodies as spec §2 shows them, results as §3.2 quotes them."""
 
+import pytest
+
 from wanbatch.catalog import Protocol
 from wanbatch.client import check_base_url
 from wanbatch.errors import ConfigError
-from wanbatch.wire import build_body, image_results, parse_service_time_s, url_expires_s
+from wanbatch.wire import (
+    MalformedAnswer,
+    build_body,
+    image_results,
+    parse_service_time_s,
+    result_prompts,
+    url_expires_s,
+)
 
 REQUEST = {
     "prompt": "a cat",
@@ -66,6 +75,23 @@ def test_wan26_choices_are_images():
     }
     assert [r.url for r in image_results(output)] == ["https://x/1.png?Expires=1700000000", "https://x/2.png"]
     assert url_expires_s(output["choices"][0]["message"]["content"][0]["image"]) == 1700000000.0
+
+
+def test_an_expires_that_is_no_time_makes_the_answer_malformed():
+    """An Expires that overflows, is not finite, or lies past any real date makes the answer one to ask for
+    again, not a value the ledger's integers cannot hold; none gives None, a real one is read as it is."""
+    for garbled in ("1e400", "inf", "-inf", "nan", "1e30", "-5", "soon"):
+        with pytest.raises(MalformedAnswer, match="Expires"):
+            url_expires_s(f"https://x/1.png?Expires={garbled}&Signature=s")
+    assert url_expires_s("https://x/1.png?Expires=1700000000&Signature=s") == 1700000000.0
+    assert url_expires_s("https://x/1.png") is None
+
+
+def test_result_prompts_are_read_only_where_they_are_text():
+    """orig_prompt values that are lists, objects or numbers are left out, not raised on."""
+    results = [{"orig_prompt": ["a"]}, {"orig_prompt": {"b": 1}}, {"orig_prompt": 3}, "x", {"orig_prompt": "c"}]
+    assert result_prompts({"results": results}) == {"c"}
+    assert result_prompts({"results": "nope"}) == set() == result_prompts({})
 
 
 def test_service_time_is_utc_plus_8():

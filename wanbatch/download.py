@@ -3,10 +3,20 @@
 Images wait in a heap ordered by URL deadline, so after a long stop the ones
 closest to being lost go first. Each is read into memory (the size cap bounds
 it), then in one trip to a worker thread checked to be a PNG of the size that
-was asked for, hashed, written to a partial file and renamed into place
-atomically; only then does the ledger record it. A crash
+was asked for, hashed, written to a partial file, fsynced, renamed into place
+atomically and its folder fsynced; only then does the ledger record it. A crash
 between the rename and the commit is healed on resume: the file is already
 there with the same hash. Result URLs get no ``Authorization`` header.
+
+Object storage is unkind: a URL that works may first answer 403, 404 or 503,
+a body may be cut short. Every failure that may pass (any HTTP error, a
+timeout, a reset, a body that is not the image, a disk error) is retried with
+a backoff that doubles up to ``retry_max_s``, for as long as the URL lives; the
+image is written off as expired only once its deadline has passed. Only a
+body over the size cap, a redirect or a URL that is not http(s) ends the
+image's tries in this run (it stays pending, with the reason). The stage ends
+when nothing it could still save is left, or at once when the user stops the
+run: images waiting for a retry then stay pending for the next run.
 """
 
 from __future__ import annotations
@@ -44,9 +54,9 @@ log = logging.getLogger("wanbatch")
 class DownloadConfig:
     workers: int = 8
     max_bytes: int = 64 * 1024 * 1024  #: larger bodies are refused: no Wan PNG comes near it
-    attempts: int = 6
     timeout_s: float = 120.0
-    retry_base_s: float = 2.0
+    retry_base_s: float = 2.0  #: the first wait after a failed download; it doubles with each failure
+    retry_max_s: float = 300.0  #: the longest wait between two tries of one image
     chunk_bytes: int = 256 * 1024
 
 
@@ -72,8 +82,8 @@ class _Job:
     item_id: str
     index: int
     image: ImageRow = field(compare=False)  #: as the ledger had it when queued: pending, with its URL
-    attempts: int = 0
-    not_before_s: float = 0.0
+    failures: int = field(default=0, compare=False)
+    last_error: str = field(default="", compare=False)
 
 
 class Downloader:
@@ -94,7 +104,12 @@ class Downloader:
         self._partial = run_dir / "images" / ".partial"
         self._on_item_done = on_item_done
         self.config = config
-        self._heap: list[_Job] = []
+        self._heap: list[_Job] = []  #: ready to be tried, soonest deadline first
+        #: (when, tie-break, job): failed jobs waiting for their next try, off the heap so that one image
+        #: the storage keeps refusing does not hold back the images behind it
+        self._waiting: list[tuple[float, int, _Job]] = []
+        self._waits = 0
+        self._interrupted = False
         self._wake = asyncio.Event()
         self._busy = 0
         # Each image is queued once while it is open (a resume and a late result may both offer it); the item
@@ -108,7 +123,13 @@ class Downloader:
 
     @property
     def idle(self) -> bool:
-        return not self._heap and not self._busy
+        return not self._heap and not self._waiting and not self._busy
+
+    def interrupt(self) -> None:
+        """The user stopped the run: once the stages before this one end, images waiting for a retry are
+        left pending for the next run instead of being waited for."""
+        self._interrupted = True
+        self._wake.set()
 
     def add_item(self, item_id: str) -> None:
         pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
@@ -143,7 +164,9 @@ class Downloader:
             del self._items[job.item_id]
 
     def load_pending(self) -> int:
-        """Queue every image the ledger says is still to be saved (on start and resume)."""
+        """Queue every image the ledger says is still to be saved (on start and resume), and those it says are
+        saved but whose file is gone or damaged."""
+        self._reopen_missing()
         for row in self._ledger.iter_items([ItemState.generated]):
             # A stop between an item's last image and its own move leaves it generated with nothing pending.
             self._ledger.settle(row.item_id)
@@ -153,6 +176,27 @@ class Downloader:
             count += 1
         self._wake.set()
         return count
+
+    def _reopen_missing(self) -> None:
+        """Saved images whose file is missing or not of the size saved go back to pending: a paid image the
+        disk lost is fetched again while its URL lives (a stat per saved image, once per run)."""
+        damaged = []
+        for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
+            path = self.run_dir / (image.file_name or "")
+            try:
+                size_bytes = path.stat().st_size if image.file_name else None
+            except FileNotFoundError:
+                size_bytes = None
+            if size_bytes != image.size_bytes:
+                damaged.append((image, path, size_bytes))
+        for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
+            if size_bytes is None:
+                reason = f"{image.file_name} was missing on resume"
+            else:
+                reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
+                path.unlink()  # our own file, damaged: the image is placed there again
+            self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
+            log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
@@ -164,35 +208,57 @@ class Downloader:
 
     async def _worker(self, stop: asyncio.Event) -> None:
         while True:
+            self._release_due()
             if not self._heap:
-                if stop.is_set() and not self._busy:
+                if stop.is_set() and not self._busy and (self._interrupted or not self._waiting):
+                    self._leave_waiting()
                     self._wake.set()  # let the other workers see the end too
                     return
-                await wait_event(self._wake, 0.2)
+                await wait_event(self._wake, self._idle_wait_s())
                 continue
             job = heapq.heappop(self._heap)
-            delay_s = job.not_before_s - self._clock.now()
-            if delay_s > 0:
-                heapq.heappush(self._heap, job)
-                await asyncio.sleep(min(delay_s / self._clock.speed, 0.2))
-                continue
             self._busy += 1
             try:
-                if await self._save(job):
-                    heapq.heappush(self._heap, job)
-                else:
+                again_s = await self._save(job)
+                if again_s is None:
                     self._done(job)
+                else:
+                    self._waits += 1
+                    heapq.heappush(self._waiting, (again_s, self._waits, job))
             finally:
                 self._busy -= 1
 
-    async def _save(self, job: _Job) -> bool:
+    def _release_due(self) -> None:
+        """Move the jobs whose wait is over back onto the deadline heap."""
+        now = self._clock.now()
+        while self._waiting and self._waiting[0][0] <= now:
+            heapq.heappush(self._heap, heapq.heappop(self._waiting)[2])
+
+    def _idle_wait_s(self) -> float:
+        """Wall seconds to wait for work: until the next retry is due, and never long (new work wakes us)."""
+        if not self._waiting:
+            return 0.2
+        return min(max(self._waiting[0][0] - self._clock.now(), 0.0) / self._clock.speed, 0.2)
+
+    def _leave_waiting(self) -> None:
+        """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
+        while self._waiting:
+            job = heapq.heappop(self._waiting)[2]
+            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error)
+            log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
+            self._done(job)
+
+    async def _save(self, job: _Job) -> float | None:
         """Fetch, check and place one image, then record it (settling its item in the same commit).
 
-        True when it is to be tried again later (``job.not_before_s`` says when).
+        Returns when to try it again (clock seconds), or None when it is done with in this run.
         """
         item_id, index = job.item_id, job.index
         try:
-            name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
+            try:
+                name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
+            except (DownloadError, OSError) as exc:
+                return self._failed(job, exc)
         except UrlExpired as exc:
             settled = self._ledger.image_final(
                 item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
@@ -204,36 +270,43 @@ class Downloader:
                 exc,
                 extra={"event": "expired", "item": item_id, "image": index, "state": "expired", "code": "UrlExpired"},
             )
-        except (DownloadError, OSError) as exc:
-            if isinstance(exc, OSError):
-                self._folders.clear()  # a folder may have gone since it was made: make them again
-            job.attempts += 1
-            if getattr(exc, "retryable", True) and job.attempts < self.config.attempts:
-                job.not_before_s = self._clock.now() + self.config.retry_base_s * 2 ** (job.attempts - 1)
-                log.info("↻ %s image %d: %s", item_id, index, exc)
-                return True
-            # Left pending: a later run tries again while the URL lives; the report shows it.
-            self._ledger.update_image(item_id, index, error_code="DownloadFailed", error_message=str(exc))
-            log.warning(
-                "✗ %s image %d not saved: %s",
-                item_id,
-                index,
-                exc,
-                extra={"event": "not_saved", "item": item_id, "image": index, "code": "DownloadFailed"},
-            )
-            return False
         else:
             try:
                 settled = self._ledger.image_saved(
                     item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
                 )
             except IllegalTransition:
-                return False  # no longer pending: recorded already, nothing more to do
+                return None  # no longer pending: recorded already, nothing more to do
             self.saved += 1
             self.bytes += size_bytes
         if settled is not None:
             self._on_item_done(item_id)
-        return False
+        return None
+
+    def _failed(self, job: _Job, exc: DownloadError | OSError) -> float | None:
+        """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
+        final for this run). Raises UrlExpired once the deadline has passed."""
+        if isinstance(exc, OSError):
+            self._folders.clear()  # a folder may have gone since it was made: make them again
+        if not getattr(exc, "retryable", True):
+            # Left pending: a later run tries again while the URL lives; the report shows it.
+            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=str(exc))
+            log.warning(
+                "✗ %s image %d not saved: %s",
+                job.item_id,
+                job.index,
+                exc,
+                extra={"event": "not_saved", "item": job.item_id, "image": job.index, "code": "DownloadFailed"},
+            )
+            return None
+        now, deadline_s = self._clock.now(), (job.deadline_ms or 0) / 1000
+        if now >= deadline_s:
+            raise UrlExpired(f"{exc}; the URL's deadline has passed") from None
+        job.failures += 1
+        job.last_error = str(exc)
+        log.info("↻ %s image %d: %s", job.item_id, job.index, exc)
+        wait_s = min(self.config.retry_base_s * 2 ** min(job.failures - 1, 30), self.config.retry_max_s)
+        return min(now + wait_s, deadline_s)  # one last try as the deadline comes
 
     def _close_item(self, item_id: str) -> None:
         if self._ledger.settle(item_id) is not None:
@@ -268,11 +341,13 @@ class Downloader:
         timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         try:
             async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status in (403, 404, 410):
-                    body = (await resp.content.read(2048)).decode("utf-8", "replace")
-                    raise UrlExpired(f"HTTP {resp.status} {_oss_message(body)}")
                 if resp.status != 200:
-                    raise DownloadError(f"HTTP {resp.status}", retryable=resp.status >= 500 or resp.status == 429)
+                    # Object storage answers a URL that works with 403, 404 or 503 now and then: only the
+                    # deadline says the URL is dead. A redirect is never followed, so trying again is no use.
+                    body = (await resp.content.read(2048)).decode("utf-8", "replace")
+                    raise DownloadError(
+                        f"HTTP {resp.status} {_oss_message(body)}".rstrip(), retryable=not 300 <= resp.status < 400
+                    )
                 if (resp.content_length or 0) > self.config.max_bytes:
                     raise DownloadError(f"body of {resp.content_length} bytes is over the cap", retryable=False)
                 async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
@@ -299,12 +374,24 @@ def _place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> _
     try:
         with open(partial, "wb") as out:
             out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
         own = not final.exists() or _sha256_of(final) == digest
         os.replace(partial, final if own else other)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    # The rename is durable once the folder is: only then may the ledger say saved.
+    _fsync_folder(final.parent)
     return _Placed(own_name=own, sha256=digest)
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _oss_message(body: str) -> str:

@@ -5,7 +5,8 @@ the manifest, turns what the ledger says is open into the stages' work
 (so a resumed run and a fresh one take the same path), runs the stages
 concurrently and writes the outputs. The stages end in order: submitting
 ends when nothing is left to send, tracking when no task is open, saving
-when no image is pending.
+when no image it could still save is pending (once the user stopped the run,
+when none is ready to be tried).
 """
 
 from __future__ import annotations
@@ -118,11 +119,13 @@ class Engine:
         self._cancel_pending = False
         self._submitter: Submitter | None = None
         self._tracker: Tracker | None = None
+        self._downloader: Downloader | None = None
         self._live: tuple | None = None  # (ledger, downloader, budget, started) while stages run
         self._final_snapshot: dict[str, Any] | None = None
 
     def interrupt(self, *, cancel_pending: bool = False) -> None:
-        """Stop submitting; what is already paid for is still tracked and saved.
+        """Stop submitting; what is already paid for is still tracked and saved, but an image whose download
+        keeps failing is not waited for: it stays pending for the next run.
 
         With ``cancel_pending`` the tasks still waiting on the service (not yet running, not yet billed)
         are canceled there too.
@@ -131,6 +134,8 @@ class Engine:
         self._cancel_pending = self._cancel_pending or cancel_pending
         if self._submitter is not None:
             self._submitter.stop.set()
+        if self._downloader is not None:
+            self._downloader.interrupt()
         if self._tracker is not None and self._cancel_pending:
             self._tracker.cancel_pending()
 
@@ -251,7 +256,7 @@ class Engine:
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             stages = self._build(ledger, session, lanes_wanted, budget, run)
-            self._submitter, self._tracker = stages.submitter, stages.tracker
+            self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
             self._refill(ledger, stages, budget)

@@ -7,8 +7,10 @@ lost and nothing paid twice (see the money rules in shared/DESIGN.md).
 
 The interface is narrow on purpose (open, add, transition, iterate, count) so
 that a database shared by several machines can stand behind it later.
-Calls are short (WAL with ``synchronous=NORMAL`` does not fsync on commit), so
-the engine makes them from the event loop directly, from one thread.
+Every commit is fsynced before it returns (WAL with ``synchronous=FULL``), so
+what a request was sent on the strength of survives a power loss too. Calls
+are short even so (an fsync of the WAL's tail), so the engine makes them from
+the event loop directly, from one thread.
 
 The ledger is never given an API key and has no column that could hold one.
 """
@@ -189,11 +191,10 @@ class Ledger:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise LedgerError(f"{path}: the file system refused WAL mode (got {mode!r}); use a local folder")
-        # In WAL mode, NORMAL writes every commit to the WAL file before COMMIT returns but fsyncs only at
-        # checkpoints. A committed transaction therefore survives the process being killed at any point,
-        # which is what a stopped or crashed run needs. Only an OS crash or power loss can drop the last
-        # commits; FULL would cover that at the price of an fsync per transition.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        # NORMAL would fsync only at checkpoints: a commit would survive the process being killed, but a
+        # power loss could drop the last ones, among them a ``submitting`` whose POST went out (paid twice on
+        # resume) or a ``saved`` of an image. FULL fsyncs the WAL at every commit, which the money rules need.
+        conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         # Planning a million items inserts into the item_id index at random places: keep it in the page cache.
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -616,6 +617,22 @@ class Ledger:
             if done.rowcount == 0:
                 self._refuse_image_move(conn, item_id, index, state)
             return self._settle(conn, item_id, now) if settle else None
+
+    def reopen_image(self, item_id: str, index: int, *, reason: str) -> None:
+        """A saved image whose file is gone or damaged (found on resume): pending again, to be fetched while its
+        URL lives, its item back to generated, in one transaction."""
+        now = self._clock.now_ms()
+        with self._tx() as conn:
+            done = conn.execute(
+                "UPDATE images SET state = 'pending', file_name = NULL, sha256 = NULL, size_bytes = NULL,"
+                " saved_ms = NULL, error_code = 'FileMissing', error_message = ?, updated_ms = ?"
+                " WHERE item_id = ? AND image_index = ? AND state = 'saved'",
+                (reason, now, item_id, index),
+            )
+            if done.rowcount == 0:
+                self._refuse_image_move(conn, item_id, index, ImageState.pending)
+            if self._state_of(conn, item_id) is ItemState.saved:
+                self._move(conn, item_id, ItemState.saved, ItemState.generated, note=reason, now=now)
 
     def update_image(self, item_id: str, index: int, *, error_code: str | None, error_message: str | None) -> None:
         """Note why a pending image is not saved yet (a download that failed for now); its state stays."""

@@ -49,9 +49,10 @@ def _id_of(request_json: str, replica: int) -> str:
     return hashlib.sha256(f"[{request_json},{replica}]".encode()).hexdigest()[:20]
 
 
-def draw_seed(manifest_name: str, prompt: str, k: int) -> int:
-    """The ``k``-th seed drawn for a prompt: the same on every run, under every model and size."""
-    digest = hashlib.sha256(f"{manifest_name}\x00{prompt}\x00{k}".encode()).digest()
+def draw_seed(prompt: str, k: int) -> int:
+    """The ``k``-th seed drawn for a prompt: the same on every run, under every model and size, and whatever
+    the manifest is called (a renamed manifest must not make new items, which would be paid again)."""
+    digest = hashlib.sha256(f"{prompt}\x00{k}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (catalog.SEED_MAX + 1)
 
 
@@ -202,7 +203,7 @@ def combo_items(entry: EntryPlan, name: str, combo: Combo) -> Iterator[Item]:
     request = dict(combo.request)
     seeds = combo.seeds
     if seeds is None:
-        seeds = [draw_seed(name, request["prompt"], k) for k in range(entry.seed_draws.value)]
+        seeds = [draw_seed(request["prompt"], k) for k in range(entry.seed_draws.value)]
     source = combo.source
     output = entry.output.value.text if entry.output is not None else None
     for seed in seeds:

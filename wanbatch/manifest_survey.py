@@ -107,7 +107,7 @@ class _Surveyor:
         base = hash(_request_values(combo.request))
         seeds = combo.seeds
         if seeds is None:
-            seeds = [draw_seed(self.name, combo.request["prompt"], k) for k in range(entry.seed_draws.value)]
+            seeds = [draw_seed(combo.request["prompt"], k) for k in range(entry.seed_draws.value)]
         seen, source, new = self.seen, combo.source, 0
         for seed in seeds:
             for replica in range(entry.repeats):

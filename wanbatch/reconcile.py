@@ -46,7 +46,7 @@ from .errors import ApiError, TransportError
 from .records import ItemRow
 from .results import write_off
 from .states import ItemState
-from .wire import SERVICE_TZ, MalformedAnswer, image_results
+from .wire import SERVICE_TZ, MalformedAnswer, image_results, result_prompts
 
 __all__ = ["HELD_CODES", "ReconcileConfig", "Reconciler", "echoes_prompt"]
 
@@ -283,8 +283,7 @@ class Reconciler:
         except MalformedAnswer:
             return _Verdict.MAYBE
         request = row.request
-        echoed = [e.get("orig_prompt") for e in output.get("results") or () if isinstance(e, dict)]
-        echoed = [text for text in echoed if isinstance(text, str)]
+        echoed = result_prompts(output)
         if echoed and not any(echoes_prompt(text, request["prompt"]) for text in echoed):
             return _Verdict.NOT_OURS
         metrics = output.get("task_metrics")

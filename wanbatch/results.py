@@ -11,7 +11,7 @@ import logging
 from .budget import Budget
 from .records import ImageRecord
 from .states import ImageState, ItemState
-from .wire import image_results, parse_service_time_s, url_expires_s
+from .wire import image_results, parse_service_time_s
 
 __all__ = ["WRITE_OFF_CODES", "record_results", "sync_answer_lost", "write_off"]
 
@@ -64,7 +64,6 @@ def record_results(
     item_id: str,
     output: dict,
     *,
-    lane,
     now_s: float,
     config,
     common: dict,
@@ -78,7 +77,7 @@ def record_results(
     end_s = parse_service_time_s(output.get("end_time"))
     images, good = [], 0
     for result in results:
-        expires = url_expires_s(result.url) if result.url else None
+        expires = result.expires_s
         if expires is None:
             expires = (end_s if end_s is not None else now_s - to_ours) + config.url_lifetime_s
         deadline_s = expires + to_ours
@@ -96,7 +95,7 @@ def record_results(
             )
         )
         good += result.url is not None
-    cost = good * lane.offer.price
+    cost = good * row.price_per_image  # the price stored when it was planned: the catalog may have moved since
     if budget is not None:
         budget.settle(item_id, cost)
     # The images are recorded in the item's own move: one commit per task.

@@ -3,13 +3,17 @@
 An item is one generation request (one task on the service). Read the table
 top to bottom to follow an item's life::
 
-    planned ─▶ submitting ─▶ queued ─▶ generated ─▶ saved
+    planned ─▶ submitting ─▶ queued ─▶ generated ◀─▶ saved   (back: a saved file found missing on resume)
                    │            │           └─▶ expired
                    │            ├─▶ failed ─┐
                    ├─▶ rejected ┼───────────┴─▶ planned   (explicit retry only)
                    ├─▶ unknown ─┼─▶ queued | planned | expired
                    └─▶ planned  └─▶ canceled | expired
                                       canceled ─▶ planned     (the next run)
+
+An image goes ``pending → saved | failed | expired``, and ``saved → pending``
+when its file is found missing or damaged on resume: it is fetched again
+while its URL lives (and its item goes back to ``generated`` with it).
 
 The money rule lives in the ``submitting`` row: an item goes back to
 ``planned`` only when the attempt is *known* to have created no task; when it
@@ -79,7 +83,7 @@ TRANSITIONS: dict[ItemState, frozenset[ItemState]] = {
     S.generated: frozenset({S.saved, S.expired}),
     S.failed: frozenset({S.planned}),
     S.rejected: frozenset({S.planned}),
-    S.saved: frozenset(),
+    S.saved: frozenset({S.generated}),  # a saved file found missing on resume: fetched again
     S.expired: frozenset(),
     S.canceled: frozenset({S.planned}),
 }
@@ -87,13 +91,13 @@ del S
 
 IMAGE_TRANSITIONS: dict[ImageState, frozenset[ImageState]] = {
     ImageState.pending: frozenset({ImageState.saved, ImageState.failed, ImageState.expired}),
-    ImageState.saved: frozenset(),
+    ImageState.saved: frozenset({ImageState.pending}),  # a saved file found missing on resume
     ImageState.failed: frozenset(),
     ImageState.expired: frozenset(),
 }
 
-#: No move leads out of these.
-FINAL_STATES = frozenset(state for state, targets in TRANSITIONS.items() if not targets)
+#: Where an item's life ends: no move leads out of these, but for a saved item whose file went missing.
+FINAL_STATES = frozenset({ItemState.saved, ItemState.expired})
 
 
 def check_transition(item_id: str, source: ItemState, target: ItemState) -> None:

@@ -54,6 +54,9 @@ class TrackerConfig:
     list_page_size: int = 100
     idle_tick_s: float = 0.25  #: how often to look for due tasks when none is due sooner
     url_lifetime_s: float = 24 * 3600.0  #: when a result URL carries no Expires
+    #: how long after its end (or, never seen ended, its creation) the service may forget a task: an UNKNOWN
+    #: answer before then is a passing fault, and the task is asked about again
+    task_lifetime_s: float = 24 * 3600.0
     deadline_margin_s: float = 60.0  #: counted off every deadline, for the lag in seeing a result
 
     def __post_init__(self) -> None:
@@ -105,6 +108,7 @@ class OpenTask:
     polls: int = field(default=0, compare=False)
     running_since_s: float | None = field(default=None, compare=False)  #: None while thought queued
     seen_running: bool = field(default=False, compare=False)  #: running_since_s came from the service
+    ended_s: float | None = field(default=None, compare=False)  #: when a list showed it ended (our clock)
 
 
 @dataclass(slots=True)
@@ -203,7 +207,6 @@ class Tracker:
                 self._ledger,
                 item_id,
                 output,
-                lane=lane,
                 now_s=self._clock.now(),
                 config=self.config,
                 common=common,
@@ -211,7 +214,8 @@ class Tracker:
             )
         except MalformedAnswer as exc:
             # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost.
-            paid = lane.offer.price * self._ledger.get(item_id).n_images
+            row = self._ledger.get(item_id)  # at the price stored when it was planned: the catalog may have moved
+            paid = row.n_images * row.price_per_image
             write_off(
                 self._ledger, item_id, paid=paid, code="MalformedAnswer", message=str(exc), budget=self.budget, **common
             )
@@ -325,10 +329,13 @@ class Tracker:
             status = entry["status"] if entry else ""
             if status in TERMINAL or (id(task) in due_ids and status not in OPEN):
                 ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
+                ended_after_s = _after_create_s(entry, "end_time") if status in TERMINAL else None
+                if ended_after_s is not None:
+                    task.ended_s = task.submitted_s + ended_after_s
                 continue
             looked_due = task.due_s
             if status in OPEN:
-                self._seen(task, status, _started_after_submit_s(entry))
+                self._seen(task, status, _after_create_s(entry, "start_time"))
             if id(task) in due_ids:
                 task.polls += 1
                 task.due_s = self._next_due(task, looked_due, now)
@@ -389,6 +396,11 @@ class Tracker:
         status = output.get("task_status", "")
         if not isinstance(status, str):
             status = ""
+        if status == "UNKNOWN" and not self._forgettable(task):
+            # Young tasks are known to the service: an UNKNOWN now is a passing fault, not a forgotten task.
+            log.info("↻ query %s: UNKNOWN, though the service must still know it", task.task_id)
+            self._again(task, self._backoff_s(task))
+            return
         if status in TERMINAL:
             try:
                 self._finish(task, output, data)
@@ -430,6 +442,12 @@ class Tracker:
         task.due_s = self._clock.now() + after_s
         heapq.heappush(self._heap, task)
 
+    def _forgettable(self, task: OpenTask) -> bool:
+        """Whether the service may have forgotten ``task``: its lifetime has passed since it ended, or, never
+        seen ended, since it was made."""
+        since_s = task.ended_s if task.ended_s is not None else task.submitted_s
+        return self._clock.now() >= since_s + self.config.task_lifetime_s
+
     def _backoff_s(self, task: OpenTask) -> float:
         return min(self.config.max_poll_interval_s, self.config.poll_interval_s * 2 ** min(task.polls, 6) / 4)
 
@@ -455,9 +473,7 @@ class Tracker:
         common = {"task_status": status, "ended_ms": int(now * 1000), "request_id": request_id}
         if status == "SUCCEEDED":
             self._learn(lane, output)
-            record_results(
-                ledger, item_id, output, lane=lane, now_s=now, config=self.config, common=common, budget=self.budget
-            )
+            record_results(ledger, item_id, output, now_s=now, config=self.config, common=common, budget=self.budget)
             if ledger.state_of(item_id) is ItemState.generated:
                 self._on_images(item_id)
         elif status == "FAILED":
@@ -475,14 +491,15 @@ class Tracker:
         elif status == "CANCELED":
             ledger.transition(item_id, ItemState.canceled, **common)
             self.budget.settle(item_id, 0.0)
-        else:  # UNKNOWN: the task id is gone, more than a day after the task ended; whether it was billed
-            # cannot be known now: count it as paid (and lost).
+        else:  # UNKNOWN past the task's lifetime: the task id is gone; whether it was billed cannot be known
+            # now: count it as paid (and lost), at the price stored when it was planned.
+            row = ledger.get(item_id)
             write_off(
                 ledger,
                 item_id,
-                paid=lane.offer.price * ledger.get(item_id).n_images,
+                paid=row.n_images * row.price_per_image,
                 code="TaskExpired",
-                message="the service no longer knows this task (over 24 h old); counted as paid and lost",
+                message="the service no longer knows this task (past its lifetime); counted as paid and lost",
                 budget=self.budget,
                 **common,
             )
@@ -514,13 +531,14 @@ def _list_entries(data: dict) -> dict[str, dict]:
     }
 
 
-def _started_after_submit_s(entry: dict) -> float | None:
-    """How long after its creation a listed task started running (list times are epoch milliseconds)."""
-    created, started = entry.get("gmt_create"), entry.get("start_time")
-    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (created, started)):
+def _after_create_s(entry: dict, key: str) -> float | None:
+    """How long after its creation a listed task reached its time ``key`` (start_time, end_time; list times are
+    epoch milliseconds); None when unreadable or out of a task's life."""
+    created, value = entry.get("gmt_create"), entry.get(key)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (created, value)):
         return None
     try:
-        seconds = (float(started) - float(created)) / 1000
+        seconds = (float(value) - float(created)) / 1000
     except OverflowError:
         return None
     return seconds if math.isfinite(seconds) and 0.0 <= seconds <= MAX_RUNNING_S else None

@@ -10,6 +10,7 @@ with ``code``/``message`` instead of a URL.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from .catalog import Protocol
 
-__all__ = ["ImageResult", "MalformedAnswer", "build_body", "image_results", "parse_service_time_s", "url_expires_s"]
+__all__ = [
+    "ImageResult",
+    "MalformedAnswer",
+    "build_body",
+    "image_results",
+    "parse_service_time_s",
+    "result_prompts",
+    "url_expires_s",
+]
 
 
 class MalformedAnswer(ValueError):
@@ -28,6 +37,8 @@ class MalformedAnswer(ValueError):
 
 #: The service writes task times as local time in UTC+8 (spec §3).
 SERVICE_TZ = timezone(timedelta(hours=8))
+#: Later than any real URL's Expires (the year 5138); NaN and infinities fail the comparison too.
+MAX_EXPIRES_S = 1e11
 _SERVICE_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{1,6}")
 
 
@@ -60,6 +71,7 @@ class ImageResult:
     code: str = ""
     message: str = ""
     actual_prompt: str | None = None
+    expires_s: float | None = None  #: the URL's Expires, when it has one
 
 
 def image_results(output: Mapping[str, Any]) -> list[ImageResult]:
@@ -98,6 +110,7 @@ def image_results(output: Mapping[str, Any]) -> list[ImageResult]:
                 code=str(code or ""),
                 message=str(element.get("message") or ""),
                 actual_prompt=actual if isinstance(actual, str) else None,
+                expires_s=url_expires_s(url) if isinstance(url, str) and url else None,
             )
         )
     return found
@@ -115,9 +128,27 @@ def parse_service_time_s(text: object) -> float | None:
 
 
 def url_expires_s(url: str) -> float | None:
-    """The ``Expires`` of a signed result URL, in epoch seconds, when it has one."""
+    """The ``Expires`` of a signed result URL, in epoch seconds; None when it has none.
+
+    Raises :class:`MalformedAnswer` for one that is not a number, not finite or past any real date: the
+    answer is garbled (and such a value could overflow the ledger's integers), so it is asked for again.
+    """
     values = parse_qs(urlsplit(url).query).get("Expires")
-    try:
-        return float(values[0]) if values else None
-    except ValueError:
+    if not values:
         return None
+    try:
+        value = float(values[0])
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= MAX_EXPIRES_S:
+        raise MalformedAnswer(f"a result URL's Expires is not a time: {values[0]!r:.40}")
+    return value
+
+
+def result_prompts(output: Mapping[str, Any]) -> set[str]:
+    """The ``orig_prompt`` of each legacy result that has one as text: what a task was asked, for matching it
+    to a request. Anything else in ``results`` is left out, never raised on."""
+    results = output.get("results")
+    if not isinstance(results, list):
+        return set()
+    return {e["orig_prompt"] for e in results if isinstance(e, dict) and isinstance(e.get("orig_prompt"), str)}
