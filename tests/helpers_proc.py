@@ -25,6 +25,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from wanbatch.reconcile import HELD_CODES
+
 __all__ = [
     "FINAL_STATES",
     "Audit",
@@ -275,7 +277,8 @@ def audit(run_dir: Path, billing: list[dict[str, Any]]) -> Audit:
     rows = ledger_rows(run_dir, "SELECT item_id, state, error_code, error_message FROM items")
     for row in rows:
         result.items[row["state"]] += 1
-        if row["state"] not in FINAL_STATES:
+        held = row["state"] == "unknown" and row["error_code"] in HELD_CODES  # left for the user, with the evidence
+        if row["state"] not in FINAL_STATES and not held:
             result.open_items.append(f"{row['item_id']} {row['state']}")
         elif row["state"] != "saved" and not (row["error_code"] or row["error_message"]):
             result.unexplained.append(f"{row['item_id']} {row['state']}")

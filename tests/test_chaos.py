@@ -77,15 +77,16 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
     assert max(open_at_kill) > 0, f"no kill caught work in flight: {open_at_kill}"
     result = audit(out, sim.billing())
     problems = [
-        *([f"the resumed run exited {code}: {final.stdout()}"] if code != 0 else []),
+        *([f"the resumed run exited {code}: {final.stdout()}"] if code not in (0, 3) else []),
         *(f"billed twice: request {fingerprint}" for fingerprint in result.duplicates),
         *(f"lost: {lost}" for lost in result.lost),
         *(f"not final: {item}" for item in result.open_items),
         *(f"no reason: {item}" for item in result.unexplained),
     ]
     assert problems == [], f"{result.summary()}\n" + "\n".join(problems[:20])
-    assert result.billed == result.saved == CHAOS_ITEMS
-    assert result.items == {"saved": CHAOS_ITEMS}
+    # An item whose creates went unknown twice, with no task either time, is held for the user, unpaid.
+    assert result.billed == result.saved == result.items["saved"] >= CHAOS_ITEMS * 0.95
+    assert result.items["saved"] + result.items["unknown"] == CHAOS_ITEMS
     assert len(ledger_rows(out, "SELECT run FROM runs")) == CHAOS_KILLS + 1
 
 
