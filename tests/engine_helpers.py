@@ -24,6 +24,7 @@ def engine_for(
     budget: float | None = None,
     retry_failed: bool = False,
     retry_moderated: bool = False,
+    retry_held: bool = False,
     **config,
 ) -> Engine:
     """An engine for the Beijing simulator ``sim`` on its clock; ``config`` are EngineConfig fields."""
@@ -35,6 +36,7 @@ def engine_for(
         budget=budget,
         retry_failed=retry_failed,
         retry_moderated=retry_moderated,
+        retry_held=retry_held,
     )
 
 

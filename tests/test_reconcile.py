@@ -269,3 +269,16 @@ async def test_a_wan26_task_of_another_program_on_our_key_that_looks_like_ours_i
         held = ledger.get(row.item_id)
     assert held.state is ItemState.unknown and held.error_code == "HeldAmbiguous" and held.task_id is None
     assert all(task_id in held.error_message for task_id in tasks)
+
+
+async def test_retry_held_sends_an_item_held_as_unknown_twice_once_more(start_sim, tmp_path):
+    """An item held after two unknown outcomes with no task is left alone by a plain resume, and sent once more,
+    then saved, by a resume with retry_held once the service behaves."""
+    sim = await start_sim(**FAST, fault_rates={"reset_before": 1.0}, fault_endpoints=("create",))
+    manifest = manifest_of(tmp_path, ["a wax seal"])
+    await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    sim.set_faults("none")
+    again = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    assert sim.requests["create"] == 2 and again["items"]["unknown"] == 1
+    released = await engine_for(sim, tmp_path / "run", reconcile=QUICK, retry_held=True).run(manifest)
+    assert sim.requests["create"] == 3 and released["items"]["saved"] == 1 and len(sim.billing) == 1

@@ -59,6 +59,7 @@ async def run(
     sync: bool = False,
     retry_failed: bool = False,
     retry_moderated: bool = False,
+    retry_held: bool = False,
     handle_signals: bool = False,
     cancel_pending: bool = False,
     on_engine: Callable[[Engine], None] | None = None,
@@ -137,6 +138,7 @@ async def run(
             budget=limit,
             retry_failed=retry_failed,
             retry_moderated=retry_moderated,
+            retry_held=retry_held,
         )
         if on_engine is not None:
             on_engine(engine)

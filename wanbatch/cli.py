@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         "will most likely be refused again)",
     )
     run.add_argument(
+        "--retry-held",
+        action="store_true",
+        help="send once more the items held after two creates whose outcome was unknown and made no task "
+        "(HeldUnknownTwice in report.json)",
+    )
+    run.add_argument(
         "--cancel-pending",
         action="store_true",
         help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
@@ -316,6 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sync=args.sync,
                 retry_failed=args.retry_failed,
                 retry_moderated=args.retry_moderated,
+                retry_held=args.retry_held,
                 handle_signals=True,
                 cancel_pending=args.cancel_pending,
                 progress=args.console,
@@ -356,7 +363,7 @@ def resume_command(args: argparse.Namespace) -> str:
     for option in ("quotas", "sim_config"):
         if getattr(args, option, None) is not None:
             argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    flags = ("sync", "retry_failed", "retry_moderated", "cancel_pending")
+    flags = ("sync", "retry_failed", "retry_moderated", "retry_held", "cancel_pending")
     argv += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
     if not args.gallery:
         argv.append("--no-gallery")

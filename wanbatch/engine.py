@@ -107,6 +107,7 @@ class Engine:
         budget: float | None = None,
         retry_failed: bool = False,
         retry_moderated: bool = False,
+        retry_held: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self._keys = dict(keys)
@@ -115,6 +116,7 @@ class Engine:
         self.clock = clock or ScaledClock(speed=config.speed)
         self.budget_limit = budget
         self.retry_failed, self.retry_moderated = retry_failed, retry_moderated
+        self.retry_held = retry_held  #: send once more the items held after two unknown outcomes with no task
         self.interrupted = False
         self._cancel_pending = False
         self._submitter: Submitter | None = None
@@ -304,6 +306,7 @@ class Engine:
             tracker=tracker,
             budget=budget,
             config=self.config.reconcile,
+            retry_held=self.retry_held,
         )
         submitter = Submitter(
             ledger=ledger,

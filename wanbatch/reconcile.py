@@ -107,12 +107,21 @@ def echoes_prompt(echo: str, prompt: str) -> bool:
 
 class Reconciler:
     def __init__(
-        self, *, ledger, clock, limiters, tracker, budget: Budget, config: ReconcileConfig = ReconcileConfig()
+        self,
+        *,
+        ledger,
+        clock,
+        limiters,
+        tracker,
+        budget: Budget,
+        config: ReconcileConfig = ReconcileConfig(),
+        retry_held: bool = False,
     ) -> None:
         # What an adopted task costs is settled by the tracker; one proved never made costs nothing.
         self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
         self._budget = budget
         self.config = config
+        self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
         self._pending: dict[str, object] = {}  # item_id -> lane
         self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
         self._sizes: dict[str, tuple[int, int]] = {}  #: image URL -> its (width, height)
@@ -353,7 +362,8 @@ class Reconciler:
 
     def _no_task(self, lane, row: ItemRow) -> bool:
         """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
-        if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns:
+        released = self.retry_held and row.error_code == "HeldUnknownTwice"
+        if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
             reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
             return self._hold(lane, row, "HeldUnknownTwice", reason, [], [])
         self._ledger.transition(row.item_id, ItemState.planned, note="the task list shows no task for this attempt")
@@ -367,7 +377,8 @@ class Reconciler:
         """Leave the item unknown for the user, with the evidence; its price stays counted as spent."""
         named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
         evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
-        message = f"{reason}{evidence}. Not sent again; a later run looks again (see the README's money rules)"
+        advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
+        message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
         self._budget.settle(row.item_id, row.n_images * row.price_per_image)
         lane.slots.release()
