@@ -545,11 +545,22 @@ def test_a_saved_image_whose_file_went_missing_is_reopened_with_its_item(ledger:
         ledger.reopen_image(item_id, 1, reason="again")
 
 
-def test_every_commit_is_fsynced(ledger: Ledger) -> None:
-    """The ledger's connection runs WAL with synchronous=FULL: a commit survives a power loss, not only a crash."""
+def test_a_durable_move_is_fsynced_and_the_others_are_not(ledger: Ledger) -> None:
+    """The commit a POST depends on runs with synchronous=FULL (it survives a power loss); the others with
+    NORMAL in WAL mode (they survive a crash), so that saving an image costs no fsync of the ledger."""
     with sqlite3.connect(ledger.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL; a per-connection setting
+    first, second = planned(ledger, 2)
+    statements: list[str] = []
+    ledger._conn.set_trace_callback(statements.append)
+    ledger.transition(first, ItemState.submitting, expect=ItemState.planned, durable=True)
+    durable, statements[:] = list(statements), []
+    ledger.transition(second, ItemState.submitting, expect=ItemState.planned)
+    assert durable.index("PRAGMA synchronous = FULL") < durable.index("COMMIT") < durable.index(
+        "PRAGMA synchronous = NORMAL"
+    )
+    assert not any("synchronous" in statement for statement in statements)
+    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL between durable moves
 
 
 def test_update_image_notes_a_transient_error_without_moving_it(ledger: Ledger) -> None:

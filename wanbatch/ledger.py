@@ -7,10 +7,13 @@ lost and nothing paid twice (see the money rules in shared/DESIGN.md).
 
 The interface is narrow on purpose (open, add, transition, iterate, count) so
 that a database shared by several machines can stand behind it later.
-Every commit is fsynced before it returns (WAL with ``synchronous=FULL``), so
-what a request was sent on the strength of survives a power loss too. Calls
-are short even so (an fsync of the WAL's tail), so the engine makes them from
-the event loop directly, from one thread.
+A commit that a request is sent on the strength of (``durable=True``: the
+``submitting`` move before a POST) is fsynced before it returns (WAL with
+``synchronous=FULL`` for that commit), so it survives a power loss too; the
+others survive a crash of the process (WAL, ``synchronous=NORMAL``), and a
+power loss can only undo them back to a state a resume heals (a task found
+again in the list, an image fetched again). Calls are short, so the engine
+makes them from the event loop directly, from one thread.
 
 The ledger is never given an API key and has no column that could hold one.
 """
@@ -191,10 +194,10 @@ class Ledger:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise LedgerError(f"{path}: the file system refused WAL mode (got {mode!r}); use a local folder")
-        # NORMAL would fsync only at checkpoints: a commit would survive the process being killed, but a
-        # power loss could drop the last ones, among them a ``submitting`` whose POST went out (paid twice on
-        # resume) or a ``saved`` of an image. FULL fsyncs the WAL at every commit, which the money rules need.
-        conn.execute("PRAGMA synchronous = FULL")
+        # NORMAL fsyncs only at checkpoints: a commit survives the process being killed, and a power loss can
+        # drop only the last ones. Those a POST depends on are made durable one by one (``transition``'s
+        # ``durable``): an fsync per image saved would cost the ceiling a third of its speed.
+        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         # Planning a million items inserts into the item_id index at random places: keep it in the page cache.
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
@@ -441,6 +444,7 @@ class Ledger:
         expect: ItemState | None = None,
         note: str = "",
         images: Sequence[ImageRecord] = (),
+        durable: bool = False,
         **item_fields: Any,
     ) -> None:
         """Move one item to ``to`` in one committed transaction, refusing any move the table does not allow.
@@ -454,11 +458,17 @@ class Ledger:
             check_transition(item_id, ItemState(expect), target)
         assignments, params = _assignments(item_fields)
         now = self._clock.now_ms()
-        with self._tx() as conn:
-            source = ItemState(expect) if expect is not None else self._state_of(conn, item_id)
-            self._move(conn, item_id, source, target, note=note, now=now, extra=assignments, params=params)
-            if images:
-                self._upsert_images(conn, item_id, images, now)
+        if durable:
+            self._conn.execute("PRAGMA synchronous = FULL")  # read at commit: this one fsyncs the WAL
+        try:
+            with self._tx() as conn:
+                source = ItemState(expect) if expect is not None else self._state_of(conn, item_id)
+                self._move(conn, item_id, source, target, note=note, now=now, extra=assignments, params=params)
+                if images:
+                    self._upsert_images(conn, item_id, images, now)
+        finally:
+            if durable:
+                self._conn.execute("PRAGMA synchronous = NORMAL")
 
     def _state_of(self, conn: sqlite3.Connection, item_id: str) -> ItemState:
         row = conn.execute("SELECT state FROM items WHERE item_id = ?", (item_id,)).fetchone()

@@ -287,6 +287,7 @@ class Submitter:
                 expect=ItemState.planned,
                 submit_started_ms=self._clock.now_ms(),
                 endpoint="sync" if sync else "async",
+                durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
             )
         except IllegalTransition:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
