@@ -11,6 +11,7 @@ when no image is pending.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from .client import WanClient
 from .clock import Clock, ScaledClock
 from .download import DownloadConfig, Downloader
 from .errors import ConfigError
-from .gallery import write_gallery
+from .gallery import Thumbnailer, write_gallery
 from .ledger import Ledger, RunLock, read_meta
 from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
@@ -64,7 +65,7 @@ class EngineConfig:
     query_qps: float = 18.0  #: below the account's 20 per second for query, list and cancel
     request_timeout_s: float = 60.0
     sync_timeout_s: float = 330.0  #: wan2.6's sync endpoint holds its answer up to 300 s
-    gallery: bool = True  #: write gallery.html (with thumbnails) at the end of each run
+    gallery: bool = True  #: thumbnails as images are saved, gallery.html at the end of each run
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -236,8 +237,9 @@ class Engine:
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            stages = self._build(ledger, session, lanes_wanted, budget, run)
+        thumbs = Thumbnailer(self.run_dir, ledger) if self.config.gallery else None
+        async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
+            stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs)
             self._submitter, self._tracker = stages.submitter, stages.tracker
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
@@ -251,7 +253,9 @@ class Engine:
             )
         return stages.stats(budget)
 
-    def _build(self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int) -> _Stages:
+    def _build(
+        self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int, thumbs
+    ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
         limiters = {region: even_limiter(self.config.query_qps, speed=self.clock.speed) for region in regions}
@@ -267,7 +271,12 @@ class Engine:
         }
         lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
         downloader = Downloader(
-            ledger=ledger, clock=self.clock, session=session, run_dir=self.run_dir, config=self.config.download
+            ledger=ledger,
+            clock=self.clock,
+            session=session,
+            run_dir=self.run_dir,
+            config=self.config.download,
+            on_item_done=thumbs.item_done if thumbs else lambda item_id: None,
         )
         tracker = Tracker(
             ledger=ledger,
