@@ -111,7 +111,7 @@ class Engine:
         self._cancel_pending = False
         self._submitter: Submitter | None = None
         self._tracker: Tracker | None = None
-        self._live: tuple | None = None  # (ledger, downloader, budget, started) while stages run
+        self._live: tuple | None = None  # (ledger, downloader, budget, started, at_start) while stages run
         self._final_snapshot: dict[str, Any] | None = None
 
     def interrupt(self, *, cancel_pending: bool = False) -> None:
@@ -128,11 +128,13 @@ class Engine:
             self._tracker.cancel_pending()
 
     def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
-        """Counts per state and this run's progress, for a live display; None before the stages start."""
+        """Counts per state, this run's progress and the counts it started from, for a live display; None before
+        the stages start."""
         if self._live is None:
             return self._final_snapshot
-        ledger, downloader, budget, started = self._live
+        ledger, downloader, budget, started, at_start = self._live
         return {
+            "at_start": at_start,
             "counts": {str(state): n for state, n in ledger.counts().items()},
             "running": self._tracker.running if self._tracker and not final else 0,
             "images_saved": downloader.saved,
@@ -243,8 +245,11 @@ class Engine:
             self._submitter, self._tracker = stages.submitter, stages.tracker
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
+            # Where the runs before this one left the folder: the display's "this run" figures are the rest.
+            summary = ledger.summary()
+            at_start = {"counts": summary["items"], "images_saved": summary["images"]["saved"], "cost": budget.spent}
             self._refill(ledger, stages, budget)
-            self._live = (ledger, stages.downloader, budget, time.monotonic())
+            self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
             await _in_order(
                 stages.submitter.run,
                 stages.reconciler.run,
