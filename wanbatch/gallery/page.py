@@ -51,7 +51,7 @@ def page(title: str, *, images: int, requests: int) -> str:
 <body>
 <header>
 <h1>{_e(title)} <small>{_e(summary)}</small></h1>
-<form id="filters" autocomplete="off" onsubmit="return false">
+<form id="filters" autocomplete="off">
 <label>group by <select id="group-by"><option value="">nothing</option></select></label>
 <button type="button" id="show-all">show all</button>
 <output id="shown"></output>
@@ -337,6 +337,7 @@ _SCRIPT = Template(
     return figure;
   }
 
+  form.addEventListener("submit", (event) => event.preventDefault());  // Enter in a search box
   form.addEventListener("change", writeHash);
   form.addEventListener("input", (event) => event.target.type === "search" && writeHash());
   document.getElementById("show-all").addEventListener("click", () => {
