@@ -417,16 +417,18 @@ def gallery_lines(gallery: dict[str, Any] | None) -> list[str]:
         " made while a run saves its images, in worker threads; the end of a run writes the page and any still"
         " missing.",
         "",
-        "| images | gallery.html | gallery-data.js | end of run: write the page | thumbnails while saving"
-        " (workers) | end of run if none were made while saving | first cards in Chromium |",
-        "|---|---|---|---|---|---|---|",
+        "| images | gallery.html | gallery-data.js | end of run: write the page | a thumbnail while saving"
+        " (workers) | a thumbnail at the end (every core) | end of run if none were made while saving"
+        " | first cards in Chromium |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in gallery["sizes"]:
         first = "–" if row["first_cards_ms"] is None else f"{row['first_cards_ms']:,} ms"
         lines.append(
             f"| {row['images']:,} | {row['page_bytes']:,} B | {row['data_bytes'] / 1e6:.1f} MB"
-            f" | {row['end_of_run_s']:.2f} s | {row['thumbs_while_saving_s']:.1f} s ({row['thumb_workers']})"
-            f" | {row['end_of_run_all_thumbs_s']:.1f} s | {first} |"
+            f" | {row['end_of_run_s']:.2f} s | {row['thumb_while_saving_ms']:.1f} ms ({row['thumb_workers']})"
+            f" | {row['thumb_at_end_ms']:.1f} ms | {row['end_of_run_all_thumbs_s']:,.1f} s"
+            f" (thumbnails timed on {row['thumb_sample']:,}) | {first} |"
         )
     return [*lines, ""]
 
