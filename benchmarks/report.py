@@ -398,7 +398,39 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += ["", "## Diagnoses of the missed targets", ""]
         lines += [f"{number}. **{key}**: {DIAGNOSES[key]}" for number, key in enumerate(cited, start=1)]
     lines += ["", *_profile_lines(doc["results"].get("ceiling") or {})]
+    lines += gallery_lines(doc["results"].get("gallery"))
     return "\n".join(lines) + "\n"
+
+
+def gallery_lines(gallery: dict[str, Any] | None) -> list[str]:
+    """The section of latest.md: one row per size, with the machine, date and commit it was measured on."""
+    if not gallery:
+        return []
+    machine = gallery["machine"]
+    lines = [
+        "## The gallery at scale",
+        "",
+        f"Measured {gallery['date']} on {machine['cpu']} ({machine['cores']} cores), commit {machine['commit']}"
+        + (" with uncommitted changes" if machine["tree_changed"] else "")
+        + f"; load average at start {', '.join(f'{x:.2f}' for x in machine['load_average'])}."
+        " A synthetic run folder per size (`python -m benchmarks.gallery`; how: its docstring). Thumbnails are"
+        " made while a run saves its images, in worker threads; the end of a run writes the page and any still"
+        " missing.",
+        "",
+        "| images | gallery.html | gallery-data.js | end of run: write the page | a thumbnail while saving"
+        " (workers) | a thumbnail at the end (every core) | end of run if none were made while saving"
+        " | first cards in Chromium |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in gallery["sizes"]:
+        first = "–" if row["first_cards_ms"] is None else f"{row['first_cards_ms']:,} ms"
+        lines.append(
+            f"| {row['images']:,} | {row['page_bytes']:,} B | {row['data_bytes'] / 1e6:.1f} MB"
+            f" | {row['end_of_run_s']:.2f} s | {row['thumb_while_saving_ms']:.1f} ms ({row['thumb_workers']})"
+            f" | {row['thumb_at_end_ms']:.1f} ms | {row['end_of_run_all_thumbs_s']:,.1f} s"
+            f" (thumbnails timed on {row['thumb_sample']:,}) | {first} |"
+        )
+    return [*lines, ""]
 
 
 def settings_line(settings: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ wan2.6-t2i, each through wanbatch, the dashscope SDK and a plain loop),
 ``slow_clock`` (figures 1-3 for wan2.6-t2i on a slower simulated clock, to
 show how much the fast clock weighs on each contender), ``cold_start``
 (429s when wan2.5-t2i-preview starts from idle),
-``ceiling`` (5), ``scale`` (6), ``capacity`` (7). Scratch files go to
+``ceiling`` (5), ``scale`` (6), ``capacity`` (7), ``gallery`` (its own section, also
+``python -m benchmarks.gallery``). Scratch files go to
 ``--workdir`` (default runs/bench, emptied first). The benchmark asserts
 nothing about time: it measures and reports.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import capacity, ceiling, report, scale, utilisation
+from . import capacity, ceiling, gallery, report, scale, utilisation
 from .contenders import CONTENDERS, Job
 from .procs import SimServer
 
@@ -42,6 +43,7 @@ SECTION_TITLES = {
     "ceiling": "figure 5, engine ceiling",
     "scale": "figure 6, scale",
     "capacity": "figure 7, simulator capacity",
+    "gallery": "the gallery at scale",
 }
 SECTIONS = tuple(SECTION_TITLES)
 CONTENDER_SECTIONS = ("utilisation", "slow_clock", "cold_start")
@@ -58,6 +60,7 @@ class Sizes:
     ceiling_items: int
     scale_items: int
     capacity_s: float  #: wall seconds of load per request kind
+    gallery_images: tuple[int, ...]  #: images of each synthetic run whose gallery is measured
 
 
 #: The issue's sizes. Speed 100: a loopback round trip of 1-2 ms stands for 0.1-0.2 s, a plausible round
@@ -72,6 +75,7 @@ FULL = Sizes(
     ceiling_items=2000,
     scale_items=1_000_000,
     capacity_s=3.0,
+    gallery_images=gallery.SIZES,
 )
 QUICK = Sizes(
     speed=400.0,
@@ -83,6 +87,7 @@ QUICK = Sizes(
     ceiling_items=10,
     scale_items=2000,
     capacity_s=0.3,
+    gallery_images=(50,),
 )
 
 #: model -> the size every contender asks for (the model's default size)
@@ -151,6 +156,9 @@ def run(
         log(SECTION_TITLES["capacity"])
         results["capacity"] = capacity.measure(workdir / "capacity", duration_s=sizes.capacity_s, log=log)
         settings["capacity"] = f"{sizes.capacity_s:g} s per kind, {capacity.CONNECTIONS} connections"
+    if "gallery" in sections:
+        log(f"{SECTION_TITLES['gallery']}: {', '.join(f'{n:,}' for n in sizes.gallery_images)} images")
+        results["gallery"] = gallery.run(sizes.gallery_images, workdir=workdir / "gallery", log=log)
     results["settings"] = settings
     return results
 

@@ -2,42 +2,34 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import engine_helpers
 import pytest
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.gallery import GALLERY_FILE, THUMB_SIDE_PX, thumb_name, write_gallery
+from wanbatch.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
+from wanbatch.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
 from wanbatch.ledger import Ledger
+from wanbatch.states import ItemState
 
-CHROMIUM = shutil.which("chromium")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package
+
+from benchmarks.chromium import CHROMIUM, Page, first_cards_ms, open_page  # noqa: E402
+from benchmarks.gallery import synthetic_run  # noqa: E402
+
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`; `make install` adds it)"
-)
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
 )
 
 #: Markup, quotes and an ampersand in a prompt and in variable values: the page must show them as text.
@@ -89,79 +81,11 @@ def matrix_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- headless Chromium ------------------------------------------------------------------------------
 
 
-class Page:
-    """One tab of a headless Chromium, driven over the DevTools protocol with aiohttp's websocket client."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws, self._ids = ws, itertools.count(1)
-
-    async def call(self, method: str, **params: Any) -> dict:
-        call_id = next(self._ids)
-        await self._ws.send_json({"id": call_id, "method": method, "params": params})
-        async for message in self._ws:
-            answer = json.loads(message.data)
-            if answer.get("id") == call_id:
-                assert "error" not in answer, answer["error"]
-                return answer["result"]
-        raise AssertionError("the browser closed the DevTools connection")
-
-    async def eval(self, expression: str) -> Any:
-        """The value of a script expression (promises awaited), as JSON."""
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    async def open(self, url: str) -> None:
-        """Load ``url`` afresh (its fragment applied on load, not as a change) and wait for the load event."""
-        await self.call("Page.navigate", url="about:blank")
-        await self.call("Page.navigate", url=url)
-        for _ in range(400):
-            if await self.eval(f"document.readyState === 'complete' && location.href === {json.dumps(url)}"):
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"{url} did not load")
-
-
-async def _devtools_port(profile: Path, proc: asyncio.subprocess.Process, log: Path) -> int:
-    # With port 0 Chromium picks a free port and writes it to this file in its profile.
-    port_file = profile / "DevToolsActivePort"
-    for _ in range(600):
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text().split()[0])
-        if proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"chromium did not start its DevTools server; its log:\n{log.read_text()[-2000:]}")
-
-
 @pytest.fixture
 async def page(tmp_path: Path) -> AsyncIterator[Page]:
     """A headless Chromium of our own (fresh profile, no network but loopback), one tab driven by DevTools."""
-    assert CHROMIUM is not None
-    profile, log = tmp_path / "chromium-profile", tmp_path / "chromium.log"
-    with log.open("wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            CHROMIUM,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            "--remote-debugging-port=0",
-            "about:blank",
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,  # its own process group, so its helper processes stop with it
-        )
-    try:
-        port = await _devtools_port(profile, proc, log)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
-                targets = await response.json()
-            ws_url = next(target["webSocketDebuggerUrl"] for target in targets if target["type"] == "page")
-            async with http.ws_connect(ws_url, max_msg_size=0) as ws:
-                yield Page(ws)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        await proc.wait()
+    async with open_page(tmp_path) as tab:
+        yield tab
 
 
 #: Each card as the browser shows it: what it links to, its thumbnail as decoded, and whether it is visible.
@@ -259,9 +183,9 @@ async def test_filter_by_variable_and_size_grouped_by_seed(page, matrix_run):
 async def test_prompts_and_values_are_escaped(page, matrix_run):
     """Markup and quotes in prompts and variables are shown as text: no script runs, no element is made."""
     html_text = (matrix_run / GALLERY_FILE).read_text()
-    assert "<script>window.pwned" not in html_text and "<em>" not in html_text
+    assert "window.pwned" not in html_text and "<em>" not in html_text
     await page.open((matrix_run / GALLERY_FILE).as_uri())
-    assert await page.eval("window.pwned === undefined && document.scripts.length === 1")
+    assert await page.eval("window.pwned === undefined && document.scripts.length === 2")
     assert await page.eval("document.querySelectorAll('#gallery em, #gallery [onerror], #gallery script').length") == 0
     prompts = await page.eval("Array.from(document.querySelectorAll('.prompt'), p => p.textContent)")
     assert prompts.count(EVIL_PROMPT) == 1
@@ -273,31 +197,77 @@ async def test_prompts_and_values_are_escaped(page, matrix_run):
     assert options == ["", "", INK, OIL]  # all, the item without the variable, then the two values
 
 
+LARGE = 20_000
+
+
+@pytest.fixture(scope="module")
+def large_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic run folder of 20,000 saved images (2 models × 3 styles × 3,334 subjects) with its gallery."""
+    run_dir = synthetic_run(tmp_path_factory.mktemp("large") / "run", LARGE, size="512*512")
+    gallery_of(run_dir)
+    return run_dir
+
+
+def rendered(page: Page) -> Any:
+    return page.eval("Array.from(document.querySelectorAll('.card'), c => c.dataset.model)")
+
+
+@needs_chromium
+async def test_a_large_gallery_shows_its_first_cards_and_more_as_it_scrolls(page, large_run):
+    """At 20,000 images the page is small, shows a first screenful of cards, filters by list and by text,
+    and adds cards as it is scrolled; its size and time to first cards are printed."""
+    page_bytes, data_bytes = ((large_run / name).stat().st_size for name in (GALLERY_FILE, DATA_FILE))
+    await page.open((large_run / GALLERY_FILE).as_uri(), timeout_s=60)
+    first_ms = await first_cards_ms(page)
+    print(
+        f"\n{LARGE} images: gallery.html {page_bytes:,} B, {DATA_FILE} {data_bytes:,} B, first cards {first_ms:.0f} ms"
+    )
+    assert page_bytes < 20_000 and first_ms is not None
+    first = await rendered(page)
+    assert 0 < len(first) < 1000
+    assert await page.eval("document.getElementById('shown').textContent") == f"{LARGE} of {LARGE} images shown"
+    # Scrolling to the end of what is shown adds cards.
+    await page.eval("window.scrollTo(0, document.body.scrollHeight)")
+    await page.eval("new Promise((done) => setTimeout(done, 300))")
+    assert len(first) < len(await rendered(page)) < LARGE
+    # Few values: a list; thousands of values (subjects, seeds): a text search, and no grouping by them.
+    controls = await page.eval(
+        "Object.fromEntries(Array.from(document.querySelectorAll('[data-facet]'), c => [c.dataset.facet, c.tagName]))"
+    )
+    assert controls == {
+        "model": "SELECT",
+        "seed": "INPUT",
+        "var.style": "SELECT",
+        "var.subject": "INPUT",
+        "prompt": "INPUT",
+    }
+    groups = await page.eval("Array.from(document.getElementById('group-by').options, o => o.value)")
+    assert groups == ["", "model", "var.style", "prompt"]  # prompts repeat: each is asked of both models
+    await page.open(
+        (large_run / GALLERY_FILE).as_uri() + "#" + urlencode({"model": "wan2.6-t2i", "var.subject": "subject 3000"})
+    )
+    assert await rendered(page) == ["wan2.6-t2i"] * 3  # a subject has six images, three of each model
+    assert await page.eval("document.getElementById('shown').textContent") == f"3 of {LARGE} images shown"
+
+
 # --- without a browser -------------------------------------------------------------------------------
 
 
-class _Cards(HTMLParser):
-    """The cards of a gallery page as the markup has them: their attributes and the text of each."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cards: list[dict] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "figure":
-            self.cards.append({"attrs": dict(attrs), "text": "", "img": None})
-        elif tag == "img" and self.cards:
-            self.cards[-1]["img"] = dict(attrs)
-
-    def handle_data(self, data: str) -> None:
-        if self.cards:
-            self.cards[-1]["text"] += data
-
-
-def parse_cards(path: Path) -> list[dict]:
-    parser = _Cards()
-    parser.feed(path.read_text())
-    return parser.cards
+def gallery_cards(run_dir: Path) -> list[dict]:
+    """The cards of a run's gallery as its data file holds them, tables resolved."""
+    text = (run_dir / DATA_FILE).read_text(encoding="utf-8")
+    prefix = "window.wanbatchGallery = "
+    assert text.startswith(prefix) and text.endswith(";\n")
+    data = json.loads(text[len(prefix) : -2])
+    cards = []
+    for row in data["cards"]:
+        card = dict(zip(data["fields"], row, strict=True))
+        values = {f["name"]: f["values"][i] for f, i in zip(data["facets"], card.pop("values"), strict=True)}
+        card["vars"] = {name[4:]: value for name, value in values.items() if name.startswith("var.") and value}
+        card |= {name: value for name, value in values.items() if not name.startswith("var.")}
+        card["prompt"] = data["texts"][card["prompt"]]
+        cards.append(card)
+    return cards
 
 
 def test_thumbnails_are_made_once_and_again_when_the_image_changes(matrix_run, tmp_path):
@@ -317,38 +287,38 @@ def test_thumbnails_are_made_once_and_again_when_the_image_changes(matrix_run, t
 
 
 def test_a_missing_image_gets_a_card_that_says_so(matrix_run, tmp_path):
-    """An image deleted after it was saved still has its card, saying it is missing, and the page is written."""
+    """An image deleted after it was saved still has its card, with no picture, and the page is written."""
     run_dir = Path(shutil.copytree(matrix_run, tmp_path / "run"))
     shutil.rmtree(run_dir / "thumbs")
     gone = metadata(run_dir)[0]
     (run_dir / gone["file_name"]).unlink()
-    cards = parse_cards(gallery_of(run_dir))
+    gallery_of(run_dir)
+    cards = gallery_cards(run_dir)
     assert len(cards) == SAVED
-    missing = [card for card in cards if card["img"] is None]
-    assert len(missing) == 1 and "image missing or unreadable" in missing[0]["text"]
-    assert gone["prompt"] in missing[0]["text"]
+    missing = [card for card in cards if card["thumb"] is None]
+    assert len(missing) == 1 and missing[0]["file"] == gone["file_name"] and missing[0]["prompt"] == gone["prompt"]
     assert len(list((run_dir / "thumbs").rglob("*.jpg"))) == SAVED - 1
 
 
-def test_values_are_escaped_in_the_markup(matrix_run):
-    """The page's markup gives back each prompt and variable exactly once parsed, whatever it holds."""
-    cards = parse_cards(matrix_run / GALLERY_FILE)
-    assert sum(EVIL_PROMPT in card["text"] for card in cards) == 1
-    evil = next(card for card in cards if EVIL_PROMPT in card["text"])
-    assert evil["img"]["alt"] == EVIL_PROMPT and json.loads(evil["attrs"]["data-vars"]) == {}
-    styles = Counter(json.loads(card["attrs"]["data-vars"]).get("style") for card in cards)
-    assert styles == {INK: 8, OIL: 8, None: 1}
+def test_values_are_given_back_exactly_by_the_data_file(matrix_run):
+    """The page's markup holds no value of the manifest; its data file gives back each prompt and variable."""
+    assert EVIL_PROMPT not in (matrix_run / GALLERY_FILE).read_text()
+    cards = gallery_cards(matrix_run)
+    assert sum(card["prompt"] == EVIL_PROMPT for card in cards) == 1
+    evil = next(card for card in cards if card["prompt"] == EVIL_PROMPT)
+    assert evil["vars"] == {}
+    assert Counter(card["vars"].get("style") for card in cards) == {INK: 8, OIL: 8, None: 1}
 
 
 def test_an_empty_run_gets_a_page_that_says_so(tmp_path):
     """A run folder with nothing saved yet gets a gallery that says so rather than failing."""
     with Ledger.open(tmp_path, clock=ScaledClock()) as ledger:
         path = write_gallery(tmp_path, ledger)
-    assert parse_cards(path) == [] and "No saved images yet." in path.read_text()
+    assert gallery_cards(tmp_path) == [] and "No saved images yet." in path.read_text()
 
 
 def test_a_small_image_is_its_own_thumbnail(tmp_path):
-    """An image no larger than twice a thumbnail is shown as it is, at thumbnail size, with no thumbnail made;
+    """An image no larger than twice a thumbnail is shown as it is, with no thumbnail made;
     once deleted, its card says so."""
     run_dir = run_batch(
         tmp_path,
@@ -359,10 +329,67 @@ def test_a_small_image_is_its_own_thumbnail(tmp_path):
         """,
     )
     (row,) = metadata(run_dir)
-    (card,) = parse_cards(run_dir / GALLERY_FILE)
-    assert card["img"]["src"] == row["file_name"]
-    assert (card["img"]["width"], card["img"]["height"]) == (str(THUMB_SIDE_PX), str(THUMB_SIDE_PX))
+    (card,) = gallery_cards(run_dir)
+    assert card["file"] == row["file_name"] and card["thumb"] == 0
     assert not (run_dir / "thumbs").exists()
     (run_dir / row["file_name"]).unlink()
-    (card,) = parse_cards(gallery_of(run_dir))
-    assert card["img"] is None and "image missing or unreadable" in card["text"]
+    gallery_of(run_dir)
+    (card,) = gallery_cards(run_dir)
+    assert card["thumb"] is None
+
+
+def test_thumbnails_are_made_while_the_run_saves_its_images(tmp_path):
+    """The run makes each item's thumbnails once its images are saved: the first is older than the last image."""
+    run_dir, _ = engine_helpers.run_batch(
+        tmp_path,
+        """\
+        name: gallery-while
+        defaults: {model: wan2.2-t2i-flash, size: "1024*1024", n: 1, prompt_extend: false}
+        prompts: [one, two, three, four, five, six, seven, eight, nine, ten]
+        """,
+        durations={"*": 20.0},
+    )
+    images = [run_dir / row["file_name"] for row in metadata(run_dir)]
+    thumbs = [run_dir / thumb_name(row["file_name"]) for row in metadata(run_dir)]
+    assert len(thumbs) == 10 and all(path.is_file() for path in thumbs)
+    # Two tasks at a time, each 20 simulated seconds (0.1 s here): five waves of saves.
+    assert min(p.stat().st_mtime_ns for p in thumbs) < max(p.stat().st_mtime_ns for p in images)
+
+
+def test_a_full_thumbnail_queue_leaves_the_rest_to_the_end_of_the_run(tmp_path):
+    """Past its queue's bound the thumbnailer takes no more (nothing waits on it); the gallery makes them."""
+    run_dir = synthetic_run(tmp_path / "run", 6)
+    with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
+        with Thumbnailer(run_dir, ledger, max_queued=0) as thumbs:
+            for row in ledger.iter_items([ItemState.saved]):
+                thumbs.item_done(row.item_id)
+        assert thumbs.made == 0 and thumbs.left == 6 and not (run_dir / "thumbs").exists()
+        write_gallery(run_dir, ledger)
+    assert len(list((run_dir / "thumbs").rglob("*.jpg"))) == 6
+    assert all(card["thumb"] == 1 for card in gallery_cards(run_dir))
+
+
+def test_lists_only_for_few_values_and_grouping_by_prompt_only_where_prompts_repeat():
+    """A facet of more than 50 values is searched, not listed nor grouped by; distinct prompts are no grouping."""
+    cards = [
+        Card(
+            file_name=f"images/{i}.png",
+            thumb=None,
+            prompt=f"prompt {i}",
+            actual_prompt=None,
+            negative_prompt=None,
+            model=("wan2.2-t2i-flash", "wan2.6-t2i")[i % 2],
+            region="beijing",
+            size="1024*1024",
+            seed=i,
+            variables={"light": ("dawn", "dusk")[i % 2]},
+            item_id=f"{i:04x}",
+            image_index=0,
+            source="job.yaml:3",
+        )
+        for i in range(MAX_SELECT_VALUES + 1)
+    ]
+    data = gallery_data("run", cards)
+    assert data["groupable"] == ["model", "var.light"] and data["defaultGroup"] == "model"
+    assert {f["name"]: len(f["values"]) for f in data["facets"]}["seed"] == MAX_SELECT_VALUES + 1
+    assert data["maxSelect"] == MAX_SELECT_VALUES

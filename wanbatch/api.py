@@ -32,7 +32,7 @@ from .engine import Engine, EngineConfig, keys_from_env, stored_plan
 from .errors import ConfigError
 from .manifest import Manifest
 from .plan import make_plan
-from .progress import live_progress
+from .progress import live_progress, log_progress
 from .quotas import QuotaTable, check_quotas, load_quotas
 from .runfolder import refuse_other_manifest
 from .submit import SubmitConfig
@@ -146,6 +146,8 @@ async def run(
             stack.enter_context(_signals(engine, cancel_pending=cancel_pending))
         if progress is not None:
             await stack.enter_async_context(live_progress(engine, progress))
+        else:
+            await stack.enter_async_context(log_progress(engine))
         return await engine.run(manifest, plan=plan)
 
 

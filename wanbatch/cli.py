@@ -383,8 +383,11 @@ def _print_failures(report: dict) -> None:
 def _print_summary(report: dict, run_dir: Path) -> None:
     items = ", ".join(f"{n} {state}" for state, n in report["items"].items() if n)
     cost = ", ".join(f"{v:.2f} {k}" for k, v in report["cost"].items()) or "0"
-    print(f"items: {items}")
-    print(f"images saved: {report['images']['saved']}  cost: {cost}  wall time: {report['wall_s']:.1f}s")
+    print(f"items (all runs): {items}")
+    print(
+        f"images saved: {report['images']['saved']} in all runs, {report['images_saved_this_run']} this run"
+        f"  cost: {cost}  wall time: {report['wall_s']:.1f}s"
+    )
     _print_failures(report)
     for lane, reason in report.get("blocked", {}).items():
         print(f"  submitting stopped for {lane}: {reason}")

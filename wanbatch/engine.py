@@ -12,6 +12,7 @@ when none is ready to be tried).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from .client import WanClient
 from .clock import Clock, ScaledClock
 from .download import DownloadConfig, Downloader
 from .errors import ConfigError
-from .gallery import write_gallery
+from .gallery import Thumbnailer, write_gallery
 from .ledger import Ledger, RunLock, read_meta
 from .outputs import write_metadata, write_report
 from .pacing import Pacer, even_limiter
@@ -67,7 +68,7 @@ class EngineConfig:
     query_qps: float = 18.0  #: below the account's 20 per second for query, list and cancel
     request_timeout_s: float = 60.0
     sync_timeout_s: float = 330.0  #: wan2.6's sync endpoint holds its answer up to 300 s
-    gallery: bool = True  #: write gallery.html (with thumbnails) at the end of each run
+    gallery: bool = True  #: thumbnails as images are saved, gallery.html at the end of each run
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -122,7 +123,7 @@ class Engine:
         self._submitter: Submitter | None = None
         self._tracker: Tracker | None = None
         self._downloader: Downloader | None = None
-        self._live: tuple | None = None  # (ledger, downloader, budget, started) while stages run
+        self._live: tuple | None = None  # (ledger, downloader, budget, started, at_start) while stages run
         self._final_snapshot: dict[str, Any] | None = None
 
     def interrupt(self, *, cancel_pending: bool = False) -> None:
@@ -142,11 +143,13 @@ class Engine:
             self._tracker.cancel_pending()
 
     def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
-        """Counts per state and this run's progress, for a live display; None before the stages start."""
+        """Counts per state, this run's progress and the counts it started from, for a live display; None before
+        the stages start."""
         if self._live is None:
             return self._final_snapshot
-        ledger, downloader, budget, started = self._live
+        ledger, downloader, budget, started, at_start = self._live
         return {
+            "at_start": at_start,
             "counts": {str(state): n for state, n in ledger.counts().items()},
             "running": self._tracker.running if self._tracker and not final else 0,
             "images_saved": downloader.saved,
@@ -256,13 +259,17 @@ class Engine:
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            stages = self._build(ledger, session, lanes_wanted, budget, run)
+        thumbs = Thumbnailer(self.run_dir, ledger) if self.config.gallery else None
+        async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
+            stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs)
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
+            # Where the runs before this one left the folder: the display's "this run" figures are the rest.
+            summary = ledger.summary()
+            at_start = {"counts": summary["items"], "images_saved": summary["images"]["saved"], "cost": budget.spent}
             self._refill(ledger, stages, budget)
-            self._live = (ledger, stages.downloader, budget, time.monotonic())
+            self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
             await _in_order(
                 stages.submitter.run,
                 stages.reconciler.run,
@@ -273,7 +280,9 @@ class Engine:
         stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"])
         return stats
 
-    def _build(self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int) -> _Stages:
+    def _build(
+        self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int, thumbs
+    ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
         limiters = {region: even_limiter(self.config.query_qps, speed=self.clock.speed) for region in regions}
@@ -289,7 +298,12 @@ class Engine:
         }
         lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
         downloader = Downloader(
-            ledger=ledger, clock=self.clock, session=session, run_dir=self.run_dir, config=self.config.download
+            ledger=ledger,
+            clock=self.clock,
+            session=session,
+            run_dir=self.run_dir,
+            config=self.config.download,
+            on_item_done=thumbs.item_done if thumbs else lambda item_id: None,
         )
         tracker = Tracker(
             ledger=ledger,

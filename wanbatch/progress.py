@@ -2,9 +2,12 @@
 
 In a terminal, a ``rich`` display refreshed a few times a second shows the
 items per stage (planned, submitted, running on the service, generated,
-saved, failed), images saved with their rate, the ETA and the cost so far;
-warnings print above it. Elsewhere (a pipe, cron, a file) each event is one
-plain log line, or one JSON object per line with ``--log-format json``.
+saved, failed), images saved and the cost, in two rows: over all runs of
+the folder, and this run's share with its rate; the ETA comes from this
+run's pace. Warnings print above it. Elsewhere (a pipe, cron, a file) each
+event is one plain log line, or one JSON object per line with
+``--log-format json``, and the same figures, labelled the same way, come as
+a ``progress:`` line every half minute.
 """
 
 from __future__ import annotations
@@ -14,13 +17,25 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-__all__ = ["JsonFormatter", "format_duration", "live_progress", "render"]
+__all__ = [
+    "Figures",
+    "JsonFormatter",
+    "figures",
+    "format_duration",
+    "live_progress",
+    "log_progress",
+    "progress_line",
+    "render",
+]
+
+log = logging.getLogger("wanbatch")
 
 
 #: The fields a log call may give (``extra=``) beside its event's name, in the order they are written.
@@ -42,31 +57,142 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False, default=str)
 
 
+#: Item states that end an item (for this manifest's run): counted as done.
+DONE_STATES = ("saved", "failed", "rejected", "expired", "canceled")
+FAILED_STATES = ("failed", "rejected", "expired")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Figures:
+    """One snapshot's figures: totals over every run of the folder, and this run's share of them.
+
+    Rates and the ETA come from this run alone (what it finished over the time it has run), so a resume
+    that finds most items done does not promise the rest at the speed of the runs before it.
+    """
+
+    total: int  #: items in the ledger
+    done: int  #: of which finished, by any run
+    done_this_run: int
+    saved: int
+    saved_this_run: int
+    failed: int
+    failed_this_run: int
+    images: int  #: images saved, by any run
+    images_this_run: int
+    cost: float
+    cost_this_run: float
+    elapsed_s: float  #: of this run
+
+    @property
+    def left(self) -> int:
+        return max(self.total - self.done, 0)
+
+    @property
+    def images_per_min(self) -> float:
+        return self.images_this_run / max(self.elapsed_s, 1e-9) * 60
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until every item is done at this run's pace; None before this run has finished any."""
+        if not self.left or self.done_this_run <= 0:
+            return None
+        return self.elapsed_s / self.done_this_run * self.left
+
+
+def figures(snapshot: dict) -> Figures:
+    """The figures of one snapshot of the engine (see ``Engine.snapshot``)."""
+    counts, before = snapshot["counts"], snapshot["at_start"]["counts"]
+
+    def total(states: tuple[str, ...], of: dict) -> int:
+        return sum(of.get(state, 0) for state in states)
+
+    return Figures(
+        total=sum(counts.values()),
+        done=total(DONE_STATES, counts),
+        done_this_run=max(total(DONE_STATES, counts) - total(DONE_STATES, before), 0),
+        saved=counts.get("saved", 0),
+        saved_this_run=max(counts.get("saved", 0) - before.get("saved", 0), 0),
+        failed=total(FAILED_STATES, counts),
+        failed_this_run=max(total(FAILED_STATES, counts) - total(FAILED_STATES, before), 0),
+        images=snapshot["at_start"]["images_saved"] + snapshot["images_saved"],
+        images_this_run=snapshot["images_saved"],
+        cost=snapshot["cost"],
+        cost_this_run=max(snapshot["cost"] - snapshot["at_start"]["cost"], 0.0),
+        elapsed_s=snapshot["elapsed_s"],
+    )
+
+
+def _eta(f: Figures) -> str:
+    return "" if f.eta_s is None else f"ETA {format_duration(f.eta_s)}"
+
+
 def render(snapshot: dict) -> Group:
-    """The display for one snapshot of the engine (see ``Engine.snapshot``)."""
-    counts = snapshot["counts"]
-    done = sum(counts.get(s, 0) for s in ("saved", "failed", "rejected", "expired", "canceled"))
-    total = sum(counts.values())
-    bar = Progress(TextColumn("items"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"))
-    rate = snapshot["images_saved"] / max(snapshot["elapsed_s"], 1e-9) * 60
-    left = max(total - done, 0)
-    eta = "" if not done or not left else f"ETA {format_duration(snapshot['elapsed_s'] / done * left)}"
-    bar.add_task("items", total=max(total, 1), completed=done, eta=eta)
+    """The display for one snapshot: items per stage and totals over all runs, then this run's share and pace."""
+    counts, f = snapshot["counts"], figures(snapshot)
+    bar = Progress(TextColumn("items (all runs)"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[eta]}"))
+    bar.add_task("items", total=max(f.total, 1), completed=f.done, eta=_eta(f))
     table = Table(box=None, show_header=True, pad_edge=False)
+    table.add_column("")
     for column in ("planned", "submitted", "running", "generated", "saved", "failed", "images", "per min", "cost"):
         table.add_column(column, justify="right")
+    currency = snapshot["currency"]
     table.add_row(
+        "all runs",
         str(counts.get("planned", 0)),
         str(counts.get("queued", 0) + counts.get("submitting", 0) + counts.get("unknown", 0)),
         str(snapshot["running"]),
         str(counts.get("generated", 0)),
-        str(counts.get("saved", 0)),
-        str(sum(counts.get(s, 0) for s in ("failed", "rejected", "expired"))),
-        str(snapshot["images_saved"]),
-        f"{rate:.1f}",
-        f"{snapshot['cost']:.2f} {snapshot['currency']}",
+        str(f.saved),
+        str(f.failed),
+        str(f.images),
+        "",
+        f"{f.cost:.2f} {currency}",
+    )
+    table.add_row(
+        "this run",
+        "",
+        "",
+        "",
+        "",
+        str(f.saved_this_run),
+        str(f.failed_this_run),
+        str(f.images_this_run),
+        f"{f.images_per_min:.1f}",
+        f"{f.cost_this_run:.2f} {currency}",
     )
     return Group(bar, table)
+
+
+def progress_line(snapshot: dict) -> str:
+    """The same figures as :func:`render`, labelled the same way, as one log line."""
+    f = figures(snapshot)
+    eta = f"; {_eta(f)}" if f.eta_s is not None else ""
+    return (
+        f"progress: {f.done}/{f.total} items done, {f.images} images saved (all runs); this run: "
+        f"{f.done_this_run} items, {f.images_this_run} images in {format_duration(f.elapsed_s)}, "
+        f"{f.images_per_min:.1f} images/min{eta}"
+    )
+
+
+@contextlib.asynccontextmanager
+async def log_progress(engine, *, interval_s: float = 30.0):
+    """Log :func:`progress_line` every ``interval_s`` while the body runs: the live display's figures where
+    there is no terminal (cron, a pipe, a file)."""
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            snapshot = engine.snapshot()
+            if snapshot is not None:
+                log.info("%s", progress_line(snapshot))
+
+    task = asyncio.create_task(report())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,38 @@
+"""The gallery: ``gallery.html`` in the run folder, to compare a run's images by eye.
+
+The page (:mod:`.page`) is small and fixed; the run's cards are in ``gallery-data.js`` beside it
+(:mod:`.data`), and each card's thumbnail in ``thumbs/`` (:mod:`.thumbs`), made while the run saves its
+images. Every path in them is relative to the run folder, so the folder can be opened from disk or served
+as it is from object storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .data import cards_of, gallery_data
+from .page import DATA_FILE, DATA_GLOBAL, GALLERY_FILE, page
+from .thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnailer, thumb_name
+
+__all__ = ["DATA_FILE", "GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "Thumbnailer", "thumb_name", "write_gallery"]
+
+
+def write_gallery(run_dir: Path, ledger) -> Path:
+    """Write ``gallery.html`` and ``gallery-data.js`` for every saved image (missing thumbnails made); the page."""
+    run_dir = Path(run_dir)
+    cards = cards_of(run_dir, ledger)
+    data = gallery_data(run_dir.name, cards)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    # The data first: a page never names data that is not there yet.
+    _write_atomic(run_dir / DATA_FILE, f"window.{DATA_GLOBAL} = {text};\n")
+    path = run_dir / GALLERY_FILE
+    _write_atomic(path, page(run_dir.name, images=len(cards), requests=data["requests"]))
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
