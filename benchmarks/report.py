@@ -425,7 +425,7 @@ def gallery_lines(gallery: dict[str, Any] | None) -> list[str]:
     for row in gallery["sizes"]:
         first = "–" if row["first_cards_ms"] is None else f"{row['first_cards_ms']:,} ms"
         lines.append(
-            f"| {row['images']:,} | {row['page_bytes']:,} B | {row['data_bytes'] / 1e6:.1f} MB"
+            f"| **{row['images']:,}** | {row['page_bytes']:,} B | {row['data_bytes'] / 1e6:.1f} MB"
             f" | {row['end_of_run_s']:.2f} s | {row['thumb_while_saving_ms']:.1f} ms ({row['thumb_workers']})"
             f" | {row['thumb_at_end_ms']:.1f} ms | {row['end_of_run_all_thumbs_s']:,.1f} s"
             f" (thumbnails timed on {row['thumb_sample']:,}) | {first} |"
