@@ -178,7 +178,7 @@ def test_global_flags_work_after_the_subcommand(tmp_path):
     )
     assert logged.returncode == 0, logged.stderr
     events = [json.loads(line) for line in logged.stderr.splitlines()]
-    assert any(event["event"].startswith("plan:") for event in events)
+    assert any(event["message"].startswith("plan:") for event in events)
     before = wanbatch("-v", "status", str(tmp_path / "q"), "-q")
     assert before.returncode == 0 and "2 saved" in before.stdout
 
