@@ -282,3 +282,14 @@ async def test_retry_held_sends_an_item_held_as_unknown_twice_once_more(start_si
     assert sim.requests["create"] == 2 and again["items"]["unknown"] == 1
     released = await engine_for(sim, tmp_path / "run", reconcile=QUICK, retry_held=True).run(manifest)
     assert sim.requests["create"] == 3 and released["items"]["saved"] == 1 and len(sim.billing) == 1
+
+
+async def test_a_create_answered_500_after_its_task_was_made_is_adopted_not_sent_again(start_sim, tmp_path):
+    """The gateway answers 500 or 503 to creates whose tasks the service made: each item is adopted from the
+    list, none is sent a second time, and every image is saved, paid once."""
+    sim = await start_sim(**FAST, fault_rates={"error_after_create": 1.0})
+    manifest = manifest_of(tmp_path, ["a bronze gong", "a felt hat", "a tin whistle"])
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    assert sim.faults_injected["error_after_create"] == 3
+    assert (report["reconciled_adopted"], report["reconciled_resent"]) == (3, 0)
+    assert sim.requests["create"] == 3 and len(sim.billing) == 3 and report["items"]["saved"] == 3
