@@ -36,6 +36,7 @@ from wanbatch.download import DownloadConfig
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
+from wanbatch.reconcile import ReconcileConfig
 from wanbatch.sim import SIM_STATE, SimConfig, SimHandle, create_app
 from wanbatch.states import ImageState, ItemState
 
@@ -644,3 +645,58 @@ async def test_api_redirects_are_not_followed_and_the_key_stays_home(tmp_path: P
     assert all(row.state is ItemState.rejected and "307" in (row.error_code or "") for row in refused), refused
     assert_billed_once(sim)
     assert states(report).get("saved", 0) == outcomes[ItemState.saved]
+
+
+@web.middleware
+async def in_pieces(request: web.Request, handler) -> web.StreamResponse:
+    """Every API answer sent in small pieces, a pause between them, as a slow gateway may."""
+    response = await handler(request)
+    body = _json_of(response) if request.path.startswith("/api/v1/") else None
+    if body is None:
+        return response
+    payload = json.dumps(body).encode()
+    streamed = web.StreamResponse(status=response.status, headers={"Content-Type": "application/json"})
+    await streamed.prepare(request)
+    for start in range(0, len(payload), 40):
+        await streamed.write(payload[start : start + 40])
+        await asyncio.sleep(0.002)
+    await streamed.write_eof()
+    return streamed
+
+
+async def test_answers_that_arrive_in_pieces_are_read_whole(tmp_path: Path) -> None:
+    """Every answer of the service comes in 40-byte pieces: each is read to its end, so creates, queries and
+    lists are understood and the batch saves every image, each paid once."""
+    async with hostile_sim(middlewares=[in_pieces]) as sim:
+        report = await run_engine(sim, write_manifest(tmp_path, ["a quill", "an inkwell"]), tmp_path / "run")
+    assert states(report) == {"saved": 2} and report["reconciled_adopted"] == 0
+    assert_billed_once(sim)
+
+
+async def test_a_list_whose_row_for_our_task_is_unreadable_proves_nothing(tmp_path: Path) -> None:
+    """A create's answer is lost after its task was made, and the task list gives that task's row a creation
+    time that is not a number: the list is not read as proof that no task exists, so the item is never sent
+    again; it is held for the user once its time to decide has passed."""
+    lost = Damage(create={"lost": lambda body: _raw(502, _HTML, "text/html")})
+
+    @web.middleware
+    async def unreadable_rows(request: web.Request, handler) -> web.StreamResponse:
+        response = await handler(request)
+        body = _json_of(response)
+        if request.path.rstrip("/").endswith("/tasks") and body is not None:
+            for row in body.get("data") or ():
+                row["gmt_create"] = float(row["gmt_create"])
+            return _raw(200, json.dumps(body).encode())
+        return response
+
+    async with hostile_sim(middlewares=[lost.middleware, unreadable_rows]) as sim:
+        config = EngineConfig(
+            base_urls={"beijing": sim.base_url},
+            speed=sim.clock.speed,
+            reconcile=ReconcileConfig(request_window_s=20.0, list_lag_s=5.0, retry_s=2.0, undecided_max_s=60.0),
+        )
+        engine = Engine(run_dir=tmp_path / "run", keys={"beijing": KEY}, config=config, clock=sim.clock)
+        manifest = Manifest.from_yaml(write_manifest(tmp_path, ["a lost lantern"]))
+        report = await asyncio.wait_for(engine.run(manifest), timeout=20)
+    assert lost.done == {"lost": 1} and sim.requests["create"] == 1
+    assert report["reconciled_resent"] == 0 and report["failures"]["HeldUndecided"]["count"] == 1

@@ -151,8 +151,8 @@ class WanClient:
                 timeout=timeout or self._timeout,
                 allow_redirects=False,
             ) as resp:
-                raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
-                if len(raw) > MAX_ANSWER_BYTES:  # no answer of the API comes near this: a broken or hostile server
+                raw = await _read_capped(resp.content, MAX_ANSWER_BYTES)
+                if raw is None:  # no answer of the API comes near the cap: a broken or hostile server
                     raw = b""
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
@@ -187,8 +187,25 @@ class WanClient:
 
 
 def _refused(status: int, data: dict[str, Any]) -> bool:
-    """Whether an error answer to a create is the service's refusal, which proves that no task was made."""
-    return status == 429 or (400 <= status < 500 and isinstance(data.get("code"), str) and bool(data["code"]))
+    """Whether an error answer to a create is the service's refusal, which proves that no task was made: a 429,
+    or a 4xx whose code refuses the request (a 4xx saying it timed out or failed inside proves nothing)."""
+    code = data.get("code")
+    if status == 429:
+        return True
+    if not (400 <= status < 500 and isinstance(code, str) and code):
+        return False
+    return not classify_api_error(status, code, "").retryable
+
+
+async def _read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
+    """The whole body, read to its end (a body arrives in chunks); None past ``cap`` bytes."""
+    chunks, size = [], 0
+    while chunk := await content.read(min(cap + 1 - size, 1 << 20)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            return None
+    return b"".join(chunks)
 
 
 def _clip(value: object, limit: int = 200) -> str:

@@ -333,15 +333,25 @@ class Ledger:
         sql = "SELECT count(*) FROM transitions WHERE item_id = ? AND to_state = 'unknown'"
         return self._conn.execute(sql, (item_id,)).fetchone()[0]
 
-    def recent_tasks(self, region: str, limit: int) -> list[tuple[str, int]]:
-        """The newest tasks the ledger knows in ``region``, with when their attempts began (our clock, ms)."""
+    def run_span(self, at_ms: int) -> tuple[int, int]:
+        """When the run that was going on at ``at_ms`` (our clock) began, and when the next one did (or the end
+        of time): the attempts in that span were made by one process, with one key, on one clock."""
+        begun = self._conn.execute("SELECT max(started_ms) FROM runs WHERE started_ms <= ?", (at_ms,)).fetchone()[0]
+        after = self._conn.execute("SELECT min(started_ms) FROM runs WHERE started_ms > ?", (at_ms,)).fetchone()[0]
+        return (begun if begun is not None else 0, after if after is not None else 2**62)
+
+    def recent_tasks(
+        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62
+    ) -> list[tuple[str, int]]:
+        """The newest tasks the ledger knows in ``region`` whose attempts began in [``since_ms``, ``until_ms``),
+        with when they began (our clock, ms)."""
         # From the audit's end, not the items: in a big run the items with tasks are few among the planned.
         rows = self._conn.execute(
             """SELECT items.task_id, items.submit_started_ms FROM transitions JOIN items USING (item_id)
                WHERE transitions.to_state = 'queued' AND items.region = ? AND items.task_id IS NOT NULL
-                 AND items.submit_started_ms IS NOT NULL
+                 AND items.submit_started_ms >= ? AND items.submit_started_ms < ?
                ORDER BY transitions.id DESC LIMIT ?""",
-            (region, limit * 4),
+            (region, since_ms, until_ms, limit * 4),
         ).fetchall()
         return list(dict.fromkeys((task_id, started) for task_id, started in rows))[:limit]
 

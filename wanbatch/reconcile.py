@@ -35,38 +35,43 @@ import asyncio
 import enum
 import logging
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import aiohttp
 
 from .aio import wait_event
 from .budget import Budget
+from .catalog import Protocol
 from .errors import ApiError, TransportError
 from .records import ItemRow
 from .results import write_off
 from .states import ItemState
-from .wire import SERVICE_TZ, MalformedAnswer, image_results, result_prompts
+from .wire import MalformedAnswer, image_results, result_prompts
 
 __all__ = ["HELD_CODES", "ReconcileConfig", "Reconciler", "echoes_prompt"]
 
 log = logging.getLogger("wanbatch")
 
-OPEN = frozenset({"PENDING", "RUNNING"})
-FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})  #: a task in these states answers the same ever after
+UNBILLED = frozenset({"FAILED", "CANCELED", "CANCELLED"})  #: tasks in these states cost nothing
+FINISHED = frozenset({"SUCCEEDED"}) | UNBILLED  #: a task in these states answers the same ever after
 #: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
 #: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
 SHORTEST_ECHO = 400
 #: Why an unknown item is held for the user instead of decided.
 HELD_CODES = frozenset({"HeldAmbiguous", "HeldUndecided", "HeldUnknownTwice"})
 _PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, height
+_DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconcileConfig:
     request_window_s: float = 300.0  #: the gateway may hold a create this long before its task exists
     list_lag_s: float = 120.0  #: a new task may show in the task list this much later than it was made
-    clock_margin_s: float = 120.0  #: slack before an attempt's window placed on the service's clock
+    clock_margin_s: float = 120.0  #: slack either side of an attempt's window, with the clocks' offset learned
+    #: slack either side where the offset is not known for that attempt (an earlier process's, or none learned)
+    unknown_clock_margin_s: float = 900.0
+    facts_ttl_s: float = 60.0  #: how long what was learned of our key and the clocks is trusted
     undecided_max_s: float = 1800.0  #: after the window, how long candidates still running may hold an item
     max_unknowns: int = 2  #: an item unknown this many times is held, not sent again, when no task is found
     retry_s: float = 5.0  #: how often to look again at unresolved items
@@ -85,16 +90,17 @@ class _Verdict(enum.Enum):
 
 @dataclass(slots=True)
 class _KeyFacts:
-    """What the service's list tells of our key in one region, learned from tasks the ledger knows."""
+    """What the service's list tells of one run's key in one region, learned from tasks that run made there."""
 
     key_id: str | None = None  #: our key's ``api_key_id``
-    offset_ms: int | None = None  #: service time of a task's creation minus our clock at its attempt's start
+    offset_ms: tuple[int, int] | None = None  #: (least, most) service creation time minus our attempt's start
+    learned_s: float = float("-inf")
 
 
 @dataclass(slots=True)
 class _Listing:
-    entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable
-    complete: bool = True  #: every page was read
+    entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable, each once
+    complete: bool = True  #: every page was read, and every row on them
     at_s: float = 0.0  #: when it was asked for (our clock): proof only of what could show by then
 
 
@@ -124,8 +130,9 @@ class Reconciler:
         self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
         self._pending: dict[str, object] = {}  # item_id -> lane
         self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
-        self._sizes: dict[str, tuple[int, int]] = {}  #: image URL -> its (width, height)
-        self._keys: dict[str, _KeyFacts] = {}  #: region -> what we know of our key there
+        self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
+        #: (region, start of a run's span) -> what the tasks that run made tell of its key and clock there
+        self._keys: dict[tuple[str, int], _KeyFacts] = {}
         self._changed = asyncio.Event()
         self.adopted = self.resent = self.held = 0
 
@@ -141,45 +148,65 @@ class Reconciler:
                     await self._sweep(lane)
                 except (ApiError, TransportError) as exc:
                     log.info("↻ reconcile %s %s: %s", lane.region, lane.model, exc)
+                    self._hold_overdue(lane)
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
             else:
                 self._finished.clear()  # the next unknown outcome looks at the list as it is then
                 await wait_event(self._changed, 0.2)
 
-    async def _sweep(self, lane) -> None:
-        """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
-        facts = await self._facts(lane)
-        rows = sorted(
+    def _rows(self, lane) -> list[ItemRow]:
+        return sorted(
             (self._ledger.get(i) for i, other in self._pending.items() if other is lane),
             key=lambda row: (row.submit_started_ms or 0, row.seq),
         )
+
+    async def _sweep(self, lane) -> None:
+        """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
+        rows = self._rows(lane)
+        facts = {row.item_id: await self._facts(lane, row) for row in rows}
         listing = await self._listing(lane, rows, facts)
+        verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
+        # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
+        claims = Counter(
+            entry["task_id"] for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
+        )
+        shared = {task_id for task_id, count in claims.items() if count > 1}
         for row in rows:
-            if await self._decide(lane, row, listing, facts):
+            # Not one adopted by an earlier row of this sweep.
+            found = [(entry, verdict) for entry, verdict in verdicts[row.item_id] if entry in listing.entries]
+            if self._decide(lane, row, listing, facts[row.item_id], found, shared):
                 del self._pending[row.item_id]
                 lane.settle_doubt(row.item_id)
                 self._changed.set()
 
-    async def _decide(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> bool:
-        """Settle ``row`` if the listing allows; True once it has left the reconciler."""
+    async def _verdicts(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> list:
+        found = []
+        for entry in listing.entries:
+            if self._in_window(entry, row, facts):
+                verdict = await self._verdict(lane, row, entry)
+                if verdict is not _Verdict.NOT_OURS:
+                    found.append((entry, verdict))
+        return found
+
+    def _decide(
+        self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts, found: list, shared: set[str]
+    ) -> bool:
+        """Settle ``row`` if the listing allows (``shared``: tasks that fit other attempts too); True once it has
+        left the reconciler."""
         cfg, now = self.config, self._clock.now()
         started_s = (row.submit_started_ms or 0) / 1000
-        if now - started_s > cfg.task_lifetime_s:
+        if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
             self._write_off(lane, row)
             return True
-        fits, maybe = [], []
-        for entry in listing.entries:
-            if not self._in_window(entry, row, facts):
-                continue
-            verdict = await self._verdict(lane, row, entry)
-            if verdict in (_Verdict.FITS, _Verdict.FITS_BY_PROMPT):
-                fits.append((entry, verdict))
-            elif verdict is _Verdict.MAYBE:
-                maybe.append(entry)
+        fits = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
+        maybe = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
         closed_s = started_s + cfg.request_window_s + cfg.list_lag_s
         closed = listing.complete and listing.at_s >= closed_s
-        if len(fits) > 1:
+        ambiguous = len(fits) > 1 or any(entry["task_id"] in shared for entry, _ in fits)
+        if ambiguous:
+            if not closed:
+                return False  # more may show; decide once none can
             return self._hold(lane, row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
         if len(fits) == 1 and not maybe:
             entry, verdict = fits[0]
@@ -196,54 +223,72 @@ class Reconciler:
             return self._hold(lane, row, "HeldUndecided", reason, fits, maybe)
         return False
 
+    def _hold_overdue(self, lane) -> None:
+        """The list cannot be read: items past their time to decide are held rather than kept open for ever."""
+        cfg, now = self.config, self._clock.now()
+        for row in self._rows(lane):
+            if now >= (row.submit_started_ms or 0) / 1000 + cfg.request_window_s + cfg.list_lag_s + cfg.undecided_max_s:
+                reason = "the task list could not be read in time to tell"
+                if self._hold(lane, row, "HeldUndecided", reason, [], []):
+                    del self._pending[row.item_id]
+                    lane.settle_doubt(row.item_id)
+
     # -- what the list says -----------------------------------------------------------------------------------
 
-    async def _facts(self, lane) -> _KeyFacts:
-        """Our key's id and the service clock's offset, from up to five tasks of the region the ledger knows."""
-        facts = self._keys.setdefault(lane.region, _KeyFacts())
-        if facts.key_id is not None and facts.offset_ms is not None:
+    async def _facts(self, lane, row: ItemRow) -> _KeyFacts:
+        """The key's id and the clocks' offset of the run that made ``row``'s attempt, from up to five tasks that
+        run made in the region (another run may have had another key, or a clock set otherwise)."""
+        span = self._ledger.run_span(row.submit_started_ms or 0)
+        facts = self._keys.setdefault((lane.region, span[0]), _KeyFacts())
+        now = self._clock.now()
+        if facts.offset_ms is not None and now - facts.learned_s < self.config.facts_ttl_s:
             return facts
         offsets = []
-        for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5):
-            entries, _ = await self._list_page(lane, 1, task_id=task_id)
-            entry = entries[0] if entries else None
-            if entry is None or entry["task_id"] != task_id:
+        for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
+            entries, _, _ = await self._list_page(lane, 1, task_id=task_id)
+            entry = next((e for e in entries if e["task_id"] == task_id), None)
+            if entry is None:
                 continue
-            facts.key_id = entry.get("api_key_id") if isinstance(entry.get("api_key_id"), str) else facts.key_id
-            offsets.append(entry["gmt_create"] - started_ms)
+            if isinstance(entry.get("api_key_id"), str):
+                facts.key_id = entry["api_key_id"]
+            offset = entry["gmt_create"] - started_ms
+            if abs(offset) < _DAY_MS:  # a garbled time teaches nothing
+                offsets.append(offset)
         if offsets:
-            # A create reaches the service after its attempt began: the smallest gap is the clocks' offset.
-            facts.offset_ms = min(offsets)
+            facts.offset_ms, facts.learned_s = (min(offsets), max(offsets)), now
         return facts
 
-    async def _listing(self, lane, rows: list[ItemRow], facts: _KeyFacts) -> _Listing:
-        """The unclaimed tasks of the lane's model that could belong to any of ``rows``: made by our key, in
-        the span of their windows (where both are known)."""
+    async def _listing(self, lane, rows: list[ItemRow], facts: dict[str, _KeyFacts]) -> _Listing:
+        """The unclaimed tasks of the lane's model (of our key, where every row's attempt is known to use it)."""
         listing = _Listing(at_s=self._clock.now())
         params: dict[str, str] = {"model_name": lane.offer.api_name}
-        if facts.key_id is not None:
-            params["api_key_id"] = facts.key_id
-        if facts.offset_ms is not None and rows:
-            low = min(row.submit_started_ms or 0 for row in rows) + facts.offset_ms - self._margin_ms
-            high = max(row.submit_started_ms or 0 for row in rows) + facts.offset_ms + self._window_ms
-            if high - low < 24 * 3600 * 1000:  # the list's longest window; past it, its default (the last day)
-                params |= {"start_time": _list_time(low - 1000), "end_time": _list_time(high + 1000)}
+        keys = {facts[row.item_id].key_id for row in rows}
+        if len(keys) == 1 and None not in keys:
+            params["api_key_id"] = keys.pop()
+        seen: set[str] = set()
         for page in range(1, self.config.max_pages + 1):
-            entries, total_pages = await self._list_page(lane, page, **params)
-            listing.entries += [e for e in entries if self._ledger.item_for_task(e["task_id"]) is None]
-            if not entries or page >= total_pages:
+            entries, raw_rows, total_pages = await self._list_page(lane, page, **params)
+            if len(entries) < raw_rows or total_pages is None:
+                listing.complete = False  # a row or the page count could not be read: nothing is proven absent
+            for entry in entries:
+                if entry["task_id"] not in seen and self._ledger.item_for_task(entry["task_id"]) is None:
+                    listing.entries.append(entry)
+                seen.add(entry["task_id"])
+            if raw_rows < self.config.page_size or (total_pages is not None and page >= total_pages):
                 return listing
         listing.complete = False
         return listing
 
-    async def _list_page(self, lane, page: int, **params: str) -> tuple[list[dict], int]:
-        """One page of the list: its readable entries (a task id, a status, a creation time) and the page count."""
+    async def _list_page(self, lane, page: int, **params: str) -> tuple[list[dict], int, int | None]:
+        """One page of the list: its readable entries (a task id, a status, a creation time), how many rows it
+        had, and the page count (None when unreadable)."""
         await self._limiters[lane.region].acquire()
         data = await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params)
         rows = data.get("data")
+        rows = rows if isinstance(rows, list) else []
         entries = [
             row
-            for row in (rows if isinstance(rows, list) else [])
+            for row in rows
             if isinstance(row, dict)
             and isinstance(row.get("task_id"), str)
             and row["task_id"]
@@ -252,38 +297,34 @@ class Reconciler:
             and not isinstance(row.get("gmt_create"), bool)
         ]
         pages = data.get("total_page")
-        return entries, pages if isinstance(pages, int) else 0
+        valid = isinstance(pages, int) and not isinstance(pages, bool) and pages >= 0
+        return entries, len(rows), pages if valid else None
 
     def _in_window(self, entry: dict, row: ItemRow, facts: _KeyFacts) -> bool:
-        """Whether the listed task was made by our key within the attempt's window (as far as both are known)."""
+        """Whether the listed task may be the attempt's: made in its window (as far as the clocks' offset is known
+        for its run), by its run's key (where known)."""
         if facts.key_id is not None and entry.get("api_key_id", facts.key_id) != facts.key_id:
             return False
-        if facts.offset_ms is None:
-            return True
-        start_ms = (row.submit_started_ms or 0) + facts.offset_ms
-        return start_ms - self._margin_ms <= entry["gmt_create"] <= start_ms + self._window_ms
-
-    @property
-    def _margin_ms(self) -> int:
-        return int(self.config.clock_margin_s * 1000)
-
-    @property
-    def _window_ms(self) -> int:
-        # No margin after the window: the offset is learned as the smallest gap a create of ours took to land,
-        # never less than the clocks' true offset, so the window's end can only fall late, never early.
-        return int((self.config.request_window_s + 2.0) * 1000)
+        known = facts.offset_ms is not None
+        least, most = facts.offset_ms if known else (0, 0)
+        margin_s = self.config.clock_margin_s if known else self.config.unknown_clock_margin_s
+        start_ms = row.submit_started_ms or 0
+        low = start_ms + least - margin_s * 1000
+        high = start_ms + most + (self.config.request_window_s + margin_s) * 1000
+        return low <= entry["gmt_create"] <= high
 
     # -- does a candidate fit the request ---------------------------------------------------------------------
 
     async def _verdict(self, lane, row: ItemRow, entry: dict) -> _Verdict:
-        if entry["status"] in OPEN:
-            return _Verdict.MAYBE  # its results, and so its prompt and images, show only once it ends
+        """Whether the listed task is this attempt's. Only what was read and found different rules it out."""
+        if entry["status"] in UNBILLED:
+            return _Verdict.NOT_OURS  # failed or canceled tasks are not billed: nothing of ours to lose
         if entry["status"] != "SUCCEEDED":
-            return _Verdict.NOT_OURS  # failed or canceled tasks are not billed; gone ones cannot be adopted
+            return _Verdict.MAYBE  # running, or a status that may pass (UNKNOWN for a young task, SUSPENDED)
         answer = await self._answer(lane, entry["task_id"])
         output = answer.get("output") if answer else None
         status = output.get("task_status") if isinstance(output, dict) else None
-        if status in ("FAILED", "CANCELED"):
+        if status in UNBILLED:
             return _Verdict.NOT_OURS
         if status != "SUCCEEDED":
             return _Verdict.MAYBE  # unreadable, or an answer that lags the list: ask again next sweep
@@ -295,12 +336,17 @@ class Reconciler:
         echoed = result_prompts(output)
         if echoed and not any(echoes_prompt(text, request["prompt"]) for text in echoed):
             return _Verdict.NOT_OURS
+        if not echoed and lane.offer.model.protocol is Protocol.LEGACY and not lane.prompts_hidden:
+            # This service's answers do not show the prompt: from now on the lane's creates are told apart by
+            # time alone, so only one may be in doubt at a time.
+            lane.prompts_hidden = True
+            log.warning("? %s results show no prompt: its creates go one at a time while one is in doubt", lane.model)
         metrics = output.get("task_metrics")
         asked = metrics.get("TOTAL") if isinstance(metrics, dict) else None
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         if len(results) > row.n_images or (isinstance(asked, int) and asked != row.n_images):
             return _Verdict.NOT_OURS
-        if isinstance(usage.get("size"), str) and usage["size"] != request["size"]:
+        if isinstance(usage.get("size"), str) and usage["size"].replace("x", "*") != request["size"]:
             return _Verdict.NOT_OURS
         wanted = tuple(int(side) for side in request["size"].split("*"))
         for result in results:
@@ -308,7 +354,7 @@ class Reconciler:
                 continue
             size = await self._image_size(lane, result.url)
             if size is None:
-                return _Verdict.MAYBE
+                return _Verdict.MAYBE  # not read now (an error, or not a PNG): no proof either way
             if size != wanted:
                 return _Verdict.NOT_OURS
         return _Verdict.FITS_BY_PROMPT if echoed else _Verdict.FITS
@@ -345,7 +391,7 @@ class Reconciler:
             return None
         signature, _, chunk, width, height = _PNG_HEAD.unpack(head)
         if signature != b"\x89PNG\r\n\x1a\n" or chunk != b"IHDR":
-            return (0, 0)  # not a PNG: fits no request
+            return None
         self._sizes[url] = (width, height)
         return width, height
 
@@ -362,6 +408,10 @@ class Reconciler:
 
     def _no_task(self, lane, row: ItemRow) -> bool:
         """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
+        if row.endpoint is None and lane.offer.model.protocol is not Protocol.LEGACY:
+            # Recorded before attempts noted their endpoint: it may have been a sync call, which no list shows.
+            reason = "the attempt may have been a sync call (its endpoint was not recorded), which no list shows"
+            return self._hold(lane, row, "HeldUndecided", reason, [], [])
         released = self.retry_held and row.error_code == "HeldUnknownTwice"
         if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
             reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
@@ -380,7 +430,8 @@ class Reconciler:
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
-        self._budget.settle(row.item_id, row.n_images * row.price_per_image)
+        # Counted as spent while a task may exist; the list proved none for an item unknown twice.
+        self._budget.settle(row.item_id, 0.0 if code == "HeldUnknownTwice" else row.n_images * row.price_per_image)
         lane.slots.release()
         self.held += 1
         log.warning("? %s held: %s%s", row.item_id, reason, evidence)
@@ -397,7 +448,3 @@ class Reconciler:
         )
         lane.slots.release()
 
-
-def _list_time(epoch_ms: int) -> str:
-    """A list filter time as the service documents it: ``YYYYMMDDhhmmss`` in UTC+8."""
-    return datetime.fromtimestamp(epoch_ms / 1000, SERVICE_TZ).strftime("%Y%m%d%H%M%S")

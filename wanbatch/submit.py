@@ -40,6 +40,7 @@ __all__ = ["Lane", "Slots", "SubmitConfig", "Submitter"]
 log = logging.getLogger("wanbatch")
 
 SHARED_KEY = ""  #: the doubt key of every wan2.6 create: its results do not show the prompt
+SYNC_KEY = "sync "  #: the doubt keys of sync calls begin so: a lost sync answer is never sent again
 
 #: Codes that stop every lane of the key's region, not just one model.
 KEY_WIDE = frozenset({"InvalidApiKey", "Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
@@ -104,6 +105,7 @@ class Lane:
     skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
     #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
     doubt: dict[str, str] = field(default_factory=dict)
+    prompts_hidden: bool = False  #: a result of this lane's model came without its prompt: tell creates apart by time
     unreachable: int = 0  #: connections that failed to open in a row
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
 
@@ -114,8 +116,14 @@ class Lane:
 
     @property
     def one_at_a_time(self) -> bool:
-        """Whether every create of the lane shares one doubt key (wan2.6): then one is in doubt at a time."""
-        return self.offer.model.protocol is not Protocol.LEGACY
+        """Whether every create of the lane shares one doubt key: wan2.6's, and a legacy lane whose results were
+        seen without their prompt (as some of the service's answers come); then one is in doubt at a time."""
+        return self.offer.model.protocol is not Protocol.LEGACY or self.prompts_hidden
+
+    @property
+    def async_in_doubt(self) -> bool:
+        """Whether a create that the task list could show is in doubt (a sync call's never is)."""
+        return any(not key.startswith(SYNC_KEY) for key in self.doubt.values())
 
     def settle_doubt(self, item_id: str) -> None:
         self.doubt.pop(item_id, None)
@@ -187,7 +195,7 @@ class Submitter:
         # it sends one and must wait for its answer before the next.
         limit = 8 if lane.one_at_a_time else self.config.batch
         while not (self.stop.is_set() or lane.blocked):
-            if lane.one_at_a_time and SHARED_KEY in lane.doubt.values():
+            if lane.one_at_a_time and lane.async_in_doubt:
                 return sent, held + 1
             rows = list(
                 self._ledger.iter_items(
@@ -235,7 +243,7 @@ class Submitter:
         await lane.pacer.wait()
         self.in_flight += 1
         # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
-        lane.doubt[row.item_id] = f"sync {row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
+        lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
         group.create_task(self._submit(lane, row))
         return True
 

@@ -133,7 +133,10 @@ def url_expires_s(url: str) -> float | None:
     Raises :class:`MalformedAnswer` for one that is not a number, not finite or past any real date: the
     answer is garbled (and such a value could overflow the ledger's integers), so it is asked for again.
     """
-    values = parse_qs(urlsplit(url).query).get("Expires")
+    try:
+        values = parse_qs(urlsplit(url).query).get("Expires")
+    except ValueError:  # not a URL at all (an unclosed [host], say)
+        raise MalformedAnswer(f"result URL {url!r:.120} cannot be read") from None
     if not values:
         return None
     try:
@@ -151,4 +154,5 @@ def result_prompts(output: Mapping[str, Any]) -> set[str]:
     results = output.get("results")
     if not isinstance(results, list):
         return set()
-    return {e["orig_prompt"] for e in results if isinstance(e, dict) and isinstance(e.get("orig_prompt"), str)}
+    prompts = [e.get("orig_prompt") for e in results if isinstance(e, dict)]
+    return {p for p in prompts if isinstance(p, str) and p}  # an empty echo tells nothing
