@@ -49,6 +49,8 @@ __all__ = ["DownloadConfig", "Downloader", "verify_png"]
 
 log = logging.getLogger("wanbatch")
 
+CHECK_PAGE = 2000  #: saved images whose files are looked at in one trip to a worker thread
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DownloadConfig:
@@ -112,6 +114,7 @@ class Downloader:
         self._interrupted = False
         self._wake = asyncio.Event()
         self._busy = 0
+        self._checking = False  #: the saved files are being looked at: the stage does not end before
         # Each image is queued once while it is open (a resume and a late result may both offer it); the item
         # rows of open images are kept, so an image costs no ledger read of its own.
         self._queued: set[tuple[str, int]] = set()
@@ -123,7 +126,7 @@ class Downloader:
 
     @property
     def idle(self) -> bool:
-        return not self._heap and not self._waiting and not self._busy
+        return not self._heap and not self._waiting and not self._busy and not self._checking
 
     def interrupt(self) -> None:
         """The user stopped the run: once the stages before this one end, images waiting for a retry are
@@ -164,9 +167,9 @@ class Downloader:
             del self._items[job.item_id]
 
     def load_pending(self) -> int:
-        """Queue every image the ledger says is still to be saved (on start and resume), and those it says are
-        saved but whose file is gone or damaged."""
-        self._reopen_missing()
+        """Queue every image the ledger says is still to be saved (on start and resume). Those it says are saved
+        but whose file is gone or damaged are looked for as the stage runs (:meth:`_check_saved`), so that a big
+        folder's resume does not wait for a stat of every file before its first request."""
         for row in self._ledger.iter_items([ItemState.generated]):
             # A stop between an item's last image and its own move leaves it generated with nothing pending.
             self._ledger.settle(row.item_id)
@@ -177,29 +180,35 @@ class Downloader:
         self._wake.set()
         return count
 
-    def _reopen_missing(self) -> None:
-        """Saved images whose file is missing or not of the size saved go back to pending: a paid image the
-        disk lost is fetched again while its URL lives (a stat per saved image, once per run)."""
-        damaged = []
-        for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
-            path = self.run_dir / (image.file_name or "")
-            try:
-                size_bytes = path.stat().st_size if image.file_name else None
-            except FileNotFoundError:
-                size_bytes = None
-            if size_bytes != image.size_bytes:
-                damaged.append((image, path, size_bytes))
-        for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
-            if size_bytes is None:
-                reason = f"{image.file_name} was missing on resume"
-            else:
-                reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
-                path.unlink()  # our own file, damaged: the image is placed there again
-            self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
-            log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
+    async def _check_saved(self) -> None:
+        """Saved images whose file is missing or not of the size saved go back to pending: a paid image the disk
+        lost is fetched again while its URL lives. The files are looked at in a worker thread, a page at a time."""
+        damaged: list[tuple[ImageRow, Path, int | None]] = []
+        page: list[ImageRow] = []
+        try:
+            for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
+                page.append(image)
+                if len(page) >= CHECK_PAGE:
+                    damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+                    page = []
+            damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+            for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
+                if size_bytes is None:
+                    reason = f"{image.file_name} was missing on resume"
+                else:
+                    reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
+                    path.unlink(missing_ok=True)  # our own file, damaged: the image is placed there again
+                self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
+                log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
+                self.add_item(image.item_id)
+        finally:
+            self._checking = False
+            self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
+            self._checking = True
+            group.create_task(self._check_saved())
             for _ in range(self.config.workers):
                 group.create_task(self._worker(stop))
         # Every partial file is renamed or removed by now; an empty folder would only puzzle whoever looks.
@@ -210,7 +219,7 @@ class Downloader:
         while True:
             self._release_due()
             if not self._heap:
-                if stop.is_set() and not self._busy and (self._interrupted or not self._waiting):
+                if stop.is_set() and not self._busy and not self._checking and (self._interrupted or not self._waiting):
                     self._leave_waiting()
                     self._wake.set()  # let the other workers see the end too
                     return
@@ -392,6 +401,20 @@ def _fsync_folder(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
+    """The saved images whose file is missing (size None) or not of the size saved; runs in a worker thread."""
+    damaged = []
+    for image in images:
+        path = run_dir / (image.file_name or "")
+        try:
+            size_bytes = path.stat().st_size if image.file_name else None
+        except FileNotFoundError:
+            size_bytes = None
+        if size_bytes != image.size_bytes:
+            damaged.append((image, path, size_bytes))
+    return damaged
 
 
 def _oss_message(body: str) -> str:
