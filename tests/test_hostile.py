@@ -31,6 +31,7 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 from PIL import Image
+from unkind_helpers import Intercept
 
 from wanbatch.download import DownloadConfig
 from wanbatch.engine import Engine, EngineConfig
@@ -178,7 +179,7 @@ async def test_malformed_json_and_truncated_bodies_are_retried_or_reconciled(tmp
     assert_saved_files_are_inside(tmp_path / "run")
 
 
-class Damage:
+class Damage(Intercept):
     """A middleware that damages chosen API answers, once per task, and counts what it did.
 
     ``create`` and ``query`` map a word found in the item's prompt to a function that takes the
@@ -193,16 +194,11 @@ class Damage:
         create: dict[str, Callable[[dict], web.Response]] | None = None,
         query: dict[str, Callable[[dict], web.Response]] | None = None,
     ) -> None:
+        super().__init__()
         self.create, self.query = create or {}, query or {}
         self.prompt_of: dict[str, str] = {}  #: task id -> prompt, from the creates seen
         self.done: Counter[str] = Counter()
         self._damaged: set[str] = set()
-
-        @web.middleware
-        async def middleware(request: web.Request, handler) -> web.StreamResponse:
-            return await self._handle(request, handler)
-
-        self.middleware = middleware
 
     async def _handle(self, request: web.Request, handler) -> web.StreamResponse:
         if request.method == "POST" and CREATE_PATH.match(request.path):

@@ -40,25 +40,34 @@ async def sim_with(middlewares: Iterable[Middleware] = (), **config: Any) -> Asy
         await runner.cleanup()
 
 
-def _prompt_of_task(request: web.Request, task_id: str) -> str:
-    task = request.app[SIM_STATE].tasks.get(task_id)
-    return task.request.prompt if task is not None and task.request is not None else ""
+class Intercept:
+    """A simulator middleware whose work is its ``_handle(request, handler)``; install ``self.middleware``."""
 
-
-class StorageRefusals:
-    """The first ``times`` GETs of an image whose prompt holds a word of ``refusals`` are answered with that
-    word's HTTP status; ``times=None`` refuses it for ever. ``gets`` records (path, clock time, status sent)."""
-
-    def __init__(self, refusals: Mapping[str, int], *, times: int | None = 1) -> None:
-        self.refusals, self.times = dict(refusals), times
-        self.gets: dict[str, list[tuple[float, int]]] = defaultdict(list)
-        self.refused: Counter[str] = Counter()
-
+    def __init__(self) -> None:
         @web.middleware
         async def middleware(request: web.Request, handler) -> web.StreamResponse:
             return await self._handle(request, handler)
 
         self.middleware = middleware
+
+    async def _handle(self, request: web.Request, handler) -> web.StreamResponse:
+        return await handler(request)
+
+
+def _prompt_of_task(request: web.Request, task_id: str) -> str:
+    task = request.app[SIM_STATE].tasks.get(task_id)
+    return task.request.prompt if task is not None and task.request is not None else ""
+
+
+class StorageRefusals(Intercept):
+    """The first ``times`` GETs of an image whose prompt holds a word of ``refusals`` are answered with that
+    word's HTTP status; ``times=None`` refuses it for ever. ``gets`` records (path, clock time, status sent)."""
+
+    def __init__(self, refusals: Mapping[str, int], *, times: int | None = 1) -> None:
+        super().__init__()
+        self.refusals, self.times = dict(refusals), times
+        self.gets: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self.refused: Counter[str] = Counter()
 
     async def _handle(self, request: web.Request, handler) -> web.StreamResponse:
         if request.method != "GET" or not request.path.startswith("/oss/"):
