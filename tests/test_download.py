@@ -137,7 +137,8 @@ async def test_an_image_is_fsynced_with_its_folder_before_the_ledger_says_saved(
 
 async def test_saved_files_lost_before_a_resume_are_fetched_again_while_their_urls_live(tmp_path):
     """After a run, one image file is deleted and one cut short: the resume finds both, fetches them again and
-    saves them whole, paying nothing again; once the URLs are dead, such a loss is reported expired instead."""
+    saves them whole, paying nothing again; once the URLs are dead, nothing can be fetched, and a missing file may
+    only be a folder moved or unmounted: the record stays saved, and the run says what it could not find."""
     run_dir = tmp_path / "run"
     manifest = manifest_of(tmp_path, ["a vole", "a shrew", "a mole"])
     async with sim_with(speed=SPEED, durations=2.0) as sim:
@@ -155,5 +156,5 @@ async def test_saved_files_lost_before_a_resume_are_fetched_again_while_their_ur
         (run_dir / items["a mole"][1][0].file_name).unlink()
         sim.advance(2 * 24 * 3600.0)
         late = await engine_for(sim, run_dir).run(manifest)
-    assert late["items"]["saved"] == 2 and late["items"]["expired"] == 1 and late["images"]["expired"] == 1
+    assert late["items"]["saved"] == 3 and not late["images"]["expired"] and sim.requests["image"] == fetched + 2
     assert len(sim.billing) == 3 and billed_once(sim)

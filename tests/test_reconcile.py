@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import yaml
@@ -239,6 +240,7 @@ def test_a_run_killed_during_a_sync_call_never_sends_it_again(tmp_path):
     try:
         run = start_run(manifest, out, sim=sim, extra=("--sync",), tag="killed")
         wait_until(lambda: count_items(out, "state = 'submitting'") == 1, what="the sync call under way")
+        time.sleep(1.0)  # twenty simulated seconds: the call has reached the service, whose task runs for sixty
         assert run.kill() == -9
         sim.settle(90.0)  # the held call's generation ends on the service, billed
         resumed = start_run(manifest, out, sim=sim, extra=("--sync",), tag="resumed")

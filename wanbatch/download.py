@@ -69,8 +69,8 @@ def verify_png(source: Path | BinaryIO, size: str) -> None:
         with Image.open(source) as img:
             if img.format != "PNG":
                 raise DownloadError(f"not a PNG but {img.format}")
-            if img.size != (int(width), int(height)):
-                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}")
+            if img.size != (int(width), int(height)):  # a whole image, not what was asked for: asking again won't help
+                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}", retryable=False)
             img.verify()
     except DownloadError:
         raise
@@ -192,12 +192,20 @@ class Downloader:
                     damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
                     page = []
             damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+            now_ms = self._clock.now_ms()
             for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
                 if size_bytes is None:
                     reason = f"{image.file_name} was missing on resume"
                 else:
                     reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
-                    path.unlink(missing_ok=True)  # our own file, damaged: the image is placed there again
+                if (image.deadline_ms or 0) <= now_ms:
+                    # Its URL is dead: fetching again cannot help, and the folder may only be moved or unmounted.
+                    log.warning("? %s image %d: %s; its URL has died, so it stays recorded as saved", image.item_id,
+                                image.image_index, reason)
+                    continue
+                if size_bytes is not None:
+                    with contextlib.suppress(OSError):  # kept beside, not deleted: the bytes are the user's
+                        path.replace(path.with_name(path.name + ".damaged"))
                 self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
                 log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
                 self.add_item(image.item_id)
@@ -366,6 +374,8 @@ class Downloader:
                     chunks.append(chunk)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             raise DownloadError(f"{type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a URL that cannot be asked for at all (a host IDNA refuses, say)
+            raise DownloadError(f"result URL cannot be fetched: {exc}", retryable=False) from None
         return b"".join(chunks)
 
 
@@ -412,6 +422,9 @@ def _damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow
             size_bytes = path.stat().st_size if image.file_name else None
         except FileNotFoundError:
             size_bytes = None
+        except OSError as exc:  # the disk or a mount cannot say now: leave the image as saved, say so
+            log.warning("? %s image %d: could not look at %s: %s", image.item_id, image.image_index, path, exc)
+            continue
         if size_bytes != image.size_bytes:
             damaged.append((image, path, size_bytes))
     return damaged

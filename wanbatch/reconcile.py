@@ -69,7 +69,9 @@ class ReconcileConfig:
     request_window_s: float = 300.0  #: the gateway may hold a create this long before its task exists
     list_lag_s: float = 120.0  #: a new task may show in the task list this much later than it was made
     clock_margin_s: float = 120.0  #: slack either side of an attempt's window, with the clocks' offset learned
-    #: slack either side where the offset is not known for that attempt (an earlier process's, or none learned)
+    #: slack either side where the offset is known only from the folder's other runs (their clock may have moved)
+    other_run_clock_margin_s: float = 300.0
+    #: slack either side where no offset is known at all (the clocks are taken to agree)
     unknown_clock_margin_s: float = 900.0
     facts_ttl_s: float = 60.0  #: how long what was learned of our key and the clocks is trusted
     undecided_max_s: float = 1800.0  #: after the window, how long candidates still running may hold an item
@@ -95,6 +97,10 @@ class _KeyFacts:
     key_id: str | None = None  #: our key's ``api_key_id``
     offset_ms: tuple[int, int] | None = None  #: (least, most) service creation time minus our attempt's start
     learned_s: float = float("-inf")
+    #: where the run made no task we know: what the newest tasks of the folder's other runs tell (most likely
+    #: the same key and clock, but not proven: used to break ties, never to prove that no task was made)
+    likely_key_id: str | None = None
+    likely_offset_ms: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -131,8 +137,8 @@ class Reconciler:
         self._pending: dict[str, object] = {}  # item_id -> lane
         self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
         self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
-        #: (region, start of a run's span) -> what the tasks that run made tell of its key and clock there
-        self._keys: dict[tuple[str, int], _KeyFacts] = {}
+        #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
+        self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
         self._changed = asyncio.Event()
         self.adopted = self.resent = self.held = 0
 
@@ -199,8 +205,15 @@ class Reconciler:
         if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
             self._write_off(lane, row)
             return True
-        fits = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
-        maybe = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
+        fits_all = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
+        maybe_all = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
+        fits, maybe = fits_all, maybe_all
+        if facts.key_id is None and facts.likely_key_id is not None:
+            # The run's key is not known; the folder's is likely it: enough to tell ours from another program's,
+            # never to prove that no task was made (that takes every key's tasks to be out of the way).
+            likely = facts.likely_key_id
+            fits = [(entry, verdict) for entry, verdict in fits if entry.get("api_key_id", likely) == likely]
+            maybe = [entry for entry in maybe if entry.get("api_key_id", likely) == likely]
         closed_s = started_s + cfg.request_window_s + cfg.list_lag_s
         closed = listing.complete and listing.at_s >= closed_s
         ambiguous = len(fits) > 1 or any(entry["task_id"] in shared for entry, _ in fits)
@@ -216,7 +229,7 @@ class Reconciler:
                 self._adopt(lane, row, entry["task_id"])
                 return True
             return False
-        if closed and not fits and not maybe:
+        if closed and not fits_all and not maybe_all:
             return self._no_task(lane, row)
         if listing.at_s >= closed_s + cfg.undecided_max_s:
             reason = "tasks that could be this attempt's did not finish in time to tell"
@@ -239,7 +252,15 @@ class Reconciler:
         """The key's id and the clocks' offset of the run that made ``row``'s attempt, from up to five tasks that
         run made in the region (another run may have had another key, or a clock set otherwise)."""
         span = self._ledger.run_span(row.submit_started_ms or 0)
-        facts = self._keys.setdefault((lane.region, span[0]), _KeyFacts())
+        facts = await self._learn(lane, span)
+        if facts.key_id is None or facts.offset_ms is None:
+            folder = await self._learn(lane, (0, 2**62))
+            facts.likely_key_id, facts.likely_offset_ms = folder.key_id, folder.offset_ms
+        return facts
+
+    async def _learn(self, lane, span: tuple[int, int]) -> _KeyFacts:
+        """What the newest tasks made in ``span`` (our clock, ms) tell of their key and the clocks' offset."""
+        facts = self._keys.setdefault((lane.region, *span), _KeyFacts())
         now = self._clock.now()
         if facts.offset_ms is not None and now - facts.learned_s < self.config.facts_ttl_s:
             return facts
@@ -305,9 +326,12 @@ class Reconciler:
         for its run), by its run's key (where known)."""
         if facts.key_id is not None and entry.get("api_key_id", facts.key_id) != facts.key_id:
             return False
-        known = facts.offset_ms is not None
-        least, most = facts.offset_ms if known else (0, 0)
-        margin_s = self.config.clock_margin_s if known else self.config.unknown_clock_margin_s
+        offset, margin_s = facts.offset_ms, self.config.clock_margin_s
+        if offset is None:
+            offset, margin_s = facts.likely_offset_ms, self.config.other_run_clock_margin_s
+        if offset is None:
+            offset, margin_s = (0, 0), self.config.unknown_clock_margin_s
+        least, most = offset
         start_ms = row.submit_started_ms or 0
         low = start_ms + least - margin_s * 1000
         high = start_ms + most + (self.config.request_window_s + margin_s) * 1000

@@ -68,19 +68,23 @@ def record_results(
     config,
     common: dict,
     budget: Budget | None = None,
+    durable: bool = False,
 ) -> None:
-    """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out)."""
+    """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out).
+
+    ``durable``: the commit must survive a power loss (a sync answer: its URLs are nowhere else)."""
     results = image_results(output)  # raises MalformedAnswer before anything is recorded
     row = ledger.get(item_id)
     request = row.request
     to_ours = _service_to_ours(output, row, now_s)
     end_s = parse_service_time_s(output.get("end_time"))
     images, good = [], 0
+    # The service keeps a task's results a day after it ends, whatever a signed URL's Expires says (some say a
+    # week), and no answer of ours can be older than now: the deadline is the soonest of these.
+    ended_s = (end_s + to_ours) if end_s is not None else now_s
+    latest_s = min(ended_s, now_s) + config.url_lifetime_s
     for result in results:
-        expires = result.expires_s
-        if expires is None:
-            expires = (end_s if end_s is not None else now_s - to_ours) + config.url_lifetime_s
-        deadline_s = expires + to_ours
+        deadline_s = latest_s if result.expires_s is None else min(result.expires_s + to_ours, latest_s)
         seed = request.get("seed")
         images.append(
             ImageRecord(
@@ -100,7 +104,7 @@ def record_results(
         budget.settle(item_id, cost)
     # The images are recorded in the item's own move: one commit per task.
     if good:
-        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, **common)
+        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, durable=durable, **common)
         log.info(
             "✓ %s generated %d/%d image(s)",
             item_id,

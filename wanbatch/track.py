@@ -37,6 +37,7 @@ log = logging.getLogger("wanbatch")
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
 OPEN = frozenset({"PENDING", "RUNNING"})
 MAX_RUNNING_S = 24 * 3600.0  #: no task runs longer than the service keeps it
+UNKNOWNS_TO_BELIEVE = 3  #: UNKNOWN answers in a row, spaced out, before a task past its lifetime is taken as gone
 POLICIES = ("prompt", "frugal")
 
 
@@ -109,6 +110,7 @@ class OpenTask:
     running_since_s: float | None = field(default=None, compare=False)  #: None while thought queued
     seen_running: bool = field(default=False, compare=False)  #: running_since_s came from the service
     ended_s: float | None = field(default=None, compare=False)  #: when a list showed it ended (our clock)
+    unknowns: int = field(default=0, compare=False)  #: UNKNOWN answers in a row
 
 
 @dataclass(slots=True)
@@ -211,6 +213,7 @@ class Tracker:
                 config=self.config,
                 common=common,
                 budget=self.budget,
+                durable=True,  # its URLs are nowhere else: a power loss must not take them
             )
         except MalformedAnswer as exc:
             # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost.
@@ -396,10 +399,12 @@ class Tracker:
         status = output.get("task_status", "")
         if not isinstance(status, str):
             status = ""
-        if status == "UNKNOWN" and not self._forgettable(task):
-            # Young tasks are known to the service: an UNKNOWN now is a passing fault, not a forgotten task.
-            log.info("↻ query %s: UNKNOWN, though the service must still know it", task.task_id)
-            self._again(task, self._backoff_s(task))
+        task.unknowns = task.unknowns + 1 if status == "UNKNOWN" else 0
+        if status == "UNKNOWN" and not (self._forgettable(task) and task.unknowns >= UNKNOWNS_TO_BELIEVE):
+            # Young tasks are known to the service: an UNKNOWN now is a passing fault, not a forgotten task. An
+            # old one (whose end we may not have seen) is believed forgotten only when the answer holds.
+            log.info("↻ query %s: UNKNOWN, though the service may still know it", task.task_id)
+            self._again(task, max(self._backoff_s(task), self.config.max_poll_interval_s))
             return
         if status in TERMINAL:
             try:
