@@ -39,10 +39,12 @@ def test_names_keep_every_script_and_replace_only_what_file_systems_refuse(patte
 
 
 def test_a_name_past_255_bytes_is_cut_at_a_character_and_keeps_its_suffix() -> None:
-    """A part longer than 255 bytes of UTF-8 is cut on a character boundary, its .png kept."""
-    name = name_of("{subject}-{index}.png", subject="雪" * 200)
-    assert name.endswith(".png") and len(name.encode()) <= 255
-    assert name[:-4].strip("雪") == ""
+    """A part longer than 255 bytes of UTF-8 is cut in the middle on character boundaries: its end ({index} and
+    .png) is kept, and a digest of the whole tells apart two long names that differ only where it was cut."""
+    first, second = (name_of("{subject}-{index}.png", subject="雪" * 200, index=str(i)) for i in (0, 1))
+    other = name_of("{subject}-{index}.png", subject="雪" * 150 + "霜" + "雪" * 49, index="0")
+    assert first.endswith("-0.png") and second.endswith("-1.png") and len(first.encode()) <= 255
+    assert first.split("~")[0].strip("雪") == "" and len({first, second, other}) == 3
 
 
 def manifest(directory: Path, text: str) -> Manifest:

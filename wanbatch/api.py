@@ -29,7 +29,7 @@ from rich.console import Console
 
 from . import backend
 from .engine import Engine, EngineConfig, keys_from_env, stored_plan
-from .errors import ConfigError
+from .errors import ConfigError, RunLocked
 from .manifest import Manifest
 from .plan import make_plan
 from .progress import live_progress, log_progress
@@ -108,7 +108,12 @@ async def run(
             f"{limit:.2f} CNY; raise `budget:` or --budget, or trim the manifest (see `wanbatch plan`)"
         )
     base_url = None if simulate else base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL")
-    endpoints = backend.describe(simulate=simulate, base_url=base_url)
+    # Only the regions this manifest uses: another region's host is no concern of this folder's.
+    endpoints = {
+        region: url
+        for region, url in backend.describe(simulate=simulate, base_url=base_url).items()
+        if region in plan["regions"]
+    }
     # Looked at before any simulator starts; the engine checks again under the folder's lock.
     backend.check(Path(out), backend.recorded(Path(out)), endpoints, force=force_backend)
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
@@ -196,9 +201,13 @@ async def _simulators(
     """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``.
     ``speed`` None: the config file's, else the folder's earlier speed, else 60 (a simulated minute per second)."""
     from .sim.embedded import demo_key, start_embedded
+    from .sim.persist import SimInUse
 
     bases, file_speed = _sim_configs(regions, config_file)
-    sims = await start_embedded(stack, Path(out), regions, speed=speed or file_speed, bases=bases)
+    try:
+        sims = await start_embedded(stack, Path(out), regions, speed=speed or file_speed, bases=bases)
+    except SimInUse as exc:
+        raise RunLocked(f"{out} is in use by another run: {exc}") from None
     speed = next(iter(sims.values())).clock.speed if sims else 1.0
     log.info("simulating %s at %gx speed", ", ".join(sims), speed)
     keys = {region: demo_key(region) for region in sims}

@@ -19,7 +19,7 @@ import aiohttp
 from . import backend, catalog
 from .client import WanClient
 from .clock import ScaledClock
-from .errors import ApiError, ConfigError, TransportError
+from .errors import ApiError, ConfigError, RunLocked, TransportError
 from .ledger import Ledger, RunLock
 from .pacing import even_limiter
 from .states import ItemState
@@ -47,9 +47,13 @@ async def cancel_in_folder(
     if not simulate:
         return await cancel_queued(run_dir, keys=keys_from_env(regions, environ), base_url=base_url)
     from .sim.embedded import demo_key, start_embedded
+    from .sim.persist import SimInUse
 
     async with contextlib.AsyncExitStack() as stack:
-        sims = await start_embedded(stack, run_dir, regions, speed=None)
+        try:
+            sims = await start_embedded(stack, run_dir, regions, speed=None)
+        except SimInUse as exc:
+            raise RunLocked(f"{run_dir} is in use by another run: {exc}") from None
         keys = {region: demo_key(region) for region in sims}
         return await cancel_queued(run_dir, keys=keys, base_urls={r: sim.base_url for r, sim in sims.items()})
 

@@ -355,9 +355,9 @@ def resume_command(args: argparse.Namespace) -> str:
     elif args.base_url:
         argv += ["--base-url", args.base_url]
     if args.speed is not None:
-        argv += ["--speed", f"{args.speed:g}"]
+        argv += ["--speed", _exact(args.speed)]
     if args.budget is not None:
-        argv += ["--budget", f"{args.budget:g}"]
+        argv += ["--budget", _exact(args.budget)]
     if args.tracking != "prompt":
         argv += ["--tracking", args.tracking]
     for option in ("quotas", "sim_config"):
@@ -368,6 +368,12 @@ def resume_command(args: argparse.Namespace) -> str:
     if not args.gallery:
         argv.append("--no-gallery")
     return shlex.join(argv)
+
+
+def _exact(value: float) -> str:
+    """A number as short as it prints, but never rounded (a budget of 1234567 is not 1.23457e+06)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def _print_failures(report: dict) -> None:

@@ -40,7 +40,7 @@ from .reconcile import ReconcileConfig, Reconciler
 from .records import AddResult
 from .results import sync_answer_lost
 from .states import ItemState
-from .submit import Lane, Slots, SubmitConfig, Submitter
+from .submit import KEY_WIDE, Lane, Slots, SubmitConfig, Submitter
 from .track import Tracker, TrackerConfig
 
 __all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
@@ -54,6 +54,8 @@ MODERATION_CODES = frozenset({"DataInspectionFailed", "IPInfringementSuspect"})
 #: The states of items whose task is (or may be) open: few, bounded by the lanes' slots.
 _OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 _RESUMABLE = (ItemState.planned, *_OPEN)
+#: What stops a whole batch (exit 4): the key, the account's standing, or a service that cannot be reached.
+HALTING_CODES = KEY_WIDE | {"Unreachable"}
 #: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
 #: items seen, how many it made, and its plan. Written only once every item is in.
 MANIFEST_META = "manifest"
@@ -277,7 +279,7 @@ class Engine:
                 stages.downloader.run,
             )
         stats = stages.stats(budget)
-        stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"])
+        stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"], run)
         return stats
 
     def _build(
@@ -408,10 +410,12 @@ class _Stages:
         }
 
 
-def _halted(ledger: Ledger, blocked: Mapping[str, str]) -> bool:
-    """Whether every lane that still has items to send was stopped by the account or the network (``blocked``)."""
-    left = {f"{region}/{model}" for region, model in ledger.lanes([ItemState.planned])}
-    return bool(left) and left <= set(blocked)
+def _halted(ledger: Ledger, blocked: Mapping[str, str], run: int) -> bool:
+    """Whether every lane that still has items of this manifest (seen in ``run``) to send was stopped by the key,
+    the account or the network (``blocked``: lane -> "code: message"); a model refused alone is not that."""
+    halting = {lane for lane, why in blocked.items() if why.split(":", 1)[0] in HALTING_CODES}
+    left = {f"{region}/{model}" for region, model in ledger.lanes([ItemState.planned], run=run)}
+    return bool(left) and left <= halting
 
 
 def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:

@@ -408,11 +408,14 @@ class Ledger:
             params["key"] = page[-1][order_by] or 0
             params["key_seq"] = page[-1]["seq"]
 
-    def lanes(self, states: Collection[ItemState]) -> set[tuple[str, str]]:
-        """The (region, model) pairs that have items in ``states``: the submit lanes a run needs."""
+    def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
+        """The (region, model) pairs that have items in ``states`` (seen in ``run``, if given): the submit lanes a
+        run needs."""
         marks = ", ".join("?" for _ in states)
+        seen = "" if run is None else " AND last_seen_run = ?"
+        params = [ItemState(s) for s in states] + ([] if run is None else [run])
         rows = self._conn.execute(
-            f"SELECT DISTINCT region, model FROM items WHERE state IN ({marks})", [ItemState(s) for s in states]
+            f"SELECT DISTINCT region, model FROM items WHERE state IN ({marks}){seen}", params
         ).fetchall()
         return {(region, model) for region, model in rows}
 

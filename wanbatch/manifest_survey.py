@@ -18,6 +18,7 @@ item too few (the ledger, keyed by the full id, still makes both).
 
 from __future__ import annotations
 
+import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class _Surveyor:
     def __init__(self, name: str, problems: Problems) -> None:
         self.name, self.problems = name, problems
         self.lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        self.names: dict[str, Item] = {}
+        self.names: dict[str, tuple[Item, int]] = {}
         #: hash of (request, seed, replica) → where it was first asked for (None past SOURCES_KEPT)
         self.seen: dict[int, str | None] = {}
         self.repeated_items = self.repeated_rows = 0
@@ -136,13 +137,18 @@ class _Surveyor:
         )
 
 
-def _check_collision(item: Item, origin: Origin, names: dict[str, Item], problems: Problems) -> None:
-    name = item.output_name(0)
-    other = names.setdefault(name, item)
-    if other.item_id != item.item_id:
-        problems.error(
-            origin,
-            f"found two items writing {name!r} ({other.source} and {item.source}); allowed: a pattern that tells"
-            " items apart, e.g. with {item_id} or {seed}",
-        )
+def _check_collision(item: Item, origin: Origin, names: dict[str, tuple[Item, int]], problems: Problems) -> None:
+    """Two images whose names would be one file: the same text, or the same to a file system that folds case
+    or composes accents (macOS, Windows)."""
+    for index in range(item.n):
+        name = item.output_name(index)
+        other, other_index = names.setdefault(unicodedata.normalize("NFC", name).casefold(), (item, index))
+        if (other.item_id, other_index) != (item.item_id, index):
+            which = "items" if other.item_id != item.item_id else f"images of one item (n: {item.n})"
+            problems.error(
+                origin,
+                f"found two {which} writing {name!r} ({other.source} and {item.source}); allowed: a pattern that"
+                " tells them apart, e.g. with {item_id}, {seed} or {index}",
+            )
+            return
 

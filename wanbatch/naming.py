@@ -17,6 +17,7 @@ leading dots and trailing dots or spaces are dropped, and a part longer than
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 
@@ -41,6 +42,7 @@ LAYOUT_META = "images_layout"
 #: Items per subfolder of a sharded run, in manifest order (at most 4 images each: a few thousand files).
 SHARD_ITEMS = 1000
 _MAX_PART_BYTES = 255
+_KEPT_TAIL_BYTES = 64  #: how much of a name's end a cut keeps
 #: What no portable file name may hold: control characters (NUL among them) and Windows' forbidden set.
 _REFUSED = re.compile(r'[\x00-\x1f\x7f-\x9f:*?"<>|]')
 _SEPARATORS = re.compile(r"[/\\]")
@@ -134,10 +136,23 @@ def _safe_part(part: str) -> str:
     if part.split(".", 1)[0].upper().rstrip(" ") in _RESERVED:
         part = "_" + part
     if len(part.encode()) > _MAX_PART_BYTES:
-        keep = "." + part.rsplit(".", 1)[1] if "." in part and len(part.rsplit(".", 1)[1]) <= 8 else ""
-        room = _MAX_PART_BYTES - len(keep.encode())
-        part = part.encode()[:room].decode(errors="ignore").rstrip(". ") + keep
+        # Cut in the middle, not at the end: the end holds what tells a task's images apart ({index}) and the
+        # suffix; a digest of the whole keeps two long names that differ only in what was cut apart.
+        raw = part.encode()
+        tail = raw[-_KEPT_TAIL_BYTES:].decode(errors="ignore")
+        mark = "~" + hashlib.sha256(raw).hexdigest()[:10]
+        room = _MAX_PART_BYTES - len(tail.encode()) - len(mark)
+        part = raw[:room].decode(errors="ignore") + mark + tail
     return part
+
+
+def other_name(name: str, item_id: str, index: int) -> str:
+    """Where an image goes whose own name holds another image already: its name with the item and index added,
+    made safe like any other (a long name stays within the file system's limit)."""
+    folder, _, file = name.rpartition("/")
+    stem = file[: -len(".png")] if file.lower().endswith(".png") else file
+    other = _safe_part(f"{stem}-{item_id}-{index}.png")
+    return f"{folder}/{other}" if folder else other
 
 
 class _Fields(dict):

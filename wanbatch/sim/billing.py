@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from wanbatch.sim.persist import read_lines
 from wanbatch.sim.tasks import Task
 
 __all__ = ["BillingLog"]
@@ -37,7 +38,7 @@ class BillingLog:
         """Take in the records an earlier process appended to the file; returns the task ids billed."""
         if self._path is None or not self._path.is_file():
             return set()
-        for line in self._path.read_text(encoding="utf-8").splitlines():
+        for line in read_lines(self._path):
             try:
                 self.records.append(json.loads(line))
             except json.JSONDecodeError:  # the last line of a process killed while writing it

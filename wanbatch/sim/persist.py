@@ -22,6 +22,7 @@ rewrites the file with one line per task, so it does not grow across runs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ from typing import IO, Any
 from wanbatch import catalog
 from wanbatch.sim.tasks import Endpoint, GenerationRequest, ImageResult, Task
 
-__all__ = ["BILLING_FILE", "STATE_FILE", "Saved", "SimStore", "task_from", "task_record"]
+__all__ = ["BILLING_FILE", "STATE_FILE", "Saved", "SimInUse", "SimStore", "read_lines", "task_from", "task_record"]
 
 STATE_FILE = "state.jsonl"
+LOCK_FILE = "lock"  #: held (flock) by the process whose simulator serves the folder
 BILLING_FILE = "billing.jsonl"  #: where the embedded simulator's billing log goes, beside its state
 
 
@@ -52,13 +54,24 @@ class SimStore:
         self.directory = Path(directory)
         self.path = self.directory / STATE_FILE
         self._file: IO[str] | None = None
+        self._lock: IO[str] | None = None
+
+    def lock(self) -> None:
+        """Hold the folder's simulator for this process: a second one would rewrite its file under the first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.directory / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SimInUse(f"{self.directory}: another process runs this folder's simulator") from None
 
     def load(self) -> Saved:
         """What the folder holds (nothing for a new one), and the file rewritten to one line per task."""
         saved = Saved()
         records: dict[str, dict[str, Any]] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in read_lines(self.path):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the last line of a process killed while writing it
@@ -75,7 +88,7 @@ class SimStore:
         """The folder's last meta record (secret, port, speed, clock anchor), without loading its tasks."""
         meta: dict[str, Any] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in read_lines(self.path, repair=False):  # read before the lock: another may be writing
                 if line.startswith('{"kind": "meta"'):
                     with contextlib.suppress(json.JSONDecodeError):
                         meta = json.loads(line)
@@ -93,6 +106,9 @@ class SimStore:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock is not None:
+            self._lock.close()  # and with it the lock
+            self._lock = None
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         if not records:
@@ -100,6 +116,22 @@ class SimStore:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         os.replace(temporary, self.path)
+
+
+class SimInUse(RuntimeError):
+    """Another process runs the simulator of this folder."""
+
+
+def read_lines(path: Path, *, repair: bool = True) -> list[str]:
+    """The whole lines of a JSON-lines file that a killed process may have left torn: bytes that do not decode
+    are replaced (their line then fails to parse and is skipped), and with ``repair`` (only under the folder's
+    lock) a last line without its newline is cut off the file, so that the next line starts on a line of its own."""
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if repair and len(whole) < len(data):
+        with path.open("r+b") as file:
+            file.truncate(len(whole))
+    return whole.decode("utf-8", "replace").splitlines()
 
 
 def task_record(task: Task) -> dict[str, Any]:

@@ -76,6 +76,8 @@ class SimState:
         self.faults = FaultInjector(profile=config.faults, rates=config.fault_rates, seed=config.seed)
         self.billing = BillingLog(config.billing_log)
         self.store = SimStore(config.state_dir) if config.state_dir is not None else None
+        if self.store is not None:
+            self.store.lock()  # before reading: a second process must not rewrite the file under the first
         saved = self.store.load() if self.store is not None else Saved()
         secret = bytes.fromhex(saved.meta["secret"]) if "secret" in saved.meta else secrets.token_bytes(32)
         self.images = ImageStore(secret=secret)
