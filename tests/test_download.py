@@ -158,3 +158,49 @@ async def test_saved_files_lost_before_a_resume_are_fetched_again_while_their_ur
         late = await engine_for(sim, run_dir).run(manifest)
     assert late["items"]["saved"] == 3 and not late["images"]["expired"] and sim.requests["image"] == fetched + 2
     assert len(sim.billing) == 3 and billed_once(sim)
+
+
+async def test_a_resume_that_cannot_look_at_the_saved_files_goes_on(tmp_path):
+    """images/ turned into a file between runs: looking at the saved images fails with an error that is not
+    'missing' (not a directory); the resume says so and finishes, leaving them recorded as saved."""
+    run_dir = tmp_path / "run"
+    manifest = manifest_of(tmp_path, ["a kiwi", "a kea"])
+    async with sim_with(speed=SPEED, durations=2.0) as sim:
+        await engine_for(sim, run_dir).run(manifest)
+        for path in sorted((run_dir / "images").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        (run_dir / "images").rmdir()
+        (run_dir / "images").write_text("not a folder")
+        again = await engine_for(sim, run_dir, gallery=False).run(manifest)
+    assert again["items"]["saved"] == 2 and sim.requests["create"] == 2
+
+
+def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
+    """A signed URL may say it lives a week (the service purges results after a day): the image's deadline is
+    the task's end plus a day, not the URL's Expires."""
+    from datetime import datetime
+
+    from wanbatch.clock import ScaledClock
+    from wanbatch.results import record_results
+    from wanbatch.track import TrackerConfig
+    from wanbatch.wire import SERVICE_TZ
+
+    clock = ScaledClock()
+    manifest = manifest_of(tmp_path, ["a tui"])
+    with Ledger.open(tmp_path / "run", clock=clock) as ledger:
+        ledger.add_items(manifest.items(), run=ledger.begin_run(), price_of=lambda i: 0.14)
+        (row,) = ledger.iter_items([ItemState.planned])
+        ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
+        ledger.transition(row.item_id, ItemState.queued, task_id="t-1")
+        now = clock.now()
+        stamp = datetime.fromtimestamp(now, SERVICE_TZ).strftime("%Y-%m-%d %H:%M:%S.000")
+        week = int(now + 7 * 86400)
+        output = {
+            "task_status": "SUCCEEDED",
+            "submit_time": stamp,
+            "end_time": stamp,
+            "results": [{"orig_prompt": "a tui", "url": f"https://example.invalid/a.png?Expires={week}"}],
+        }
+        record_results(ledger, row.item_id, output, now_s=now, config=TrackerConfig(), common={})
+        (image,) = ledger.images_of(row.item_id)
+    assert image.deadline_ms <= (now + 86400) * 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,3 +120,21 @@ def test_a_large_run_spreads_its_images_over_subfolders_in_manifest_order(tmp_pa
         assert naming.sharded(ledger)  # a resume writes where the first run did
     with _ledger_with(tmp_path / "small", naming.SHARD_ABOVE) as ledger:
         assert not naming.sharded(ledger)
+
+
+def test_names_that_differ_only_in_case_or_accent_form_collide_at_plan_time(tmp_path: Path) -> None:
+    """`Fox` and `fox`, and `Café` written composed and decomposed, are one file on macOS and Windows: the plan
+    refuses such a pattern, naming both lines."""
+    for subjects in (["Fox", "fox"], ["Caf\u00e9", "Cafe\u0301"]):
+        path = tmp_path / "job.yaml"
+        path.write_text(
+            "name: case\n"
+            "defaults: {model: wan2.2-t2i-flash, size: '512*512', n: 1, prompt_extend: false}\n"
+            'output: "{subject}.png"\n'
+            "prompts:\n"
+            "  - prompt: a {subject}\n"
+            f"    matrix: {{subject: {json.dumps(subjects, ensure_ascii=False)}}}\n",
+            encoding="utf-8",
+        )
+        with pytest.raises(ManifestInvalid, match="found two items writing"):
+            Manifest.from_yaml(path).survey()
