@@ -94,7 +94,8 @@ def test_a_bad_quota_file_names_file_line_and_field(tmp_path):
     """Every error of a quota file is reported at once, with file:line, the field, what was found and allowed."""
     path = tmp_path / "quotas.yaml"
     path.write_text(
-        "wan2.2-t2i-flash:\n  concurrency: 2.5\n  submit_rps: 0\nwan9-t2i: {concurrency: 4}\nwan2.6-t2i: {burst: 3}\n",
+        "wan2.2-t2i-flash:\n  concurrency: 2.5\n  submit_rps: 0\nwan9-t2i: {concurrency: 4}\nwan2.6-t2i: {burst: 3}\n"
+        "wanx2.1-t2i-turbo: {concurrency: 4}\nwan2.1-t2i-turbo: {concurrency: 8}\n",
         encoding="utf-8",
     )
     with pytest.raises(ManifestInvalid) as raised:
@@ -104,6 +105,7 @@ def test_a_bad_quota_file_names_file_line_and_field(tmp_path):
     assert f"{path.as_posix()}:3: wan2.2-t2i-flash.submit_rps: found a number (0)" in text
     assert f"{path.as_posix()}:4: wan9-t2i: found an unknown model 'wan9-t2i'" in text
     assert f"{path.as_posix()}:5: wan2.6-t2i.burst: found an unknown quota 'burst'" in text
+    assert f"{path.as_posix()}:7: wan2.1-t2i-turbo: found wanx2.1-t2i-turbo a second time" in text
 
 
 def _wanbatch(*args: str) -> subprocess.CompletedProcess:

@@ -83,6 +83,9 @@ def _table(root: Node, errors: list[ManifestError], *, line: bool = True) -> dic
         if not isinstance(spec.value, dict):
             error(spec.origin, f"found {spec.kind}; allowed: a mapping with submit_rps and/or concurrency")
             continue
+        if model in table:
+            error(spec.origin, f"found {model} a second time (as {name!r}); allowed: each model once, by any one name")
+            continue
         table[model] = {}
         for key, value in spec.value.items():
             problem = _value_problem(key, value.value)
