@@ -31,14 +31,14 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 from PIL import Image
-from unkind_helpers import Intercept
+from unkind_helpers import Intercept, sim_with
 
 from wanbatch.download import DownloadConfig
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.reconcile import ReconcileConfig
-from wanbatch.sim import SIM_STATE, SimConfig, SimHandle, create_app
+from wanbatch.sim import SIM_STATE, SimHandle
 from wanbatch.states import ImageState, ItemState
 
 SPEED = 200.0  #: simulated seconds per wall second, for service and engine alike
@@ -53,28 +53,16 @@ Middleware = Callable[[web.Request, Callable[[web.Request], Awaitable[web.Stream
 # --- a simulator with a hostile layer around it -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def hostile_sim(
+def hostile_sim(
     *,
     middlewares: Iterable[Middleware] = (),
     routes: Iterable[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = (),
     **config: Any,
-) -> AsyncIterator[SimHandle]:
+) -> contextlib.AbstractAsyncContextManager[SimHandle]:
     """The simulator's app with ``middlewares`` around it and ``routes`` beside it, on a free loopback port."""
     config.setdefault("speed", SPEED)
     config.setdefault("durations", 2.0)
-    app = create_app(SimConfig(**config))
-    app.middlewares.extend(middlewares)
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield SimHandle(app, f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1")
-    finally:
-        await runner.cleanup()
+    return sim_with(middlewares, routes=routes, **config)
 
 
 @contextlib.asynccontextmanager

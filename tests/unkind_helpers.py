@@ -26,10 +26,17 @@ _OSS_CODES = {403: "AccessDenied", 404: "NoSuchKey", 410: "Gone", 429: "SlowDown
 
 
 @contextlib.asynccontextmanager
-async def sim_with(middlewares: Iterable[Middleware] = (), **config: Any) -> AsyncIterator[SimHandle]:
-    """The simulator's app with ``middlewares`` around it, on a free loopback port."""
+async def sim_with(
+    middlewares: Iterable[Middleware] = (),
+    *,
+    routes: Iterable[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = (),
+    **config: Any,
+) -> AsyncIterator[SimHandle]:
+    """The simulator's app with ``middlewares`` around it and ``routes`` beside it, on a free loopback port."""
     app = create_app(SimConfig(**config))
     app.middlewares.extend(middlewares)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
