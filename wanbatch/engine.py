@@ -232,12 +232,12 @@ class Engine:
 
     def _prepare(self, ledger: Ledger, run: int) -> None:
         """Settle what a stop left half done, and put back the items the user asked to try again."""
-        for row in ledger.iter_items([ItemState.submitting]):
-            # A crash between the commit and the reply: the POST may have gone out.
-            if row.endpoint == "sync":
+        for row in ledger.iter_items([ItemState.submitting, ItemState.unknown]):
+            if row.endpoint == "sync":  # no list shows a sync call: its answer is lost, never to be sent again
                 sync_answer_lost(ledger, row, "stopped while the sync call was under way")
-                continue
-            ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
+            elif row.state is ItemState.submitting:
+                # A crash between the commit and the reply: the POST may have gone out.
+                ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
         for row in ledger.iter_items([ItemState.canceled], run=run):
             # Canceled before it was made, so nothing was paid: the manifest still asks for it.
             ledger.transition(row.item_id, ItemState.planned, note="canceled earlier; made on this run")
@@ -363,9 +363,6 @@ class Engine:
                 if state is ItemState.queued and not row.task_id:
                     # A sync answer whose images were not recorded before a stop: nothing to ask for again.
                     sync_answer_lost(ledger, row, "stopped before the sync answer was recorded")
-                    continue
-                if state is ItemState.unknown and row.endpoint == "sync":
-                    sync_answer_lost(ledger, row, "stopped while the sync call was under way")
                     continue
                 lane.slots.take_now()  # its task holds a place on the service already
                 budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)

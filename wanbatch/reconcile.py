@@ -182,9 +182,13 @@ class Reconciler:
             # Not one adopted by an earlier row of this sweep.
             found = [(entry, verdict) for entry, verdict in verdicts[row.item_id] if entry in listing.entries]
             if self._decide(lane, row, listing, facts[row.item_id], found, shared):
-                del self._pending[row.item_id]
-                lane.settle_doubt(row.item_id)
-                self._changed.set()
+                self._leave(lane, row)
+
+    def _leave(self, lane, row: ItemRow) -> None:
+        """``row`` is decided (adopted, planned again, held or written off): its lane may send what it held back."""
+        del self._pending[row.item_id]
+        lane.settle_doubt(row.item_id)
+        self._changed.set()
 
     async def _verdicts(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> list:
         found = []
@@ -214,7 +218,7 @@ class Reconciler:
             likely = facts.likely_key_id
             fits = [(entry, verdict) for entry, verdict in fits if entry.get("api_key_id", likely) == likely]
             maybe = [entry for entry in maybe if entry.get("api_key_id", likely) == likely]
-        closed_s = started_s + cfg.request_window_s + cfg.list_lag_s
+        closed_s = self._closed_s(row)
         closed = listing.complete and listing.at_s >= closed_s
         ambiguous = len(fits) > 1 or any(entry["task_id"] in shared for entry, _ in fits)
         if ambiguous:
@@ -236,15 +240,17 @@ class Reconciler:
             return self._hold(lane, row, "HeldUndecided", reason, fits, maybe)
         return False
 
+    def _closed_s(self, row: ItemRow) -> float:
+        """When no task of the attempt can be made any more nor be missing from the list (our clock)."""
+        return (row.submit_started_ms or 0) / 1000 + self.config.request_window_s + self.config.list_lag_s
+
     def _hold_overdue(self, lane) -> None:
         """The list cannot be read: items past their time to decide are held rather than kept open for ever."""
-        cfg, now = self.config, self._clock.now()
+        now = self._clock.now()
         for row in self._rows(lane):
-            if now >= (row.submit_started_ms or 0) / 1000 + cfg.request_window_s + cfg.list_lag_s + cfg.undecided_max_s:
-                reason = "the task list could not be read in time to tell"
-                if self._hold(lane, row, "HeldUndecided", reason, [], []):
-                    del self._pending[row.item_id]
-                    lane.settle_doubt(row.item_id)
+            if now >= self._closed_s(row) + self.config.undecided_max_s:
+                self._hold(lane, row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
+                self._leave(lane, row)
 
     # -- what the list says -----------------------------------------------------------------------------------
 
@@ -448,7 +454,7 @@ class Reconciler:
         return True
 
     def _hold(self, lane, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
-        """Leave the item unknown for the user, with the evidence; its price stays counted as spent."""
+        """Leave the item unknown for the user, with the evidence; True (it has left the reconciler)."""
         named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
         evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"

@@ -349,7 +349,7 @@ class Submitter:
             ledger.transition(
                 item_id, ItemState.queued, request_id=data.get("request_id", ""), submitted_ms=self._clock.now_ms()
             )
-            self._on_sync_images(item_id, lane, data)
+            self._on_sync_images(item_id, data)
             return False
         ledger.transition(
             item_id,

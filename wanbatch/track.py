@@ -200,7 +200,7 @@ class Tracker:
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
 
-    def record_sync(self, item_id: str, lane, data: dict) -> None:
+    def record_sync(self, item_id: str, data: dict) -> None:
         """A sync call's answer holds the finished task: record it as if a poll had found it."""
         common = {"task_status": "SUCCEEDED", "ended_ms": self._clock.now_ms()}
         output = data.get("output") if isinstance(data.get("output"), dict) else {}
