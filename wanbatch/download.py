@@ -124,10 +124,6 @@ class Downloader:
         self.saved = 0
         self.bytes = 0
 
-    @property
-    def idle(self) -> bool:
-        return not self._heap and not self._waiting and not self._busy and not self._checking
-
     def interrupt(self) -> None:
         """The user stopped the run: once the stages before this one end, images waiting for a retry are
         left pending for the next run instead of being waited for."""
