@@ -392,4 +392,3 @@ def test_lists_only_for_few_values_and_grouping_by_prompt_only_where_prompts_rep
     data = gallery_data("run", cards)
     assert data["groupable"] == ["model", "var.light"] and data["defaultGroup"] == "model"
     assert {f["name"]: len(f["values"]) for f in data["facets"]}["seed"] == MAX_SELECT_VALUES + 1
-    assert data["maxSelect"] == MAX_SELECT_VALUES

@@ -88,7 +88,7 @@ async def test_a_run_writes_unicode_names_where_the_pattern_says(tmp_path: Path)
     assert saved == ["红狐狸/0.png", "雪鸮/0.png"]
 
 
-def _ledger_with(run_dir: Path, items: int, n: int = 1) -> Ledger:
+def _ledger_with(run_dir: Path, items: int) -> Ledger:
     ledger = Ledger.open(run_dir, clock=ScaledClock())
     rows = (
         SimpleNamespace(
@@ -96,7 +96,7 @@ def _ledger_with(run_dir: Path, items: int, n: int = 1) -> Ledger:
             replica=0,
             region="beijing",
             model="wan2.2-t2i-flash",
-            n=n,
+            n=1,
             variables={},
             source=f"job.yaml:{i}",
             entry="prompts[0]",

@@ -288,8 +288,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return EXIT_OK
     print(f"{manifest.name}: {plan['items']} item(s), {plan['images']} image(s)")
-    if repeats_line(plan):
-        print(repeats_line(plan))
+    if line := repeats_line(plan):
+        print(line)
     print(f"{'region':<10} {'model':<20} {'items':>8} {'images':>8} {'cost':>12}  quota time")
     for row in plan["lanes"]:
         print(

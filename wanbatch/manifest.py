@@ -88,7 +88,7 @@ class Manifest:
         """
         problems = Problems()
         for entry in self.plan.entries:
-            for item in entry_items(entry, self.name, problems):
+            for item in entry_items(entry, problems):
                 if item is None:
                     raise ManifestInvalid(problems.errors, manifest=self.path.as_posix())
                 yield item
@@ -103,7 +103,7 @@ class Manifest:
         Raises :class:`ManifestInvalid` with the errors found (up to :data:`MAX_ERRORS`).
         """
         problems = Problems()
-        found = survey_plan(self.plan, self.name, problems)
+        found = survey_plan(self.plan, problems)
         if problems.errors:
             raise _invalid(problems, self.path)
         return found
@@ -118,7 +118,7 @@ def _survey_sound_entries(plan: Plan, problems: Problems) -> None:
     if problems.full or sum(entry.count for entry in plan.entries) > plan.max_items:
         return
     sound = [entry for entry in plan.entries if not entry.inherits_errors]
-    survey_plan(plan, plan.name, problems, sound)
+    survey_plan(plan, problems, sound)
 
 
 def _file_digest(path: Path) -> str:

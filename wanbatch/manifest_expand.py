@@ -184,21 +184,16 @@ class Combo(NamedTuple):
     seeds: Sequence[int | None] | None  #: None when ``seed: {count: k}`` draws them from the prompt
 
 
-def entry_items(entry: EntryPlan, name: str, problems: Problems) -> Iterator[Item | None]:
+def entry_items(entry: EntryPlan, problems: Problems) -> Iterator[Item | None]:
     """The entry's items in order (records, axes, seeds, replicas); None for a combination that has errors."""
     for combo in entry_combos(entry, problems):
         if combo is None:
             yield None
         else:
-            yield from combo_items(entry, name, combo)
+            yield from combo_items(entry, combo)
 
 
-def combo_count(entry: EntryPlan, combo: Combo) -> int:
-    seeds = len(combo.seeds) if combo.seeds is not None else entry.seed_draws.value
-    return seeds * entry.repeats
-
-
-def combo_items(entry: EntryPlan, name: str, combo: Combo) -> Iterator[Item]:
+def combo_items(entry: EntryPlan, combo: Combo) -> Iterator[Item]:
     """The combination's items, one per seed and replica; the request's JSON is made once per seed."""
     request = dict(combo.request)
     seeds = combo.seeds

@@ -62,9 +62,9 @@ class Survey:
     repeats: Repeats
 
 
-def survey_plan(plan: Plan, name: str, problems: Problems, entries: Sequence[EntryPlan] | None = None) -> Survey:
+def survey_plan(plan: Plan, problems: Problems, entries: Sequence[EntryPlan] | None = None) -> Survey:
     """Survey ``entries`` (by default all of the plan's); the errors found are left in ``problems``."""
-    surveyor = _Surveyor(name, problems)
+    surveyor = _Surveyor(problems)
     for entry in plan.entries if entries is None else entries:
         surveyor.entry(entry)
         if problems.full:
@@ -74,10 +74,10 @@ def survey_plan(plan: Plan, name: str, problems: Problems, entries: Sequence[Ent
 
 
 class _Surveyor:
-    def __init__(self, name: str, problems: Problems) -> None:
-        self.name, self.problems = name, problems
+    def __init__(self, problems: Problems) -> None:
+        self.problems = problems
         self.lanes: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        self.names: dict[str, tuple[Item, int]] = {}
+        self.names: dict[str, Item] = {}
         #: hash of (request, seed, replica) → where it was first asked for (None past SOURCES_KEPT)
         self.seen: dict[int, str | None] = {}
         self.repeated_items = self.repeated_rows = 0
@@ -98,7 +98,7 @@ class _Surveyor:
         lane[0] += new
         lane[1] += new * request["n"]
         if entry.output is not None and len(self.names) < OUTPUT_CHECK_ITEMS:
-            for item in combo_items(entry, self.name, combo):
+            for item in combo_items(entry, combo):
                 if len(self.names) >= OUTPUT_CHECK_ITEMS:
                     return
                 _check_collision(item, entry.output.origin, self.names, self.problems)
@@ -137,17 +137,18 @@ class _Surveyor:
         )
 
 
-def _check_collision(item: Item, origin: Origin, names: dict[str, tuple[Item, int]], problems: Problems) -> None:
-    """Two images whose names would be one file: the same text, or the same to a file system that folds case
-    or composes accents (macOS, Windows)."""
+def _check_collision(item: Item, origin: Origin, names: dict[str, Item], problems: Problems) -> None:
+    """Two items' images whose names would be one file: the same text, or the same to a file system that folds
+    case or composes accents (macOS, Windows). Every image is looked at: with {seed} in the pattern, one item's
+    second image can be named as another's first."""
     for index in range(item.n):
         name = item.output_name(index)
-        other, other_index = names.setdefault(unicodedata.normalize("NFC", name).casefold(), (item, index))
-        if (other.item_id, other_index) != (item.item_id, index):
-            which = "items" if other.item_id != item.item_id else f"images of one item (n: {item.n})"
+        other = names.setdefault(unicodedata.normalize("NFC", name).casefold(), item)
+        # Two images of one item share no name: without {index} a pattern is refused before (Checks.output).
+        if other.item_id != item.item_id:
             problems.error(
                 origin,
-                f"found two {which} writing {name!r} ({other.source} and {item.source}); allowed: a pattern that"
+                f"found two items writing {name!r} ({other.source} and {item.source}); allowed: a pattern that"
                 " tells them apart, e.g. with {item_id}, {seed} or {index}",
             )
             return

@@ -21,6 +21,8 @@ import hashlib
 import re
 from collections.abc import Mapping
 
+from .states import ImageState
+
 __all__ = [
     "DEFAULT_PATTERN",
     "SHARD_ABOVE",
@@ -96,7 +98,7 @@ def sharded(ledger) -> bool:
     """
     kept = ledger.meta(LAYOUT_META)
     if kept is None:
-        began_flat = ledger.summary()["images"].get("saved", 0) > 0
+        began_flat = next(iter(ledger.iter_images([ImageState.saved], order_by_deadline=False)), None) is not None
         kept = "flat" if began_flat or ledger.planned_images() <= SHARD_ABOVE else "sharded"
         ledger.set_meta(LAYOUT_META, kept)
     return kept == "sharded"

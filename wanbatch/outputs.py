@@ -21,12 +21,13 @@ from .records import ImageRow, ItemRow
 from .results import WRITE_OFF_CODES
 from .states import ImageState, ItemState
 
-__all__ = ["build_report", "saved_images", "write_metadata", "write_report"]
+__all__ = ["build_report", "saved_images", "write_atomic", "write_metadata", "write_report"]
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -74,7 +75,7 @@ def write_metadata(run_dir: Path, ledger) -> int:
         if not names:
             del row["variables"]  # a struct with no fields cannot be stored
         lines.append(json.dumps(row, ensure_ascii=False))
-    _write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -82,7 +83,7 @@ def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> d
     """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
     message of every state it ended items in), and ``extra``."""
     report = build_report(ledger, run=run, extra=extra)
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from os import PathLike
 from pathlib import Path
@@ -56,11 +57,7 @@ def make_plan(manifest, survey=None) -> dict[str, Any]:
         "regions": sorted({r["region"] for r in rows}),
         "budget": manifest.budget,
         "lanes": rows,
-        "repeats": {
-            "items": survey.repeats.items,
-            "rows": survey.repeats.rows,
-            "examples": survey.repeats.examples,
-        },
+        "repeats": dataclasses.asdict(survey.repeats),
     }
 
 

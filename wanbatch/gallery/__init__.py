@@ -9,9 +9,9 @@ as it is from object storage.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..outputs import write_atomic
 from .data import cards_of, gallery_data
 from .page import DATA_FILE, DATA_GLOBAL, GALLERY_FILE, page
 from .thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnailer, thumb_name
@@ -26,13 +26,7 @@ def write_gallery(run_dir: Path, ledger) -> Path:
     data = gallery_data(run_dir.name, cards)
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     # The data first: a page never names data that is not there yet.
-    _write_atomic(run_dir / DATA_FILE, f"window.{DATA_GLOBAL} = {text};\n")
+    write_atomic(run_dir / DATA_FILE, f"window.{DATA_GLOBAL} = {text};\n")
     path = run_dir / GALLERY_FILE
-    _write_atomic(path, page(run_dir.name, images=len(cards), requests=data["requests"]))
+    write_atomic(path, page(run_dir.name, images=len(cards), requests=data["requests"]))
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -25,7 +25,6 @@ __all__ = [
     "THUMBS_DIR",
     "THUMB_SIDE_PX",
     "Thumbnailer",
-    "display_size",
     "picture",
     "thumb_name",
 ]
@@ -52,13 +51,6 @@ def thumb_name(file_name: str) -> str:
     if path.parts[:1] == ("images",):
         path = path.relative_to("images")
     return str(PurePosixPath(THUMBS_DIR) / path.with_suffix(".jpg"))
-
-
-def display_size(size: str) -> tuple[int, int]:
-    """The size a card shows an image of ``size`` ("W*H") at: its thumbnail's, whatever the image."""
-    width, height = (int(side) for side in size.split("*"))
-    scale = min(1.0, THUMB_SIDE_PX / max(width, height, 1))
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def picture(run_dir: Path, file_name: str, size: str) -> str:
