@@ -325,14 +325,14 @@ async def test_a_simulator_started_again_in_its_state_dir_goes_on(sim_api_for, s
         assert sorted(record["task_id"] for record in again.billing) == sorted([done, running, waiting])
 
 
-async def test_a_state_dir_serves_one_simulator_at_a_time(tmp_path):
+async def test_a_state_dir_serves_one_simulator_at_a_time(sim_api_for, tmp_path):
     """A second simulator on a folder whose simulator runs is refused before it reads or rewrites anything: two
     processes on one folder would bill its tasks twice and lose the first one's records."""
     from wanbatch.sim.persist import STATE_FILE, SimInUse
 
     config = SimConfig(speed=1e-6, state_dir=tmp_path / "sim")
     async with running_sim(config) as first:
-        status, _ = await first_create(first)
+        status, _ = await sim_api_for(first).create(size="512*512", n=1)
         assert status == 200
         before = (tmp_path / "sim" / STATE_FILE).read_bytes()
         with pytest.raises(SimInUse):
@@ -341,17 +341,6 @@ async def test_a_state_dir_serves_one_simulator_at_a_time(tmp_path):
         assert (tmp_path / "sim" / STATE_FILE).read_bytes() == before
     async with running_sim(config) as again:  # free once the first has stopped
         assert len(again.tasks) == 1
-
-
-async def first_create(sim) -> tuple[int, dict]:
-    import aiohttp
-
-    body = {"model": "wan2.2-t2i-flash", "input": {"prompt": "a fox"}, "parameters": {"size": "512*512", "n": 1}}
-    headers = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
-    async with aiohttp.ClientSession() as session, session.post(
-        sim.base_url + "/services/aigc/text2image/image-synthesis", json=body, headers=headers
-    ) as answer:
-        return answer.status, await answer.json()
 
 
 def test_a_line_torn_inside_a_character_is_skipped_and_cut_off(tmp_path):

@@ -203,7 +203,6 @@ async def test_background_neighbours_use_our_models_with_other_prompts(start_sim
     background = sim.neighbour_tasks.values()
     assert 120 <= len(background) <= 240
     assert {v.model for v in background} == {"wan2.2-t2i-flash"}
-    assert all(v.prompt != "a lone pine" for v in background)
     assert sum(r["neighbour"] for r in sim.billing) == sum(v.images_ok for v in background)
 
 

@@ -107,7 +107,7 @@ def _legacy_result(task: Task, index: int, url: str | None) -> dict[str, Any]:
     if url is None:
         return {"code": image.code, "message": image.message}
     assert task.request is not None  # a task with a generated image had valid parameters
-    result = {"orig_prompt": task.request.prompt if task.echo is None else task.echo}
+    result = {"orig_prompt": task.orig_prompt}
     if task.request.prompt_extend:
         result["actual_prompt"] = task.request.prompt + EXTENSION
     result["url"] = url

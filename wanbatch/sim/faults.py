@@ -212,6 +212,10 @@ class FaultInjector:
         rate = self._rates.get(Fault.EARLY_EXPIRY, 0.0)
         return bool(rate) and self._expiry.random() < rate
 
+    def any_on(self, kinds: Sequence[Fault]) -> bool:
+        """Whether any of ``kinds`` has a rate above zero."""
+        return any(self._rates.get(kind) for kind in kinds)
+
     def hits(self, fault: Fault) -> bool:
         """Whether a service fault falls on this request or task, drawn on the fault's own stream."""
         rate = self._rates.get(fault, 0.0)

@@ -151,7 +151,7 @@ class SimHandle:
             sent_s=task.sent_s,
             landed_s=task.submit_s,
             listed_s=task.listed_s,
-            orig_prompt=(request.prompt if task.echo is None else task.echo) if request else "",
+            orig_prompt=task.orig_prompt,
         )
 
 

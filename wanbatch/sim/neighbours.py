@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from wanbatch import catalog
@@ -70,13 +71,13 @@ class Neighbours:
         seed = (ours.seed + rng.randrange(1, model.seed_max // 2)) % (model.seed_max + 1 - model.n_max)
         if not same_key:
             width, height = catalog.parse_size(rng.choice(sizes)) or (ours.width, ours.height)
-            extend = rng.random() < 0.5
-            return _request(ours, width, height, rng.randint(1, model.n_max), seed, prompt_extend=extend)
+            n, extend = rng.randint(1, model.n_max), rng.random() < 0.5
+            return replace(ours, width=width, height=height, n=n, seed=seed, prompt_extend=extend)
         others = [size for size in sizes if size != ours.size]
         if ours.n < model.n_max and (not others or rng.random() < 0.5):
-            return _request(ours, ours.width, ours.height, rng.randint(ours.n + 1, model.n_max), seed)
+            return replace(ours, n=rng.randint(ours.n + 1, model.n_max), seed=seed)
         width, height = catalog.parse_size(rng.choice(others)) or (ours.width, ours.height)
-        return _request(ours, width, height, ours.n, seed)
+        return replace(ours, width=width, height=height, seed=seed)
 
     def _sizes(self, model: catalog.Model) -> list[str]:
         rule = validate.size_rule(model, self._state.config)
@@ -128,21 +129,6 @@ class Neighbours:
             backdate_s=backdate_s,
             neighbour=True,
         )
-
-
-def _request(
-    ours: GenerationRequest, width: int, height: int, n: int, seed: int, *, prompt_extend: bool | None = None
-) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=ours.prompt,
-        negative_prompt=ours.negative_prompt,
-        width=width,
-        height=height,
-        n=n,
-        seed=seed,
-        prompt_extend=ours.prompt_extend if prompt_extend is None else prompt_extend,
-        watermark=ours.watermark,
-    )
 
 
 def _body(offer: catalog.Offer, request: GenerationRequest) -> dict[str, Any]:

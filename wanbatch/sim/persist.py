@@ -161,7 +161,6 @@ def task_record(task: Task) -> dict[str, Any]:
         "sent_s": task.sent_s,
         "listed_s": task.listed_s,
         "echo": task.echo,
-        "read_unknown": task.read_unknown,
     }
 
 
@@ -193,7 +192,6 @@ def task_from(record: dict[str, Any]) -> Task:
         sent_s=record.get("sent_s", record["submit_s"]),
         listed_s=record.get("listed_s", record["submit_s"]),
         echo=record.get("echo"),
-        read_unknown=record.get("read_unknown", False),
     )
 
 

@@ -190,8 +190,7 @@ class Service:
         def land(at_s: float) -> None:
             if state.accounts.admit_submit(common["caller"], common["offer"], at_s) is not Admission.OK:
                 return
-            task = state.submit(**common, request=generation, echo=echo, at_s=at_s)
-            task.sent_s = sent_s
+            task = state.submit(**common, request=generation, echo=echo, at_s=at_s, sent_s=sent_s)
             self.neighbours.beside(task, common["caller"])
 
         state.call_at(sent_s + state.faults.uniform(Fault.LATE_CREATE, 0.0, self.config.late_create_max_s), land)

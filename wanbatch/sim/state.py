@@ -31,7 +31,7 @@ from wanbatch.sim import wire
 from wanbatch.sim.accounts import Accounts, ApiKey
 from wanbatch.sim.billing import BillingLog
 from wanbatch.sim.config import SimConfig
-from wanbatch.sim.faults import Fault, FaultInjector
+from wanbatch.sim.faults import IMAGE_FAULTS, Fault, FaultInjector
 from wanbatch.sim.images import ImageStore
 from wanbatch.sim.persist import Saved, SimStore, task_record
 from wanbatch.sim.tasks import Endpoint, GenerationRequest, ImageResult, Lane, Task, TaskStatus
@@ -124,6 +124,7 @@ class SimState:
         backdate_s: float = 0.0,
         neighbour: bool = False,
         echo: str | None = None,
+        sent_s: float | None = None,
     ) -> Task:
         """Create a task and plan its life. ``error`` makes a task that FAILED at once (``param_errors="task"``).
 
@@ -146,7 +147,7 @@ class SimState:
             start_s=now,
             end_s=now,
             neighbour=neighbour,
-            sent_s=now - backdate_s,
+            sent_s=now - backdate_s if sent_s is None else sent_s,
             echo=echo,
         )
         if request is None:
@@ -213,8 +214,9 @@ class SimState:
         return self.clock.now() >= task.listed_s and self.status(task) is not TaskStatus.UNKNOWN
 
     def first_get(self, path: str) -> bool:
-        """Whether this is the first GET of the image at ``path`` (counting this one)."""
-        if path in self._fetched:
+        """Whether this is the first GET of the image at ``path`` (counting this one); remembered only while an
+        image fault is switched on, the only thing that asks."""
+        if path in self._fetched or not self.faults.any_on(IMAGE_FAULTS):
             return False
         self._fetched.add(path)
         return True

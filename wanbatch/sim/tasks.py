@@ -117,6 +117,11 @@ class Task:
         return self.endpoint is Endpoint.SYNC
 
     @property
+    def orig_prompt(self) -> str:
+        """The prompt its results echo: the request's, unless the echo varies (``echo_variant``)."""
+        return (self.request.prompt if self.request else "") if self.echo is None else self.echo
+
+    @property
     def n(self) -> int:
         return len(self.images)
 
