@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from wanbatch import catalog, pacing
+from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig, keys_from_env
 from wanbatch.manifest import Manifest
+from wanbatch.service import pacing
 
 __all__ = ["CPU_MARK", "lift_quotas", "main"]
 

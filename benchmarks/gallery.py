@@ -6,7 +6,7 @@
 For each size, a run folder is made with a synthetic ledger (a matrix of 2 models × 3 styles × many
 subjects, every seed its own; every image saved, a hard link to one real 1024*1024 PNG) and measured:
 the bytes of ``gallery.html`` and ``gallery-data.js``; the cost of a thumbnail made as a run saves its
-images (items handed to the run's :class:`~wanbatch.gallery.Thumbnailer`, as the downloader does) and at
+images (items handed to the run's :class:`~wanbatch.outputs.gallery.Thumbnailer`, as the downloader does) and at
 the end of a run (on every core); the end-of-run step when every thumbnail was made while saving (the page,
 and the check that each is there), and of a run that made none then, for comparison; and the time from
 navigation to the first cards in headless Chromium. The results go to ``latest.json`` under ``gallery``
@@ -34,10 +34,10 @@ from typing import Any
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.gallery import DATA_FILE, GALLERY_FILE, THUMBS_DIR, Thumbnailer, thumb_name, write_gallery
-from wanbatch.gallery.thumbs import DEFAULT_WORKERS
 from wanbatch.ledger import LEDGER_FILE, Ledger
-from wanbatch.states import ItemState
+from wanbatch.ledger.states import ItemState
+from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMBS_DIR, Thumbnailer, thumb_name, write_gallery
+from wanbatch.outputs.gallery.thumbs import DEFAULT_WORKERS
 
 from . import chromium, report
 
@@ -51,7 +51,7 @@ STYLES = ("ink wash", "oil paint", "photo")
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """What the ledger reads from a manifest item (``wanbatch.records.ItemLike``)."""
+    """What the ledger reads from a manifest item (``wanbatch.ledger.records.ItemLike``)."""
 
     item_id: str
     model: str

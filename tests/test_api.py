@@ -107,7 +107,7 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     """After a hard stop, cancel_queued cancels PENDING tasks; running ones stay queued for the next run."""
     import asyncio
 
-    from wanbatch.cancel import cancel_queued
+    from wanbatch.stages.cancel import cancel_queued
 
     sim = await start_sim(speed=50.0, durations={"*": 600.0})  # long tasks: the stop finds them queued
     job = manifest(

@@ -21,9 +21,9 @@ from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, 
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import ItemRow, Ledger
+from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.states import ItemState
-from wanbatch.wire import build_body
+from wanbatch.service.wire import build_body
 
 MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}

@@ -19,10 +19,10 @@ import yaml
 from engine_helpers import engine_for
 from unkind_helpers import StorageRefusals, sim_with
 
-from wanbatch.download import DownloadConfig
 from wanbatch.ledger import LEDGER_FILE, Ledger
+from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.states import ImageState, ItemState
+from wanbatch.stages.download import DownloadConfig
 
 SPEED = 200.0
 #: Short waits between tries, so that many tries fit in a test.
@@ -181,9 +181,9 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
     from datetime import datetime
 
     from wanbatch.clock import ScaledClock
-    from wanbatch.results import record_results
-    from wanbatch.track import TrackerConfig
-    from wanbatch.wire import SERVICE_TZ
+    from wanbatch.service.wire import SERVICE_TZ
+    from wanbatch.stages.results import record_results
+    from wanbatch.stages.track import TrackerConfig
 
     clock = ScaledClock()
     manifest = manifest_of(tmp_path, ["a tui"])

@@ -15,8 +15,8 @@ from PIL import Image
 
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
+from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.states import ImageState, ItemState
 
 FOXES = """\
 name: foxes
@@ -217,7 +217,7 @@ async def test_unknown_outcomes_are_reconciled_not_resent(start_sim, tmp_path):
     """Resets after the task was created leave items unknown; they are adopted from the list, never paid twice."""
     sim = await start_sim(**FAST, fault_rates={"reset_after": 0.4}, seed=5)
     manifest = numbered_manifest(tmp_path, 10, "a kite")
-    from wanbatch.reconcile import ReconcileConfig
+    from wanbatch.stages.reconcile import ReconcileConfig
 
     quick = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
     engine = engine_for(sim, tmp_path / "run", reconcile=quick)
@@ -312,7 +312,7 @@ async def test_an_unreachable_service_stops_the_lane_with_advice(tmp_path):
         port = probe.getsockname()[1]
     manifest = numbered_manifest(tmp_path, 40, "a stone bridge")
     from wanbatch.clock import ScaledClock
-    from wanbatch.submit import SubmitConfig
+    from wanbatch.stages.submit import SubmitConfig
 
     engine = Engine(
         run_dir=tmp_path / "run",

@@ -17,7 +17,7 @@ import webdataset
 from PIL import Image
 
 from wanbatch.errors import ConfigError
-from wanbatch.export import export
+from wanbatch.outputs.export import export
 
 #: Entries with different variables (and one with none), a negative prompt on some items only, two sizes.
 MIXED = """\

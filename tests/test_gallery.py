@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
-from wanbatch.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
 from wanbatch.ledger import Ledger
-from wanbatch.states import ItemState
+from wanbatch.ledger.states import ItemState
+from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
+from wanbatch.outputs.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package

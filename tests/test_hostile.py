@@ -33,13 +33,13 @@ from aiohttp import web
 from PIL import Image
 from unkind_helpers import Intercept, sim_with
 
-from wanbatch.download import DownloadConfig
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
+from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.reconcile import ReconcileConfig
 from wanbatch.sim import SIM_STATE, SimHandle
-from wanbatch.states import ImageState, ItemState
+from wanbatch.stages.download import DownloadConfig
+from wanbatch.stages.reconcile import ReconcileConfig
 
 SPEED = 200.0  #: simulated seconds per wall second, for service and engine alike
 SIZE = (512, 512)

@@ -17,7 +17,7 @@ import pytest
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import IllegalTransition, LedgerError, RunLocked
 from wanbatch.ledger import LEDGER_FILE, SCHEMA_VERSION, ImageRecord, Ledger, RunLock
-from wanbatch.states import FINAL_STATES, TRANSITIONS, ImageState, ItemState
+from wanbatch.ledger.states import FINAL_STATES, TRANSITIONS, ImageState, ItemState
 
 S = ItemState
 REPO = Path(__file__).resolve().parent.parent
@@ -269,7 +269,7 @@ CRASH_CHILD = textwrap.dedent(
     from types import SimpleNamespace
     from wanbatch.clock import ScaledClock
     from wanbatch.ledger import Ledger
-    from wanbatch.states import ItemState
+    from wanbatch.ledger.states import ItemState
 
     def item(i):
         return SimpleNamespace(item_id=f"c{i:04d}", replica=0, region="beijing", model="wan2.2-t2i-flash", n=1,
@@ -556,8 +556,10 @@ def test_a_durable_move_is_fsynced_and_the_others_are_not(ledger: Ledger) -> Non
     ledger.transition(first, ItemState.submitting, expect=ItemState.planned, durable=True)
     durable, statements[:] = list(statements), []
     ledger.transition(second, ItemState.submitting, expect=ItemState.planned)
-    assert durable.index("PRAGMA synchronous = FULL") < durable.index("COMMIT") < durable.index(
-        "PRAGMA synchronous = NORMAL"
+    assert (
+        durable.index("PRAGMA synchronous = FULL")
+        < durable.index("COMMIT")
+        < durable.index("PRAGMA synchronous = NORMAL")
     )
     assert not any("synchronous" in statement for statement in statements)
     assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL between durable moves

@@ -16,7 +16,7 @@ import wanbatch
 from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
 from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed, item_id
-from wanbatch.plan import make_plan
+from wanbatch.manifest.plan import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "manifests" / "bad"

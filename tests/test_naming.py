@@ -10,11 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 import wanbatch
-from wanbatch import naming
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import ManifestInvalid
 from wanbatch.ledger import Ledger
-from wanbatch.manifest import Manifest
+from wanbatch.manifest import Manifest, naming
 
 
 def name_of(pattern: str, **fields: str) -> str:

@@ -13,8 +13,8 @@ import pytest
 from engine_helpers import engine_for
 
 import wanbatch
+from wanbatch.ledger.runfolder import OtherManifest
 from wanbatch.manifest import Manifest
-from wanbatch.runfolder import OtherManifest
 from wanbatch.sim import wire
 
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}

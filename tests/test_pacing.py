@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wanbatch import catalog
-from wanbatch.pacing import Pacer
+from wanbatch.service.pacing import Pacer
 
 
 @pytest.mark.parametrize("offer", sorted(catalog._OFFERS.values(), key=lambda o: (o.region, o.api_name)))

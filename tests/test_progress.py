@@ -13,7 +13,7 @@ from pathlib import Path
 import engine_helpers
 from rich.console import Console
 
-from wanbatch.progress import figures, log_progress, progress_line, render
+from wanbatch.outputs.progress import figures, log_progress, progress_line, render
 
 ROOT = Path(__file__).resolve().parent.parent
 

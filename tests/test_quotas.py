@@ -15,7 +15,7 @@ from engine_helpers import engine_for, numbered_manifest
 import wanbatch
 from wanbatch import catalog
 from wanbatch.errors import ManifestInvalid
-from wanbatch.quotas import apply_quotas, check_quotas, load_quotas
+from wanbatch.service.quotas import apply_quotas, check_quotas, load_quotas
 
 ROOT = Path(__file__).resolve().parent.parent
 FLASH = catalog.offer("beijing", "wan2.2-t2i-flash")

@@ -13,12 +13,12 @@ from helpers_proc import start_sim as start_sim_process
 
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
+from wanbatch.ledger.records import ItemRow
+from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.reconcile import ReconcileConfig, echoes_prompt
-from wanbatch.records import ItemRow
+from wanbatch.service.wire import build_body
 from wanbatch.sim.config import DEMO_ACCOUNT, AccountConfig
-from wanbatch.states import ItemState
-from wanbatch.wire import build_body
+from wanbatch.stages.reconcile import ReconcileConfig, echoes_prompt
 
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 #: A second key of the demo account: another program of the same owner, billed to the same account.
@@ -321,9 +321,7 @@ async def test_an_attempt_is_judged_by_the_key_of_the_run_that_made_it(start_sim
     assert report["items"]["saved"] == 3 and len(sim.billing) == 3
 
 
-async def test_results_that_show_no_prompt_never_give_one_attempts_task_to_another(
-    start_sim, sim_api_for, tmp_path
-):
+async def test_results_that_show_no_prompt_never_give_one_attempts_task_to_another(start_sim, sim_api_for, tmp_path):
     """Two creates of one legacy model in doubt at once; only the later one made a task, and the service's
     results show no prompt (as some of its answers do): nothing tells whose the task is, so neither item adopts
     it and neither is sent again; both are held for the user naming it, and later creates go one at a time."""

@@ -21,12 +21,12 @@ from engine_helpers import engine_for, run_stopped_when
 from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
 from wanbatch import catalog
-from wanbatch.download import DownloadConfig
 from wanbatch.ledger import Ledger
+from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
+from wanbatch.service.wire import build_body
 from wanbatch.sim import AccountConfig
-from wanbatch.states import ItemState
-from wanbatch.wire import build_body
+from wanbatch.stages.download import DownloadConfig
 
 FLASH_PRICE = 0.14  #: CNY per image, Beijing (catalog)
 TWO_MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
@@ -326,7 +326,7 @@ async def test_disk_full_for_a_while_is_retried_and_the_images_saved(start_sim, 
     """A disk that is full for a few writes: each image is retried while its URL lives and saved in the same run,
     each request paid once."""
     disk = FullDisk(failures=4)
-    monkeypatch.setattr("wanbatch.download.open", disk.open, raising=False)
+    monkeypatch.setattr("wanbatch.stages.download.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 3, "full for a while"))
     assert disk.refused == 4
@@ -339,7 +339,7 @@ async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_s
     """A disk full until the user stops the run: the images stay generated, the report names the disk error, no
     partial file is left in images/, and a resume after space is freed saves them."""
     disk = FullDisk(failures=None)
-    monkeypatch.setattr("wanbatch.download.open", disk.open, raising=False)
+    monkeypatch.setattr("wanbatch.stages.download.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "full")
     first = await run_stopped_when(engine_for(sim, tmp_path / "run"), manifest, lambda: disk.refused >= 2)

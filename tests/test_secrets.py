@@ -32,8 +32,8 @@ from aiohttp import web
 
 from wanbatch.catalog import Protocol
 from wanbatch.cli import main
-from wanbatch.client import WanClient, check_base_url
 from wanbatch.errors import ConfigError, WanbatchError
+from wanbatch.service.client import WanClient, check_base_url
 from wanbatch.sim import AccountConfig, SimConfig, SimHandle, create_app
 
 TOKEN = secrets.token_hex(16)

@@ -14,7 +14,7 @@ from unkind_helpers import UnknownAnswers, sim_with
 
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
-from wanbatch.track import Durations, TrackerConfig
+from wanbatch.stages.track import Durations, TrackerConfig
 
 
 def test_durations_start_from_the_catalog_and_follow_recent_tasks():

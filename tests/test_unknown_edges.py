@@ -13,10 +13,10 @@ from engine_helpers import engine_for, numbered_manifest
 
 from wanbatch import catalog
 from wanbatch.ledger import LEDGER_FILE, Ledger
+from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.reconcile import ReconcileConfig
-from wanbatch.states import ItemState
-from wanbatch.wire import build_body
+from wanbatch.service.wire import build_body
+from wanbatch.stages.reconcile import ReconcileConfig
 
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 QUICK = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)

@@ -3,9 +3,9 @@
 import pytest
 
 from wanbatch.catalog import Protocol
-from wanbatch.client import check_base_url
 from wanbatch.errors import ConfigError
-from wanbatch.wire import (
+from wanbatch.service.client import check_base_url
+from wanbatch.service.wire import (
     MalformedAnswer,
     build_body,
     image_results,

@@ -3,11 +3,11 @@
 The command line is ``wanbatch``; the same run from Python is ``await wanbatch.run(manifest, out=...)``.
 """
 
-from .api import BudgetExceeded, run
-from .engine import Engine, EngineConfig
-from .errors import ManifestError, WanbatchError
-from .manifest import Manifest
-from .plan import make_plan
+from wanbatch.api import BudgetExceeded, run
+from wanbatch.engine import Engine, EngineConfig
+from wanbatch.errors import ManifestError, WanbatchError
+from wanbatch.manifest import Manifest
+from wanbatch.manifest.plan import make_plan
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m wanbatch`` is the ``wanbatch`` command."""
 
-from .cli import main
+from wanbatch.cli import main
 
 raise SystemExit(main())

@@ -27,16 +27,16 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from . import backend
-from .engine import Engine, EngineConfig, keys_from_env, stored_plan
-from .errors import ConfigError, RunLocked
-from .manifest import Manifest
-from .plan import make_plan
-from .progress import live_progress, log_progress
-from .quotas import QuotaTable, check_quotas, load_quotas
-from .runfolder import refuse_other_manifest
-from .submit import SubmitConfig
-from .track import TrackerConfig
+from wanbatch.engine import Engine, EngineConfig, keys_from_env, stored_plan
+from wanbatch.errors import ConfigError, RunLocked
+from wanbatch.ledger import backend
+from wanbatch.ledger.runfolder import refuse_other_manifest
+from wanbatch.manifest import Manifest
+from wanbatch.manifest.plan import make_plan
+from wanbatch.outputs.progress import live_progress, log_progress
+from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
+from wanbatch.stages.submit import SubmitConfig
+from wanbatch.stages.track import TrackerConfig
 
 __all__ = ["BudgetExceeded", "run"]
 
@@ -81,10 +81,11 @@ async def run(
     ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
     ``quotas`` are the account's quotas where they differ from the catalog's (a YAML file or a mapping, see
-    :mod:`wanbatch.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim --config``'s file).
+    :mod:`wanbatch.service.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim
+    --config``'s file).
     A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
-    is refused (:class:`wanbatch.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
-    A folder filled from another manifest is refused (:class:`~wanbatch.runfolder.OtherManifest`) unless
+    is refused (:class:`wanbatch.ledger.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
+    A folder filled from another manifest is refused (:class:`~wanbatch.ledger.runfolder.OtherManifest`) unless
     ``force``: the two would mix in one ``metadata.jsonl``.
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
@@ -175,8 +176,8 @@ def _quotas(quotas: str | Path | QuotaTable | None) -> dict[str, dict[str, float
 def _sim_configs(regions: list[str], config_file: str | Path | None) -> tuple[dict, float | None]:
     """The embedded simulators' settings from ``config_file`` (``wanbatch sim --config``'s), one per region,
     and the speed the file sets, if it sets one."""
-    from .sim import SimConfig
-    from .sim.config import read_config_file
+    from wanbatch.sim import SimConfig
+    from wanbatch.sim.config import read_config_file
 
     if config_file is None:
         return {}, None
@@ -200,8 +201,8 @@ async def _simulators(
 ):
     """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``.
     ``speed`` None: the config file's, else the folder's earlier speed, else 60 (a simulated minute per second)."""
-    from .sim.embedded import demo_key, start_embedded
-    from .sim.persist import SimInUse
+    from wanbatch.sim.embedded import demo_key, start_embedded
+    from wanbatch.sim.persist import SimInUse
 
     bases, file_speed = _sim_configs(regions, config_file)
     try:

@@ -22,10 +22,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, catalog
-from .errors import ConfigError, LedgerError, ManifestError, ManifestInvalid
-from .progress import JsonFormatter, format_duration
-from .track import POLICIES
+from wanbatch import __version__, catalog
+from wanbatch.errors import ConfigError, LedgerError, ManifestError, ManifestInvalid
+from wanbatch.outputs.progress import JsonFormatter, format_duration
+from wanbatch.stages.track import POLICIES
 
 __all__ = ["main"]
 
@@ -202,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_cancel)
 
     sim = sub.add_parser("sim", parents=[common], help="serve the simulated service on loopback until Ctrl-C")
-    from .sim import cli as sim_cli
+    from wanbatch.sim import cli as sim_cli
 
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.run)
@@ -279,8 +279,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .manifest import Manifest
-    from .plan import make_plan, repeats_line
+    from wanbatch.manifest import Manifest
+    from wanbatch.manifest.plan import make_plan, repeats_line
 
     manifest = Manifest.from_yaml(args.manifest)
     plan = make_plan(manifest)
@@ -308,7 +308,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import run
+    from wanbatch.api import run
 
     try:
         report = asyncio.run(
@@ -417,7 +417,7 @@ def _print_summary(report: dict, run_dir: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from wanbatch.outputs.export import export
 
     shards = export(args.run_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)
     for shard in shards:
@@ -426,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cancel import cancel_in_folder
+    from wanbatch.stages.cancel import cancel_in_folder
 
     if not (args.run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
@@ -445,9 +445,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts, cost and failures of a run folder, read from its ledger (safe while a run is going)."""
-    from .clock import ScaledClock
-    from .ledger import Ledger
-    from .outputs import build_report
+    from wanbatch.clock import ScaledClock
+    from wanbatch.ledger import Ledger
+    from wanbatch.outputs.metadata import build_report
 
     if not (args.run_dir / "ledger.sqlite").exists():
         raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")

@@ -24,24 +24,24 @@ from typing import Any
 
 import aiohttp
 
-from . import catalog
-from .backend import claim as claim_backend
-from .budget import Budget
-from .client import WanClient
-from .clock import Clock, ScaledClock
-from .download import DownloadConfig, Downloader
-from .errors import ConfigError
-from .gallery import Thumbnailer, write_gallery
-from .ledger import Ledger, RunLock, read_meta
-from .outputs import write_metadata, write_report
-from .pacing import Pacer, even_limiter
-from .quotas import QuotaTable, apply_quotas
-from .reconcile import ReconcileConfig, Reconciler
-from .records import AddResult
-from .results import sync_answer_lost
-from .states import ItemState
-from .submit import KEY_WIDE, Lane, Slots, SubmitConfig, Submitter
-from .track import Tracker, TrackerConfig
+from wanbatch import catalog
+from wanbatch.clock import Clock, ScaledClock
+from wanbatch.errors import ConfigError
+from wanbatch.ledger import Ledger, RunLock, read_meta
+from wanbatch.ledger.backend import claim as claim_backend
+from wanbatch.ledger.records import AddResult
+from wanbatch.ledger.states import ItemState
+from wanbatch.outputs.gallery import Thumbnailer, write_gallery
+from wanbatch.outputs.metadata import write_metadata, write_report
+from wanbatch.service.client import WanClient
+from wanbatch.service.pacing import Pacer, even_limiter
+from wanbatch.service.quotas import QuotaTable, apply_quotas
+from wanbatch.stages.budget import Budget
+from wanbatch.stages.download import DownloadConfig, Downloader
+from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
+from wanbatch.stages.results import sync_answer_lost
+from wanbatch.stages.submit import KEY_WIDE, Lane, Slots, SubmitConfig, Submitter
+from wanbatch.stages.track import Tracker, TrackerConfig
 
 __all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
 
@@ -75,9 +75,9 @@ class EngineConfig:
     track: TrackerConfig = field(default_factory=TrackerConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
-    #: the account's quotas where they differ from the catalog's (see wanbatch.quotas): the lanes pace to them
+    #: the account's quotas where they differ from the catalog's (see wanbatch.service.quotas): the lanes pace to them
     quotas: QuotaTable = field(default_factory=dict)
-    #: the endpoints the run folder is made against (:func:`wanbatch.backend.describe`), checked against and
+    #: the endpoints the run folder is made against (:func:`wanbatch.ledger.backend.describe`), checked against and
     #: recorded in its ledger; None: neither (tests that point one folder at several simulators)
     backend: Mapping[str, str] | None = None
     force_backend: bool = False  #: resume even against other endpoints than the folder's record

@@ -16,7 +16,7 @@
     └── DownloadError          an image could not be fetched or failed verification
         └── UrlExpired         the result URL is past its life: the image is lost
 
-aiohttp's exceptions are mapped to these in one place, ``wanbatch.client``.
+aiohttp's exceptions are mapped to these in one place, ``wanbatch.service.client``.
 Each error says whether retrying may help (``retryable``); for the service's
 errors that is decided by its ``code``, not its HTTP status.
 """

@@ -37,6 +37,7 @@ Handler = Callable[[web.Request, ApiKey, str, bool], Awaitable[Answer]]
 class Dropped(Exception):
     """The connection is reset with no answer (the service has done, or will do, what was asked)."""
 
+
 _LEGACY_SYNC_MODELS = ("wan2.2-t2i-flash", "wan2.2-t2i-plus")  # what the SDK's sync_call docstring names
 _DAY_S = 86400.0
 

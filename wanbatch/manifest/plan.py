@@ -1,0 +1,74 @@
+"""What a manifest will cost and how long the account's quota needs for it, before anything is sent."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from wanbatch import catalog
+from wanbatch.manifest import Manifest
+
+__all__ = ["make_plan", "repeats_line"]
+
+
+def make_plan(manifest, survey=None) -> dict[str, Any]:
+    """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
+
+    ``manifest`` is a :class:`wanbatch.Manifest` or the path of one, as :func:`wanbatch.run` takes.
+    Items are distinct requests: rows that ask for one already asked are counted once (the ledger keeps
+    one item for them, sent and paid once) and reported under ``repeats``.
+
+    Models run in parallel lanes, so the whole manifest needs as long as its slowest lane. ``survey`` is
+    ``manifest.survey()`` when the caller has it already (the survey checks every item: it is the costly part).
+    """
+    if isinstance(manifest, str | PathLike):
+        manifest = Manifest.from_yaml(Path(manifest))
+    survey = survey if survey is not None else manifest.survey()
+    rows, cost = [], defaultdict(float)
+    for (region, model), (items, images) in sorted(survey.lanes.items()):
+        lane = {"items": items, "images": images}
+        offer = catalog.offer(region, model)
+        bound_s = max(
+            lane["items"] / offer.submit_rps, lane["items"] * offer.model.typical_duration_s / offer.concurrency
+        )
+        lane_cost = lane["images"] * offer.price
+        rows.append(
+            {
+                "region": region,
+                "model": model,
+                **lane,
+                "price": offer.price,
+                "cost": round(lane_cost, 6),
+                "currency": offer.currency,
+                "quota_time_s": bound_s,
+            }
+        )
+        cost[offer.currency] += lane_cost
+    return {
+        "name": manifest.name,
+        "items": sum(r["items"] for r in rows),
+        "images": sum(r["images"] for r in rows),
+        "cost": {currency: round(value, 6) for currency, value in cost.items()},
+        "price_table": catalog.PRICE_TABLE,
+        "quota_time_s": max((r["quota_time_s"] for r in rows), default=0.0),
+        "regions": sorted({r["region"] for r in rows}),
+        "budget": manifest.budget,
+        "lanes": rows,
+        "repeats": dataclasses.asdict(survey.repeats),
+    }
+
+
+def repeats_line(plan: dict[str, Any]) -> str | None:
+    """For people: how many rows repeat an earlier request, and a few of them with the row they repeat."""
+    repeats = plan.get("repeats") or {}
+    if not repeats.get("rows"):
+        return None
+    shown = ", ".join(f"{e['source']} repeats {e['repeats'] or 'an earlier row'}" for e in repeats["examples"])
+    more = ", ..." if repeats["rows"] > len(repeats["examples"]) else ""
+    return (
+        f"{repeats['rows']} row(s) repeat an earlier request, {repeats['items']} item(s) counted, sent and paid"
+        f" once: {shown}{more}"
+    )

@@ -1,0 +1,135 @@
+"""What a run leaves for people and tools: ``metadata.jsonl`` and ``report.json``.
+
+``metadata.jsonl`` follows the ``imagefolder`` layout: one JSON object per
+saved image, its ``file_name`` relative to the run folder, so the folder loads
+as a dataset as it is. ``report.json`` says what happened: counts per state,
+images, cost, timings and every failure with its code, message and the
+manifest line it came from. Both are rewritten whole from the ledger, to a
+temporary file renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from wanbatch.ledger.records import ImageRow, ItemRow
+from wanbatch.ledger.states import ImageState, ItemState
+from wanbatch.stages.results import WRITE_OFF_CODES
+
+__all__ = ["build_report", "saved_images", "write_atomic", "write_metadata", "write_report"]
+
+FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def saved_images(ledger) -> Iterator[tuple[ImageRow, ItemRow]]:
+    """Every saved image with its item; images come by item, so each item is read once, not once an image."""
+    item: ItemRow | None = None
+    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+        if item is None or item.item_id != image.item_id:
+            item = ledger.get(image.item_id)
+        yield image, item
+
+
+def write_metadata(run_dir: Path, ledger) -> int:
+    """One line per saved image; returns how many.
+
+    Every row has the same columns with the same types: a dataset loader infers them from the first part of
+    the file only, so a variable some items lack is "" there, not absent, and so is a missing text value.
+    """
+    names: set[str] = set()
+    for _, item in saved_images(ledger):
+        names.update(item.variables)
+    lines = []
+    for image, item in saved_images(ledger):
+        request = item.request
+        row = {
+            "file_name": image.file_name,
+            "prompt": request["prompt"],
+            "actual_prompt": image.actual_prompt or "",
+            "negative_prompt": request.get("negative_prompt") or "",
+            "model": item.model,
+            "region": item.region,
+            "size": request["size"],
+            "seed": image.seed,
+            "variables": {name: str(item.variables.get(name, "")) for name in sorted(names)},
+            "item_id": item.item_id,
+            "task_id": item.task_id or "",
+            "image_index": image.image_index,
+            "sha256": image.sha256,
+            "source": item.source,
+            # Every row of the manifest that asked for this request: a row repeating another finds its image here.
+            "sources": [item.source, *item.more_sources],
+        }
+        if not names:
+            del row["variables"]  # a struct with no fields cannot be stored
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
+    message of every state it ended items in), and ``extra``."""
+    report = build_report(ledger, run=run, extra=extra)
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _count_failure(group: dict[str, Any], row: ItemRow) -> None:
+    """One failed item into its code's group. The message is kept per state: one code can mean two things
+    (DataInspectionFailed refuses a prompt at submit, rejected, or an image after generating it, failed)."""
+    state = str(row.state)
+    group["count"] += 1
+    per_state = group["states"].setdefault(state, {"count": 0, "message": row.error_message or ""})
+    per_state["count"] += 1
+    if len(group["sources"]) < 20:
+        group["sources"].append({"item_id": row.item_id, "state": state, "source": row.source, "entry": row.entry})
+
+
+def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
+    failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "states": {}, "sources": []})
+    lost_cost = defaultdict(float)
+    for row in ledger.iter_items(FAILURE_STATES):
+        if row.error_code in WRITE_OFF_CODES:  # possibly billed, images never had: counted as paid and lost
+            lost_cost[row.currency] += row.cost
+        _count_failure(failures[row.error_code or str(row.state)], row)
+    lost = []
+    for image in ledger.iter_images([ImageState.expired]):
+        item = ledger.get(image.item_id)
+        lost_cost[item.currency] += item.price_per_image
+        if len(lost) < 50:
+            lost.append({"item_id": image.item_id, "image_index": image.image_index, "error": image.error_message})
+    waiting = []
+    for image in ledger.iter_images([ImageState.pending]):
+        # Generated and paid, not on disk yet (a download error, a full disk): a later run saves it.
+        waiting.append(
+            {
+                "item_id": image.item_id,
+                "image_index": image.image_index,
+                "deadline_ms": image.deadline_ms,
+                "error": image.error_message,
+            }
+        )
+    report = {
+        **ledger.summary(),
+        "run": run,
+        "failures": dict(failures),
+        "images_expired": lost,
+        "cost_lost": {currency: round(cost, 6) for currency, cost in lost_cost.items()},
+        "images_not_saved_yet": waiting[:50],
+        **extra,
+    }
+    return report

@@ -1,0 +1,101 @@
+"""``wanbatch cancel DIR``: cancel what a run left waiting on the service.
+
+Only a task still PENDING can be canceled (the service refuses the others
+with UnsupportedOperation); those are left queued for a later run to save,
+since they are being paid for already. The service is the one the folder was
+made against (its ledger's record), so a simulated folder is canceled on its
+embedded simulator and never sends its task ids, or a key, to the real hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+
+from wanbatch import catalog
+from wanbatch.clock import ScaledClock
+from wanbatch.errors import ApiError, ConfigError, RunLocked, TransportError
+from wanbatch.ledger import Ledger, RunLock, backend
+from wanbatch.ledger.states import ItemState
+from wanbatch.service.client import WanClient
+from wanbatch.service.pacing import even_limiter
+
+__all__ = ["cancel_in_folder", "cancel_queued"]
+
+log = logging.getLogger("wanbatch")
+
+
+async def cancel_in_folder(
+    run_dir: Path, *, environ: Mapping[str, str], simulate: bool = False, base_url: str | None = None
+) -> dict[str, int]:
+    """Cancel the folder's PENDING tasks on the service it was made against, unless ``simulate``/``base_url``
+    name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
+    from wanbatch.engine import keys_from_env
+
+    known, base_url = backend.recorded(run_dir), base_url or None
+    if not simulate and base_url is None and known is not None:
+        simulate = set(known.values()) == {backend.SIMULATED}
+        base_url = backend.base_url_of(known)
+    wanted = backend.describe(simulate=simulate, base_url=base_url)
+    backend.check(run_dir, known, wanted, force=False, command="cancel")
+    with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
+        regions = sorted({region for region, _ in ledger.lanes([ItemState.queued])})
+    if not simulate:
+        return await cancel_queued(run_dir, keys=keys_from_env(regions, environ), base_url=base_url)
+    from wanbatch.sim.embedded import demo_key, start_embedded
+    from wanbatch.sim.persist import SimInUse
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            sims = await start_embedded(stack, run_dir, regions, speed=None)
+        except SimInUse as exc:
+            raise RunLocked(f"{run_dir} is in use by another run: {exc}") from None
+        keys = {region: demo_key(region) for region in sims}
+        return await cancel_queued(run_dir, keys=keys, base_urls={r: sim.base_url for r, sim in sims.items()})
+
+
+async def cancel_queued(
+    run_dir: Path,
+    *,
+    keys: Mapping[str, str],
+    base_url: str | None = None,
+    base_urls: Mapping[str, str] | None = None,
+    query_qps: float = 18.0,
+) -> dict[str, int]:
+    """Cancel every queued task of the run folder that has not started; returns counts."""
+    counts = {"canceled": 0, "running": 0, "errors": 0}
+    clock = ScaledClock()
+    with RunLock(run_dir), Ledger.open(run_dir, clock=clock, create=False) as ledger:
+        missing = sorted({region for region, _ in ledger.lanes([ItemState.queued])} - set(keys))
+        if missing:
+            raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
+        async with aiohttp.ClientSession() as session:
+            limiter = even_limiter(query_qps)
+            clients: dict[str, WanClient] = {}
+            for row in ledger.iter_items([ItemState.queued]):
+                if not row.task_id:
+                    continue
+                if row.region not in clients:
+                    url = (base_urls or {}).get(row.region) or base_url or catalog.REGIONS[row.region].base_url
+                    clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
+                await limiter.acquire()
+                try:
+                    await clients[row.region].cancel_task(row.task_id)
+                except ApiError as exc:
+                    if exc.code == "UnsupportedOperation":
+                        counts["running"] += 1
+                    else:
+                        counts["errors"] += 1
+                        log.warning("cancel %s: %s", row.task_id, exc)
+                    continue
+                except TransportError as exc:
+                    counts["errors"] += 1
+                    log.warning("cancel %s: %s", row.task_id, exc)
+                    continue
+                ledger.transition(row.item_id, ItemState.canceled, task_status="CANCELED", note="wanbatch cancel")
+                counts["canceled"] += 1
+    return counts

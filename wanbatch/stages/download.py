@@ -1,0 +1,444 @@
+"""Saving every generated image before its URL dies, verified.
+
+Images wait in a heap ordered by URL deadline, so after a long stop the ones
+closest to being lost go first. Each is read into memory (the size cap bounds
+it), then in one trip to a worker thread checked to be a PNG of the size that
+was asked for, hashed, written to a partial file, fsynced, renamed into place
+atomically and its folder fsynced; only then does the ledger record it. A crash
+between the rename and the commit is healed on resume: the file is already
+there with the same hash. Result URLs get no ``Authorization`` header.
+
+Object storage is unkind: a URL that works may first answer 403, 404 or 503,
+a body may be cut short. Every failure that may pass (any HTTP error, a
+timeout, a reset, a body that is not the image, a disk error) is retried with
+a backoff that doubles up to ``retry_max_s``, for as long as the URL lives; the
+image is written off as expired only once its deadline has passed. Only a
+body over the size cap, a redirect or a URL that is not http(s) ends the
+image's tries in this run (it stays pending, with the reason). The stage ends
+when nothing it could still save is left, or at once when the user stops the
+run: images waiting for a retry then stay pending for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import io
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+import aiofiles.os
+import aiohttp
+from PIL import Image
+
+from wanbatch.aio import wait_event
+from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
+from wanbatch.ledger.records import ImageRow, ItemRow
+from wanbatch.ledger.states import ImageState, ItemState
+from wanbatch.manifest import naming
+
+__all__ = ["DownloadConfig", "Downloader", "verify_png"]
+
+log = logging.getLogger("wanbatch")
+
+CHECK_PAGE = 2000  #: saved images whose files are looked at in one trip to a worker thread
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DownloadConfig:
+    workers: int = 8
+    max_bytes: int = 64 * 1024 * 1024  #: larger bodies are refused: no Wan PNG comes near it
+    timeout_s: float = 120.0
+    retry_base_s: float = 2.0  #: the first wait after a failed download; it doubles with each failure
+    retry_max_s: float = 300.0  #: the longest wait between two tries of one image
+    chunk_bytes: int = 256 * 1024
+
+
+def verify_png(source: Path | BinaryIO, size: str) -> None:
+    """Raise DownloadError unless ``source`` (a file or its bytes) is a whole PNG of exactly ``size`` ("W*H")."""
+    width, _, height = size.partition("*")
+    try:
+        with Image.open(source) as img:
+            if img.format != "PNG":
+                raise DownloadError(f"not a PNG but {img.format}")
+            if img.size != (int(width), int(height)):  # a whole image, not what was asked for: asking again won't help
+                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}", retryable=False)
+            img.verify()
+    except DownloadError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds for a broken file
+        raise DownloadError(f"not a valid PNG: {exc}") from None
+
+
+@dataclass(order=True, slots=True)
+class _Job:
+    deadline_ms: int
+    item_id: str
+    index: int
+    image: ImageRow = field(compare=False)  #: as the ledger had it when queued: pending, with its URL
+    failures: int = field(default=0, compare=False)
+    last_error: str = field(default="", compare=False)
+
+
+class Downloader:
+    """Workers that drain the deadline heap into ``run_dir/images``."""
+
+    def __init__(
+        self,
+        *,
+        ledger,
+        clock,
+        session: aiohttp.ClientSession,
+        run_dir: Path,
+        on_item_done: Callable[[str], None] = lambda item_id: None,
+        config: DownloadConfig = DownloadConfig(),
+    ) -> None:
+        self._ledger, self._clock, self._session = ledger, clock, session
+        self.run_dir = run_dir
+        self._partial = run_dir / "images" / ".partial"
+        self._on_item_done = on_item_done
+        self.config = config
+        self._heap: list[_Job] = []  #: ready to be tried, soonest deadline first
+        #: (when, tie-break, job): failed jobs waiting for their next try, off the heap so that one image
+        #: the storage keeps refusing does not hold back the images behind it
+        self._waiting: list[tuple[float, int, _Job]] = []
+        self._waits = 0
+        self._interrupted = False
+        self._wake = asyncio.Event()
+        self._busy = 0
+        self._checking = False  #: the saved files are being looked at: the stage does not end before
+        # Each image is queued once while it is open (a resume and a late result may both offer it); the item
+        # rows of open images are kept, so an image costs no ledger read of its own.
+        self._queued: set[tuple[str, int]] = set()
+        self._items: dict[str, tuple[ItemRow, int]] = {}  # item_id -> (row, open images)
+        self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
+        self._sharded = naming.sharded(ledger)
+        self.saved = 0
+        self.bytes = 0
+
+    def interrupt(self) -> None:
+        """The user stopped the run: once the stages before this one end, images waiting for a retry are
+        left pending for the next run instead of being waited for."""
+        self._interrupted = True
+        self._wake.set()
+
+    def add_item(self, item_id: str) -> None:
+        pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
+        for image in pending:
+            self._push(image)
+        if not pending:
+            self._close_item(item_id)  # saved already (queued again after a stop): settle it now
+        self._wake.set()
+
+    def _push(self, image: ImageRow) -> None:
+        key = (image.item_id, image.image_index)
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        row, open_images = self._items.get(image.item_id) or (None, 0)
+        self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
+        heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index, image))
+
+    def _last(self, job: _Job) -> bool:
+        """Whether ``job`` is its item's last open image: only that one can settle the item, so the others
+        spare the ledger the look at the item's images. Asked with no await before the job's commit and
+        ``_done``, so two images of one item ending together cannot both think the other is last."""
+        return self._items[job.item_id][1] == 1
+
+    def _done(self, job: _Job) -> None:
+        """The job's image is saved, final or left for a later run: forget it and, with its last, its item."""
+        self._queued.discard((job.item_id, job.index))
+        row, open_images = self._items[job.item_id]
+        if open_images > 1:
+            self._items[job.item_id] = (row, open_images - 1)
+        else:
+            del self._items[job.item_id]
+
+    def load_pending(self) -> int:
+        """Queue every image the ledger says is still to be saved (on start and resume). Those it says are saved
+        but whose file is gone or damaged are looked for as the stage runs (:meth:`_check_saved`), so that a big
+        folder's resume does not wait for a stat of every file before its first request."""
+        for row in self._ledger.iter_items([ItemState.generated]):
+            # A stop between an item's last image and its own move leaves it generated with nothing pending.
+            self._ledger.settle(row.item_id)
+        count = 0
+        for image in self._ledger.iter_images([ImageState.pending]):
+            self._push(image)
+            count += 1
+        self._wake.set()
+        return count
+
+    async def _check_saved(self) -> None:
+        """Saved images whose file is missing or not of the size saved go back to pending: a paid image the disk
+        lost is fetched again while its URL lives. The files are looked at in a worker thread, a page at a time."""
+        damaged: list[tuple[ImageRow, Path, int | None]] = []
+        page: list[ImageRow] = []
+        try:
+            for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
+                page.append(image)
+                if len(page) >= CHECK_PAGE:
+                    damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+                    page = []
+            damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+            now_ms = self._clock.now_ms()
+            for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
+                if size_bytes is None:
+                    reason = f"{image.file_name} was missing on resume"
+                else:
+                    reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
+                if (image.deadline_ms or 0) <= now_ms:
+                    # Its URL is dead: fetching again cannot help, and the folder may only be moved or unmounted.
+                    log.warning(
+                        "? %s image %d: %s; its URL has died, so it stays recorded as saved",
+                        image.item_id,
+                        image.image_index,
+                        reason,
+                    )
+                    continue
+                if size_bytes is not None:
+                    with contextlib.suppress(OSError):  # kept beside, not deleted: the bytes are the user's
+                        path.replace(path.with_name(path.name + ".damaged"))
+                self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
+                log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
+                self.add_item(image.item_id)
+        finally:
+            self._checking = False
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._checking = True
+            group.create_task(self._check_saved())
+            for _ in range(self.config.workers):
+                group.create_task(self._worker(stop))
+        # Every partial file is renamed or removed by now; an empty folder would only puzzle whoever looks.
+        with contextlib.suppress(OSError):
+            self._partial.rmdir()
+
+    async def _worker(self, stop: asyncio.Event) -> None:
+        while True:
+            self._release_due()
+            if not self._heap:
+                if stop.is_set() and not self._busy and not self._checking and (self._interrupted or not self._waiting):
+                    self._leave_waiting()
+                    self._wake.set()  # let the other workers see the end too
+                    return
+                await wait_event(self._wake, self._idle_wait_s())
+                continue
+            job = heapq.heappop(self._heap)
+            self._busy += 1
+            try:
+                again_s = await self._save(job)
+                if again_s is None:
+                    self._done(job)
+                else:
+                    self._waits += 1
+                    heapq.heappush(self._waiting, (again_s, self._waits, job))
+            finally:
+                self._busy -= 1
+
+    def _release_due(self) -> None:
+        """Move the jobs whose wait is over back onto the deadline heap."""
+        now = self._clock.now()
+        while self._waiting and self._waiting[0][0] <= now:
+            heapq.heappush(self._heap, heapq.heappop(self._waiting)[2])
+
+    def _idle_wait_s(self) -> float:
+        """Wall seconds to wait for work: until the next retry is due, and never long (new work wakes us)."""
+        if not self._waiting:
+            return 0.2
+        return min(max(self._waiting[0][0] - self._clock.now(), 0.0) / self._clock.speed, 0.2)
+
+    def _leave_waiting(self) -> None:
+        """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
+        while self._waiting:
+            job = heapq.heappop(self._waiting)[2]
+            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error)
+            log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
+            self._done(job)
+
+    async def _save(self, job: _Job) -> float | None:
+        """Fetch, check and place one image, then record it (settling its item in the same commit).
+
+        Returns when to try it again (clock seconds), or None when it is done with in this run.
+        """
+        item_id, index = job.item_id, job.index
+        try:
+            try:
+                name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
+            except (DownloadError, OSError) as exc:
+                return self._failed(job, exc)
+        except UrlExpired as exc:
+            settled = self._ledger.image_final(
+                item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
+            )
+            log.warning(
+                "✗ %s image %d expired: %s",
+                item_id,
+                index,
+                exc,
+                extra={"event": "expired", "item": item_id, "image": index, "state": "expired", "code": "UrlExpired"},
+            )
+        else:
+            try:
+                settled = self._ledger.image_saved(
+                    item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
+                )
+            except IllegalTransition:
+                return None  # no longer pending: recorded already, nothing more to do
+            self.saved += 1
+            self.bytes += size_bytes
+        if settled is not None:
+            self._on_item_done(item_id)
+        return None
+
+    def _failed(self, job: _Job, exc: DownloadError | OSError) -> float | None:
+        """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
+        final for this run). Raises UrlExpired once the deadline has passed."""
+        if isinstance(exc, OSError):
+            self._folders.clear()  # a folder may have gone since it was made: make them again
+        if not getattr(exc, "retryable", True):
+            # Left pending: a later run tries again while the URL lives; the report shows it.
+            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=str(exc))
+            log.warning(
+                "✗ %s image %d not saved: %s",
+                job.item_id,
+                job.index,
+                exc,
+                extra={"event": "not_saved", "item": job.item_id, "image": job.index, "code": "DownloadFailed"},
+            )
+            return None
+        now, deadline_s = self._clock.now(), (job.deadline_ms or 0) / 1000
+        if now >= deadline_s:
+            raise UrlExpired(f"{exc}; the URL's deadline has passed") from None
+        job.failures += 1
+        job.last_error = str(exc)
+        log.info("↻ %s image %d: %s", job.item_id, job.index, exc)
+        wait_s = min(self.config.retry_base_s * 2 ** min(job.failures - 1, 30), self.config.retry_max_s)
+        return min(now + wait_s, deadline_s)  # one last try as the deadline comes
+
+    def _close_item(self, item_id: str) -> None:
+        if self._ledger.settle(item_id) is not None:
+            self._on_item_done(item_id)
+
+    async def _fetch(self, item, image) -> tuple[str, str, int]:
+        url = image.url or ""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
+        name = naming.saved_name(item, image.image_index, image.seed, sharded=self._sharded)
+        other_name = naming.other_name(name, item.item_id, image.image_index)
+        partial = self._partial / f"{item.item_id}-{image.image_index}.part"
+        body = await self._stream(url)
+        # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
+        await self._folder(partial.parent)
+        await self._folder((self.run_dir / name).parent)
+        # One trip to a worker thread does the CPU and disk work of an image: each trip costs the event loop.
+        placed = await asyncio.to_thread(
+            _place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
+        )
+        return (name if placed.own_name else other_name), placed.sha256, len(body)
+
+    async def _folder(self, path: Path) -> None:
+        """Make ``path`` once per run, off the event loop (a slow or network disk must not stall tracking)."""
+        if path not in self._folders:
+            await aiofiles.os.makedirs(path, exist_ok=True)
+            self._folders.add(path)
+
+    async def _stream(self, url: str) -> bytes:
+        """The body at ``url``, up to the size cap; no Wan PNG comes near it, so it is held in memory."""
+        chunks, size_bytes = [], 0
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+        try:
+            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    # Object storage answers a URL that works with 403, 404 or 503 now and then: only the
+                    # deadline says the URL is dead. A redirect is never followed, so trying again is no use.
+                    body = (await resp.content.read(2048)).decode("utf-8", "replace")
+                    raise DownloadError(
+                        f"HTTP {resp.status} {_oss_message(body)}".rstrip(), retryable=not 300 <= resp.status < 400
+                    )
+                if (resp.content_length or 0) > self.config.max_bytes:
+                    raise DownloadError(f"body of {resp.content_length} bytes is over the cap", retryable=False)
+                async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
+                    size_bytes += len(chunk)
+                    if size_bytes > self.config.max_bytes:
+                        raise DownloadError("body is over the size cap", retryable=False)
+                    chunks.append(chunk)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            raise DownloadError(f"{type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a URL that cannot be asked for at all (a host IDNA refuses, say)
+            raise DownloadError(f"result URL cannot be fetched: {exc}", retryable=False) from None
+        return b"".join(chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    own_name: bool  #: False: under the other name, its own being another image's
+    sha256: str
+
+
+def _place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> _Placed:
+    """Check ``body`` is a PNG of ``size``, write it to ``partial`` and rename it to ``final`` (to ``other`` if
+    ``final`` holds a different image); runs in a worker thread. Nothing half-written stays behind."""
+    verify_png(io.BytesIO(body), size)
+    digest = hashlib.sha256(body).hexdigest()
+    try:
+        with open(partial, "wb") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        own = not final.exists() or _sha256_of(final) == digest
+        os.replace(partial, final if own else other)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    # The rename is durable once the folder is: only then may the ledger say saved.
+    _fsync_folder(final.parent)
+    return _Placed(own_name=own, sha256=digest)
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
+    """The saved images whose file is missing (size None) or not of the size saved; runs in a worker thread."""
+    damaged = []
+    for image in images:
+        path = run_dir / (image.file_name or "")
+        try:
+            size_bytes = path.stat().st_size if image.file_name else None
+        except FileNotFoundError:
+            size_bytes = None
+        except OSError as exc:  # the disk or a mount cannot say now: leave the image as saved, say so
+            log.warning("? %s image %d: could not look at %s: %s", image.item_id, image.image_index, path, exc)
+            continue
+        if size_bytes != image.size_bytes:
+            damaged.append((image, path, size_bytes))
+    return damaged
+
+
+def _oss_message(body: str) -> str:
+    code = re.search(r"<Code>(.*?)</Code>", body)
+    message = re.search(r"<Message>(.*?)</Message>", body)
+    return " ".join(m.group(1) for m in (code, message) if m) or body[:120]
+
+
+def _sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()

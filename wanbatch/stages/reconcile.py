@@ -1,0 +1,477 @@
+"""Finding out what an ``unknown`` create did, without paying twice and without guessing.
+
+A create whose answer was lost (a 5xx, reset or timeout after sending, or a
+crash between the ledger's ``submitting`` commit and the reply) may or may
+not have made a task, now or later: the gateway may hold a create for its
+whole request window (300 s) before the task exists, and the task list may
+show a new task late. The list is the witness, read with care:
+
+- **Candidates** are tasks of the lane's model, made by our key (its
+  ``api_key_id``, learned from a task we know), created in the attempt's
+  window (from its start until the request window has passed, placed on the
+  service's clock through tasks we know), that the ledger does not know.
+  Tasks that failed or were canceled cost nothing and are passed over.
+- A candidate **fits** when its results fit the request: the prompt it echoes
+  (when it echoes one) is ours, allowing for the service's truncation and
+  whitespace normalisation; it has no more images than we asked for; and
+  every image has the requested size. A candidate that does not fit is not ours.
+- **One** fitting candidate and no other that could still be ours: adopt it,
+  at once when its echoed prompt and our key prove it, otherwise once the
+  window has passed and a list read after the list's lag agrees.
+- **More than one**: never guess; the item is held (still ``unknown``, its
+  candidates named in its error message) for the user.
+- **None**, by a list read after the window and the lag have passed: no task
+  was made; the item is planned again, unless it has gone unknown
+  ``max_unknowns`` times: then it is held with the evidence, not sent again.
+
+Until a decision an item keeps its slot, its doubt (no other create that the
+list could confuse with it is sent) and its full price in the budget. Held
+items are reconciled again by the next run, which may see more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from wanbatch.aio import wait_event
+from wanbatch.catalog import Protocol
+from wanbatch.errors import ApiError, TransportError
+from wanbatch.ledger.records import ItemRow
+from wanbatch.ledger.states import ItemState
+from wanbatch.service.wire import MalformedAnswer, image_results, result_prompts
+from wanbatch.stages.budget import Budget
+from wanbatch.stages.results import write_off
+
+__all__ = ["HELD_CODES", "ReconcileConfig", "Reconciler", "echoes_prompt"]
+
+log = logging.getLogger("wanbatch")
+
+UNBILLED = frozenset({"FAILED", "CANCELED", "CANCELLED"})  #: tasks in these states cost nothing
+FINISHED = frozenset({"SUCCEEDED"}) | UNBILLED  #: a task in these states answers the same ever after
+#: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
+#: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
+SHORTEST_ECHO = 400
+#: Why an unknown item is held for the user instead of decided.
+HELD_CODES = frozenset({"HeldAmbiguous", "HeldUndecided", "HeldUnknownTwice"})
+_PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, height
+_DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconcileConfig:
+    request_window_s: float = 300.0  #: the gateway may hold a create this long before its task exists
+    list_lag_s: float = 120.0  #: a new task may show in the task list this much later than it was made
+    clock_margin_s: float = 120.0  #: slack either side of an attempt's window, with the clocks' offset learned
+    #: slack either side where the offset is known only from the folder's other runs (their clock may have moved)
+    other_run_clock_margin_s: float = 300.0
+    #: slack either side where no offset is known at all (the clocks are taken to agree)
+    unknown_clock_margin_s: float = 900.0
+    facts_ttl_s: float = 60.0  #: how long what was learned of our key and the clocks is trusted
+    undecided_max_s: float = 1800.0  #: after the window, how long candidates still running may hold an item
+    max_unknowns: int = 2  #: an item unknown this many times is held, not sent again, when no task is found
+    retry_s: float = 5.0  #: how often to look again at unresolved items
+    page_size: int = 100
+    max_pages: int = 50  #: pages of one listing; a longer list decides nothing that needs it whole
+    probe_timeout_s: float = 30.0  #: reading an image's header to check its size
+    task_lifetime_s: float = 24 * 3600.0
+
+
+class _Verdict(enum.Enum):
+    FITS = "fits"  #: finished, and its results fit the request
+    FITS_BY_PROMPT = "fits by prompt"  #: fits, and echoes our prompt
+    MAYBE = "maybe"  #: could be ours: still running, or not readable or checkable yet
+    NOT_OURS = "not ours"
+
+
+@dataclass(slots=True)
+class _KeyFacts:
+    """What the service's list tells of one run's key in one region, learned from tasks that run made there."""
+
+    key_id: str | None = None  #: our key's ``api_key_id``
+    offset_ms: tuple[int, int] | None = None  #: (least, most) service creation time minus our attempt's start
+    learned_s: float = float("-inf")
+    #: where the run made no task we know: what the newest tasks of the folder's other runs tell (most likely
+    #: the same key and clock, but not proven: used to break ties, never to prove that no task was made)
+    likely_key_id: str | None = None
+    likely_offset_ms: tuple[int, int] | None = None
+
+
+@dataclass(slots=True)
+class _Listing:
+    entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable, each once
+    complete: bool = True  #: every page was read, and every row on them
+    at_s: float = 0.0  #: when it was asked for (our clock): proof only of what could show by then
+
+
+def echoes_prompt(echo: str, prompt: str) -> bool:
+    """Whether ``echo`` (a result's ``orig_prompt``) is ``prompt`` as the service keeps it: with runs of white
+    space made one, and cut at one of its documented limits."""
+    echo, prompt = " ".join(echo.split()), " ".join(prompt.split())
+    return bool(echo) and prompt.startswith(echo) and (len(echo) == len(prompt) or len(echo) >= SHORTEST_ECHO)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        ledger,
+        clock,
+        limiters,
+        tracker,
+        budget: Budget,
+        config: ReconcileConfig = ReconcileConfig(),
+        retry_held: bool = False,
+    ) -> None:
+        # What an adopted task costs is settled by the tracker; one proved never made costs nothing.
+        self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
+        self._budget = budget
+        self.config = config
+        self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
+        self._pending: dict[str, object] = {}  # item_id -> lane
+        self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
+        self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
+        #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
+        self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
+        self._changed = asyncio.Event()
+        self.adopted = self.resent = self.held = 0
+
+    def add(self, item_id: str, lane) -> None:
+        self._pending[item_id] = lane
+        self._changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not (stop.is_set() and not self._pending):
+            lanes = {id(lane): lane for lane in self._pending.values()}
+            for lane in lanes.values():
+                try:
+                    await self._sweep(lane)
+                except (ApiError, TransportError) as exc:
+                    log.info("↻ reconcile %s %s: %s", lane.region, lane.model, exc)
+                    self._hold_overdue(lane)
+            if self._pending:
+                await self._clock.sleep(self.config.retry_s)
+            else:
+                self._finished.clear()  # the next unknown outcome looks at the list as it is then
+                await wait_event(self._changed, 0.2)
+
+    def _rows(self, lane) -> list[ItemRow]:
+        return sorted(
+            (self._ledger.get(i) for i, other in self._pending.items() if other is lane),
+            key=lambda row: (row.submit_started_ms or 0, row.seq),
+        )
+
+    async def _sweep(self, lane) -> None:
+        """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
+        rows = self._rows(lane)
+        facts = {row.item_id: await self._facts(lane, row) for row in rows}
+        listing = await self._listing(lane, rows, facts)
+        verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
+        # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
+        claims = Counter(
+            entry["task_id"] for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
+        )
+        shared = {task_id for task_id, count in claims.items() if count > 1}
+        for row in rows:
+            # Not one adopted by an earlier row of this sweep.
+            found = [(entry, verdict) for entry, verdict in verdicts[row.item_id] if entry in listing.entries]
+            if self._decide(lane, row, listing, facts[row.item_id], found, shared):
+                self._leave(lane, row)
+
+    def _leave(self, lane, row: ItemRow) -> None:
+        """``row`` is decided (adopted, planned again, held or written off): its lane may send what it held back."""
+        del self._pending[row.item_id]
+        lane.settle_doubt(row.item_id)
+        self._changed.set()
+
+    async def _verdicts(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> list:
+        found = []
+        for entry in listing.entries:
+            if self._in_window(entry, row, facts):
+                verdict = await self._verdict(lane, row, entry)
+                if verdict is not _Verdict.NOT_OURS:
+                    found.append((entry, verdict))
+        return found
+
+    def _decide(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts, found: list, shared: set[str]) -> bool:
+        """Settle ``row`` if the listing allows (``shared``: tasks that fit other attempts too); True once it has
+        left the reconciler."""
+        cfg, now = self.config, self._clock.now()
+        started_s = (row.submit_started_ms or 0) / 1000
+        if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
+            self._write_off(lane, row)
+            return True
+        fits_all = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
+        maybe_all = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
+        fits, maybe = fits_all, maybe_all
+        if facts.key_id is None and facts.likely_key_id is not None:
+            # The run's key is not known; the folder's is likely it: enough to tell ours from another program's,
+            # never to prove that no task was made (that takes every key's tasks to be out of the way).
+            likely = facts.likely_key_id
+            fits = [(entry, verdict) for entry, verdict in fits if entry.get("api_key_id", likely) == likely]
+            maybe = [entry for entry in maybe if entry.get("api_key_id", likely) == likely]
+        closed_s = self._closed_s(row)
+        closed = listing.complete and listing.at_s >= closed_s
+        ambiguous = len(fits) > 1 or any(entry["task_id"] in shared for entry, _ in fits)
+        if ambiguous:
+            if not closed:
+                return False  # more may show; decide once none can
+            return self._hold(lane, row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
+        if len(fits) == 1 and not maybe:
+            entry, verdict = fits[0]
+            proven = verdict is _Verdict.FITS_BY_PROMPT and facts.key_id is not None
+            if proven or closed:
+                listing.entries.remove(entry)
+                self._adopt(lane, row, entry["task_id"])
+                return True
+            return False
+        if closed and not fits_all and not maybe_all:
+            return self._no_task(lane, row)
+        if listing.at_s >= closed_s + cfg.undecided_max_s:
+            reason = "tasks that could be this attempt's did not finish in time to tell"
+            return self._hold(lane, row, "HeldUndecided", reason, fits, maybe)
+        return False
+
+    def _closed_s(self, row: ItemRow) -> float:
+        """When no task of the attempt can be made any more nor be missing from the list (our clock)."""
+        return (row.submit_started_ms or 0) / 1000 + self.config.request_window_s + self.config.list_lag_s
+
+    def _hold_overdue(self, lane) -> None:
+        """The list cannot be read: items past their time to decide are held rather than kept open for ever."""
+        now = self._clock.now()
+        for row in self._rows(lane):
+            if now >= self._closed_s(row) + self.config.undecided_max_s:
+                self._hold(lane, row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
+                self._leave(lane, row)
+
+    # -- what the list says -----------------------------------------------------------------------------------
+
+    async def _facts(self, lane, row: ItemRow) -> _KeyFacts:
+        """The key's id and the clocks' offset of the run that made ``row``'s attempt, from up to five tasks that
+        run made in the region (another run may have had another key, or a clock set otherwise)."""
+        span = self._ledger.run_span(row.submit_started_ms or 0)
+        facts = await self._learn(lane, span)
+        if facts.key_id is None or facts.offset_ms is None:
+            folder = await self._learn(lane, (0, 2**62))
+            facts.likely_key_id, facts.likely_offset_ms = folder.key_id, folder.offset_ms
+        return facts
+
+    async def _learn(self, lane, span: tuple[int, int]) -> _KeyFacts:
+        """What the newest tasks made in ``span`` (our clock, ms) tell of their key and the clocks' offset."""
+        facts = self._keys.setdefault((lane.region, *span), _KeyFacts())
+        now = self._clock.now()
+        if facts.offset_ms is not None and now - facts.learned_s < self.config.facts_ttl_s:
+            return facts
+        offsets = []
+        for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
+            entries, _, _ = await self._list_page(lane, 1, task_id=task_id)
+            entry = next((e for e in entries if e["task_id"] == task_id), None)
+            if entry is None:
+                continue
+            if isinstance(entry.get("api_key_id"), str):
+                facts.key_id = entry["api_key_id"]
+            offset = entry["gmt_create"] - started_ms
+            if abs(offset) < _DAY_MS:  # a garbled time teaches nothing
+                offsets.append(offset)
+        if offsets:
+            facts.offset_ms, facts.learned_s = (min(offsets), max(offsets)), now
+        return facts
+
+    async def _listing(self, lane, rows: list[ItemRow], facts: dict[str, _KeyFacts]) -> _Listing:
+        """The unclaimed tasks of the lane's model (of our key, where every row's attempt is known to use it)."""
+        listing = _Listing(at_s=self._clock.now())
+        params: dict[str, str] = {"model_name": lane.offer.api_name}
+        keys = {facts[row.item_id].key_id for row in rows}
+        if len(keys) == 1 and None not in keys:
+            params["api_key_id"] = keys.pop()
+        seen: set[str] = set()
+        for page in range(1, self.config.max_pages + 1):
+            entries, raw_rows, total_pages = await self._list_page(lane, page, **params)
+            if len(entries) < raw_rows or total_pages is None:
+                listing.complete = False  # a row or the page count could not be read: nothing is proven absent
+            for entry in entries:
+                if entry["task_id"] not in seen and self._ledger.item_for_task(entry["task_id"]) is None:
+                    listing.entries.append(entry)
+                seen.add(entry["task_id"])
+            if raw_rows < self.config.page_size or (total_pages is not None and page >= total_pages):
+                return listing
+        listing.complete = False
+        return listing
+
+    async def _list_page(self, lane, page: int, **params: str) -> tuple[list[dict], int, int | None]:
+        """One page of the list: its readable entries (a task id, a status, a creation time), how many rows it
+        had, and the page count (None when unreadable)."""
+        await self._limiters[lane.region].acquire()
+        data = await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params)
+        rows = data.get("data")
+        rows = rows if isinstance(rows, list) else []
+        entries = [
+            row
+            for row in rows
+            if isinstance(row, dict)
+            and isinstance(row.get("task_id"), str)
+            and row["task_id"]
+            and isinstance(row.get("status"), str)
+            and isinstance(row.get("gmt_create"), int)
+            and not isinstance(row.get("gmt_create"), bool)
+        ]
+        pages = data.get("total_page")
+        valid = isinstance(pages, int) and not isinstance(pages, bool) and pages >= 0
+        return entries, len(rows), pages if valid else None
+
+    def _in_window(self, entry: dict, row: ItemRow, facts: _KeyFacts) -> bool:
+        """Whether the listed task may be the attempt's: made in its window (as far as the clocks' offset is known
+        for its run), by its run's key (where known)."""
+        if facts.key_id is not None and entry.get("api_key_id", facts.key_id) != facts.key_id:
+            return False
+        offset, margin_s = facts.offset_ms, self.config.clock_margin_s
+        if offset is None:
+            offset, margin_s = facts.likely_offset_ms, self.config.other_run_clock_margin_s
+        if offset is None:
+            offset, margin_s = (0, 0), self.config.unknown_clock_margin_s
+        least, most = offset
+        start_ms = row.submit_started_ms or 0
+        low = start_ms + least - margin_s * 1000
+        high = start_ms + most + (self.config.request_window_s + margin_s) * 1000
+        return low <= entry["gmt_create"] <= high
+
+    # -- does a candidate fit the request ---------------------------------------------------------------------
+
+    async def _verdict(self, lane, row: ItemRow, entry: dict) -> _Verdict:
+        """Whether the listed task is this attempt's. Only what was read and found different rules it out."""
+        if entry["status"] in UNBILLED:
+            return _Verdict.NOT_OURS  # failed or canceled tasks are not billed: nothing of ours to lose
+        if entry["status"] != "SUCCEEDED":
+            return _Verdict.MAYBE  # running, or a status that may pass (UNKNOWN for a young task, SUSPENDED)
+        answer = await self._answer(lane, entry["task_id"])
+        output = answer.get("output") if answer else None
+        status = output.get("task_status") if isinstance(output, dict) else None
+        if status in UNBILLED:
+            return _Verdict.NOT_OURS
+        if status != "SUCCEEDED":
+            return _Verdict.MAYBE  # unreadable, or an answer that lags the list: ask again next sweep
+        try:
+            results = image_results(output)
+        except MalformedAnswer:
+            return _Verdict.MAYBE
+        request = row.request
+        echoed = result_prompts(output)
+        if echoed and not any(echoes_prompt(text, request["prompt"]) for text in echoed):
+            return _Verdict.NOT_OURS
+        if not echoed and lane.offer.model.protocol is Protocol.LEGACY and not lane.prompts_hidden:
+            # This service's answers do not show the prompt: from now on the lane's creates are told apart by
+            # time alone, so only one may be in doubt at a time.
+            lane.prompts_hidden = True
+            log.warning("? %s results show no prompt: its creates go one at a time while one is in doubt", lane.model)
+        metrics = output.get("task_metrics")
+        asked = metrics.get("TOTAL") if isinstance(metrics, dict) else None
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        if len(results) > row.n_images or (isinstance(asked, int) and asked != row.n_images):
+            return _Verdict.NOT_OURS
+        if isinstance(usage.get("size"), str) and usage["size"].replace("x", "*") != request["size"]:
+            return _Verdict.NOT_OURS
+        wanted = tuple(int(side) for side in request["size"].split("*"))
+        for result in results:
+            if result.url is None:
+                continue
+            size = await self._image_size(lane, result.url)
+            if size is None:
+                return _Verdict.MAYBE  # not read now (an error, or not a PNG): no proof either way
+            if size != wanted:
+                return _Verdict.NOT_OURS
+        return _Verdict.FITS_BY_PROMPT if echoed else _Verdict.FITS
+
+    async def _answer(self, lane, task_id: str) -> dict | None:
+        """The task's query answer; a finished task's is asked for once."""
+        found = self._finished.get(task_id)
+        if found is not None:
+            return found
+        await self._limiters[lane.region].acquire()
+        try:
+            data = await lane.client.get_task(task_id)
+        except (ApiError, TransportError) as exc:
+            log.info("↻ reconcile: query %s: %s", task_id, exc)
+            return None
+        output = data.get("output")
+        if isinstance(output, dict) and output.get("task_status") in FINISHED:
+            self._finished[task_id] = data
+        return data
+
+    async def _image_size(self, lane, url: str) -> tuple[int, int] | None:
+        """The width and height in the PNG header at ``url`` (no key is sent); None if it cannot be read now."""
+        if url in self._sizes:
+            return self._sizes[url]
+        if not url.startswith(("http://", "https://")):
+            return None
+        timeout = aiohttp.ClientTimeout(total=self.config.probe_timeout_s)
+        try:
+            async with lane.client.session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    return None
+                head = await resp.content.readexactly(_PNG_HEAD.size)
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            return None
+        signature, _, chunk, width, height = _PNG_HEAD.unpack(head)
+        if signature != b"\x89PNG\r\n\x1a\n" or chunk != b"IHDR":
+            return None
+        self._sizes[url] = (width, height)
+        return width, height
+
+    # -- decisions --------------------------------------------------------------------------------------------
+
+    def _adopt(self, lane, row: ItemRow, task_id: str) -> None:
+        self._ledger.transition(
+            row.item_id, ItemState.queued, task_id=task_id, note="adopted from the task list after an unknown outcome"
+        )
+        self.adopted += 1
+        log.info("⇐ %s adopted task %s", row.item_id, task_id)
+        submitted_s = (row.submit_started_ms or 0) / 1000
+        self._tracker.add(task_id=task_id, item_id=row.item_id, lane=lane, submitted_s=submitted_s, resumed=True)
+
+    def _no_task(self, lane, row: ItemRow) -> bool:
+        """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
+        if row.endpoint is None and lane.offer.model.protocol is not Protocol.LEGACY:
+            # Recorded before attempts noted their endpoint: it may have been a sync call, which no list shows.
+            reason = "the attempt may have been a sync call (its endpoint was not recorded), which no list shows"
+            return self._hold(lane, row, "HeldUndecided", reason, [], [])
+        released = self.retry_held and row.error_code == "HeldUnknownTwice"
+        if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
+            reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
+            return self._hold(lane, row, "HeldUnknownTwice", reason, [], [])
+        self._ledger.transition(row.item_id, ItemState.planned, note="the task list shows no task for this attempt")
+        self.resent += 1
+        log.info("↻ %s: no task was created; it will be sent again", row.item_id)
+        self._budget.settle(row.item_id, 0.0)
+        lane.slots.release()
+        return True
+
+    def _hold(self, lane, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
+        """Leave the item unknown for the user, with the evidence; True (it has left the reconciler)."""
+        named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
+        evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
+        advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
+        message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
+        self._ledger.update(row.item_id, error_code=code, error_message=message)
+        # Counted as spent while a task may exist; the list proved none for an item unknown twice.
+        self._budget.settle(row.item_id, 0.0 if code == "HeldUnknownTwice" else row.n_images * row.price_per_image)
+        lane.slots.release()
+        self.held += 1
+        log.warning("? %s held: %s%s", row.item_id, reason, evidence)
+        return True
+
+    def _write_off(self, lane, row: ItemRow) -> None:
+        write_off(
+            self._ledger,
+            row.item_id,
+            paid=row.n_images * row.price_per_image,
+            code="OutcomeUnknown",
+            message="the service no longer lists tasks this old; counted as paid and lost",
+            budget=self._budget,
+        )
+        lane.slots.release()

@@ -1,0 +1,124 @@
+"""What a finished task leaves in the ledger: its images, each with the time its URL dies on our clock.
+
+Shared by the tracker (a query found the task SUCCEEDED) and the submitter's sync calls (the answer holds
+the results).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from wanbatch.ledger.records import ImageRecord
+from wanbatch.ledger.states import ImageState, ItemState
+from wanbatch.service.wire import image_results, parse_service_time_s
+from wanbatch.stages.budget import Budget
+
+__all__ = ["WRITE_OFF_CODES", "record_results", "sync_answer_lost", "write_off"]
+
+log = logging.getLogger("wanbatch")
+
+#: Why an item was written off: its task may have been billed, its images can never be had.
+WRITE_OFF_CODES = frozenset({"TaskExpired", "SyncAnswerLost", "MalformedAnswer", "OutcomeUnknown"})
+
+
+def write_off(ledger, item_id: str, *, paid: float, code: str, message: str, budget: Budget | None = None, **fields):
+    """End an item that may have been paid for but can never give its images: expired, its cost counted as
+    paid (and as lost in the report), never sent again."""
+    if code not in WRITE_OFF_CODES:
+        raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
+    ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
+    if budget is not None:
+        budget.settle(item_id, paid)
+
+
+def sync_answer_lost(ledger, row, reason: str, budget: Budget | None = None) -> None:
+    """A sync call whose answer was lost (a fault, or a stop before it was recorded): it has no task id to find
+    again and may have been billed, so sending it again could pay twice. It ends expired, counted as paid."""
+    if row.state is ItemState.submitting:
+        ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
+    write_off(
+        ledger,
+        row.item_id,
+        paid=row.n_images * row.price_per_image,
+        code="SyncAnswerLost",
+        message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
+        budget=budget,
+    )
+
+
+def _service_to_ours(output: dict, row, now_s: float) -> float:
+    """What to add to a time on the service's clock to place it on ours.
+
+    Both sides know when the task was submitted: the service says so in ``submit_time``, and the ledger
+    recorded the moment before the POST. Failing that, the task's end is taken as now (a sync answer).
+    """
+    service_submit = parse_service_time_s(output.get("submit_time"))
+    if service_submit is not None and row.submit_started_ms:
+        return row.submit_started_ms / 1000 - service_submit
+    service_end = parse_service_time_s(output.get("end_time"))
+    return now_s - service_end if service_end is not None else 0.0
+
+
+def record_results(
+    ledger,
+    item_id: str,
+    output: dict,
+    *,
+    now_s: float,
+    config,
+    common: dict,
+    budget: Budget | None = None,
+    durable: bool = False,
+) -> None:
+    """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out).
+
+    ``durable``: the commit must survive a power loss (a sync answer: its URLs are nowhere else)."""
+    results = image_results(output)  # raises MalformedAnswer before anything is recorded
+    row = ledger.get(item_id)
+    request = row.request
+    to_ours = _service_to_ours(output, row, now_s)
+    end_s = parse_service_time_s(output.get("end_time"))
+    images, good = [], 0
+    # The service keeps a task's results a day after it ends, whatever a signed URL's Expires says (some say a
+    # week), and no answer of ours can be older than now: the deadline is the soonest of these.
+    ended_s = (end_s + to_ours) if end_s is not None else now_s
+    latest_s = min(ended_s, now_s) + config.url_lifetime_s
+    for result in results:
+        deadline_s = latest_s if result.expires_s is None else min(result.expires_s + to_ours, latest_s)
+        seed = request.get("seed")
+        images.append(
+            ImageRecord(
+                index=result.index,
+                state=ImageState.pending if result.url else ImageState.failed,
+                url=result.url,
+                deadline_ms=int((deadline_s - config.deadline_margin_s) * 1000),
+                seed=None if seed is None else seed + result.index,
+                actual_prompt=result.actual_prompt,
+                error_code=result.code,
+                error_message=result.message,
+            )
+        )
+        good += result.url is not None
+    cost = good * row.price_per_image  # the price stored when it was planned: the catalog may have moved since
+    if budget is not None:
+        budget.settle(item_id, cost)
+    # The images are recorded in the item's own move: one commit per task.
+    if good:
+        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, durable=durable, **common)
+        log.info(
+            "✓ %s generated %d/%d image(s)",
+            item_id,
+            good,
+            len(images),
+            extra={"event": "generated", "item": item_id, "state": "generated", "images": good},
+        )
+    else:
+        first = next((r for r in images if r.error_code), None)
+        ledger.transition(
+            item_id,
+            ItemState.failed,
+            images=images,
+            error_code=first.error_code if first else "NoImages",
+            error_message=first.error_message if first else "the task returned no image",
+            **common,
+        )

@@ -1,0 +1,410 @@
+"""Creating tasks: paced to the quota, each item POSTed at most once.
+
+One lane per (region, model) pair carries the account's submit rate for that
+model and a bound on how many of its tasks we keep open on the service: the
+model's concurrency plus a small backlog, enough that a slot freed there is
+filled at once, few enough that a stop leaves little paid work queued.
+
+The money rule is in :meth:`Submitter._attempt`: the item is committed as
+``submitting`` before the POST; an error response or a connection that never
+opened proves no task was made and the item may go again; anything else
+leaves it ``unknown`` for the reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from wanbatch.aio import wait_event
+from wanbatch.catalog import Offer, Protocol
+from wanbatch.errors import (
+    AccountError,
+    ApiError,
+    IllegalTransition,
+    OutcomeUnknown,
+    RejectedError,
+    ThrottledError,
+    TransportError,
+)
+from wanbatch.ledger.states import ItemState
+from wanbatch.service.client import WanClient
+from wanbatch.service.pacing import Pacer
+from wanbatch.service.wire import build_body
+from wanbatch.stages.budget import Budget
+from wanbatch.stages.results import sync_answer_lost
+
+__all__ = ["Lane", "Slots", "SubmitConfig", "Submitter"]
+
+log = logging.getLogger("wanbatch")
+
+SHARED_KEY = ""  #: the doubt key of every wan2.6 create: its results do not show the prompt
+SYNC_KEY = "sync "  #: the doubt keys of sync calls begin so: a lost sync answer is never sent again
+
+#: Codes that stop every lane of the key's region, not just one model.
+KEY_WIDE = frozenset({"InvalidApiKey", "Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitConfig:
+    backlog: int = 2  #: tasks kept waiting on the service beyond its concurrency
+    attempts: int = 8  #: tries per item for transient errors before leaving it for a later run
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    batch: int = 200  #: planned items read from the ledger at a time
+    sync_wan26: bool = False  #: use wan2.6's synchronous endpoint
+    unreachable_after: int = 8  #: connections failing in a row before a lane stops (the service is not there)
+
+
+class Slots:
+    """Places for our open tasks on the service: taken before a POST, given back when the task ends.
+
+    On resume more tasks may be open than there are places; then nothing new is taken until enough end.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.taken = capacity, 0
+        self._freed = asyncio.Event()
+
+    def take_now(self) -> None:
+        self.taken += 1
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Take a place; False if ``stop`` was set first."""
+        while self.taken >= self.capacity:
+            if stop.is_set():
+                return False
+            self._freed.clear()
+            waiters = [asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(stop.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        if stop.is_set():
+            return False
+        self.taken += 1
+        return True
+
+    def release(self) -> None:
+        self.taken -= 1
+        self._freed.set()
+
+
+@dataclass(eq=False)
+class Lane:
+    """One (region, model): the client for that region, its quota, pacing and open-task slots."""
+
+    region: str
+    offer: Offer
+    client: WanClient
+    pacer: Pacer
+    slots: Slots
+    blocked: ApiError | None = None
+    skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
+    #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
+    doubt: dict[str, str] = field(default_factory=dict)
+    prompts_hidden: bool = False  #: a result of this lane's model came without its prompt: tell creates apart by time
+    unreachable: int = 0  #: connections that failed to open in a row
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
+
+    def doubt_key(self, row) -> str:
+        """What tells this item's task apart in the service's list: its prompt, where results show it.
+        wan2.6's results do not, so its creates are in doubt one at a time."""
+        return SHARED_KEY if self.one_at_a_time else row.request["prompt"]
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether every create of the lane shares one doubt key: wan2.6's, and a legacy lane whose results were
+        seen without their prompt (as some of the service's answers come); then one is in doubt at a time."""
+        return self.offer.model.protocol is not Protocol.LEGACY or self.prompts_hidden
+
+    @property
+    def async_in_doubt(self) -> bool:
+        """Whether a create that the task list could show is in doubt (a sync call's never is)."""
+        return any(not key.startswith(SYNC_KEY) for key in self.doubt.values())
+
+    def settle_doubt(self, item_id: str) -> None:
+        self.doubt.pop(item_id, None)
+        self.changed.set()
+
+    @property
+    def model(self) -> str:
+        return self.offer.model.name
+
+
+class Submitter:
+    def __init__(
+        self,
+        *,
+        ledger,
+        clock,
+        lanes: list[Lane],
+        tracker,
+        reconciler,
+        on_sync_images,
+        config,
+        run: int | None = None,
+        budget: Budget | None = None,
+    ) -> None:
+        self._ledger, self._clock, self.lanes = ledger, clock, lanes
+        self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
+        self.config: SubmitConfig = config
+        self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
+        self.budget = budget or Budget()
+        self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
+        self.in_flight = 0
+        self.submitted = 0
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for lane in self.lanes:
+                group.create_task(self._lane_loop(lane, group))
+
+    def block(self, lane: Lane, error: ApiError) -> None:
+        """Stop submitting what ``error`` affects: the whole key for account errors, else this model."""
+        for other in self.lanes:
+            affected = other is lane or (error.code in KEY_WIDE and other.region == lane.region)
+            if affected and other.blocked is None:
+                other.blocked = error
+                log.error(
+                    "■ %s %s: submitting stopped: %s. %s",
+                    other.region,
+                    other.model,
+                    error,
+                    _advice(error),
+                    extra={"event": "lane_stopped", "region": other.region, "model": other.model, "code": error.code},
+                )
+
+    async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
+        while not (self.stop.is_set() or lane.blocked):
+            sent, held = await self._pass(lane, group)
+            if sent and not held:
+                continue
+            if not held and not lane.doubt:
+                return
+            # Creates are in flight or in doubt (an item may come back to planned, or wait on one with its
+            # prompt): look again once one settles.
+            await wait_event(lane.changed, 1.0)
+
+    async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
+        """Send the lane's planned items in manifest order; returns (sent, held back)."""
+        sent = held = after_seq = 0
+        # A lane whose creates all share one doubt key reads no rows while one is in doubt, and then only a few:
+        # it sends one and must wait for its answer before the next.
+        limit = 8 if lane.one_at_a_time else self.config.batch
+        while not (self.stop.is_set() or lane.blocked):
+            if lane.one_at_a_time and lane.async_in_doubt:
+                return sent, held + 1
+            rows = list(
+                self._ledger.iter_items(
+                    [ItemState.planned],
+                    run=self.manifest_run,
+                    region=lane.region,
+                    model=lane.model,
+                    after_seq=after_seq,
+                    limit=limit,
+                )
+            )
+            if not rows:
+                break
+            for row in rows:
+                after_seq = row.seq
+                if row.item_id in lane.skipped or row.item_id in lane.doubt:
+                    continue
+                if lane.doubt_key(row) in lane.doubt.values():
+                    # The service's task list tells tasks apart by prompt only: while one create with this
+                    # prompt is unanswered, a second would make an unknown outcome ambiguous.
+                    held += 1
+                    if lane.one_at_a_time:
+                        return sent, held  # later rows wait too
+                    continue
+                if not await self._dispatch(lane, row, group):
+                    return sent, held
+                sent += 1
+        return sent, held
+
+    async def _dispatch(self, lane: Lane, row, group: asyncio.TaskGroup) -> bool:
+        """Reserve budget and a slot, wait for the pace, start the submit; False when submitting must stop."""
+        if row.item_id in lane.doubt or self._ledger.state_of(row.item_id) is not ItemState.planned:
+            return True  # the row was read while an earlier pass's submit of it was starting; it has moved on
+        if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
+            log.warning("■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency)
+            self.stop.set()
+            return False
+        if not await lane.slots.acquire(self.stop):
+            self.budget.settle(row.item_id, 0.0)
+            return False
+        if lane.blocked:
+            lane.slots.release()
+            self.budget.settle(row.item_id, 0.0)
+            return False
+        await lane.pacer.wait()
+        self.in_flight += 1
+        # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
+        lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
+        group.create_task(self._submit(lane, row))
+        return True
+
+    def _sync(self, lane: Lane, row) -> bool:
+        """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
+        return lane.offer.model.protocol is Protocol.MULTIMODAL and bool(
+            row.request.get("sync") or self.config.sync_wan26
+        )
+
+    async def _submit(self, lane: Lane, row) -> None:
+        holds_slot = False
+        try:
+            holds_slot = await self._attempts(lane, row)
+        finally:
+            self.in_flight -= 1
+            if self._ledger.state_of(row.item_id) is not ItemState.unknown:
+                lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
+            if not holds_slot:
+                lane.slots.release()
+                self.budget.settle(row.item_id, 0.0)  # never made, or final (a sync result settled already)
+
+    async def _attempts(self, lane: Lane, row) -> bool:
+        """Try until the item is queued, final or left for later; True if its task now holds a slot."""
+        for attempt in range(1, self.config.attempts + 1):
+            if attempt > 1:
+                if self.stop.is_set() or lane.blocked:
+                    return False
+                await self._clock.sleep(min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 2)))
+                await lane.pacer.wait()
+            outcome = await self._attempt(lane, row)
+            if outcome is not None:
+                return outcome
+        lane.skipped.add(row.item_id)
+        log.warning(
+            "… %s left planned after %d transient errors; a later run will try again", row.item_id, self.config.attempts
+        )
+        return False
+
+    async def _attempt(self, lane: Lane, row) -> bool | None:
+        """One POST. True: a task holds a slot; False: final or blocked; None: known not made, try again."""
+        ledger, item_id = self._ledger, row.item_id
+        sync = self._sync(lane, row)
+        body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
+        try:
+            # Where it goes is committed with it: a lost sync answer has no task to find, and must never be re-sent.
+            ledger.transition(
+                item_id,
+                ItemState.submitting,
+                expect=ItemState.planned,
+                submit_started_ms=self._clock.now_ms(),
+                endpoint="sync" if sync else "async",
+                durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
+            )
+        except IllegalTransition:
+            # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
+            log.warning("… %s is %s now, not planned: not sent", item_id, ledger.state_of(item_id))
+            return False
+        try:
+            if sync:
+                data = await lane.client.generate_sync(body)
+            else:
+                created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
+        except OutcomeUnknown as exc:
+            if sync:
+                return self._sync_lost(lane, row, str(exc))
+            ledger.transition(item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=str(exc))
+            log.warning(
+                "? %s outcome unknown (%s): reconciling, not resending",
+                item_id,
+                exc,
+                extra={"event": "unknown", "item": item_id, "state": "unknown"},
+            )
+            self._reconciler.add(item_id, lane)
+            return True  # a task may exist and occupy the service: keep its slot until reconciled
+        except ThrottledError as exc:
+            lane.pacer.throttled()
+            return self._again(item_id, exc)
+        except AccountError as exc:
+            ledger.transition(
+                item_id, ItemState.planned, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+            )
+            self.block(lane, exc)
+            return False
+        except RejectedError as exc:
+            ledger.transition(
+                item_id, ItemState.rejected, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+            )
+            log.warning(
+                "✗ %s rejected: %s %s",
+                item_id,
+                exc.code,
+                exc.message,
+                extra={"event": "rejected", "item": item_id, "state": "rejected", "code": exc.code},
+            )
+            return False
+        except (ApiError, TransportError) as exc:
+            self._count_unreachable(lane, exc)
+            return self._again(item_id, exc)
+        lane.unreachable = 0
+        lane.pacer.succeeded()
+        self.submitted += 1
+        if sync:
+            ledger.transition(
+                item_id, ItemState.queued, request_id=data.get("request_id", ""), submitted_ms=self._clock.now_ms()
+            )
+            self._on_sync_images(item_id, data)
+            return False
+        ledger.transition(
+            item_id,
+            ItemState.queued,
+            task_id=created.task_id,
+            request_id=created.request_id,
+            task_status=created.task_status,
+            submitted_ms=self._clock.now_ms(),
+        )
+        log.info(
+            "→ %s %s task %s",
+            item_id,
+            lane.model,
+            created.task_id,
+            extra={
+                "event": "submitted",
+                "item": item_id,
+                "task": created.task_id,
+                "model": lane.model,
+                "state": "queued",
+            },
+        )
+        self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
+        return True
+
+    def _sync_lost(self, lane: Lane, row, reason: str) -> bool:
+        sync_answer_lost(self._ledger, self._ledger.get(row.item_id), reason, self.budget)
+        log.warning(
+            "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
+        )
+        return False
+
+    def _count_unreachable(self, lane: Lane, exc: Exception) -> None:
+        """Connections that never open, many in a row: the service is not there; stop instead of retrying all."""
+        if type(exc) is not TransportError:  # an answer came back, or the request may have arrived
+            lane.unreachable = 0
+            return
+        lane.unreachable += 1
+        if lane.unreachable >= self.config.unreachable_after:
+            self.block(lane, ApiError(0, "Unreachable", f"{lane.unreachable} connections failed in a row: {exc}"))
+
+    def _again(self, item_id: str, exc: Exception) -> None:
+        fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
+        if isinstance(exc, ApiError):
+            fields["request_id"] = exc.request_id
+        self._ledger.transition(item_id, ItemState.planned, **fields)
+        log.info("↻ %s: %s", item_id, exc)
+        return None
+
+
+def _advice(error: ApiError) -> str:
+    if error.code == "InvalidApiKey":
+        return "Check the key for this region (DASHSCOPE_API_KEY, DASHSCOPE_API_KEY_SINGAPORE, ...)."
+    if error.code == "Unreachable":
+        return "Check the network and the base URL, then run again: unsubmitted items stay planned."
+    if error.code in ("Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"):
+        return "Top up the account, then run again: unsubmitted items stay planned."
+    return "Check that the account may use this model in this region, then run again."
