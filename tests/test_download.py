@@ -191,7 +191,7 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
         ledger.add_items(manifest.items(), run=ledger.begin_run(), price_of=lambda i: 0.14)
         (row,) = ledger.iter_items([ItemState.planned])
         ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
-        ledger.transition(row.item_id, ItemState.queued, task_id="t-1")
+        queued = ledger.transition(row.item_id, ItemState.queued, task_id="t-1")
         now = clock.now()
         stamp = datetime.fromtimestamp(now, SERVICE_TZ).strftime("%Y-%m-%d %H:%M:%S.000")
         week = int(now + 7 * 86400)
@@ -201,6 +201,7 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
             "end_time": stamp,
             "results": [{"orig_prompt": "a tui", "url": f"https://example.invalid/a.png?Expires={week}"}],
         }
-        record_results(ledger, row.item_id, output, now_s=now, config=TrackerConfig(), common={})
-        (image,) = ledger.images_of(row.item_id)
+        recorded = record_results(ledger, queued, output, now_s=now, config=TrackerConfig(), common={})
+        assert recorded.images == tuple(ledger.images_of(row.item_id))
+    (image,) = recorded.images
     assert image.deadline_ms <= (now + 86400) * 1000

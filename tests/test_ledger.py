@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import os
 import signal
 import sqlite3
@@ -16,7 +18,7 @@ import pytest
 
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import IllegalTransition, LedgerError, RunLocked
-from wanbatch.ledger import LEDGER_FILE, SCHEMA_VERSION, ImageRecord, Ledger, RunLock
+from wanbatch.ledger import LEDGER_FILE, SCHEMA_VERSION, ImageRecord, Ledger, RunLedger, RunLock
 from wanbatch.ledger.states import FINAL_STATES, TRANSITIONS, ImageState, ItemState
 
 S = ItemState
@@ -212,12 +214,46 @@ def test_retry_to_planned_forgets_the_task_and_its_images(ledger: Ledger) -> Non
     """failed → planned leaves no task id and no image of the old task behind."""
     (item_id,) = planned(ledger)
     drive(ledger, item_id, S.queued)
-    ledger.transition(item_id, S.failed, images=[ImageRecord(index=0, error_code="InternalError")])
+    ledger.finish_task(item_id, S.failed, images=[ImageRecord(index=0, error_code="InternalError")])
     assert len(ledger.images_of(item_id)) == 1
     ledger.transition(item_id, S.planned, note="retry")
     row = ledger.get(item_id)
     assert (row.state, row.task_id, row.task_status, row.ended_ms) == (S.planned, None, None, None)
     assert ledger.images_of(item_id) == []
+
+
+def test_a_move_returns_the_row_it_wrote(ledger: Ledger) -> None:
+    """transition and update return the item's new row, the same one a read would give: no read-back needed."""
+    (item_id,) = planned(ledger)
+    submitting = ledger.transition(item_id, S.submitting, expect=S.planned, endpoint="async")
+    assert (submitting.state, submitting.attempts, submitting.endpoint) == (S.submitting, 1, "async")
+    assert submitting.submit_started_ms == int(T0_S * 1000)
+    queued = ledger.transition(item_id, S.queued, expect=S.submitting, task_id="task-9", request_id="r1")
+    assert (queued.state, queued.task_id, queued.request_ids) == (S.queued, "task-9", ("r1",))
+    assert queued == ledger.get(item_id)
+    updated = ledger.update(item_id, task_status="RUNNING", request_id="r2")
+    assert (updated.task_status, updated.request_ids) == ("RUNNING", ("r1", "r2"))
+    assert updated == ledger.get(item_id)
+
+
+def test_finishing_a_task_returns_its_row_and_images(ledger: Ledger) -> None:
+    """finish_task returns the generated row with its cost and every image as recorded, what the downloader
+    needs; a stale caller's compare-and-set is refused with nothing recorded."""
+    (item_id,) = planned(ledger, n=2)
+    drive(ledger, item_id, S.queued)
+    images = [
+        ImageRecord(index=0, url="u/0", deadline_ms=10, seed=5, actual_prompt="a fox"),
+        ImageRecord(index=1, error_code="DataInspectionFailed", error_message="Output data may contain"),
+    ]
+    with pytest.raises(IllegalTransition, match="it is queued now, not generated"):
+        ledger.finish_task(item_id, S.saved, expect=S.generated, images=images)
+    assert ledger.images_of(item_id) == []
+    recorded = ledger.finish_task(item_id, S.generated, expect=S.queued, images=images, task_status="SUCCEEDED")
+    assert recorded.row == ledger.get(item_id)
+    assert (recorded.row.state, recorded.row.images_generated, recorded.row.cost) == (S.generated, 1, 0.14)
+    assert recorded.row.actual_prompts == ("a fox",)
+    assert recorded.images == tuple(ledger.images_of(item_id))
+    assert [(image.image_index, image.url) for image in recorded.pending] == [(0, "u/0")]
 
 
 def test_item_for_task_finds_the_item_holding_a_task_id(ledger: Ledger) -> None:
@@ -307,7 +343,8 @@ def test_committed_rows_survive_a_sigkill_mid_write(tmp_path: Path, clock: Scale
         counts = ledger.counts()
         assert counts[S.queued] >= len(reported)
         assert sum(counts.values()) == 400
-        assert ledger._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with sqlite3.connect(tmp_path / LEDGER_FILE) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 # ── planning ────────────────────────────────────────────────────────────────────────────────────────
@@ -432,11 +469,18 @@ def test_images_come_soonest_deadline_first_across_items(ledger: Ledger) -> None
     a, b = planned(ledger, 2, n=2)
     for item_id in (a, b):
         drive(ledger, item_id, S.queued)
-    ledger.record_images(
-        a, [ImageRecord(index=0, url="u/a0", deadline_ms=300), ImageRecord(index=1, url="u/a1", deadline_ms=100)]
+    ledger.finish_task(
+        a,
+        S.generated,
+        images=[ImageRecord(index=0, url="u/a0", deadline_ms=300), ImageRecord(index=1, url="u/a1", deadline_ms=100)],
     )
-    ledger.record_images(
-        b, [ImageRecord(index=0, url="u/b0", deadline_ms=200), ImageRecord(index=1, error_code="InternalError.Timeout")]
+    ledger.finish_task(
+        b,
+        S.generated,
+        images=[
+            ImageRecord(index=0, url="u/b0", deadline_ms=200),
+            ImageRecord(index=1, error_code="InternalError.Timeout"),
+        ],
     )
     pending = [(image.item_id, image.image_index) for image in ledger.iter_images([ImageState.pending])]
     assert pending == [(a, 1), (b, 0), (a, 0)]
@@ -450,7 +494,9 @@ def test_images_stream_by_deadline_across_pages(ledger: Ledger) -> None:
     ids = planned(ledger, 1200)
     for number, item_id in enumerate(ids):
         drive(ledger, item_id, S.queued)
-        ledger.record_images(item_id, [ImageRecord(index=0, url=f"u/{number}", deadline_ms=(number * 7919) % 1201)])
+        ledger.finish_task(
+            item_id, S.generated, images=[ImageRecord(index=0, url=f"u/{number}", deadline_ms=(number * 7919) % 1201)]
+        )
     deadlines = [image.deadline_ms for image in ledger.iter_images([ImageState.pending])]
     assert len(deadlines) == 1200 and deadlines == sorted(deadlines)
 
@@ -459,7 +505,7 @@ def test_partial_failure_bills_only_the_images_produced_and_settles_saved(ledger
     """Two images of three came out: cost is two images, and once both are saved the item is saved."""
     (item_id,) = planned(ledger, n=3)
     drive(ledger, item_id, S.queued)
-    ledger.transition(
+    ledger.finish_task(
         item_id,
         S.generated,
         task_status="SUCCEEDED",
@@ -488,7 +534,7 @@ def test_an_image_whose_url_died_makes_the_item_expired(ledger: Ledger) -> None:
     (item_id,) = planned(ledger, n=2)
     drive(ledger, item_id, S.queued)
     images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
-    ledger.transition(item_id, S.generated, images=images)
+    ledger.finish_task(item_id, S.generated, images=images)
     ledger.image_saved(item_id, 0, file_name="a.png", sha256="0" * 64, size_bytes=1)
     ledger.image_final(item_id, 1, ImageState.expired, code="UrlExpired", message="HTTP 403")
     assert ledger.settle(item_id) is S.expired
@@ -503,7 +549,7 @@ def test_saving_the_last_image_settles_the_item_in_the_same_call(ledger: Ledger)
     for item_id in (first, second):
         drive(ledger, item_id, S.queued)
         images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
-        ledger.transition(item_id, S.generated, images=images)
+        ledger.finish_task(item_id, S.generated, images=images)
     assert ledger.image_saved(first, 0, file_name="a.png", sha256="0" * 64, size_bytes=1, settle=True) is None
     assert ledger.image_saved(first, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True) is S.saved
     ledger.image_saved(second, 0, file_name="c.png", sha256="2" * 64, size_bytes=1, settle=True)
@@ -516,9 +562,12 @@ def test_a_saved_image_is_never_moved_or_overwritten(ledger: Ledger) -> None:
     """Re-recording a task's results leaves saved images alone; moving a saved image again is refused."""
     (item_id,) = planned(ledger)
     drive(ledger, item_id, S.queued)
-    ledger.record_images(item_id, [ImageRecord(index=0, url="u/old", deadline_ms=5)])
+    ledger.finish_task(item_id, S.generated, images=[ImageRecord(index=0, url="u/old", deadline_ms=5)])
     ledger.image_saved(item_id, 0, file_name="a.png", sha256="0" * 64, size_bytes=1)
-    ledger.record_images(item_id, [ImageRecord(index=0, url="u/new", deadline_ms=9)])
+    # As a folder of an earlier wanbatch may hold it: a queued item whose images were recorded before its move.
+    with sqlite3.connect(ledger.path) as conn:
+        conn.execute("UPDATE items SET state = 'queued' WHERE item_id = ?", (item_id,))
+    ledger.finish_task(item_id, S.generated, images=[ImageRecord(index=0, url="u/new", deadline_ms=9)])
     image = ledger.images_of(item_id)[0]
     assert (image.state, image.url, image.deadline_ms) == (ImageState.saved, "u/old", 5)
     with pytest.raises(IllegalTransition, match="saved → expired"):
@@ -533,7 +582,7 @@ def test_a_saved_image_whose_file_went_missing_is_reopened_with_its_item(ledger:
     (item_id,) = planned(ledger, n=2)
     drive(ledger, item_id, S.queued)
     images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
-    ledger.transition(item_id, S.generated, images=images)
+    ledger.finish_task(item_id, S.generated, images=images)
     ledger.image_saved(item_id, 0, file_name="a.png", sha256="0" * 64, size_bytes=1)
     ledger.image_saved(item_id, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True)
     ledger.reopen_image(item_id, 1, reason="images/b.png was missing on resume")
@@ -569,7 +618,7 @@ def test_update_image_notes_a_transient_error_without_moving_it(ledger: Ledger) 
     """A download that failed for now stays pending, with the reason recorded."""
     (item_id,) = planned(ledger)
     drive(ledger, item_id, S.queued)
-    ledger.record_images(item_id, [ImageRecord(index=0, url="u/0", deadline_ms=5)])
+    ledger.finish_task(item_id, S.generated, images=[ImageRecord(index=0, url="u/0", deadline_ms=5)])
     ledger.update_image(item_id, 0, error_code="DownloadFailed", error_message="reset")
     image = ledger.images_of(item_id)[0]
     assert (image.state, image.error_code) == (ImageState.pending, "DownloadFailed")
@@ -581,7 +630,7 @@ def test_a_pending_result_needs_a_url(ledger: Ledger) -> None:
     """A result said to be pending with nothing to fetch is refused, and nothing is recorded."""
     (item_id,) = planned(ledger)
     with pytest.raises(LedgerError, match="pending with a url"):
-        ledger.record_images(item_id, [ImageRecord(index=0, state=ImageState.pending)])
+        ledger.finish_task(item_id, S.generated, images=[ImageRecord(index=0, state=ImageState.pending)])
     assert ledger.images_of(item_id) == []
 
 
@@ -601,7 +650,8 @@ def test_counts_cover_every_state(ledger: Ledger) -> None:
 
 def test_counts_are_read_from_the_state_index(ledger: Ledger) -> None:
     """The count per state scans the (state, seq) index, not the table."""
-    plan = ledger._conn.execute("EXPLAIN QUERY PLAN SELECT state, count(*) FROM items GROUP BY state").fetchall()
+    with sqlite3.connect(ledger.path) as conn:
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT state, count(*) FROM items GROUP BY state").fetchall()
     assert "COVERING INDEX items_state_seq" in " ".join(row[3] for row in plan)
 
 
@@ -665,9 +715,40 @@ def test_the_api_key_is_never_written_to_the_ledger(
         ledger.add_items([FakeItem(item_id="k", prompt="marker-prompt-93c1")], run=run, price_of=lambda it: 0.1)
         ledger.transition("k", S.submitting, expect=S.planned)
         ledger.transition("k", S.queued, task_id="t", request_id="r")
-        ledger.transition("k", S.generated, images=[ImageRecord(index=0, url="http://127.0.0.1/i.png", deadline_ms=1)])
+        ledger.finish_task("k", S.generated, images=[ImageRecord(index=0, url="http://127.0.0.1/i.png", deadline_ms=1)])
         ledger.image_saved("k", 0, file_name="images/k-0.png", sha256="0" * 64, size_bytes=10)
         ledger.settle("k")
         written = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
     assert b"marker-prompt-93c1" in written  # the bytes searched are the ones the ledger wrote
     assert sentinel.encode() not in written
+
+
+# ── the interface ───────────────────────────────────────────────────────────────────────────────────
+
+
+def test_the_sqlite_ledger_has_every_member_of_the_interface_alike() -> None:
+    """Every method of RunLedger is on the SQLite Ledger with the same parameters, and its path too: the stages
+    hold a RunLedger, so anything they call exists as they call it."""
+    members = [name for name in vars(RunLedger) if not name.startswith("_")]
+    assert len(members) > 20 and "path" in RunLedger.__annotations__
+    for name in members:
+        theirs, ours = inspect.signature(getattr(RunLedger, name)), inspect.signature(getattr(Ledger, name))
+        assert list(ours.parameters.values()) == list(theirs.parameters.values()), name
+        assert ours.return_annotation == theirs.return_annotation, name
+
+
+def test_the_stages_hold_the_interface_not_the_sqlite_class() -> None:
+    """Every parameter named ledger in the package is typed RunLedger."""
+    package = REPO / "wanbatch"
+    untyped = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                untyped += [
+                    f"{path.relative_to(REPO)}:{node.lineno}"
+                    for argument in arguments
+                    if argument.arg == "ledger"
+                    and ast.unparse(argument.annotation or ast.Constant(None)) != "RunLedger"
+                ]
+    assert untyped == []

@@ -27,7 +27,7 @@ import aiohttp
 from wanbatch import catalog
 from wanbatch.clock import Clock, ScaledClock
 from wanbatch.errors import ConfigError
-from wanbatch.ledger import Ledger, RunLock, read_meta
+from wanbatch.ledger import Ledger, RunLedger, RunLock, read_meta
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.records import AddResult
 from wanbatch.ledger.states import ItemState
@@ -217,7 +217,7 @@ class Engine:
             )
         return report
 
-    def _continue_clock(self, ledger: Ledger) -> None:
+    def _continue_clock(self, ledger: RunLedger) -> None:
         """Keep one timeline per run folder: a resumed run continues the clock of the runs before it."""
         if not self._own_clock or not isinstance(self.clock, ScaledClock):
             return
@@ -230,7 +230,7 @@ class Engine:
         reading_s, wall_s = self.clock.anchor()
         ledger.set_meta("clock", f"{self.clock.speed!r} {reading_s!r} {wall_s!r}")
 
-    def _prepare(self, ledger: Ledger, run: int) -> None:
+    def _prepare(self, ledger: RunLedger, run: int) -> None:
         """Settle what a stop left half done, and put back the items the user asked to try again."""
         for row in ledger.iter_items([ItemState.submitting, ItemState.unknown]):
             if row.endpoint == "sync":  # no list shows a sync call: its answer is lost, never to be sent again
@@ -249,7 +249,7 @@ class Engine:
             if wanted:
                 ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
 
-    async def _run_stages(self, ledger: Ledger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
+    async def _run_stages(self, ledger: RunLedger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
         """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
         ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
         self._prepare(ledger, run)
@@ -283,7 +283,7 @@ class Engine:
         return stats
 
     def _build(
-        self, ledger: Ledger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int, thumbs
+        self, ledger: RunLedger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int, thumbs
     ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
@@ -311,7 +311,7 @@ class Engine:
             ledger=ledger,
             clock=self.clock,
             limiters=limiters,
-            on_images=downloader.add_item,
+            on_images=downloader.add_recorded,
             config=self.config.track,
             budget=budget,
         )
@@ -351,7 +351,7 @@ class Engine:
             slots=Slots(offer.concurrency + self.config.submit.backlog),
         )
 
-    def _refill(self, ledger: Ledger, stages: _Stages, budget: Budget) -> None:
+    def _refill(self, ledger: RunLedger, stages: _Stages, budget: Budget) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
@@ -372,9 +372,7 @@ class Engine:
                 elif row.task_id:
                     # The run folder's clock continues across runs, so the recorded submit time is on ours.
                     submitted_s = row.submit_started_ms / 1000 if row.submit_started_ms else now
-                    stages.tracker.add(
-                        task_id=row.task_id, item_id=row.item_id, lane=lane, submitted_s=submitted_s, resumed=True
-                    )
+                    stages.tracker.add(task_id=row.task_id, row=row, lane=lane, submitted_s=submitted_s, resumed=True)
         stages.downloader.load_pending()
 
 
@@ -407,7 +405,7 @@ class _Stages:
         }
 
 
-def _halted(ledger: Ledger, blocked: Mapping[str, str], run: int) -> bool:
+def _halted(ledger: RunLedger, blocked: Mapping[str, str], run: int) -> bool:
     """Whether every lane that still has items of this manifest (seen in ``run``) to send was stopped by the key,
     the account or the network (``blocked``: lane -> "code: message"); a model refused alone is not that."""
     halting = {lane for lane, why in blocked.items() if why.split(":", 1)[0] in HALTING_CODES}
@@ -443,7 +441,7 @@ class _Held:
     lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
 
 
-def _plan_into(ledger: Ledger, manifest, run: int, plan: Mapping[str, Any] | None) -> _Held:
+def _plan_into(ledger: RunLedger, manifest, run: int, plan: Mapping[str, Any] | None) -> _Held:
     """Put the manifest's items into the ledger, unless it holds them all already.
 
     An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,

@@ -1,11 +1,14 @@
 """The ledger: the durable record of every item, attempt, task and image of a run folder.
 
-``states`` holds the item and image states and their transition table; ``records`` the rows the
-ledger takes and gives; ``sqlite`` the embedded SQLite ledger; ``runlock`` the one-process lock of a
-folder; ``backend`` and ``runfolder`` what a folder was made against and from.
+``interface`` says what the stages need of a ledger (:class:`RunLedger`, the seam where another database
+plugs in); ``states`` holds the item and image states and their transition table; ``records`` the rows the
+ledger takes and gives; ``schema`` the SQLite file's tables and pragmas; ``sqlite`` the embedded SQLite
+ledger, built in layers (``reads``, ``moves``, ``images``); ``runlock`` the one-process lock of a folder;
+``backend`` and ``runfolder`` what a folder was made against and from.
 """
 
-from wanbatch.ledger.records import AddResult, ImageRecord, ImageRow, ItemLike, ItemRow
+from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import AddResult, ImageRecord, ImageRow, ItemLike, ItemRow, Recorded
 from wanbatch.ledger.runlock import RunLock
 from wanbatch.ledger.sqlite import LEDGER_FILE, SCHEMA_VERSION, Ledger, read_meta
 
@@ -18,6 +21,8 @@ __all__ = [
     "ItemLike",
     "ItemRow",
     "Ledger",
+    "Recorded",
+    "RunLedger",
     "RunLock",
     "read_meta",
 ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from wanbatch import catalog
 from wanbatch.errors import ConfigError
-from wanbatch.ledger import Ledger, read_meta
+from wanbatch.ledger import RunLedger, read_meta
 
 __all__ = ["BACKEND_META", "SIMULATED", "BackendMismatch", "base_url_of", "check", "claim", "describe", "recorded"]
 
@@ -63,7 +63,7 @@ def check(
     raise BackendMismatch(message)
 
 
-def claim(ledger: Ledger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:
+def claim(ledger: RunLedger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:
     """Check ``wanted`` against the ledger's record (read under the run's lock) and record it."""
     value = ledger.meta(BACKEND_META)
     known = json.loads(value) if value else None

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["AddResult", "ImageRecord", "ImageRow", "ItemLike", "ItemRow"]
+__all__ = ["AddResult", "ImageRecord", "ImageRow", "ItemLike", "ItemRow", "Recorded"]
 
 
 class ItemLike(Protocol):
@@ -123,6 +123,19 @@ class ImageRow:
         values = {name: row[name] for name in _IMAGE_FIELDS}
         values["state"] = ImageState(values["state"])
         return cls(**values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recorded:
+    """What recording a finished task's results wrote: its item's new row and every image it now has."""
+
+    row: ItemRow
+    images: tuple[ImageRow, ...]  #: by index
+
+    @property
+    def pending(self) -> tuple[ImageRow, ...]:
+        """The images to download: those with a URL and not yet saved."""
+        return tuple(image for image in self.images if image.state is ImageState.pending)
 
 
 _ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))

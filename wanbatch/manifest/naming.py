@@ -21,6 +21,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.states import ImageState
 
 __all__ = [
@@ -90,7 +91,7 @@ def image_name(pattern: str | None, fields: Mapping[str, str]) -> str:
     return "/".join(parts)
 
 
-def sharded(ledger) -> bool:
+def sharded(ledger: RunLedger) -> bool:
     """Whether the run folder's images go to subfolders: decided by its first run that saves, then kept.
 
     A folder planning more than :data:`SHARD_ABOVE` images is sharded; one that holds saved images from

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.stages.results import WRITE_OFF_CODES
@@ -33,7 +34,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def saved_images(ledger) -> Iterator[tuple[ImageRow, ItemRow]]:
+def saved_images(ledger: RunLedger) -> Iterator[tuple[ImageRow, ItemRow]]:
     """Every saved image with its item; images come by item, so each item is read once, not once an image."""
     item: ItemRow | None = None
     for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
@@ -42,7 +43,7 @@ def saved_images(ledger) -> Iterator[tuple[ImageRow, ItemRow]]:
         yield image, item
 
 
-def write_metadata(run_dir: Path, ledger) -> int:
+def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
     """One line per saved image; returns how many.
 
     Every row has the same columns with the same types: a dataset loader infers them from the first part of
@@ -79,7 +80,7 @@ def write_metadata(run_dir: Path, ledger) -> int:
     return len(lines)
 
 
-def write_report(run_dir: Path, ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+def write_report(run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
     message of every state it ended items in), and ``extra``."""
     report = build_report(ledger, run=run, extra=extra)
@@ -98,7 +99,7 @@ def _count_failure(group: dict[str, Any], row: ItemRow) -> None:
         group["sources"].append({"item_id": row.item_id, "state": state, "source": row.source, "entry": row.entry})
 
 
-def build_report(ledger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+def build_report(ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
     failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "states": {}, "sources": []})
     lost_cost = defaultdict(float)

@@ -41,7 +41,8 @@ from PIL import Image
 
 from wanbatch.aio import wait_event
 from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
-from wanbatch.ledger.records import ImageRow, ItemRow
+from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import naming
 
@@ -94,7 +95,7 @@ class Downloader:
     def __init__(
         self,
         *,
-        ledger,
+        ledger: RunLedger,
         clock,
         session: aiohttp.ClientSession,
         run_dir: Path,
@@ -130,7 +131,17 @@ class Downloader:
         self._interrupted = True
         self._wake.set()
 
+    def add_recorded(self, recorded: Recorded) -> None:
+        """Queue the images of a task just recorded, as the ledger wrote them: no read of its own."""
+        pending = recorded.pending
+        for image in pending:
+            self._push(image, recorded.row)
+        if not pending:
+            self._close_item(recorded.row.item_id)
+        self._wake.set()
+
     def add_item(self, item_id: str) -> None:
+        """Queue the pending images of an item the ledger holds (one reopened on resume)."""
         pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
         for image in pending:
             self._push(image)
@@ -138,12 +149,12 @@ class Downloader:
             self._close_item(item_id)  # saved already (queued again after a stop): settle it now
         self._wake.set()
 
-    def _push(self, image: ImageRow) -> None:
+    def _push(self, image: ImageRow, item: ItemRow | None = None) -> None:
         key = (image.item_id, image.image_index)
         if key in self._queued:
             return
         self._queued.add(key)
-        row, open_images = self._items.get(image.item_id) or (None, 0)
+        row, open_images = self._items.get(image.item_id) or (item, 0)
         self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
         heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index, image))
 

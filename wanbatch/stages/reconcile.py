@@ -43,6 +43,7 @@ import aiohttp
 from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
 from wanbatch.errors import ApiError, TransportError
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import MalformedAnswer, image_results, result_prompts
@@ -121,7 +122,7 @@ class Reconciler:
     def __init__(
         self,
         *,
-        ledger,
+        ledger: RunLedger,
         clock,
         limiters,
         tracker,
@@ -426,13 +427,17 @@ class Reconciler:
     # -- decisions --------------------------------------------------------------------------------------------
 
     def _adopt(self, lane, row: ItemRow, task_id: str) -> None:
-        self._ledger.transition(
-            row.item_id, ItemState.queued, task_id=task_id, note="adopted from the task list after an unknown outcome"
+        queued = self._ledger.transition(
+            row.item_id,
+            ItemState.queued,
+            expect=ItemState.unknown,
+            task_id=task_id,
+            note="adopted from the task list after an unknown outcome",
         )
         self.adopted += 1
         log.info("⇐ %s adopted task %s", row.item_id, task_id)
         submitted_s = (row.submit_started_ms or 0) / 1000
-        self._tracker.add(task_id=task_id, item_id=row.item_id, lane=lane, submitted_s=submitted_s, resumed=True)
+        self._tracker.add(task_id=task_id, row=queued, lane=lane, submitted_s=submitted_s, resumed=True)
 
     def _no_task(self, lane, row: ItemRow) -> bool:
         """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from wanbatch.ledger.records import ImageRecord
+from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.service.wire import image_results, parse_service_time_s
 from wanbatch.stages.budget import Budget
@@ -21,17 +22,27 @@ log = logging.getLogger("wanbatch")
 WRITE_OFF_CODES = frozenset({"TaskExpired", "SyncAnswerLost", "MalformedAnswer", "OutcomeUnknown"})
 
 
-def write_off(ledger, item_id: str, *, paid: float, code: str, message: str, budget: Budget | None = None, **fields):
+def write_off(
+    ledger: RunLedger,
+    item_id: str,
+    *,
+    paid: float,
+    code: str,
+    message: str,
+    budget: Budget | None = None,
+    **fields,
+) -> ItemRow:
     """End an item that may have been paid for but can never give its images: expired, its cost counted as
-    paid (and as lost in the report), never sent again."""
+    paid (and as lost in the report), never sent again. Returns its row."""
     if code not in WRITE_OFF_CODES:
         raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
-    ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
+    row = ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
     if budget is not None:
         budget.settle(item_id, paid)
+    return row
 
 
-def sync_answer_lost(ledger, row, reason: str, budget: Budget | None = None) -> None:
+def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, budget: Budget | None = None) -> None:
     """A sync call whose answer was lost (a fault, or a stop before it was recorded): it has no task id to find
     again and may have been billed, so sending it again could pay twice. It ends expired, counted as paid."""
     if row.state is ItemState.submitting:
@@ -46,7 +57,7 @@ def sync_answer_lost(ledger, row, reason: str, budget: Budget | None = None) -> 
     )
 
 
-def _service_to_ours(output: dict, row, now_s: float) -> float:
+def _service_to_ours(output: dict, row: ItemRow, now_s: float) -> float:
     """What to add to a time on the service's clock to place it on ours.
 
     Both sides know when the task was submitted: the service says so in ``submit_time``, and the ledger
@@ -60,8 +71,8 @@ def _service_to_ours(output: dict, row, now_s: float) -> float:
 
 
 def record_results(
-    ledger,
-    item_id: str,
+    ledger: RunLedger,
+    row: ItemRow,
     output: dict,
     *,
     now_s: float,
@@ -69,13 +80,13 @@ def record_results(
     common: dict,
     budget: Budget | None = None,
     durable: bool = False,
-) -> None:
-    """Record a SUCCEEDED task's images and move the item to generated (or failed if none came out).
+) -> Recorded:
+    """Record a SUCCEEDED task's images and move its queued item (``row``, as the tracker holds it) to generated
+    (or failed if none came out); returns what was recorded, for the downloader.
 
     ``durable``: the commit must survive a power loss (a sync answer: its URLs are nowhere else)."""
     results = image_results(output)  # raises MalformedAnswer before anything is recorded
-    row = ledger.get(item_id)
-    request = row.request
+    item_id, request = row.item_id, row.request
     to_ours = _service_to_ours(output, row, now_s)
     end_s = parse_service_time_s(output.get("end_time"))
     images, good = [], 0
@@ -99,12 +110,12 @@ def record_results(
             )
         )
         good += result.url is not None
-    cost = good * row.price_per_image  # the price stored when it was planned: the catalog may have moved since
-    if budget is not None:
-        budget.settle(item_id, cost)
-    # The images are recorded in the item's own move: one commit per task.
+    # The images are recorded in the item's own move: one commit per task. The ledger counts the cost from
+    # them, at the price stored when the item was planned (the catalog may have moved since).
     if good:
-        ledger.transition(item_id, ItemState.generated, images=images, cost=cost, durable=durable, **common)
+        recorded = ledger.finish_task(
+            item_id, ItemState.generated, expect=ItemState.queued, images=images, durable=durable, **common
+        )
         log.info(
             "✓ %s generated %d/%d image(s)",
             item_id,
@@ -114,11 +125,15 @@ def record_results(
         )
     else:
         first = next((r for r in images if r.error_code), None)
-        ledger.transition(
+        recorded = ledger.finish_task(
             item_id,
             ItemState.failed,
+            expect=ItemState.queued,
             images=images,
             error_code=first.error_code if first else "NoImages",
             error_message=first.error_message if first else "the task returned no image",
             **common,
         )
+    if budget is not None:
+        budget.settle(item_id, recorded.row.cost)
+    return recorded

@@ -14,7 +14,9 @@ leaves it ``unknown`` for the reconciler.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from wanbatch.aio import wait_event
@@ -28,6 +30,8 @@ from wanbatch.errors import (
     ThrottledError,
     TransportError,
 )
+from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer
@@ -35,7 +39,7 @@ from wanbatch.service.wire import build_body
 from wanbatch.stages.budget import Budget
 from wanbatch.stages.results import sync_answer_lost
 
-__all__ = ["Lane", "Slots", "SubmitConfig", "Submitter"]
+__all__ = ["Lane", "Sent", "Slots", "SubmitConfig", "Submitter"]
 
 log = logging.getLogger("wanbatch")
 
@@ -55,6 +59,17 @@ class SubmitConfig:
     batch: int = 200  #: planned items read from the ledger at a time
     sync_wan26: bool = False  #: use wan2.6's synchronous endpoint
     unreachable_after: int = 8  #: connections failing in a row before a lane stops (the service is not there)
+
+
+class Sent(enum.Enum):
+    """How an item's submit ended, as its last write recorded it: what its slot and doubt do next."""
+
+    #: Queued with a task on the service: its slot is held until the tracker sees the task end.
+    tracked = "tracked"
+    #: The outcome is unknown: its slot is held and it stays in doubt until the reconciler decides.
+    in_doubt = "in_doubt"
+    #: Final, blocked, answered at once (sync) or left planned for later: its slot is free.
+    done = "done"
 
 
 class Slots:
@@ -138,12 +153,12 @@ class Submitter:
     def __init__(
         self,
         *,
-        ledger,
+        ledger: RunLedger,
         clock,
         lanes: list[Lane],
         tracker,
         reconciler,
-        on_sync_images,
+        on_sync_images: Callable[[ItemRow, dict], None],
         config,
         run: int | None = None,
         budget: Budget | None = None,
@@ -254,23 +269,23 @@ class Submitter:
         )
 
     async def _submit(self, lane: Lane, row) -> None:
-        holds_slot = False
+        sent = Sent.done
         try:
-            holds_slot = await self._attempts(lane, row)
+            sent = await self._attempts(lane, row)
         finally:
             self.in_flight -= 1
-            if self._ledger.state_of(row.item_id) is not ItemState.unknown:
+            if sent is not Sent.in_doubt:
                 lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
-            if not holds_slot:
+            if sent is Sent.done:
                 lane.slots.release()
                 self.budget.settle(row.item_id, 0.0)  # never made, or final (a sync result settled already)
 
-    async def _attempts(self, lane: Lane, row) -> bool:
-        """Try until the item is queued, final or left for later; True if its task now holds a slot."""
+    async def _attempts(self, lane: Lane, row) -> Sent:
+        """Try until the item is queued, final or left for later."""
         for attempt in range(1, self.config.attempts + 1):
             if attempt > 1:
                 if self.stop.is_set() or lane.blocked:
-                    return False
+                    return Sent.done
                 await self._clock.sleep(min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 2)))
                 await lane.pacer.wait()
             outcome = await self._attempt(lane, row)
@@ -280,16 +295,16 @@ class Submitter:
         log.warning(
             "… %s left planned after %d transient errors; a later run will try again", row.item_id, self.config.attempts
         )
-        return False
+        return Sent.done
 
-    async def _attempt(self, lane: Lane, row) -> bool | None:
-        """One POST. True: a task holds a slot; False: final or blocked; None: known not made, try again."""
+    async def _attempt(self, lane: Lane, row) -> Sent | None:
+        """One POST and the write that records how it went; None: known not made, try again."""
         ledger, item_id = self._ledger, row.item_id
         sync = self._sync(lane, row)
         body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
         try:
             # Where it goes is committed with it: a lost sync answer has no task to find, and must never be re-sent.
-            ledger.transition(
+            row = ledger.transition(
                 item_id,
                 ItemState.submitting,
                 expect=ItemState.planned,
@@ -297,10 +312,10 @@ class Submitter:
                 endpoint="sync" if sync else "async",
                 durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
             )
-        except IllegalTransition:
+        except IllegalTransition as exc:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
-            log.warning("… %s is %s now, not planned: not sent", item_id, ledger.state_of(item_id))
-            return False
+            log.warning("… %s not sent: %s", item_id, exc)
+            return Sent.done
         try:
             if sync:
                 data = await lane.client.generate_sync(body)
@@ -309,7 +324,13 @@ class Submitter:
         except OutcomeUnknown as exc:
             if sync:
                 return self._sync_lost(lane, row, str(exc))
-            ledger.transition(item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=str(exc))
+            ledger.transition(
+                item_id,
+                ItemState.unknown,
+                expect=ItemState.submitting,
+                error_code="OutcomeUnknown",
+                error_message=str(exc),
+            )
             log.warning(
                 "? %s outcome unknown (%s): reconciling, not resending",
                 item_id,
@@ -317,19 +338,29 @@ class Submitter:
                 extra={"event": "unknown", "item": item_id, "state": "unknown"},
             )
             self._reconciler.add(item_id, lane)
-            return True  # a task may exist and occupy the service: keep its slot until reconciled
+            return Sent.in_doubt  # a task may exist and occupy the service: keep its slot until reconciled
         except ThrottledError as exc:
             lane.pacer.throttled()
             return self._again(item_id, exc)
         except AccountError as exc:
             ledger.transition(
-                item_id, ItemState.planned, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+                item_id,
+                ItemState.planned,
+                expect=ItemState.submitting,
+                error_code=exc.code,
+                error_message=exc.message,
+                request_id=exc.request_id,
             )
             self.block(lane, exc)
-            return False
+            return Sent.done
         except RejectedError as exc:
             ledger.transition(
-                item_id, ItemState.rejected, error_code=exc.code, error_message=exc.message, request_id=exc.request_id
+                item_id,
+                ItemState.rejected,
+                expect=ItemState.submitting,
+                error_code=exc.code,
+                error_message=exc.message,
+                request_id=exc.request_id,
             )
             log.warning(
                 "✗ %s rejected: %s %s",
@@ -338,7 +369,7 @@ class Submitter:
                 exc.message,
                 extra={"event": "rejected", "item": item_id, "state": "rejected", "code": exc.code},
             )
-            return False
+            return Sent.done
         except (ApiError, TransportError) as exc:
             self._count_unreachable(lane, exc)
             return self._again(item_id, exc)
@@ -346,14 +377,19 @@ class Submitter:
         lane.pacer.succeeded()
         self.submitted += 1
         if sync:
-            ledger.transition(
-                item_id, ItemState.queued, request_id=data.get("request_id", ""), submitted_ms=self._clock.now_ms()
+            queued = ledger.transition(
+                item_id,
+                ItemState.queued,
+                expect=ItemState.submitting,
+                request_id=data.get("request_id", ""),
+                submitted_ms=self._clock.now_ms(),
             )
-            self._on_sync_images(item_id, data)
-            return False
-        ledger.transition(
+            self._on_sync_images(queued, data)
+            return Sent.done
+        queued = ledger.transition(
             item_id,
             ItemState.queued,
+            expect=ItemState.submitting,
             task_id=created.task_id,
             request_id=created.request_id,
             task_status=created.task_status,
@@ -372,15 +408,16 @@ class Submitter:
                 "state": "queued",
             },
         )
-        self._tracker.add(task_id=created.task_id, item_id=item_id, lane=lane, submitted_s=self._clock.now())
-        return True
+        self._tracker.add(task_id=created.task_id, row=queued, lane=lane, submitted_s=self._clock.now())
+        return Sent.tracked
 
-    def _sync_lost(self, lane: Lane, row, reason: str) -> bool:
-        sync_answer_lost(self._ledger, self._ledger.get(row.item_id), reason, self.budget)
+    def _sync_lost(self, lane: Lane, row: ItemRow, reason: str) -> Sent:
+        """``row``: the item as its submitting move wrote it."""
+        sync_answer_lost(self._ledger, row, reason, self.budget)
         log.warning(
             "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
         )
-        return False
+        return Sent.done
 
     def _count_unreachable(self, lane: Lane, exc: Exception) -> None:
         """Connections that never open, many in a row: the service is not there; stop instead of retrying all."""
@@ -395,7 +432,7 @@ class Submitter:
         fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
         if isinstance(exc, ApiError):
             fields["request_id"] = exc.request_id
-        self._ledger.transition(item_id, ItemState.planned, **fields)
+        self._ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, **fields)
         log.info("↻ %s: %s", item_id, exc)
         return None
 

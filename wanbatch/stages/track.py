@@ -25,6 +25,8 @@ from typing import Any
 
 from wanbatch.aio import wait_event
 from wanbatch.errors import ApiError, TransportError
+from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import ItemRow, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import MalformedAnswer, parse_service_time_s
 from wanbatch.stages.budget import Budget
@@ -103,7 +105,7 @@ class Durations:
 class OpenTask:
     due_s: float
     task_id: str = field(compare=False)
-    item_id: str = field(compare=False)
+    row: ItemRow = field(compare=False)  #: the item as it was queued: what recording its end needs
     lane: Any = field(compare=False)
     submitted_s: float = field(compare=False)
     polls: int = field(default=0, compare=False)
@@ -111,6 +113,10 @@ class OpenTask:
     seen_running: bool = field(default=False, compare=False)  #: running_since_s came from the service
     ended_s: float | None = field(default=None, compare=False)  #: when a list showed it ended (our clock)
     unknowns: int = field(default=0, compare=False)  #: UNKNOWN answers in a row
+
+    @property
+    def item_id(self) -> str:
+        return self.row.item_id
 
 
 @dataclass(slots=True)
@@ -127,10 +133,10 @@ class Tracker:
     def __init__(
         self,
         *,
-        ledger,
+        ledger: RunLedger,
         clock,
         limiters: dict[str, Any],
-        on_images: Callable[[str], None],
+        on_images: Callable[[Recorded], None],
         config: TrackerConfig = TrackerConfig(),
         budget: Budget | None = None,
     ) -> None:
@@ -162,12 +168,13 @@ class Tracker:
             found = self._durations[model.name] = Durations(model.typical_duration_s)
         return found
 
-    def add(self, *, task_id: str, item_id: str, lane, submitted_s: float, resumed: bool = False) -> None:
-        """Start following a task: thought running if the lane has a free place on the service, else queued.
+    def add(self, *, task_id: str, row: ItemRow, lane, submitted_s: float, resumed: bool = False) -> None:
+        """Start following the task of the queued item ``row``: thought running if the lane has a free place on
+        the service, else queued.
 
         A ``resumed`` task (from an earlier run) is looked at at once: how long it has been open is not known.
         """
-        task = OpenTask(submitted_s, task_id, item_id, lane, submitted_s)
+        task = OpenTask(submitted_s, task_id, row, lane, submitted_s)
         tasks = self._lane_tasks(lane)
         if resumed:
             tasks.queued.append(task)
@@ -200,14 +207,16 @@ class Tracker:
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
 
-    def record_sync(self, item_id: str, data: dict) -> None:
-        """A sync call's answer holds the finished task: record it as if a poll had found it."""
+    def record_sync(self, row: ItemRow, data: dict) -> None:
+        """A sync call's answer holds the finished task of the queued item ``row``: record it as if a poll had
+        found it."""
+        item_id = row.item_id
         common = {"task_status": "SUCCEEDED", "ended_ms": self._clock.now_ms()}
         output = data.get("output") if isinstance(data.get("output"), dict) else {}
         try:
-            record_results(
+            recorded = record_results(
                 self._ledger,
-                item_id,
+                row,
                 output,
                 now_s=self._clock.now(),
                 config=self.config,
@@ -216,15 +225,16 @@ class Tracker:
                 durable=True,  # its URLs are nowhere else: a power loss must not take them
             )
         except MalformedAnswer as exc:
-            # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost.
-            row = self._ledger.get(item_id)  # at the price stored when it was planned: the catalog may have moved
+            # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost,
+            # at the price stored when it was planned (the catalog may have moved).
             paid = row.n_images * row.price_per_image
             write_off(
                 self._ledger, item_id, paid=paid, code="MalformedAnswer", message=str(exc), budget=self.budget, **common
             )
             log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
             return
-        self._on_images(item_id)
+        if recorded.row.state is ItemState.generated:
+            self._on_images(recorded)
 
     # -- what the tracker believes runs where ---------------------------------------------------------------
 
@@ -374,6 +384,7 @@ class Tracker:
             self._ledger.transition(
                 task.item_id,
                 ItemState.canceled,
+                expect=ItemState.queued,
                 task_status="CANCELED",
                 note="canceled on the service at the user's request",
             )
@@ -478,12 +489,16 @@ class Tracker:
         common = {"task_status": status, "ended_ms": int(now * 1000), "request_id": request_id}
         if status == "SUCCEEDED":
             self._learn(lane, output)
-            record_results(ledger, item_id, output, now_s=now, config=self.config, common=common, budget=self.budget)
-            if ledger.state_of(item_id) is ItemState.generated:
-                self._on_images(item_id)
+            recorded = record_results(
+                ledger, task.row, output, now_s=now, config=self.config, common=common, budget=self.budget
+            )
+            if recorded.row.state is ItemState.generated:
+                self._on_images(recorded)
         elif status == "FAILED":
             code, message = str(output.get("code") or "TaskFailed"), str(output.get("message") or "")
-            ledger.transition(item_id, ItemState.failed, error_code=code, error_message=message, **common)
+            ledger.transition(
+                item_id, ItemState.failed, expect=ItemState.queued, error_code=code, error_message=message, **common
+            )
             self.budget.settle(item_id, 0.0)
             log.info(
                 "✗ %s task %s FAILED %s: %s",
@@ -494,11 +509,11 @@ class Tracker:
                 extra={"event": "failed", "item": item_id, "task": task.task_id, "state": "failed", "code": code},
             )
         elif status == "CANCELED":
-            ledger.transition(item_id, ItemState.canceled, **common)
+            ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, **common)
             self.budget.settle(item_id, 0.0)
         else:  # UNKNOWN past the task's lifetime: the task id is gone; whether it was billed cannot be known
             # now: count it as paid (and lost), at the price stored when it was planned.
-            row = ledger.get(item_id)
+            row = task.row
             write_off(
                 ledger,
                 item_id,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.outputs.gallery.data import cards_of, gallery_data
 from wanbatch.outputs.gallery.page import DATA_FILE, DATA_GLOBAL, GALLERY_FILE, page
 from wanbatch.outputs.gallery.thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnailer, thumb_name
@@ -19,7 +20,7 @@ from wanbatch.outputs.metadata import write_atomic
 __all__ = ["DATA_FILE", "GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "Thumbnailer", "thumb_name", "write_gallery"]
 
 
-def write_gallery(run_dir: Path, ledger) -> Path:
+def write_gallery(run_dir: Path, ledger: RunLedger) -> Path:
     """Write ``gallery.html`` and ``gallery-data.js`` for every saved image (missing thumbnails made); the page."""
     run_dir = Path(run_dir)
     cards = cards_of(run_dir, ledger)

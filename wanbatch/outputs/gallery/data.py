@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import UnidentifiedImageError
 
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.outputs.gallery.thumbs import picture
 from wanbatch.outputs.metadata import saved_images
@@ -58,7 +59,7 @@ class Card:
         return "" if value is None else str(value)
 
 
-def cards_of(run_dir: Path, ledger) -> list[Card]:
+def cards_of(run_dir: Path, ledger: RunLedger) -> list[Card]:
     """A card for every saved image, its thumbnail made if missing, in the order the page shows them."""
     # The few thumbnails a run left are made on every core; the ledger is read in this thread only
     # (map takes the rows here, as it submits them).

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.states import ImageState
 
 __all__ = [
@@ -95,7 +96,7 @@ class Thumbnailer:
     """
 
     def __init__(
-        self, run_dir: Path, ledger, *, workers: int = DEFAULT_WORKERS, max_queued: int = DEFAULT_MAX_QUEUED
+        self, run_dir: Path, ledger: RunLedger, *, workers: int = DEFAULT_WORKERS, max_queued: int = DEFAULT_MAX_QUEUED
     ) -> None:
         self._run_dir, self._ledger, self._max_queued = Path(run_dir), ledger, max_queued
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wanbatch-thumbs")

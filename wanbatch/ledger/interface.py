@@ -1,0 +1,212 @@
+"""What the stages need of the ledger, as a protocol: the seam where another database plugs in.
+
+The stages (submit, track, reconcile, results, download, cancel), the engine, the outputs and the command
+line hold a :class:`RunLedger`, never the SQLite class: :class:`wanbatch.ledger.sqlite.Ledger` is one
+implementation (one file, one process, under the run folder's lock); a ledger shared by several machines is
+another. Opening one is the implementation's own business (``Ledger.open``), as is closing it.
+
+The contract every implementation keeps:
+
+- **Durability.** Every write returns once it is committed. A write made with ``durable=True`` (the
+  ``submitting`` move a POST is sent on the strength of, a sync answer's results, whose URLs are nowhere
+  else) survives a power loss; the others survive a crash of the process, and a power loss may undo only the
+  last of them, back to a state a resume heals.
+- **Transitions.** A state move is checked against the table of :mod:`wanbatch.ledger.states` and refused
+  with :class:`~wanbatch.errors.IllegalTransition` naming both states; with ``expect`` it is a
+  compare-and-set (moved only if the item is still in that state), which is what keeps "POST at most once"
+  when two callers race. Each move is recorded in the item's audit with its note.
+- **Writes return what they wrote**, so that a caller never reads back its own write.
+- **Iterators** stream in pages: no read stays open while the caller works, rows moved meanwhile are not
+  repeated, and the order is the one each method names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from wanbatch.ledger.records import AddResult, ImageRecord, ImageRow, ItemLike, ItemRow, Recorded
+from wanbatch.ledger.states import ImageState, ItemState
+
+__all__ = ["RunLedger"]
+
+
+class RunLedger(Protocol):
+    """The ledger of one run folder, as the stages use it."""
+
+    #: Where the ledger lives, for messages (a file, or a database's address).
+    path: Path
+
+    # ── runs and planning ───────────────────────────────────────────────────────────────────────────
+
+    def begin_run(self) -> int:
+        """Record a new run of the folder (committed) and return its number: 1, 2, ..."""
+        ...
+
+    def add_items(
+        self,
+        items: Iterable[ItemLike],
+        *,
+        run: int,
+        price_of: Callable[[ItemLike], float] | None = None,
+        currency: str = "CNY",
+        batch_size: int = 5000,
+    ) -> AddResult:
+        """Plan the items not yet held and mark every item given as seen in ``run``, reading ``items`` lazily.
+
+        An item already held keeps its state. A part of a plan lost to a crash costs nothing (planning sends
+        nothing): the next run plans it again."""
+        ...
+
+    def stale_count(self, run: int) -> int:
+        """Items the manifest of ``run`` no longer has (not seen in it)."""
+        ...
+
+    def meta(self, key: str) -> str | None:
+        """A value the folder keeps (its clock, backend, manifest record, layout), or None."""
+        ...
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep ``value`` under ``key`` (committed)."""
+        ...
+
+    def delete_meta(self, key: str) -> None:
+        """Forget ``key`` (committed)."""
+        ...
+
+    # ── items ───────────────────────────────────────────────────────────────────────────────────────
+
+    def get(self, item_id: str) -> ItemRow:
+        """The item's row; :class:`~wanbatch.errors.LedgerError` when there is none."""
+        ...
+
+    def state_of(self, item_id: str) -> ItemState:
+        """The item's state alone."""
+        ...
+
+    def item_for_task(self, task_id: str) -> ItemRow | None:
+        """The item holding the service's task ``task_id``, if any."""
+        ...
+
+    def times_unknown(self, item_id: str) -> int:
+        """How many of the item's attempts ended with their outcome unknown (from its audit)."""
+        ...
+
+    def run_span(self, at_ms: int) -> tuple[int, int]:
+        """When the run going on at ``at_ms`` (our clock) began, and when the next one did (or the end of time)."""
+        ...
+
+    def recent_tasks(
+        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62
+    ) -> list[tuple[str, int]]:
+        """Up to ``limit`` task ids of ``region`` whose attempts began in [``since_ms``, ``until_ms``), with when
+        they began: newest first."""
+        ...
+
+    def iter_items(
+        self,
+        states: Collection[ItemState],
+        *,
+        run: int | None = None,
+        region: str | None = None,
+        model: str | None = None,
+        after_seq: int = 0,
+        order_by: str = "seq",
+        limit: int | None = None,
+    ) -> Iterator[ItemRow]:
+        """Items in ``states`` (seen in ``run``, of ``region`` and ``model``, after manifest position
+        ``after_seq``, if given), ordered by ``order_by``: ``seq`` (manifest order) or a time column, then seq."""
+        ...
+
+    def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
+        """The (region, model) pairs with items in ``states`` (seen in ``run``, if given)."""
+        ...
+
+    def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
+        """Items per state, every state present; only those seen in ``run`` if given."""
+        ...
+
+    def spent_cost(self) -> float:
+        """What the service has billed so far: every image generated, at its item's stored price."""
+        ...
+
+    def planned_images(self) -> int:
+        """How many images the items ask for, at n each."""
+        ...
+
+    def summary(self) -> dict[str, Any]:
+        """Items and images per state, images billed, cost spent and planned per currency, and runs made."""
+        ...
+
+    def transition(
+        self,
+        item_id: str,
+        to: ItemState,
+        *,
+        expect: ItemState | None = None,
+        note: str = "",
+        durable: bool = False,
+        **item_fields: Any,
+    ) -> ItemRow:
+        """Move the item to ``to`` (checked by the table; with ``expect``, a compare-and-set), setting
+        ``item_fields`` (task_id, task_status, error_code, error_message, cost, endpoint, the times;
+        ``request_id`` is appended), committed (fsynced with ``durable``); returns the new row. Back to
+        planned, the item forgets its task and that task's images."""
+        ...
+
+    def finish_task(
+        self,
+        item_id: str,
+        to: ItemState,
+        *,
+        images: Sequence[ImageRecord],
+        expect: ItemState | None = None,
+        note: str = "",
+        durable: bool = False,
+        **item_fields: Any,
+    ) -> Recorded:
+        """:meth:`transition` to generated or failed with the task's results recorded in the same commit (an
+        image already saved or final is left alone; the images generated and the cost follow them); returns
+        the new row and every image of the item, by index."""
+        ...
+
+    def update(self, item_id: str, **item_fields: Any) -> ItemRow:
+        """Set fields other than the state (as :meth:`transition` takes them), committed; returns the row."""
+        ...
+
+    # ── images ──────────────────────────────────────────────────────────────────────────────────────
+
+    def images_of(self, item_id: str) -> list[ImageRow]:
+        """The item's images, by index."""
+        ...
+
+    def iter_images(self, states: Collection[ImageState], *, order_by_deadline: bool = True) -> Iterator[ImageRow]:
+        """Images in ``states``: soonest URL death first (none last), else by item and index."""
+        ...
+
+    def image_saved(
+        self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int, settle: bool = False
+    ) -> ItemState | None:
+        """Record a pending image saved (its file is on disk, fsynced, before this is called), committed; with
+        ``settle``, :meth:`settle` in the same commit, returning its answer."""
+        ...
+
+    def image_final(
+        self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "", settle: bool = False
+    ) -> ItemState | None:
+        """Record a pending image failed or expired, with why; ``settle`` as for :meth:`image_saved`."""
+        ...
+
+    def reopen_image(self, item_id: str, index: int, *, reason: str) -> None:
+        """A saved image whose file is gone: pending again, and its saved item generated again, in one commit."""
+        ...
+
+    def update_image(self, item_id: str, index: int, *, error_code: str | None, error_message: str | None) -> None:
+        """Note why a pending image is not saved yet; its state stays."""
+        ...
+
+    def settle(self, item_id: str) -> ItemState | None:
+        """Move a generated item whose images are all final to saved or expired (committed) and return that
+        state; None when an image is still pending or the item is not generated."""
+        ...
