@@ -34,7 +34,7 @@ from typing import Any
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import LEDGER_FILE, Ledger
+from wanbatch.ledger import LEDGER_FILE, Ledger, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMBS_DIR, Thumbnailer, thumb_name, write_gallery
 from wanbatch.outputs.gallery.thumbs import DEFAULT_WORKERS
@@ -109,10 +109,10 @@ def _timed(action) -> tuple[Any, float]:
 
 def _thumbs_while_saving(run_dir: Path, ledger: Ledger, sample: int) -> float:
     """``sample`` items handed to a run's thumbnailer as if just saved; the seconds until their thumbnails are made."""
-    with Thumbnailer(run_dir, ledger, max_queued=sample) as thumbs:
+    with Thumbnailer(run_dir, max_queued=sample) as thumbs:
         started = time.perf_counter()
         for row in itertools.islice(ledger.iter_items([ItemState.saved]), sample):
-            thumbs.item_done(row.item_id)
+            thumbs.item_done(Recorded(row=row, images=tuple(ledger.images_of(row.item_id))))
         while thumbs.made + thumbs.left < sample:
             time.sleep(0.01)
         assert thumbs.left == 0, f"{thumbs.left} thumbnail(s) not made"

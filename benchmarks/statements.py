@@ -32,7 +32,7 @@ from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.sim import SimConfig, running_sim
 
-__all__ = ["measure", "main"]
+__all__ = ["main", "measure"]
 
 ITEMS = 200
 SPEED = 100.0

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import Ledger
+from wanbatch.ledger import Ledger, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
 from wanbatch.outputs.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
@@ -360,9 +360,9 @@ def test_a_full_thumbnail_queue_leaves_the_rest_to_the_end_of_the_run(tmp_path):
     """Past its queue's bound the thumbnailer takes no more (nothing waits on it); the gallery makes them."""
     run_dir = synthetic_run(tmp_path / "run", 6)
     with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
-        with Thumbnailer(run_dir, ledger, max_queued=0) as thumbs:
+        with Thumbnailer(run_dir, max_queued=0) as thumbs:
             for row in ledger.iter_items([ItemState.saved]):
-                thumbs.item_done(row.item_id)
+                thumbs.item_done(Recorded(row=row, images=tuple(ledger.images_of(row.item_id))))
         assert thumbs.made == 0 and thumbs.left == 6 and not (run_dir / "thumbs").exists()
         write_gallery(run_dir, ledger)
     assert len(list((run_dir / "thumbs").rglob("*.jpg"))) == 6

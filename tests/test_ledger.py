@@ -501,6 +501,27 @@ def test_images_stream_by_deadline_across_pages(ledger: Ledger) -> None:
     assert len(deadlines) == 1200 and deadlines == sorted(deadlines)
 
 
+def test_saved_images_come_with_their_items_across_pages(ledger: Ledger) -> None:
+    """iter_saved gives every saved image (and only those) with its own item's row, by item and index, past a
+    page of rows."""
+    ids = planned(ledger, 600, n=2)
+    for number, item_id in enumerate(ids):
+        drive(ledger, item_id, S.queued)
+        images = [ImageRecord(index=i, url=f"u/{number}/{i}", deadline_ms=9) for i in range(2)]
+        ledger.finish_task(item_id, S.generated, images=images)
+        ledger.image_saved(item_id, 0, file_name=f"{item_id}-0.png", sha256="0" * 64, size_bytes=1)
+        if number % 3:
+            ledger.image_saved(item_id, 1, file_name=f"{item_id}-1.png", sha256="1" * 64, size_bytes=1)
+    pairs = list(ledger.iter_saved())
+    assert len(pairs) == 600 + 400
+    assert [(image.item_id, image.image_index) for image, _ in pairs] == sorted(
+        (image.item_id, image.image_index) for image in ledger.iter_images([ImageState.saved])
+    )
+    assert all(item.item_id == image.item_id and image.state is ImageState.saved for image, item in pairs)
+    image, item = pairs[-1]
+    assert (item, image) == (ledger.get(item.item_id), ledger.images_of(item.item_id)[image.image_index])
+
+
 def test_partial_failure_bills_only_the_images_produced_and_settles_saved(ledger: Ledger) -> None:
     """Two images of three came out: cost is two images, and once both are saved the item is saved."""
     (item_id,) = planned(ledger, n=3)
@@ -520,7 +541,8 @@ def test_partial_failure_bills_only_the_images_produced_and_settles_saved(ledger
     ledger.image_saved(item_id, 0, file_name="images/a.png", sha256="ab" * 32, size_bytes=1234)
     assert ledger.settle(item_id) is None
     ledger.image_saved(item_id, 2, file_name="images/c.png", sha256="cd" * 32, size_bytes=99)
-    assert ledger.settle(item_id) is S.saved
+    settled = ledger.settle(item_id)
+    assert (settled.row.state, settled.images) == (S.saved, tuple(ledger.images_of(item_id)))
     assert ledger.get(item_id).state is S.saved
     saved = ledger.images_of(item_id)[0]
     assert (saved.state, saved.file_name, saved.size_bytes, saved.seed) == (ImageState.saved, "images/a.png", 1234, 5)
@@ -537,7 +559,7 @@ def test_an_image_whose_url_died_makes_the_item_expired(ledger: Ledger) -> None:
     ledger.finish_task(item_id, S.generated, images=images)
     ledger.image_saved(item_id, 0, file_name="a.png", sha256="0" * 64, size_bytes=1)
     ledger.image_final(item_id, 1, ImageState.expired, code="UrlExpired", message="HTTP 403")
-    assert ledger.settle(item_id) is S.expired
+    assert ledger.settle(item_id).row.state is S.expired
     lost = ledger.images_of(item_id)[1]
     assert (lost.state, lost.error_code, lost.error_message) == (ImageState.expired, "UrlExpired", "HTTP 403")
     assert ledger.get(item_id).cost == pytest.approx(0.28)
@@ -551,9 +573,12 @@ def test_saving_the_last_image_settles_the_item_in_the_same_call(ledger: Ledger)
         images = [ImageRecord(index=0, url="u/0", deadline_ms=1), ImageRecord(index=1, url="u/1", deadline_ms=2)]
         ledger.finish_task(item_id, S.generated, images=images)
     assert ledger.image_saved(first, 0, file_name="a.png", sha256="0" * 64, size_bytes=1, settle=True) is None
-    assert ledger.image_saved(first, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True) is S.saved
+    settled = ledger.image_saved(first, 1, file_name="b.png", sha256="1" * 64, size_bytes=1, settle=True)
+    assert settled.row == ledger.get(first) and settled.row.state is S.saved
     ledger.image_saved(second, 0, file_name="c.png", sha256="2" * 64, size_bytes=1, settle=True)
-    assert ledger.image_final(second, 1, ImageState.expired, code="UrlExpired", settle=True) is S.expired
+    settled = ledger.image_final(second, 1, ImageState.expired, code="UrlExpired", settle=True)
+    assert settled.row.state is S.expired
+    assert [image.state for image in settled.images] == [ImageState.saved, ImageState.expired]
     assert (ledger.state_of(first), ledger.state_of(second)) == (S.saved, S.expired)
     assert ledger.settle(first) is None  # settled once only
 

@@ -261,7 +261,7 @@ class Engine:
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        thumbs = Thumbnailer(self.run_dir, ledger) if self.config.gallery else None
+        thumbs = Thumbnailer(self.run_dir) if self.config.gallery else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
             stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs)
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
@@ -305,7 +305,7 @@ class Engine:
             session=session,
             run_dir=self.run_dir,
             config=self.config.download,
-            on_item_done=thumbs.item_done if thumbs else lambda item_id: None,
+            on_item_done=thumbs.item_done if thumbs else lambda settled: None,
         )
         tracker = Tracker(
             ledger=ledger,

@@ -8,9 +8,11 @@ commit, so one saved image costs one commit.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 
 from wanbatch.errors import IllegalTransition, LedgerError
 from wanbatch.ledger.moves import ItemMoves, set_clauses
+from wanbatch.ledger.records import Recorded
 from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState
 
 __all__ = ["ImageMoves"]
@@ -21,11 +23,11 @@ class ImageMoves(ItemMoves):
 
     def image_saved(
         self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int, settle: bool = False
-    ) -> ItemState | None:
+    ) -> Recorded | None:
         """Mark one pending image saved, with its file (relative to the run folder) and checksum.
 
         With ``settle``, the item is settled (:meth:`settle`) in the same transaction: one commit per image
-        instead of two. Its new state is returned, or None if it stays as it is.
+        instead of two. What settling wrote is returned, or None if the item stays as it is.
         """
         now = self._clock.now_ms()
         with self._tx() as conn:
@@ -41,7 +43,7 @@ class ImageMoves(ItemMoves):
 
     def image_final(
         self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "", settle: bool = False
-    ) -> ItemState | None:
+    ) -> Recorded | None:
         """Mark one pending image failed or expired, with the reason; ``settle`` as for :meth:`image_saved`."""
         state = ImageState(state)
         if state not in IMAGE_TRANSITIONS[ImageState.pending] - {ImageState.saved}:
@@ -83,8 +85,9 @@ class ImageMoves(ItemMoves):
             if done.rowcount == 0:
                 raise LedgerError(f"no image {index} of item {item_id} in {self.path}")
 
-    def settle(self, item_id: str) -> ItemState | None:
-        """Finish a generated item whose images are all final, in one transaction; its new state, or None.
+    def settle(self, item_id: str) -> Recorded | None:
+        """Finish a generated item whose images are all final, in one transaction; returns its new row and its
+        images (for the thumbnails), or None when it stays as it is.
 
         saved when every image the service produced is saved; expired when any of them died first. Call it
         after each image's end, and on start for generated items (a stop may fall between the two).
@@ -93,12 +96,11 @@ class ImageMoves(ItemMoves):
         with self._tx() as conn:
             return self._settle(conn, item_id, now)
 
-    def _settle(self, conn: sqlite3.Connection, item_id: str, now: int) -> ItemState | None:
+    def _settle(self, conn: sqlite3.Connection, item_id: str, now: int) -> Recorded | None:
         """:meth:`settle` inside the caller's transaction; images first, as most calls end at a pending one.
         An item that is not generated (settled already) is left as it is by the move's compare-and-set."""
-        per_state = dict(
-            conn.execute("SELECT state, count(*) FROM images WHERE item_id = ? GROUP BY state", (item_id,)).fetchall()
-        )
+        images = self._images_of(conn, item_id)
+        per_state = Counter(image.state for image in images)
         if per_state.get(ImageState.pending):
             return None
         if per_state.get(ImageState.expired):
@@ -113,7 +115,7 @@ class ImageMoves(ItemMoves):
         moved = self._move(
             conn, item_id, ItemState.generated, target, note=note, now=now, extra=extra, params=params, refuse=False
         )
-        return None if moved is None else target
+        return None if moved is None else Recorded(row=moved, images=tuple(images))
 
     def _refuse_image_move(self, conn: sqlite3.Connection, item_id: str, index: int, target: ImageState) -> None:
         row = conn.execute(

@@ -185,16 +185,20 @@ class RunLedger(Protocol):
         """Images in ``states``: soonest URL death first (none last), else by item and index."""
         ...
 
+    def iter_saved(self) -> Iterator[tuple[ImageRow, ItemRow]]:
+        """Every saved image with its item, by item and image index."""
+        ...
+
     def image_saved(
         self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int, settle: bool = False
-    ) -> ItemState | None:
+    ) -> Recorded | None:
         """Record a pending image saved (its file is on disk, fsynced, before this is called), committed; with
         ``settle``, :meth:`settle` in the same commit, returning its answer."""
         ...
 
     def image_final(
         self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "", settle: bool = False
-    ) -> ItemState | None:
+    ) -> Recorded | None:
         """Record a pending image failed or expired, with why; ``settle`` as for :meth:`image_saved`."""
         ...
 
@@ -206,7 +210,7 @@ class RunLedger(Protocol):
         """Note why a pending image is not saved yet; its state stays."""
         ...
 
-    def settle(self, item_id: str) -> ItemState | None:
-        """Move a generated item whose images are all final to saved or expired (committed) and return that
-        state; None when an image is still pending or the item is not generated."""
+    def settle(self, item_id: str) -> Recorded | None:
+        """Move a generated item whose images are all final to saved or expired (committed) and return its new
+        row and images; None when an image is still pending or the item is not generated."""
         ...

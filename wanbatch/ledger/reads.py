@@ -30,6 +30,11 @@ _ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"
 
 ITEM_COLUMNS = ", ".join(f.name for f in fields(ItemRow))
 IMAGE_COLUMNS = ", ".join(f.name for f in fields(ImageRow))
+_ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))
+_IMAGE_FIELDS = tuple(f.name for f in fields(ImageRow))
+#: Both tables have some columns of the same name (state, error_code, ...): a join names its table's.
+_ITEM_COLUMNS_OF_JOIN = ", ".join(f"items.{name}" for name in _ITEM_FIELDS)
+_IMAGE_COLUMNS_OF_JOIN = ", ".join(f"images.{name}" for name in _IMAGE_FIELDS)
 
 
 class LedgerReads:
@@ -184,6 +189,25 @@ class LedgerReads:
                 yield key, ImageRow.from_row(row)
             if len(page) < PAGE_SIZE:
                 return
+
+    def iter_saved(self) -> Iterator[tuple[ImageRow, ItemRow]]:
+        """Every saved image with its item, by item and index: one query a page, not one read an item."""
+        sql = (
+            f"SELECT {_IMAGE_COLUMNS_OF_JOIN}, {_ITEM_COLUMNS_OF_JOIN} FROM images JOIN items USING (item_id)"
+            " WHERE images.state = 'saved' AND (images.item_id, images.image_index) > (:item_id, :index)"
+            f" ORDER BY images.item_id, images.image_index LIMIT {PAGE_SIZE}"
+        )
+        key, item = {"item_id": "", "index": -1}, None
+        while True:
+            page = self._conn.execute(sql, key).fetchall()
+            for values in page:
+                image = ImageRow.from_row(dict(zip(_IMAGE_FIELDS, values[: len(_IMAGE_FIELDS)], strict=True)))
+                if item is None or item.item_id != image.item_id:
+                    item = ItemRow.from_row(dict(zip(_ITEM_FIELDS, values[len(_IMAGE_FIELDS) :], strict=True)))
+                yield image, item
+            if len(page) < PAGE_SIZE:
+                return
+            key = {"item_id": image.item_id, "index": image.image_index}
 
     # ── counts ──────────────────────────────────────────────────────────────────────────────────────
 

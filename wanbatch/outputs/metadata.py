@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from wanbatch.ledger.interface import RunLedger
-from wanbatch.ledger.records import ImageRow, ItemRow
+from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.stages.results import WRITE_OFF_CODES
 
-__all__ = ["build_report", "saved_images", "write_atomic", "write_metadata", "write_report"]
+__all__ = ["build_report", "write_atomic", "write_metadata", "write_report"]
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
@@ -34,15 +33,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def saved_images(ledger: RunLedger) -> Iterator[tuple[ImageRow, ItemRow]]:
-    """Every saved image with its item; images come by item, so each item is read once, not once an image."""
-    item: ItemRow | None = None
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
-        if item is None or item.item_id != image.item_id:
-            item = ledger.get(image.item_id)
-        yield image, item
-
-
 def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
     """One line per saved image; returns how many.
 
@@ -50,10 +40,10 @@ def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
     the file only, so a variable some items lack is "" there, not absent, and so is a missing text value.
     """
     names: set[str] = set()
-    for _, item in saved_images(ledger):
+    for _, item in ledger.iter_saved():
         names.update(item.variables)
     lines = []
-    for image, item in saved_images(ledger):
+    for image, item in ledger.iter_saved():
         request = item.request
         row = {
             "file_name": image.file_name,

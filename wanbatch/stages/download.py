@@ -99,7 +99,7 @@ class Downloader:
         clock,
         session: aiohttp.ClientSession,
         run_dir: Path,
-        on_item_done: Callable[[str], None] = lambda item_id: None,
+        on_item_done: Callable[[Recorded], None] = lambda settled: None,
         config: DownloadConfig = DownloadConfig(),
     ) -> None:
         self._ledger, self._clock, self._session = ledger, clock, session
@@ -308,7 +308,7 @@ class Downloader:
             self.saved += 1
             self.bytes += size_bytes
         if settled is not None:
-            self._on_item_done(item_id)
+            self._on_item_done(settled)
         return None
 
     def _failed(self, job: _Job, exc: DownloadError | OSError) -> float | None:
@@ -337,8 +337,9 @@ class Downloader:
         return min(now + wait_s, deadline_s)  # one last try as the deadline comes
 
     def _close_item(self, item_id: str) -> None:
-        if self._ledger.settle(item_id) is not None:
-            self._on_item_done(item_id)
+        settled = self._ledger.settle(item_id)
+        if settled is not None:
+            self._on_item_done(settled)
 
     async def _fetch(self, item, image) -> tuple[str, str, int]:
         url = image.url or ""

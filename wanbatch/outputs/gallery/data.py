@@ -20,7 +20,6 @@ from PIL import UnidentifiedImageError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.outputs.gallery.thumbs import picture
-from wanbatch.outputs.metadata import saved_images
 
 __all__ = ["CARD_FIELDS", "FIXED_FACETS", "MAX_SELECT_VALUES", "Card", "cards_of", "gallery_data"]
 
@@ -64,7 +63,7 @@ def cards_of(run_dir: Path, ledger: RunLedger) -> list[Card]:
     # The few thumbnails a run left are made on every core; the ledger is read in this thread only
     # (map takes the rows here, as it submits them).
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        cards = list(pool.map(lambda pair: _card(run_dir, *pair), saved_images(ledger)))
+        cards = list(pool.map(lambda pair: _card(run_dir, *pair), ledger.iter_saved()))
     names = _facet_names(cards)
     cards.sort(key=lambda card: _order(card, names))
     return cards

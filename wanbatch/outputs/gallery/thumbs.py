@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import Recorded
 from wanbatch.ledger.states import ImageState
 
 __all__ = [
@@ -91,26 +91,24 @@ def _thumbnail(source: Path, target: Path) -> None:
 class Thumbnailer:
     """Thumbnails of each item's images as soon as the downloader has saved them all, in worker threads.
 
-    :meth:`item_done` is the downloader's ``on_item_done``: it runs on the event loop's thread, reads the
-    item's images there (the ledger is that thread's) and queues their thumbnails without waiting.
+    :meth:`item_done` is the downloader's ``on_item_done``: it runs on the event loop's thread, takes the
+    item's images from what settling it wrote, and queues their thumbnails without waiting.
     """
 
-    def __init__(
-        self, run_dir: Path, ledger: RunLedger, *, workers: int = DEFAULT_WORKERS, max_queued: int = DEFAULT_MAX_QUEUED
-    ) -> None:
-        self._run_dir, self._ledger, self._max_queued = Path(run_dir), ledger, max_queued
+    def __init__(self, run_dir: Path, *, workers: int = DEFAULT_WORKERS, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+        self._run_dir, self._max_queued = Path(run_dir), max_queued
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wanbatch-thumbs")
         self._lock = threading.Lock()
         self._queued = 0
         self.made = 0  #: thumbnails made (or found made), for tests and benchmarks
         self.left = 0  #: images left to the end of the run: the queue was full or the image unreadable
 
-    def item_done(self, item_id: str) -> None:
-        images = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.saved]
-        if not images:
-            return
-        size = self._ledger.get(item_id).request["size"]
-        for image in images:
+    def item_done(self, settled: Recorded) -> None:
+        """Queue the thumbnails of the saved images of an item just settled."""
+        size = settled.row.request["size"]
+        for image in settled.images:
+            if image.state is not ImageState.saved:
+                continue
             with self._lock:
                 if self._queued >= self._max_queued:
                     self.left += 1
