@@ -325,3 +325,30 @@ async def test_an_unreachable_service_stops_the_lane_with_advice(tmp_path):
     report = await engine.run(manifest)
     assert report["items"]["planned"] == 40 and report["submitted"] == 0
     assert "Unreachable" in report["blocked"]["beijing/wan2.2-t2i-flash"]
+
+
+async def test_a_finished_task_reads_back_nothing_it_wrote(start_sim, tmp_path, monkeypatch):
+    """From submit to saved, the stages read no item or image row outside a write of their own: each write
+    returns what it wrote. The one read left per item is the submitter's look before it reserves a slot."""
+    sim = await start_sim(**FAST)
+    manifest = numbered_manifest(tmp_path, 12, "a lantern", n=2)
+    reads: list[str] = []
+    opened = Ledger.open.__func__
+
+    def traced(cls, *args, **kwargs):
+        ledger = opened(cls, *args, **kwargs)
+        in_write = False
+
+        def trace(statement: str) -> None:
+            nonlocal in_write
+            in_write = statement.startswith("BEGIN") or (in_write and not statement.startswith("COMMIT"))
+            if not in_write and statement.startswith("SELECT") and "WHERE item_id = " in statement:
+                reads.append(statement)
+
+        ledger._conn.set_trace_callback(trace)
+        return ledger
+
+    monkeypatch.setattr(Ledger, "open", classmethod(traced))
+    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    assert report["items"]["saved"] == 12 and report["images_saved_this_run"] == 24
+    assert len(reads) == 12 and all(read.startswith("SELECT state FROM items") for read in reads)
