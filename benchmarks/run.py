@@ -10,7 +10,8 @@ wan2.6-t2i, each through wanbatch, the dashscope SDK and a plain loop),
 ``slow_clock`` (figures 1-3 for wan2.6-t2i on a slower simulated clock, to
 show how much the fast clock weighs on each contender), ``cold_start``
 (429s when wan2.5-t2i-preview starts from idle),
-``ceiling`` (5), ``scale`` (6), ``capacity`` (7), ``gallery`` (its own section, also
+``ceiling`` (5), ``scale`` (6), ``capacity`` (7), ``statements`` (8, the ledger's SQLite
+statements per task), ``gallery`` (its own section, also
 ``python -m benchmarks.gallery``). Scratch files go to
 ``--workdir`` (default runs/bench, emptied first). The benchmark asserts
 nothing about time: it measures and reports.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import capacity, ceiling, gallery, report, scale, utilisation
+from . import capacity, ceiling, gallery, report, scale, statements, utilisation
 from .contenders import CONTENDERS, Job
 from .procs import SimServer
 
@@ -43,6 +44,7 @@ SECTION_TITLES = {
     "ceiling": "figure 5, engine ceiling",
     "scale": "figure 6, scale",
     "capacity": "figure 7, simulator capacity",
+    "statements": "figure 8, ledger statements per task",
     "gallery": "the gallery at scale",
 }
 SECTIONS = tuple(SECTION_TITLES)
@@ -60,6 +62,7 @@ class Sizes:
     ceiling_items: int
     scale_items: int
     capacity_s: float  #: wall seconds of load per request kind
+    statements_items: int  #: items of each run whose SQLite statements are counted
     gallery_images: tuple[int, ...]  #: images of each synthetic run whose gallery is measured
 
 
@@ -75,6 +78,7 @@ FULL = Sizes(
     ceiling_items=2000,
     scale_items=1_000_000,
     capacity_s=3.0,
+    statements_items=statements.ITEMS,
     gallery_images=gallery.SIZES,
 )
 QUICK = Sizes(
@@ -87,6 +91,7 @@ QUICK = Sizes(
     ceiling_items=10,
     scale_items=2000,
     capacity_s=0.3,
+    statements_items=10,
     gallery_images=(50,),
 )
 
@@ -156,6 +161,10 @@ def run(
         log(SECTION_TITLES["capacity"])
         results["capacity"] = capacity.measure(workdir / "capacity", duration_s=sizes.capacity_s, log=log)
         settings["capacity"] = f"{sizes.capacity_s:g} s per kind, {capacity.CONNECTIONS} connections"
+    if "statements" in sections:
+        log(f"{SECTION_TITLES['statements']}: {sizes.statements_items} items")
+        results["statements"] = statements.measure(workdir / "statements", items=sizes.statements_items, log=log)
+        settings["statements"] = f"{sizes.statements_items} items, speed {statements.SPEED:g}"
     if "gallery" in sections:
         log(f"{SECTION_TITLES['gallery']}: {', '.join(f'{n:,}' for n in sizes.gallery_images)} images")
         results["gallery"] = gallery.run(sizes.gallery_images, workdir=workdir / "gallery", log=log)
