@@ -27,11 +27,11 @@ removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
+from wanbatch.atomic import atomic_path
 from wanbatch.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -84,33 +85,31 @@ def export(run_dir: Path, *, fmt: Format, out: Path | None = None, shard_size: i
     out.mkdir(parents=True, exist_ok=True)
     # One open file read twice (schema, then rows): a run that rewrites metadata.jsonl meanwhile replaces the
     # name, not what this handle reads.
-    with metadata.open(encoding="utf-8") as source:
+    with metadata.open(encoding="utf-8") as source, contextlib.ExitStack() as shards:
         write = _write_tar if fmt == "webdataset" else _ParquetShard(_parquet_schema(_rows(source))).write
-        written = _write_shards(out, _SUFFIX[fmt], _samples(run_dir, _rows(source)), shard_size, write)
-    for tmp, path in written:
-        os.replace(tmp, path)
-    paths = [path for _, path in written]
+        paths = _write_shards(shards, out, _SUFFIX[fmt], _samples(run_dir, _rows(source)), shard_size, write)
     for stale in set(out.glob(f"shard-*.{_SUFFIX[fmt]}")) - set(paths):
         stale.unlink()
     return paths
 
 
 def _write_shards(
-    out: Path, suffix: str, samples: Iterator[Sample], shard_size: int, write: Callable[[Path, Iterable[Sample]], None]
-) -> list[tuple[Path, Path]]:
-    """Write every shard under a temporary name; (temporary, final) names. On failure none is left behind."""
-    written: list[tuple[Path, Path]] = []
-    try:
-        # A shard streams its samples from disk: memory holds one image (one row group for Parquet) at a time.
-        while (first := next(samples, None)) is not None:
-            path = out / f"shard-{len(written):06d}.{suffix}"
-            written.append((path.with_name(path.name + ".tmp"), path))
-            write(written[-1][0], itertools.chain([first], itertools.islice(samples, shard_size - 1)))
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    return written
+    shards: contextlib.ExitStack,
+    out: Path,
+    suffix: str,
+    samples: Iterator[Sample],
+    shard_size: int,
+    write: Callable[[Path, Iterable[Sample]], None],
+) -> list[Path]:
+    """Write every shard under a temporary name, which ``shards`` renames into place as it closes (or removes, when
+    any shard failed: then none is left behind); the shards' paths."""
+    paths: list[Path] = []
+    # A shard streams its samples from disk: memory holds one image (one row group for Parquet) at a time.
+    while (first := next(samples, None)) is not None:
+        paths.append(out / f"shard-{len(paths):06d}.{suffix}")
+        tmp = shards.enter_context(atomic_path(paths[-1]))
+        write(tmp, itertools.chain([first], itertools.islice(samples, shard_size - 1)))
+    return paths
 
 
 def _rows(source: TextIO) -> Iterator[dict[str, Any]]:

@@ -5,32 +5,25 @@ saved image, its ``file_name`` relative to the run folder, so the folder loads
 as a dataset as it is. ``report.json`` says what happened: counts per state,
 images, cost, timings and every failure with its code, message and the
 manifest line it came from. Both are rewritten whole from the ledger, to a
-temporary file renamed into place, so a reader never sees half a file.
+temporary file renamed into place (:mod:`wanbatch.atomic`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from wanbatch.atomic import write_atomic
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.stages.results import WRITE_OFF_CODES
 
-__all__ = ["build_report", "write_atomic", "write_metadata", "write_report"]
+__all__ = ["build_report", "write_metadata", "write_report"]
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_metadata(run_dir: Path, ledger: RunLedger) -> int:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from wanbatch import catalog
+from wanbatch.atomic import write_atomic
 from wanbatch.sim.tasks import Endpoint, GenerationRequest, ImageResult, Task
 
 __all__ = ["BILLING_FILE", "STATE_FILE", "Saved", "SimInUse", "SimStore", "read_lines", "task_from", "task_record"]
@@ -113,9 +113,7 @@ class SimStore:
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(temporary, self.path)
+        write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 class SimInUse(RuntimeError):

@@ -27,7 +27,6 @@ import hashlib
 import heapq
 import io
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import aiohttp
 from PIL import Image
 
 from wanbatch.aio import wait_event
+from wanbatch.atomic import write_atomic
 from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
@@ -398,31 +398,13 @@ class _Placed:
 
 
 def _place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> _Placed:
-    """Check ``body`` is a PNG of ``size``, write it to ``partial`` and rename it to ``final`` (to ``other`` if
+    """Check ``body`` is a PNG of ``size`` and write it, durably, through ``partial`` to ``final`` (to ``other`` if
     ``final`` holds a different image); runs in a worker thread. Nothing half-written stays behind."""
     verify_png(io.BytesIO(body), size)
     digest = hashlib.sha256(body).hexdigest()
-    try:
-        with open(partial, "wb") as out:
-            out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        own = not final.exists() or _sha256_of(final) == digest
-        os.replace(partial, final if own else other)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    # The rename is durable once the folder is: only then may the ledger say saved.
-    _fsync_folder(final.parent)
+    own = not final.exists() or _sha256_of(final) == digest
+    write_atomic(final if own else other, body, durable=True, temporary=partial)
     return _Placed(own_name=own, sha256=digest)
-
-
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:

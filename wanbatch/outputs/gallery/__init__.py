@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from wanbatch.atomic import write_atomic
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.outputs.gallery.data import cards_of, gallery_data
 from wanbatch.outputs.gallery.page import DATA_FILE, DATA_GLOBAL, GALLERY_FILE, page
 from wanbatch.outputs.gallery.thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnailer, thumb_name
-from wanbatch.outputs.metadata import write_atomic
 
 __all__ = ["DATA_FILE", "GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "Thumbnailer", "thumb_name", "write_gallery"]
 

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from wanbatch.atomic import atomic_path
 from wanbatch.ledger.records import Recorded
 from wanbatch.ledger.states import ImageState
 
@@ -82,10 +83,9 @@ def _thumbnail(source: Path, target: Path) -> None:
         rgb = img.convert("RGB")
     rgb.thumbnail((THUMB_SIDE_PX, THUMB_SIDE_PX), Image.Resampling.LANCZOS)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary name per thread: the end of a run may meet a worker of the run on the same thumbnail.
-    tmp = target.with_name(f"{target.name}.{threading.get_ident()}.tmp")
-    rgb.save(tmp, "JPEG", quality=THUMB_JPEG_QUALITY, optimize=True)
-    os.replace(tmp, target)
+    # The end of a run may meet a worker of the run on the same thumbnail: each writes its own temporary file.
+    with atomic_path(target) as tmp:
+        rgb.save(tmp, "JPEG", quality=THUMB_JPEG_QUALITY, optimize=True)
 
 
 class Thumbnailer:
