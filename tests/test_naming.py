@@ -16,8 +16,19 @@ from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest, naming
 
 
-def name_of(pattern: str, **fields: str) -> str:
-    return naming.image_name(pattern, {"item_id": "abc", "index": "0", **fields})
+def name_of(pattern: str, *, index: int = 0, **variables: str) -> str:
+    return naming.file_name(
+        pattern,
+        variables,
+        item_id="abc",
+        index=index,
+        replica=0,
+        model="wan2.2-t2i-flash",
+        size="512*512",
+        n=1,
+        region="beijing",
+        seed=None,
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,8 +52,8 @@ def test_names_keep_every_script_and_replace_only_what_file_systems_refuse(patte
 def test_a_name_past_255_bytes_is_cut_at_a_character_and_keeps_its_suffix() -> None:
     """A part longer than 255 bytes of UTF-8 is cut in the middle on character boundaries: its end ({index} and
     .png) is kept, and a digest of the whole tells apart two long names that differ only where it was cut."""
-    first, second = (name_of("{subject}-{index}.png", subject="雪" * 200, index=str(i)) for i in (0, 1))
-    other = name_of("{subject}-{index}.png", subject="雪" * 150 + "霜" + "雪" * 49, index="0")
+    first, second = (name_of("{subject}-{index}.png", subject="雪" * 200, index=i) for i in (0, 1))
+    other = name_of("{subject}-{index}.png", subject="雪" * 150 + "霜" + "雪" * 49)
     assert first.endswith("-0.png") and second.endswith("-1.png") and len(first.encode()) <= 255
     assert first.split("~")[0].strip("雪") == "" and len({first, second, other}) == 3
 
@@ -87,6 +98,26 @@ async def test_a_run_writes_unicode_names_where_the_pattern_says(tmp_path: Path)
     assert saved == ["红狐狸/0.png", "雪鸮/0.png"]
 
 
+async def test_the_names_the_checks_compare_are_the_names_the_run_writes(tmp_path: Path) -> None:
+    """Every field a pattern can name, the seed of each image among them: the plan's names are the saved files."""
+    job = manifest(
+        tmp_path,
+        """
+        defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 2, seed: [7, 40], repeats: 2}
+        prompts:
+          - prompt: "a {subject}"
+            matrix: {subject: ["fox:red"]}
+            output: "{region}/{model}/{size}-{n}/{subject}-{seed}-r{replica}-{index}.png"
+        """,
+    )
+    planned = sorted(f"images/{item.output_name(i)}" for item in job.items() for i in range(item.n))
+    report = await wanbatch.run(job, out=tmp_path / "run", simulate=True, speed=600, gallery=False)
+    assert report["images"]["saved"] == len(planned) == 8
+    saved = sorted(p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run" / "images").rglob("*.png"))
+    assert saved == planned
+    assert "images/beijing/wan2.2-t2i-flash/512_512-2/fox_red-41-r1-1.png" in saved
+
+
 def _ledger_with(run_dir: Path, items: int) -> Ledger:
     ledger = Ledger.open(run_dir, clock=ScaledClock())
     rows = (
@@ -113,8 +144,8 @@ def test_a_large_run_spreads_its_images_over_subfolders_in_manifest_order(tmp_pa
     with _ledger_with(tmp_path / "big", naming.SHARD_ABOVE + 1) as ledger:
         assert naming.sharded(ledger)
         first, later = ledger.get(f"{0:020x}"), ledger.get(f"{naming.SHARD_ITEMS + 5:020x}")
-        assert naming.saved_name(first, 0, None, sharded=True) == f"images/00000/{first.item_id}-0.png"
-        assert naming.saved_name(later, 0, None, sharded=True) == f"images/00001/{later.item_id}-0.png"
+        assert naming.saved_name(first, 0, sharded=True) == f"images/00000/{first.item_id}-0.png"
+        assert naming.saved_name(later, 0, sharded=True) == f"images/00001/{later.item_id}-0.png"
     with Ledger.open(tmp_path / "big", clock=ScaledClock()) as ledger:
         assert naming.sharded(ledger)  # a resume writes where the first run did
     with _ledger_with(tmp_path / "small", naming.SHARD_ABOVE) as ledger:

@@ -95,11 +95,11 @@ class Item:
             "sync": self.sync,
         }
 
-    def output_fields(self, image_index: int) -> dict[str, str]:
-        """What an output pattern can name for image ``image_index`` (0-based) of this item."""
-        # The service numbers the images of one request seed, seed+1, ...: the name says which.
-        seed = self.seed + image_index if self.seed is not None else None
-        return naming.output_fields(
+    def output_name(self, image_index: int) -> str:
+        """The file name of image ``image_index`` (0-based) relative to ``images/``, as the downloader writes it
+        (before any shard): :func:`wanbatch.manifest.naming.file_name`, the one maker of names."""
+        return naming.file_name(
+            self.output,
             self.variables,
             item_id=self.item_id,
             index=image_index,
@@ -108,12 +108,8 @@ class Item:
             size=self.size,
             n=self.n,
             region=self.region,
-            seed=seed,
+            seed=self.seed,
         )
-
-    def output_name(self, image_index: int) -> str:
-        """The image's file name relative to ``images/``, as the downloader writes it (before any shard)."""
-        return naming.image_name(self.output, self.output_fields(image_index))
 
 
 def _line_combos(entry: EntryPlan, problems: Problems) -> Iterator[Combo | None] | None:

@@ -1,18 +1,19 @@
 """The file name of every image, from the manifest's ``output`` pattern: one function for the checks and the saving.
 
-    output_fields(...)          what a pattern can name for one image of an item
-    image_name(pattern, fields) the name relative to ``images/``, made safe for any file system
-    sharded(ledger)             whether the run folder spreads its images over subfolders (decided once)
-    saved_name(item, index, seed, sharded=...)  the path, under the run folder, the downloader writes
+    file_name(pattern, variables, *, item_id, index, ...)  the name of one image relative to ``images/``
+    sharded(ledger)                     whether the run folder spreads its images over subfolders (decided once)
+    saved_name(item, index, sharded=...)  the path, under the run folder, the downloader writes
 
-The manifest's checks compare the names :func:`image_name` gives, and the
-downloader writes exactly those names, so two images the checks let through
-never meet on disk. Names keep every letter and digit of every script
-(``红狐狸/0.png``); only what a file system refuses or misreads is replaced
-by ``_``: path separators inside a value, NUL and control characters, the
-characters Windows forbids (``:*?"<>|``), and Windows' reserved device names;
-leading dots and trailing dots or spaces are dropped, and a part longer than
-255 bytes in UTF-8 is cut (its ``.png`` kept).
+:func:`file_name` is the only maker of a name: the manifest's checks compare
+the names it gives a planned item (:meth:`wanbatch.manifest.expand.Item.output_name`)
+and the downloader writes the names it gives the same item's ledger row
+(:func:`saved_name`), so two images the checks let through never meet on disk.
+Names keep every letter and digit of every script (``红狐狸/0.png``); only
+what a file system refuses or misreads is replaced by ``_``: path separators
+inside a value, NUL and control characters, the characters Windows forbids
+(``:*?"<>|``), and Windows' reserved device names; leading dots and trailing
+dots or spaces are dropped, and a part longer than 255 bytes in UTF-8 is cut
+(its ``.png`` kept).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import re
 from collections.abc import Mapping
 
 from wanbatch.ledger.interface import RunLedger
+from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState
 
 __all__ = [
     "DEFAULT_PATTERN",
     "SHARD_ABOVE",
     "SHARD_ITEMS",
-    "image_name",
-    "output_fields",
+    "file_name",
     "saved_name",
     "shard_folder",
     "sharded",
@@ -54,7 +55,8 @@ _RESERVED = frozenset(
 )
 
 
-def output_fields(
+def file_name(
+    pattern: str | None,
     variables: Mapping[str, object],
     *,
     item_id: str,
@@ -65,22 +67,19 @@ def output_fields(
     n: int,
     region: str,
     seed: int | None,
-) -> dict[str, str]:
-    """What a pattern can name for image ``index`` of an item; ``seed`` is that image's own (None: unknown)."""
+) -> str:
+    """The safe path relative to ``images/`` that ``pattern`` (or :data:`DEFAULT_PATTERN`) names for image
+    ``index`` of an item; ``seed`` is the item's (None: the service chooses, and ``{seed}`` is not allowed).
+
+    A value's own ``/`` or ``\\`` never makes a folder: only the pattern's separators do. A field the pattern
+    names but the item lacks stays as its name (the manifest's checks refuse such patterns before).
+    """
     fields = {key: str(value) for key, value in variables.items()}
     fields |= {"item_id": item_id, "index": str(index), "replica": str(replica)}
     fields |= {"model": model, "size": size, "n": str(n), "region": region}
     if seed is not None:
-        fields["seed"] = str(seed)
-    return fields
-
-
-def image_name(pattern: str | None, fields: Mapping[str, str]) -> str:
-    """The safe path relative to ``images/`` that ``pattern`` (or :data:`DEFAULT_PATTERN`) names.
-
-    A value's own ``/`` or ``\\`` never makes a folder: only the pattern's separators do. A field the pattern
-    names but ``fields`` lacks stays as its name (the manifest's checks refuse such patterns before).
-    """
+        # The service numbers the images of one request seed, seed+1, ...: the name says which.
+        fields["seed"] = str(seed + index)
     safe = _Fields({key: _SEPARATORS.sub("_", value) for key, value in fields.items()})
     text = (pattern or DEFAULT_PATTERN).format_map(safe)
     parts = [part for part in map(_safe_part, _SEPARATORS.split(text)) if part]
@@ -105,13 +104,14 @@ def sharded(ledger: RunLedger) -> bool:
     return kept == "sharded"
 
 
-def saved_name(item, index: int, seed: int | None, *, sharded: bool) -> str:
+def saved_name(item: ItemRow, index: int, *, sharded: bool) -> str:
     """Where image ``index`` of ``item`` (a ledger row) is saved, relative to the run folder.
 
     In a sharded folder an item whose pattern names no folder goes to its manifest position's subfolder
     (``images/00012/...``): the ledger's order never changes, so a resume writes to the same place.
     """
-    fields = output_fields(
+    name = file_name(
+        item.output,
         item.variables,
         item_id=item.item_id,
         index=index,
@@ -120,9 +120,8 @@ def saved_name(item, index: int, seed: int | None, *, sharded: bool) -> str:
         size=item.request["size"],
         n=item.n_images,
         region=item.region,
-        seed=seed,
+        seed=item.request.get("seed"),
     )
-    name = image_name(item.output, fields)
     if sharded and not _SEPARATORS.search(item.output or DEFAULT_PATTERN):
         name = f"{shard_folder(item.seq)}/{name}"
     return f"images/{name}"

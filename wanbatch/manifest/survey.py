@@ -8,7 +8,7 @@ One pass over the plan's combinations (:mod:`wanbatch.manifest.expand`) that
   ledger, so the plan and the budget count it once;
 - says which rows repeat another (how many, and a few with both places);
 - compares the output names of the first :data:`OUTPUT_CHECK_ITEMS` items,
-  as :func:`wanbatch.manifest.naming.image_name` makes them.
+  as :func:`wanbatch.manifest.naming.file_name` makes them.
 
 A request is told apart by a 64-bit hash of its fields, seed and replica,
 kept in memory (about 70 bytes an item): two different requests share one

@@ -345,7 +345,7 @@ class Downloader:
         url = image.url or ""
         if urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
-        name = naming.saved_name(item, image.image_index, image.seed, sharded=self._sharded)
+        name = naming.saved_name(item, image.image_index, sharded=self._sharded)
         other_name = naming.other_name(name, item.item_id, image.image_index)
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         body = await self._stream(url)
