@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig, keys_from_env, stored_plan
 from wanbatch.errors import ConfigError, RunLocked
 from wanbatch.ledger import backend
@@ -108,7 +109,7 @@ async def run(
             f"{manifest.path}: the plan costs {planned_cost:.2f} CNY ({plan['images']} images), over the budget of "
             f"{limit:.2f} CNY; raise `budget:` or --budget, or trim the manifest (see `wanbatch plan`)"
         )
-    base_url = None if simulate else base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL")
+    base_url = None if simulate else base_url or os.environ.get(catalog.BASE_URL_ENV)
     # Only the regions this manifest uses: another region's host is no concern of this folder's.
     endpoints = {
         region: url

@@ -13,9 +13,11 @@ for wan2.5/2.6: the vendor's own recommended sizes such as 1104*1472 lie below 1
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "BASE_URL_ENV",
     "MODELS",
     "PRICE_TABLE",
     "REGIONS",
@@ -24,6 +26,7 @@ __all__ = [
     "Protocol",
     "Region",
     "SizeRule",
+    "endpoint",
     "offer",
     "offers_in",
     "parse_size",
@@ -62,6 +65,16 @@ REGIONS: dict[str, Region] = {
         "virginia", "us-east-1", "https://dashscope-us.aliyuncs.com/api/v1", "DASHSCOPE_API_KEY_VIRGINIA"
     ),
 }
+
+
+#: The environment variable that points every region at one endpoint, as the vendor's SDK reads it.
+BASE_URL_ENV = "DASHSCOPE_HTTP_BASE_URL"
+
+
+def endpoint(region: str, *, base_url: str | None = None, base_urls: Mapping[str, str] | None = None) -> str:
+    """Where ``region``'s requests go: its own entry of ``base_urls`` (an embedded simulator per region), else
+    the one ``base_url`` for every region (a simulator, a proxy), else the region's own host."""
+    return (base_urls or {}).get(region) or base_url or REGIONS[region].base_url
 
 
 def parse_size(text: str) -> tuple[int, int] | None:

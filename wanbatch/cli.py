@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--base-url",
-        default=os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+        default=os.environ.get(catalog.BASE_URL_ENV),
         help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else each region's host)",
     )
     run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
@@ -191,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("run_dir", type=Path)
     cancel.add_argument(
         "--base-url",
-        default=os.environ.get("DASHSCOPE_HTTP_BASE_URL"),
+        default=os.environ.get(catalog.BASE_URL_ENV),
         help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else the folder's own service)",
     )
     cancel.add_argument(

@@ -160,9 +160,6 @@ class Engine:
             "elapsed_s": time.monotonic() - started,
         }
 
-    def base_url(self, region: str) -> str:
-        return self.config.base_urls.get(region) or self.config.base_url or catalog.REGIONS[region].base_url
-
     async def run(self, manifest, *, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Plan the manifest into the ledger, run every open item to its end, write the outputs.
 
@@ -291,7 +288,7 @@ class Engine:
         clients = {
             region: WanClient(
                 session,
-                base_url=self.base_url(region),
+                base_url=catalog.endpoint(region, base_url=self.config.base_url, base_urls=self.config.base_urls),
                 api_key=self._keys[region],
                 request_timeout_s=self.config.request_timeout_s,
                 sync_timeout_s=self.config.sync_timeout_s,

@@ -36,7 +36,7 @@ def describe(*, simulate: bool, base_url: str | None = None) -> dict[str, str]:
     """Every region's endpoint for these options, as the ledger records it."""
     if simulate:
         return {region: SIMULATED for region in catalog.REGIONS}
-    return {region: base_url or catalog.REGIONS[region].base_url for region in catalog.REGIONS}
+    return {region: catalog.endpoint(region, base_url=base_url) for region in catalog.REGIONS}
 
 
 def recorded(run_dir: Path) -> dict[str, str] | None:
@@ -80,7 +80,7 @@ def base_url_of(endpoints: Mapping[str, str]) -> str | None:
     if len(urls) != 1 or urls == {SIMULATED}:
         return None
     url = urls.pop()
-    return None if all(url == catalog.REGIONS[region].base_url for region in endpoints) else url
+    return None if all(url == catalog.endpoint(region) for region in endpoints) else url
 
 
 def _phrase(endpoints: Mapping[str, str]) -> str:
@@ -89,7 +89,7 @@ def _phrase(endpoints: Mapping[str, str]) -> str:
         return "the embedded simulator (--simulate)"
     if (url := base_url_of(endpoints)) is not None:
         return f"the endpoint {url} (--base-url)"
-    if all(url == catalog.REGIONS[region].base_url for region, url in endpoints.items()):
+    if all(url == catalog.endpoint(region) for region, url in endpoints.items()):
         return "the service's own hosts (no --simulate, no --base-url)"
     return ", ".join(f"{region}: {url}" for region, url in sorted(endpoints.items()))
 

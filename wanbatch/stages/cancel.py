@@ -80,7 +80,7 @@ async def cancel_queued(
                 if not row.task_id:
                     continue
                 if row.region not in clients:
-                    url = (base_urls or {}).get(row.region) or base_url or catalog.REGIONS[row.region].base_url
+                    url = catalog.endpoint(row.region, base_url=base_url, base_urls=base_urls)
                     clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
                 await limiter.acquire()
                 try:
