@@ -290,13 +290,15 @@ async def test_unwritable_image_folder_leaves_images_generated_and_a_resume_save
 
 
 class FullDisk:
-    """``open`` for the downloader's files, with writes failing ENOSPC ``failures`` times (forever when None)."""
+    """``open`` for the downloader's partial files, with writes failing ENOSPC ``failures`` times (forever when
+    None); the run's other files (its report) are written as usual."""
 
     def __init__(self, failures: int | None) -> None:
         self.left, self.refused = failures, 0
 
     def open(self, path, mode="r", **kwargs):
-        return _FullDiskFile(self, open(path, mode, **kwargs))
+        file = open(path, mode, **kwargs)
+        return _FullDiskFile(self, file) if str(path).endswith(".part") else file
 
 
 class _FullDiskFile:
@@ -326,7 +328,7 @@ async def test_disk_full_for_a_while_is_retried_and_the_images_saved(start_sim, 
     """A disk that is full for a few writes: each image is retried while its URL lives and saved in the same run,
     each request paid once."""
     disk = FullDisk(failures=4)
-    monkeypatch.setattr("wanbatch.stages.download.open", disk.open, raising=False)
+    monkeypatch.setattr("wanbatch.atomic.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 3, "full for a while"))
     assert disk.refused == 4
@@ -339,7 +341,7 @@ async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_s
     """A disk full until the user stops the run: the images stay generated, the report names the disk error, no
     partial file is left in images/, and a resume after space is freed saves them."""
     disk = FullDisk(failures=None)
-    monkeypatch.setattr("wanbatch.stages.download.open", disk.open, raising=False)
+    monkeypatch.setattr("wanbatch.atomic.open", disk.open, raising=False)
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "full")
     first = await run_stopped_when(engine_for(sim, tmp_path / "run"), manifest, lambda: disk.refused >= 2)

@@ -46,8 +46,8 @@ def atomic_path(path: Path, *, durable: bool = False, temporary: Path | None = N
 
 def write_atomic(path: Path, data: str | bytes, *, durable: bool = False, temporary: Path | None = None) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` whole or not at all."""
-    with atomic_path(path, durable=durable, temporary=temporary) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    with atomic_path(path, durable=durable, temporary=temporary) as tmp, open(tmp, "wb") as out:
+        out.write(data.encode() if isinstance(data, str) else data)
 
 
 def _fsync(path: Path) -> None:
