@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from wanbatch.stages.reconcile import HELD_CODES
+from wanbatch.errors import HELD_CODES
 
 __all__ = [
     "FINAL_STATES",

@@ -30,12 +30,13 @@ from helpers_proc import _png_problem as png_problem
 from helpers_proc import ledger_rows
 
 from wanbatch import catalog
+from wanbatch.errors import HELD_CODES
 from wanbatch.manifest import Manifest
 from wanbatch.service.wire import build_body
 from wanbatch.sim import SimConfig, running_sim
 from wanbatch.sim.faults import FAULT_PROFILES
 from wanbatch.sim.validate import fingerprint
-from wanbatch.stages.reconcile import HELD_CODES, ReconcileConfig
+from wanbatch.stages.reconcile import ReconcileConfig
 
 SCHEDULES = int(os.environ.get("WANBATCH_MONEY_SCHEDULES", "8"))
 SPEED = 200.0

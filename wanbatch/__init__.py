@@ -3,9 +3,9 @@
 The command line is ``wanbatch``; the same run from Python is ``await wanbatch.run(manifest, out=...)``.
 """
 
-from wanbatch.api import BudgetExceeded, run
+from wanbatch.api import run
 from wanbatch.engine import Engine, EngineConfig
-from wanbatch.errors import ManifestError, WanbatchError
+from wanbatch.errors import BudgetExceeded, ManifestError, WanbatchError
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
 

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig, keys_from_env, stored_plan
-from wanbatch.errors import ConfigError, RunLocked
+from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
 from wanbatch.ledger import backend
 from wanbatch.ledger.runfolder import refuse_other_manifest
 from wanbatch.manifest import Manifest
@@ -39,13 +39,9 @@ from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
 from wanbatch.stages.submit import SubmitConfig
 from wanbatch.stages.track import TrackerConfig
 
-__all__ = ["BudgetExceeded", "run"]
+__all__ = ["run"]
 
 log = logging.getLogger("wanbatch")
-
-
-class BudgetExceeded(ConfigError):
-    """The manifest's plan costs more than its budget: nothing was sent."""
 
 
 async def run(

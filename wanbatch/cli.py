@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wanbatch import __version__, catalog
-from wanbatch.errors import ConfigError, LedgerError, ManifestError, ManifestInvalid
+from wanbatch.errors import ConfigError, LedgerError, ManifestError
 from wanbatch.outputs.progress import JsonFormatter, format_duration
 from wanbatch.stages.track import POLICIES
 
@@ -46,13 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _reader_gone()
-    except ManifestError as exc:
+    except (ManifestError, ConfigError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        if not isinstance(exc, ManifestInvalid):  # whose first line says so already
-            print("nothing was sent.", file=sys.stderr)
-        return EXIT_USAGE
-    except (ConfigError, LedgerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if exc.advice:
+            print(exc.advice, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -26,7 +26,7 @@ import aiohttp
 
 from wanbatch import catalog
 from wanbatch.clock import Clock, ScaledClock
-from wanbatch.errors import ConfigError
+from wanbatch.errors import HALTING_CODES, MODERATION_CODES, ConfigError
 from wanbatch.ledger import Ledger, RunLedger, RunLock, read_meta
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.records import AddResult
@@ -40,7 +40,7 @@ from wanbatch.stages.budget import Budget
 from wanbatch.stages.download import DownloadConfig, Downloader
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
 from wanbatch.stages.results import sync_answer_lost
-from wanbatch.stages.submit import KEY_WIDE, Lane, Slots, SubmitConfig, Submitter
+from wanbatch.stages.submit import Lane, Slots, SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
 
 __all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
@@ -48,14 +48,10 @@ __all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
 log = logging.getLogger("wanbatch")
 
 #: Where the items of a ledger stand when the engine starts.
-#: The service's content-moderation refusals: retried only when asked for by name.
-MODERATION_CODES = frozenset({"DataInspectionFailed", "IPInfringementSuspect"})
 
 #: The states of items whose task is (or may be) open: few, bounded by the lanes' slots.
 _OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 _RESUMABLE = (ItemState.planned, *_OPEN)
-#: What stops a whole batch (exit 4): the key, the account's standing, or a service that cannot be reached.
-HALTING_CODES = KEY_WIDE | {"Unreachable"}
 #: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
 #: items seen, how many it made, and its plan. Written only once every item is in.
 MANIFEST_META = "manifest"

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from wanbatch.atomic import write_atomic
+from wanbatch.errors import WRITE_OFF_CODES
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
-from wanbatch.stages.results import WRITE_OFF_CODES
 
 __all__ = ["build_report", "write_metadata", "write_report"]
 

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from wanbatch.catalog import Protocol
-from wanbatch.errors import ConfigError, OutcomeUnknown, TransportError, classify_api_error
+from wanbatch.errors import ConfigError, OutcomeUnknown, TransportError, classify_api_error, proves_no_task
 
 __all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host"]
 
@@ -170,7 +170,7 @@ class WanClient:
                 body = _clip(self._redact(raw.decode("utf-8", "replace")), 120)
                 raise after_send(f"{method} {path}: HTTP {status}, body not JSON: {body!r}") from None
             data = {}
-        if creates and status != 200 and not _refused(status, data):
+        if creates and status != 200 and not proves_no_task(status, data.get("code")):
             # A gateway can fail after the backend made the task (a 5xx, a proxy's own answer): only the service's
             # own refusal (spec §4: a 4xx with its error code, or a 429) proves that nothing was made.
             code = self._redact(str(data.get("code") or f"HTTP{status}"))
@@ -184,17 +184,6 @@ class WanClient:
                 self._redact(str(data.get("request_id") or "")),
             )
         return data
-
-
-def _refused(status: int, data: dict[str, Any]) -> bool:
-    """Whether an error answer to a create is the service's refusal, which proves that no task was made: a 429,
-    or a 4xx whose code refuses the request (a 4xx saying it timed out or failed inside proves nothing)."""
-    code = data.get("code")
-    if status == 429:
-        return True
-    if not (400 <= status < 500 and isinstance(code, str) and code):
-        return False
-    return not classify_api_error(status, code, "").retryable
 
 
 async def _read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:

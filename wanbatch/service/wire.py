@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from wanbatch.catalog import Protocol
+from wanbatch.errors import MalformedAnswer
 
 __all__ = [
     "ImageResult",
@@ -29,10 +30,6 @@ __all__ = [
     "result_prompts",
     "url_expires_s",
 ]
-
-
-class MalformedAnswer(ValueError):
-    """A task body that cannot be read as the protocol says: ask again rather than act on it."""
 
 
 #: The service writes task times as local time in UTC+8 (spec §3).

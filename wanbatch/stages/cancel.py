@@ -18,7 +18,7 @@ import aiohttp
 
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
-from wanbatch.errors import ApiError, ConfigError, RunLocked, TransportError
+from wanbatch.errors import NOT_CANCELABLE, ApiError, ConfigError, RunLocked, TransportError
 from wanbatch.ledger import Ledger, RunLock, backend
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.client import WanClient
@@ -86,7 +86,7 @@ async def cancel_queued(
                 try:
                     await clients[row.region].cancel_task(row.task_id)
                 except ApiError as exc:
-                    if exc.code == "UnsupportedOperation":
+                    if exc.code == NOT_CANCELABLE:
                         counts["running"] += 1
                     else:
                         counts["errors"] += 1

@@ -50,7 +50,7 @@ from wanbatch.service.wire import MalformedAnswer, image_results, result_prompts
 from wanbatch.stages.budget import Budget
 from wanbatch.stages.results import write_off
 
-__all__ = ["HELD_CODES", "ReconcileConfig", "Reconciler", "echoes_prompt"]
+__all__ = ["ReconcileConfig", "Reconciler", "echoes_prompt"]
 
 log = logging.getLogger("wanbatch")
 
@@ -59,8 +59,6 @@ FINISHED = frozenset({"SUCCEEDED"}) | UNBILLED  #: a task in these states answer
 #: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
 #: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
 SHORTEST_ECHO = 400
-#: Why an unknown item is held for the user instead of decided.
-HELD_CODES = frozenset({"HeldAmbiguous", "HeldUndecided", "HeldUnknownTwice"})
 _PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, height
 _DAY_MS = 24 * 3600 * 1000
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import logging
 
+from wanbatch.errors import WRITE_OFF_CODES
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.service.wire import image_results, parse_service_time_s
 from wanbatch.stages.budget import Budget
 
-__all__ = ["WRITE_OFF_CODES", "record_results", "sync_answer_lost", "write_off"]
+__all__ = ["record_results", "sync_answer_lost", "write_off"]
 
 log = logging.getLogger("wanbatch")
-
-#: Why an item was written off: its task may have been billed, its images can never be had.
-WRITE_OFF_CODES = frozenset({"TaskExpired", "SyncAnswerLost", "MalformedAnswer", "OutcomeUnknown"})
 
 
 def write_off(

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from wanbatch.aio import wait_event
 from wanbatch.catalog import Offer, Protocol
 from wanbatch.errors import (
+    KEY_WIDE_CODES,
+    UNREACHABLE,
     AccountError,
     ApiError,
     IllegalTransition,
@@ -45,9 +47,6 @@ log = logging.getLogger("wanbatch")
 
 SHARED_KEY = ""  #: the doubt key of every wan2.6 create: its results do not show the prompt
 SYNC_KEY = "sync "  #: the doubt keys of sync calls begin so: a lost sync answer is never sent again
-
-#: Codes that stop every lane of the key's region, not just one model.
-KEY_WIDE = frozenset({"InvalidApiKey", "Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +179,7 @@ class Submitter:
     def block(self, lane: Lane, error: ApiError) -> None:
         """Stop submitting what ``error`` affects: the whole key for account errors, else this model."""
         for other in self.lanes:
-            affected = other is lane or (error.code in KEY_WIDE and other.region == lane.region)
+            affected = other is lane or (error.code in KEY_WIDE_CODES and other.region == lane.region)
             if affected and other.blocked is None:
                 other.blocked = error
                 log.error(
@@ -188,7 +187,7 @@ class Submitter:
                     other.region,
                     other.model,
                     error,
-                    _advice(error),
+                    error.advice,
                     extra={"event": "lane_stopped", "region": other.region, "model": other.model, "code": error.code},
                 )
 
@@ -426,7 +425,7 @@ class Submitter:
             return
         lane.unreachable += 1
         if lane.unreachable >= self.config.unreachable_after:
-            self.block(lane, ApiError(0, "Unreachable", f"{lane.unreachable} connections failed in a row: {exc}"))
+            self.block(lane, ApiError(0, UNREACHABLE, f"{lane.unreachable} connections failed in a row: {exc}"))
 
     def _again(self, item_id: str, exc: Exception) -> None:
         fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
@@ -435,13 +434,3 @@ class Submitter:
         self._ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, **fields)
         log.info("↻ %s: %s", item_id, exc)
         return None
-
-
-def _advice(error: ApiError) -> str:
-    if error.code == "InvalidApiKey":
-        return "Check the key for this region (DASHSCOPE_API_KEY, DASHSCOPE_API_KEY_SINGAPORE, ...)."
-    if error.code == "Unreachable":
-        return "Check the network and the base URL, then run again: unsubmitted items stay planned."
-    if error.code in ("Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"):
-        return "Top up the account, then run again: unsubmitted items stay planned."
-    return "Check that the account may use this model in this region, then run again."
