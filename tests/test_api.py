@@ -126,7 +126,7 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     with pytest.raises(asyncio.CancelledError):
         await run
     counts = await cancel_queued(tmp_path / "run", keys={"beijing": "sk-sim-beijing"}, base_url=sim.base_url)
-    assert counts == {"canceled": 2, "running": 2, "errors": 0}
+    assert counts == {"canceled": 2, "running": 2, "failed": 0}
     assert sorted(t.status for t in sim.tasks.values()) == ["CANCELED", "CANCELED", "RUNNING", "RUNNING"]
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
         counts = ledger.counts()

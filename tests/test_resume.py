@@ -297,8 +297,9 @@ class FullDisk:
         self.left, self.refused = failures, 0
 
     def open(self, path, mode="r", **kwargs):
-        file = open(path, mode, **kwargs)
-        return _FullDiskFile(self, file) if str(path).endswith(".part") else file
+        if not str(path).endswith(".part"):
+            return open(path, mode, **kwargs)
+        return _FullDiskFile(self, open(path, mode, **kwargs))
 
 
 class _FullDiskFile:

@@ -432,9 +432,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     )
     print(
         f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
-        f"{counts['errors']} error(s)"
+        f"{counts['failed']} error(s)"
     )
-    return EXIT_OK if not counts["errors"] else EXIT_INCOMPLETE
+    return EXIT_OK if not counts["failed"] else EXIT_INCOMPLETE
 
 
 # ── status ──────────────────────────────────────────────────────────────────────────────────────

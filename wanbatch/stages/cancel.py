@@ -1,4 +1,5 @@
-"""``wanbatch cancel DIR``: cancel what a run left waiting on the service.
+"""Canceling tasks on the service: one task (:func:`cancel_on_service`, which the tracker uses when the user
+stops a run with ``--cancel-pending``) and ``wanbatch cancel DIR``, what a stopped run left waiting.
 
 Only a task still PENDING can be canceled (the service refuses the others
 with UnsupportedOperation); those are left queued for a later run to save,
@@ -10,6 +11,7 @@ embedded simulator and never sends its task ids, or a key, to the real hosts.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,19 +21,49 @@ import aiohttp
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import NOT_CANCELABLE, ApiError, ConfigError, RunLocked, TransportError
-from wanbatch.ledger import Ledger, RunLock, backend
+from wanbatch.ledger import Ledger, RunLedger, RunLock, backend
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import even_limiter
 
-__all__ = ["cancel_in_folder", "cancel_queued"]
+__all__ = ["CancelOutcome", "cancel_in_folder", "cancel_on_service", "cancel_queued"]
 
 log = logging.getLogger("wanbatch")
 
 
+class CancelOutcome(enum.StrEnum):
+    """What came of asking the service to cancel one task."""
+
+    #: The service canceled it (it cost nothing); the ledger says so.
+    canceled = "canceled"
+    #: It has started, so it is being paid for: it stays queued, to be saved.
+    running = "running"
+    #: No answer, or another refusal: it stays queued.
+    failed = "failed"
+
+
+async def cancel_on_service(
+    ledger: RunLedger, client: WanClient, item_id: str, task_id: str, *, note: str
+) -> CancelOutcome:
+    """Ask the service to cancel ``task_id``, the task of ``item_id``; once it has, the ledger's item is canceled."""
+    try:
+        await client.cancel_task(task_id)
+    except ApiError as exc:
+        if exc.code == NOT_CANCELABLE:
+            log.info("cancel %s: it has started; it is saved when it ends", task_id)
+            return CancelOutcome.running
+        log.warning("cancel %s: %s", task_id, exc)
+        return CancelOutcome.failed
+    except TransportError as exc:
+        log.warning("cancel %s: %s", task_id, exc)
+        return CancelOutcome.failed
+    ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, task_status="CANCELED", note=note)
+    return CancelOutcome.canceled
+
+
 async def cancel_in_folder(
     run_dir: Path, *, environ: Mapping[str, str], simulate: bool = False, base_url: str | None = None
-) -> dict[str, int]:
+) -> dict[CancelOutcome, int]:
     """Cancel the folder's PENDING tasks on the service it was made against, unless ``simulate``/``base_url``
     name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
     from wanbatch.engine import keys_from_env
@@ -65,9 +97,9 @@ async def cancel_queued(
     base_url: str | None = None,
     base_urls: Mapping[str, str] | None = None,
     query_qps: float = 18.0,
-) -> dict[str, int]:
-    """Cancel every queued task of the run folder that has not started; returns counts."""
-    counts = {"canceled": 0, "running": 0, "errors": 0}
+) -> dict[CancelOutcome, int]:
+    """Cancel every queued task of the run folder that has not started; how many came to each outcome."""
+    counts = dict.fromkeys(CancelOutcome, 0)
     clock = ScaledClock()
     with RunLock(run_dir), Ledger.open(run_dir, clock=clock, create=False) as ledger:
         missing = sorted({region for region, _ in ledger.lanes([ItemState.queued])} - set(keys))
@@ -83,19 +115,6 @@ async def cancel_queued(
                     url = catalog.endpoint(row.region, base_url=base_url, base_urls=base_urls)
                     clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
                 await limiter.acquire()
-                try:
-                    await clients[row.region].cancel_task(row.task_id)
-                except ApiError as exc:
-                    if exc.code == NOT_CANCELABLE:
-                        counts["running"] += 1
-                    else:
-                        counts["errors"] += 1
-                        log.warning("cancel %s: %s", row.task_id, exc)
-                    continue
-                except TransportError as exc:
-                    counts["errors"] += 1
-                    log.warning("cancel %s: %s", row.task_id, exc)
-                    continue
-                ledger.transition(row.item_id, ItemState.canceled, task_status="CANCELED", note="wanbatch cancel")
-                counts["canceled"] += 1
+                client = clients[row.region]
+                counts[await cancel_on_service(ledger, client, row.item_id, row.task_id, note="wanbatch cancel")] += 1
     return counts

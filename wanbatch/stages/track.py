@@ -30,6 +30,7 @@ from wanbatch.ledger.records import ItemRow, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import MalformedAnswer, parse_service_time_s
 from wanbatch.stages.budget import Budget
+from wanbatch.stages.cancel import CancelOutcome, cancel_on_service
 from wanbatch.stages.results import record_results, write_off
 
 __all__ = ["Durations", "OpenTask", "Tracker", "TrackerConfig"]
@@ -372,22 +373,14 @@ class Tracker:
             if task.seen_running:
                 continue
             await self._limiters[task.lane.region].acquire()
-            try:
-                await task.lane.client.cancel_task(task.task_id)
-            except (TransportError, ApiError) as exc:
-                log.info("cancel %s: %s; still followed", task.task_id, exc)
-                continue
+            note = "canceled on the service at the user's request"
+            outcome = await cancel_on_service(self._ledger, task.lane.client, task.item_id, task.task_id, note=note)
+            if outcome is not CancelOutcome.canceled:
+                continue  # still followed
             # By identity: OpenTask compares by due time only, and resumed tasks share one.
             self._heap = [other for other in self._heap if other is not task]
             heapq.heapify(self._heap)
             self._ended(task, None)
-            self._ledger.transition(
-                task.item_id,
-                ItemState.canceled,
-                expect=ItemState.queued,
-                task_status="CANCELED",
-                note="canceled on the service at the user's request",
-            )
             task.lane.slots.release()
             self.budget.settle(task.item_id, 0.0)
             self.canceled += 1
