@@ -131,7 +131,10 @@ _AREAS = (
     ("file system (stat, mkdir, paths)", ("posix.stat", "posix.mkdir", "pathlib.py", "posixpath.py")),
     ("PNG verify (Pillow)", ("PIL/",)),
     ("sha256", ("_hashlib", "hashlib")),
-    ("files (worker threads, write, rename)", ("concurrent/futures", "threading.py", "posix.replace", "_place")),
+    (
+        "files (worker threads, write, rename)",
+        ("concurrent/futures", "threading.py", "posix.replace", "posix.fsync", "wanbatch/atomic.py", "imagefiles.py"),
+    ),
     ("HTTP client (aiohttp, yarl, multidict)", ("aiohttp", "yarl", "multidict", "http/")),
     ("logging", ("logging/",)),
     ("JSON", ("json/", "_json")),

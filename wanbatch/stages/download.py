@@ -4,7 +4,8 @@ Images wait in a heap ordered by URL deadline, so after a long stop the ones
 closest to being lost go first. Each is read into memory (the size cap bounds
 it), then in one trip to a worker thread checked to be a PNG of the size that
 was asked for, hashed, written to a partial file, fsynced, renamed into place
-atomically and its folder fsynced; only then does the ledger record it. A crash
+atomically and its folder fsynced (:mod:`wanbatch.stages.imagefiles`); only then
+does the ledger record it. A crash
 between the rename and the commit is healed on resume: the file is already
 there with the same hash. Result URLs get no ``Authorization`` header.
 
@@ -23,30 +24,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import heapq
-import io
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import aiofiles.os
 import aiohttp
-from PIL import Image
 
 from wanbatch.aio import wait_event
-from wanbatch.atomic import write_atomic
 from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import naming
+from wanbatch.stages.imagefiles import damaged_files, place
 
-__all__ = ["DownloadConfig", "Downloader", "verify_png"]
+__all__ = ["DownloadConfig", "Downloader"]
 
 log = logging.getLogger("wanbatch")
 
@@ -61,22 +58,6 @@ class DownloadConfig:
     retry_base_s: float = 2.0  #: the first wait after a failed download; it doubles with each failure
     retry_max_s: float = 300.0  #: the longest wait between two tries of one image
     chunk_bytes: int = 256 * 1024
-
-
-def verify_png(source: Path | BinaryIO, size: str) -> None:
-    """Raise DownloadError unless ``source`` (a file or its bytes) is a whole PNG of exactly ``size`` ("W*H")."""
-    width, _, height = size.partition("*")
-    try:
-        with Image.open(source) as img:
-            if img.format != "PNG":
-                raise DownloadError(f"not a PNG but {img.format}")
-            if img.size != (int(width), int(height)):  # a whole image, not what was asked for: asking again won't help
-                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}", retryable=False)
-            img.verify()
-    except DownloadError:
-        raise
-    except Exception as exc:  # Pillow raises many kinds for a broken file
-        raise DownloadError(f"not a valid PNG: {exc}") from None
 
 
 @dataclass(order=True, slots=True)
@@ -196,9 +177,9 @@ class Downloader:
             for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
                 page.append(image)
                 if len(page) >= CHECK_PAGE:
-                    damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+                    damaged += await asyncio.to_thread(damaged_files, self.run_dir, page)
                     page = []
-            damaged += await asyncio.to_thread(_damaged_files, self.run_dir, page)
+            damaged += await asyncio.to_thread(damaged_files, self.run_dir, page)
             now_ms = self._clock.now_ms()
             for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
                 if size_bytes is None:
@@ -354,7 +335,7 @@ class Downloader:
         await self._folder((self.run_dir / name).parent)
         # One trip to a worker thread does the CPU and disk work of an image: each trip costs the event loop.
         placed = await asyncio.to_thread(
-            _place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
+            place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
         )
         return (name if placed.own_name else other_name), placed.sha256, len(body)
 
@@ -391,48 +372,7 @@ class Downloader:
         return b"".join(chunks)
 
 
-@dataclass(frozen=True, slots=True)
-class _Placed:
-    own_name: bool  #: False: under the other name, its own being another image's
-    sha256: str
-
-
-def _place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> _Placed:
-    """Check ``body`` is a PNG of ``size`` and write it, durably, through ``partial`` to ``final`` (to ``other`` if
-    ``final`` holds a different image); runs in a worker thread. Nothing half-written stays behind."""
-    verify_png(io.BytesIO(body), size)
-    digest = hashlib.sha256(body).hexdigest()
-    own = not final.exists() or _sha256_of(final) == digest
-    write_atomic(final if own else other, body, durable=True, temporary=partial)
-    return _Placed(own_name=own, sha256=digest)
-
-
-def _damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
-    """The saved images whose file is missing (size None) or not of the size saved; runs in a worker thread."""
-    damaged = []
-    for image in images:
-        path = run_dir / (image.file_name or "")
-        try:
-            size_bytes = path.stat().st_size if image.file_name else None
-        except FileNotFoundError:
-            size_bytes = None
-        except OSError as exc:  # the disk or a mount cannot say now: leave the image as saved, say so
-            log.warning("? %s image %d: could not look at %s: %s", image.item_id, image.image_index, path, exc)
-            continue
-        if size_bytes != image.size_bytes:
-            damaged.append((image, path, size_bytes))
-    return damaged
-
-
 def _oss_message(body: str) -> str:
     code = re.search(r"<Code>(.*?)</Code>", body)
     message = re.search(r"<Message>(.*?)</Message>", body)
     return " ".join(m.group(1) for m in (code, message) if m) or body[:120]
-
-
-def _sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()

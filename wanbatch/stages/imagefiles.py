@@ -1,0 +1,89 @@
+"""The downloader's work on disk, done in worker threads so that a slow disk never stalls the event loop.
+
+    place(body, size, partial, final, other)  check an image and write it, durably, under its name
+    damaged_files(run_dir, images)            the saved images whose file is gone or not of the size saved
+    verify_png(source, size)                  whether bytes or a file are a whole PNG of the size asked for
+
+An image is checked before it is written: a PNG of exactly the size that was
+asked for, whole. It goes through a partial file, fsynced, renamed into place
+and its folder fsynced (:mod:`wanbatch.atomic`), so that the ledger says saved
+only of a file that survives a power loss. A name that holds another image
+already (two items whose patterns meet) leaves that image alone: the new one
+takes its other name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image
+
+from wanbatch.atomic import write_atomic
+from wanbatch.errors import DownloadError
+from wanbatch.ledger.records import ImageRow
+
+__all__ = ["Placed", "damaged_files", "place", "verify_png"]
+
+log = logging.getLogger("wanbatch")
+
+
+def verify_png(source: Path | BinaryIO, size: str) -> None:
+    """Raise DownloadError unless ``source`` (a file or its bytes) is a whole PNG of exactly ``size`` ("W*H")."""
+    width, _, height = size.partition("*")
+    try:
+        with Image.open(source) as img:
+            if img.format != "PNG":
+                raise DownloadError(f"not a PNG but {img.format}")
+            if img.size != (int(width), int(height)):  # a whole image, not what was asked for: asking again won't help
+                raise DownloadError(f"PNG is {img.size[0]}*{img.size[1]}, asked for {size}", retryable=False)
+            img.verify()
+    except DownloadError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds for a broken file
+        raise DownloadError(f"not a valid PNG: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    own_name: bool  #: False: under the other name, its own being another image's
+    sha256: str
+
+
+def place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> Placed:
+    """Check ``body`` is a PNG of ``size`` and write it, durably, through ``partial`` to ``final`` (to ``other`` if
+    ``final`` holds a different image); runs in a worker thread. Nothing half-written stays behind."""
+    verify_png(io.BytesIO(body), size)
+    digest = hashlib.sha256(body).hexdigest()
+    own = not final.exists() or _sha256_of(final) == digest
+    write_atomic(final if own else other, body, durable=True, temporary=partial)
+    return Placed(own_name=own, sha256=digest)
+
+
+def damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
+    """The saved images whose file is missing (size None) or not of the size saved; runs in a worker thread."""
+    damaged = []
+    for image in images:
+        path = run_dir / (image.file_name or "")
+        try:
+            size_bytes = path.stat().st_size if image.file_name else None
+        except FileNotFoundError:
+            size_bytes = None
+        except OSError as exc:  # the disk or a mount cannot say now: leave the image as saved, say so
+            log.warning("? %s image %d: could not look at %s: %s", image.item_id, image.image_index, path, exc)
+            continue
+        if size_bytes != image.size_bytes:
+            damaged.append((image, path, size_bytes))
+    return damaged
+
+
+def _sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
