@@ -24,7 +24,8 @@ from pathlib import Path
 
 from wanbatch import __version__, catalog
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
-from wanbatch.outputs.progress import JsonFormatter, format_duration
+from wanbatch.outputs.progress import JsonFormatter
+from wanbatch.outputs.summary import plan_summary, run_summary, status_summary
 from wanbatch.stages.track import POLICIES
 
 __all__ = ["main"]
@@ -32,6 +33,16 @@ __all__ = ["main"]
 EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 #: The output's reader went away (``| head``): what a shell reports for any command a closed pipe stops.
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+#: The switches of ``run`` that its resume line repeats (what is sent, and how), with their help.
+RESUMED_SWITCHES = {
+    "--sync": "use wan2.6's synchronous endpoint instead of tasks",
+    "--retry-failed": "send again the items whose task failed (not those moderation refused)",
+    "--retry-moderated": "send again the items content moderation refused too (after you changed nothing, they "
+    "will most likely be refused again)",
+    "--retry-held": "send once more the items held after two creates whose outcome was unknown and made no task "
+    "(HeldUnknownTwice in report.json)",
+    "--cancel-pending": "on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
+}
 
 log = logging.getLogger("wanbatch")
 
@@ -83,10 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run or resume a manifest into a run folder")
     run.add_argument("manifest", type=Path)
     run.add_argument("--out", type=Path, required=True, help="the run folder (ledger, images, metadata, report)")
-    run.add_argument(
-        "--simulate",
-        action="store_true",
-        help="run against the embedded simulator (demo keys, fast clock): no key, no network",
+    _service_flags(
+        run,
+        simulate="run against the embedded simulator (demo keys, fast clock): no key, no network",
+        otherwise="each region's host",
     )
     run.add_argument(
         "--speed",
@@ -94,12 +105,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the service clock's speed: only for simulators (default with --simulate: the folder's last, else 60)",
     )
-    run.add_argument(
-        "--base-url",
-        default=os.environ.get(catalog.BASE_URL_ENV),
-        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else each region's host)",
-    )
-    run.add_argument("--sync", action="store_true", help="use wan2.6's synchronous endpoint instead of tasks")
     run.add_argument(
         "--tracking",
         choices=POLICIES,
@@ -119,28 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="CNY; overrides the manifest's budget: a plan over it is refused, spending stops before it",
     )
-    run.add_argument(
-        "--retry-failed",
-        action="store_true",
-        help="send again the items whose task failed (not those moderation refused)",
-    )
-    run.add_argument(
-        "--retry-moderated",
-        action="store_true",
-        help="send again the items content moderation refused too (after you changed nothing, they "
-        "will most likely be refused again)",
-    )
-    run.add_argument(
-        "--retry-held",
-        action="store_true",
-        help="send once more the items held after two creates whose outcome was unknown and made no task "
-        "(HeldUnknownTwice in report.json)",
-    )
-    run.add_argument(
-        "--cancel-pending",
-        action="store_true",
-        help="on Ctrl-C/SIGTERM also cancel the tasks still waiting (PENDING) on the service",
-    )
+    for flag, text in RESUMED_SWITCHES.items():
+        run.add_argument(flag, action="store_true", help=text)
     run.add_argument(
         "--quotas",
         type=Path,
@@ -186,15 +171,10 @@ def _parser() -> argparse.ArgumentParser:
         "cancel", parents=[common], help="cancel the tasks a stopped run left waiting (PENDING) on the service"
     )
     cancel.add_argument("run_dir", type=Path)
-    cancel.add_argument(
-        "--base-url",
-        default=os.environ.get(catalog.BASE_URL_ENV),
-        help="one endpoint for every region (default: $DASHSCOPE_HTTP_BASE_URL, else the folder's own service)",
-    )
-    cancel.add_argument(
-        "--simulate",
-        action="store_true",
-        help="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
+    _service_flags(
+        cancel,
+        simulate="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
+        otherwise="the folder's own service",
     )
     cancel.set_defaults(func=cmd_cancel)
 
@@ -204,6 +184,16 @@ def _parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.run)
     return parser
+
+
+def _service_flags(parser: argparse.ArgumentParser, *, simulate: str, otherwise: str) -> None:
+    """``--simulate`` and ``--base-url``, which say what service a command talks to."""
+    parser.add_argument("--simulate", action="store_true", help=simulate)
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get(catalog.BASE_URL_ENV),
+        help=f"one endpoint for every region (default: ${catalog.BASE_URL_ENV}, else {otherwise})",
+    )
 
 
 def _above_zero(text: str) -> float:
@@ -277,27 +267,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from wanbatch.manifest import Manifest
-    from wanbatch.manifest.plan import make_plan, repeats_line
+    from wanbatch.manifest.plan import make_plan
 
     manifest = Manifest.from_yaml(args.manifest)
     plan = make_plan(manifest)
-    if args.json:
-        print(json.dumps(plan, indent=2))
-        return EXIT_OK
-    print(f"{manifest.name}: {plan['items']} item(s), {plan['images']} image(s)")
-    if line := repeats_line(plan):
-        print(line)
-    print(f"{'region':<10} {'model':<20} {'items':>8} {'images':>8} {'cost':>12}  quota time")
-    for row in plan["lanes"]:
-        print(
-            f"{row['region']:<10} {row['model']:<20} {row['items']:>8} {row['images']:>8} "
-            f"{row['cost']:>8.2f} {row['currency']}  {format_duration(row['quota_time_s'])}"
-        )
-    for currency, cost in plan["cost"].items():
-        print(f"total: {cost:.2f} {currency} at {catalog.PRICE_TABLE}")
-    print(f"time the account's quota allows: {format_duration(plan['quota_time_s'])} (models run in parallel)")
-    if manifest.budget is not None:
-        print(f"budget: {manifest.budget:.2f} CNY")
+    print(json.dumps(plan, indent=2) if args.json else plan_summary(manifest.name, plan, budget=manifest.budget))
     return EXIT_OK
 
 
@@ -334,7 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    _print_summary(report, args.out)
+    print(run_summary(report, args.out))
     if report["interrupted"]:
         print(f"interrupted; resume with: {resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -360,8 +334,7 @@ def resume_command(args: argparse.Namespace) -> str:
     for option in ("quotas", "sim_config"):
         if getattr(args, option, None) is not None:
             argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    flags = ("sync", "retry_failed", "retry_moderated", "retry_held", "cancel_pending")
-    argv += [f"--{flag.replace('_', '-')}" for flag in flags if getattr(args, flag)]
+    argv += [flag for flag in RESUMED_SWITCHES if getattr(args, flag[2:].replace("-", "_"))]
     if not args.gallery:
         argv.append("--no-gallery")
     return shlex.join(argv)
@@ -373,44 +346,9 @@ def _exact(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
-def _print_failures(report: dict) -> None:
-    for code, failure in report["failures"].items():
-        for state, group in failure["states"].items():
-            first = next((s["source"] for s in failure["sources"] if s["state"] == state), "")
-            print(f"  {group['count']} {state} {code}: {group['message']} (first at {first})")
-    lost = ", ".join(f"{v:.2f} {k}" for k, v in report.get("cost_lost", {}).items())
-    if lost:
-        print(f"  paid and lost (URLs expired before saving): {lost}")
-
-
-def _print_summary(report: dict, run_dir: Path) -> None:
-    items = ", ".join(f"{n} {state}" for state, n in report["items"].items() if n)
-    cost = ", ".join(f"{v:.2f} {k}" for k, v in report["cost"].items()) or "0"
-    print(f"items (all runs): {items}")
-    print(
-        f"images saved: {report['images']['saved']} in all runs, {report['images_saved_this_run']} this run"
-        f"  cost: {cost}  wall time: {report['wall_s']:.1f}s"
-    )
-    _print_failures(report)
-    for lane, reason in report.get("blocked", {}).items():
-        print(f"  submitting stopped for {lane}: {reason}")
-    left = report.get("items_in_manifest", {}).get("planned", 0)
-    if left:
-        why = (
-            "the budget was reached"
-            if report.get("budget", {}).get("reached")
-            else "interrupted"
-            if report.get("interrupted")
-            else "submitting stopped (see above)"
-            if report.get("blocked")
-            else "transient errors; the next run tries again"
-        )
-        print(f"  {left} item(s) left unsubmitted: {why}")
-    print(f"images:   {run_dir / 'images'}")
-    print(f"metadata: {run_dir / 'metadata.jsonl'}")
-    print(f"report:   {run_dir / 'report.json'}")
-    if (run_dir / "gallery.html").exists():
-        print(f"gallery:  {run_dir / 'gallery.html'}")
+def _run_folder(path: Path) -> None:
+    if not (path / "ledger.sqlite").exists():
+        raise ConfigError(f"{path} is not a run folder (no ledger.sqlite in it)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -425,8 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from wanbatch.stages.cancel import cancel_in_folder
 
-    if not (args.run_dir / "ledger.sqlite").exists():
-        raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
+    _run_folder(args.run_dir)
     counts = asyncio.run(
         cancel_in_folder(args.run_dir, environ=os.environ, simulate=args.simulate, base_url=args.base_url)
     )
@@ -446,8 +383,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wanbatch.ledger import Ledger
     from wanbatch.outputs.metadata import build_report
 
-    if not (args.run_dir / "ledger.sqlite").exists():
-        raise ConfigError(f"{args.run_dir} is not a run folder (no ledger.sqlite in it)")
+    _run_folder(args.run_dir)
     last = args.run_dir / "report.json"
     with Ledger.open(args.run_dir, clock=ScaledClock(), create=False) as ledger:
         runs = ledger.summary()["runs"]
@@ -455,10 +391,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return EXIT_OK
-    print("items:  " + (", ".join(f"{n} {s}" for s, n in report["items"].items() if n) or "none"))
-    print("images: " + (", ".join(f"{n} {s}" for s, n in report["images"].items() if n) or "none"))
-    print("cost:   " + (", ".join(f"{v:.2f} {k}" for k, v in report["cost"].items()) or "0"))
-    _print_failures(report)
+    print(status_summary(report))
     return EXIT_OK
 
 
