@@ -104,7 +104,7 @@ def test_status_reads_a_run_folder(tmp_path):
     data = json.loads(wanbatch("status", str(out), "--json").stdout)
     assert data["items"]["saved"] == 2 and data["images"]["saved"] == 2
     missing = wanbatch("status", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "not a run folder" in missing.stderr
+    assert missing.returncode == 2 and "is this a run folder?" in missing.stderr
 
 
 def test_status_while_a_run_is_going(tmp_path):

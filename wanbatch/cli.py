@@ -346,11 +346,6 @@ def _exact(value: float) -> str:
     return short if float(short) == value else repr(value)
 
 
-def _run_folder(path: Path) -> None:
-    if not (path / "ledger.sqlite").exists():
-        raise ConfigError(f"{path} is not a run folder (no ledger.sqlite in it)")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from wanbatch.outputs.export import export
 
@@ -363,7 +358,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from wanbatch.stages.cancel import cancel_in_folder
 
-    _run_folder(args.run_dir)
     counts = asyncio.run(
         cancel_in_folder(args.run_dir, environ=os.environ, simulate=args.simulate, base_url=args.base_url)
     )
@@ -383,7 +377,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wanbatch.ledger import Ledger
     from wanbatch.outputs.metadata import build_report
 
-    _run_folder(args.run_dir)
     last = args.run_dir / "report.json"
     with Ledger.open(args.run_dir, clock=ScaledClock(), create=False) as ledger:
         runs = ledger.summary()["runs"]
