@@ -37,10 +37,12 @@ from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer, even_limiter
 from wanbatch.service.quotas import QuotaTable, apply_quotas
 from wanbatch.stages.budget import Budget
+from wanbatch.stages.claims import Claims
 from wanbatch.stages.download import DownloadConfig, Downloader
+from wanbatch.stages.lane import Lane
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
 from wanbatch.stages.results import sync_answer_lost
-from wanbatch.stages.submit import Lane, Slots, SubmitConfig, Submitter
+from wanbatch.stages.submit import SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
 
 __all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
@@ -263,7 +265,7 @@ class Engine:
             # Where the runs before this one left the folder: the display's "this run" figures are the rest.
             summary = ledger.summary()
             at_start = {"counts": summary["items"], "images_saved": summary["images"]["saved"], "cost": budget.spent}
-            self._refill(ledger, stages, budget)
+            self._refill(ledger, stages)
             self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
             await _in_order(
                 stages.submitter.run,
@@ -291,7 +293,7 @@ class Engine:
             )
             for region in regions
         }
-        lanes = {key: self._lane(key, clients[key[0]]) for key in lanes_wanted}
+        lanes = {key: self._lane(key, clients[key[0]], budget) for key in lanes_wanted}
         downloader = Downloader(
             ledger=ledger,
             clock=self.clock,
@@ -306,14 +308,12 @@ class Engine:
             limiters=limiters,
             on_images=downloader.add_recorded,
             config=self.config.track,
-            budget=budget,
         )
         reconciler = Reconciler(
             ledger=ledger,
             clock=self.clock,
             limiters=limiters,
             tracker=tracker,
-            budget=budget,
             config=self.config.reconcile,
             retry_held=self.retry_held,
         )
@@ -326,11 +326,10 @@ class Engine:
             on_sync_images=tracker.record_sync,
             config=self.config.submit,
             run=run,
-            budget=budget,
         )
         return _Stages(lanes, submitter, tracker, reconciler, downloader)
 
-    def _lane(self, key: tuple[str, str], client: WanClient) -> Lane:
+    def _lane(self, key: tuple[str, str], client: WanClient, budget: Budget) -> Lane:
         region, model = key
         offer = catalog.offer(region, model)
         if offer is None:
@@ -341,10 +340,10 @@ class Engine:
             offer=offer,
             client=client,
             pacer=Pacer(offer.submit_rps, speed=self.clock.speed),
-            slots=Slots(offer.concurrency + self.config.submit.backlog),
+            claims=Claims(offer.concurrency + self.config.submit.backlog, budget),
         )
 
-    def _refill(self, ledger: RunLedger, stages: _Stages, budget: Budget) -> None:
+    def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
@@ -353,19 +352,21 @@ class Engine:
                 if state is ItemState.queued and not row.task_id and ledger.images_of(row.item_id):
                     ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
                     continue
+                # Its task holds a place on the service already, and may have been billed.
+                claim = lane.claims.resume(row)
                 if state is ItemState.queued and not row.task_id:
                     # A sync answer whose images were not recorded before a stop: nothing to ask for again.
-                    sync_answer_lost(ledger, row, "stopped before the sync answer was recorded")
+                    sync_answer_lost(ledger, row, "stopped before the sync answer was recorded", claim)
                     continue
-                lane.slots.take_now()  # its task holds a place on the service already
-                budget.reserve(row.item_id, row.n_images * row.price_per_image, force=True)
                 if state is ItemState.unknown:
                     lane.doubt[row.item_id] = lane.doubt_key(row)
-                    stages.reconciler.add(row.item_id, lane)
-                elif row.task_id:
+                    stages.reconciler.add(lane, claim)
+                else:
                     # The run folder's clock continues across runs, so the recorded submit time is on ours.
                     submitted_s = row.submit_started_ms / 1000 if row.submit_started_ms else now
-                    stages.tracker.add(task_id=row.task_id, row=row, lane=lane, submitted_s=submitted_s, resumed=True)
+                    stages.tracker.add(
+                        task_id=row.task_id, row=row, claim=claim, lane=lane, submitted_s=submitted_s, resumed=True
+                    )
         stages.downloader.load_pending()
 
 

@@ -1,5 +1,7 @@
 """The pipeline's stages, in the order an item meets them: ``submit`` (a create, paid for once),
 ``track`` (polls tasks to their end), ``reconcile`` (settles creates whose answer was lost),
 ``results`` (what a finished task leaves), ``download`` (saves every image before its URL dies);
-``budget`` keeps the spending limit and ``cancel`` stops tasks on the service.
+``lane`` is what these share for one (region, model); ``claims`` holds an item's place among the lane's open
+tasks and its price in the ``budget`` (the spending limit) while its create may cost; ``cancel`` stops tasks on
+the service.
 """

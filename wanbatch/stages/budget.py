@@ -5,6 +5,9 @@ price, the most it can cost); when its task ends the reservation is settled
 to what the service bills (only the images it generated). An item whose
 reservation would take the total past the limit is not sent, and nothing
 after it is: the report says what was left unsubmitted.
+
+Reservations move only through claims (``claims.py``), which pair each with a
+place among the lane's open tasks and end it once.
 """
 
 from __future__ import annotations

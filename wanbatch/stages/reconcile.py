@@ -24,9 +24,11 @@ show a new task late. The list is the witness, read with care:
   was made; the item is planned again, unless it has gone unknown
   ``max_unknowns`` times: then it is held with the evidence, not sent again.
 
-Until a decision an item keeps its slot, its doubt (no other create that the
-list could confuse with it is sent) and its full price in the budget. Held
-items are reconciled again by the next run, which may see more.
+Until a decision an item keeps its claim, in doubt (its place on the service
+and its full price in the budget), and its lane's doubt (no other create that
+the list could confuse with it is sent). A held item's price is counted as
+spent while a task may exist, unless the list proved none. Held items are
+reconciled again by the next run, which may see more.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 
@@ -47,8 +50,10 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import MalformedAnswer, image_results, result_prompts
-from wanbatch.stages.budget import Budget
+from wanbatch.stages.claims import Claim, full_price
+from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import write_off
+from wanbatch.stages.track import Tracker
 
 __all__ = ["ReconcileConfig", "Reconciler", "echoes_prompt"]
 
@@ -102,6 +107,13 @@ class _KeyFacts:
     likely_offset_ms: tuple[int, int] | None = None
 
 
+class _Doubt(NamedTuple):
+    """An unknown create waiting for a decision: its lane, and its claim, kept in doubt until then."""
+
+    lane: Lane
+    claim: Claim
+
+
 @dataclass(slots=True)
 class _Listing:
     entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable, each once
@@ -123,17 +135,15 @@ class Reconciler:
         ledger: RunLedger,
         clock,
         limiters,
-        tracker,
-        budget: Budget,
+        tracker: Tracker,
         config: ReconcileConfig = ReconcileConfig(),
         retry_held: bool = False,
     ) -> None:
-        # What an adopted task costs is settled by the tracker; one proved never made costs nothing.
+        # An adopted task's claim is settled by the tracker when it ends; one proved never made is released.
         self._ledger, self._clock, self._limiters, self._tracker = ledger, clock, limiters, tracker
-        self._budget = budget
         self.config = config
         self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
-        self._pending: dict[str, object] = {}  # item_id -> lane
+        self._pending: dict[str, _Doubt] = {}  # item_id -> its lane and claim
         self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
         self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
         #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
@@ -141,13 +151,15 @@ class Reconciler:
         self._changed = asyncio.Event()
         self.adopted = self.resent = self.held = 0
 
-    def add(self, item_id: str, lane) -> None:
-        self._pending[item_id] = lane
+    def add(self, lane: Lane, claim: Claim) -> None:
+        """Find out what the unknown create of ``claim``'s item did; the claim is kept, in doubt, until then."""
+        claim.doubt()
+        self._pending[claim.item_id] = _Doubt(lane, claim)
         self._changed.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not (stop.is_set() and not self._pending):
-            lanes = {id(lane): lane for lane in self._pending.values()}
+            lanes = {id(pending.lane): pending.lane for pending in self._pending.values()}
             for lane in lanes.values():
                 try:
                     await self._sweep(lane)
@@ -160,13 +172,13 @@ class Reconciler:
                 self._finished.clear()  # the next unknown outcome looks at the list as it is then
                 await wait_event(self._changed, 0.2)
 
-    def _rows(self, lane) -> list[ItemRow]:
+    def _rows(self, lane: Lane) -> list[ItemRow]:
         return sorted(
-            (self._ledger.get(i) for i, other in self._pending.items() if other is lane),
+            (self._ledger.get(i) for i, pending in self._pending.items() if pending.lane is lane),
             key=lambda row: (row.submit_started_ms or 0, row.seq),
         )
 
-    async def _sweep(self, lane) -> None:
+    async def _sweep(self, lane: Lane) -> None:
         """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
         rows = self._rows(lane)
         facts = {row.item_id: await self._facts(lane, row) for row in rows}
@@ -183,13 +195,16 @@ class Reconciler:
             if self._decide(lane, row, listing, facts[row.item_id], found, shared):
                 self._leave(lane, row)
 
-    def _leave(self, lane, row: ItemRow) -> None:
+    def _claim(self, row: ItemRow) -> Claim:
+        return self._pending[row.item_id].claim
+
+    def _leave(self, lane: Lane, row: ItemRow) -> None:
         """``row`` is decided (adopted, planned again, held or written off): its lane may send what it held back."""
         del self._pending[row.item_id]
         lane.settle_doubt(row.item_id)
         self._changed.set()
 
-    async def _verdicts(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> list:
+    async def _verdicts(self, lane: Lane, row: ItemRow, listing: _Listing, facts: _KeyFacts) -> list:
         found = []
         for entry in listing.entries:
             if self._in_window(entry, row, facts):
@@ -198,13 +213,15 @@ class Reconciler:
                     found.append((entry, verdict))
         return found
 
-    def _decide(self, lane, row: ItemRow, listing: _Listing, facts: _KeyFacts, found: list, shared: set[str]) -> bool:
+    def _decide(
+        self, lane: Lane, row: ItemRow, listing: _Listing, facts: _KeyFacts, found: list, shared: set[str]
+    ) -> bool:
         """Settle ``row`` if the listing allows (``shared``: tasks that fit other attempts too); True once it has
         left the reconciler."""
         cfg, now = self.config, self._clock.now()
         started_s = (row.submit_started_ms or 0) / 1000
         if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
-            self._write_off(lane, row)
+            self._write_off(row)
             return True
         fits_all = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
         maybe_all = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
@@ -221,7 +238,7 @@ class Reconciler:
         if ambiguous:
             if not closed:
                 return False  # more may show; decide once none can
-            return self._hold(lane, row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
+            return self._hold(row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
         if len(fits) == 1 and not maybe:
             entry, verdict = fits[0]
             proven = verdict is _Verdict.FITS_BY_PROMPT and facts.key_id is not None
@@ -234,24 +251,24 @@ class Reconciler:
             return self._no_task(lane, row)
         if listing.at_s >= closed_s + cfg.undecided_max_s:
             reason = "tasks that could be this attempt's did not finish in time to tell"
-            return self._hold(lane, row, "HeldUndecided", reason, fits, maybe)
+            return self._hold(row, "HeldUndecided", reason, fits, maybe)
         return False
 
     def _closed_s(self, row: ItemRow) -> float:
         """When no task of the attempt can be made any more nor be missing from the list (our clock)."""
         return (row.submit_started_ms or 0) / 1000 + self.config.request_window_s + self.config.list_lag_s
 
-    def _hold_overdue(self, lane) -> None:
+    def _hold_overdue(self, lane: Lane) -> None:
         """The list cannot be read: items past their time to decide are held rather than kept open for ever."""
         now = self._clock.now()
         for row in self._rows(lane):
             if now >= self._closed_s(row) + self.config.undecided_max_s:
-                self._hold(lane, row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
+                self._hold(row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
                 self._leave(lane, row)
 
     # -- what the list says -----------------------------------------------------------------------------------
 
-    async def _facts(self, lane, row: ItemRow) -> _KeyFacts:
+    async def _facts(self, lane: Lane, row: ItemRow) -> _KeyFacts:
         """The key's id and the clocks' offset of the run that made ``row``'s attempt, from up to five tasks that
         run made in the region (another run may have had another key, or a clock set otherwise)."""
         span = self._ledger.run_span(row.submit_started_ms or 0)
@@ -261,7 +278,7 @@ class Reconciler:
             facts.likely_key_id, facts.likely_offset_ms = folder.key_id, folder.offset_ms
         return facts
 
-    async def _learn(self, lane, span: tuple[int, int]) -> _KeyFacts:
+    async def _learn(self, lane: Lane, span: tuple[int, int]) -> _KeyFacts:
         """What the newest tasks made in ``span`` (our clock, ms) tell of their key and the clocks' offset."""
         facts = self._keys.setdefault((lane.region, *span), _KeyFacts())
         now = self._clock.now()
@@ -282,7 +299,7 @@ class Reconciler:
             facts.offset_ms, facts.learned_s = (min(offsets), max(offsets)), now
         return facts
 
-    async def _listing(self, lane, rows: list[ItemRow], facts: dict[str, _KeyFacts]) -> _Listing:
+    async def _listing(self, lane: Lane, rows: list[ItemRow], facts: dict[str, _KeyFacts]) -> _Listing:
         """The unclaimed tasks of the lane's model (of our key, where every row's attempt is known to use it)."""
         listing = _Listing(at_s=self._clock.now())
         params: dict[str, str] = {"model_name": lane.offer.api_name}
@@ -303,7 +320,7 @@ class Reconciler:
         listing.complete = False
         return listing
 
-    async def _list_page(self, lane, page: int, **params: str) -> tuple[list[dict], int, int | None]:
+    async def _list_page(self, lane: Lane, page: int, **params: str) -> tuple[list[dict], int, int | None]:
         """One page of the list: its readable entries (a task id, a status, a creation time), how many rows it
         had, and the page count (None when unreadable)."""
         await self._limiters[lane.region].acquire()
@@ -342,7 +359,7 @@ class Reconciler:
 
     # -- does a candidate fit the request ---------------------------------------------------------------------
 
-    async def _verdict(self, lane, row: ItemRow, entry: dict) -> _Verdict:
+    async def _verdict(self, lane: Lane, row: ItemRow, entry: dict) -> _Verdict:
         """Whether the listed task is this attempt's. Only what was read and found different rules it out."""
         if entry["status"] in UNBILLED:
             return _Verdict.NOT_OURS  # failed or canceled tasks are not billed: nothing of ours to lose
@@ -386,7 +403,7 @@ class Reconciler:
                 return _Verdict.NOT_OURS
         return _Verdict.FITS_BY_PROMPT if echoed else _Verdict.FITS
 
-    async def _answer(self, lane, task_id: str) -> dict | None:
+    async def _answer(self, lane: Lane, task_id: str) -> dict | None:
         """The task's query answer; a finished task's is asked for once."""
         found = self._finished.get(task_id)
         if found is not None:
@@ -402,7 +419,7 @@ class Reconciler:
             self._finished[task_id] = data
         return data
 
-    async def _image_size(self, lane, url: str) -> tuple[int, int] | None:
+    async def _image_size(self, lane: Lane, url: str) -> tuple[int, int] | None:
         """The width and height in the PNG header at ``url`` (no key is sent); None if it cannot be read now."""
         if url in self._sizes:
             return self._sizes[url]
@@ -424,7 +441,7 @@ class Reconciler:
 
     # -- decisions --------------------------------------------------------------------------------------------
 
-    def _adopt(self, lane, row: ItemRow, task_id: str) -> None:
+    def _adopt(self, lane: Lane, row: ItemRow, task_id: str) -> None:
         queued = self._ledger.transition(
             row.item_id,
             ItemState.queued,
@@ -435,46 +452,48 @@ class Reconciler:
         self.adopted += 1
         log.info("⇐ %s adopted task %s", row.item_id, task_id)
         submitted_s = (row.submit_started_ms or 0) / 1000
-        self._tracker.add(task_id=task_id, row=queued, lane=lane, submitted_s=submitted_s, resumed=True)
+        claim = self._claim(row)
+        claim.confirm()
+        self._tracker.add(task_id=task_id, row=queued, claim=claim, lane=lane, submitted_s=submitted_s, resumed=True)
 
-    def _no_task(self, lane, row: ItemRow) -> bool:
+    def _no_task(self, lane: Lane, row: ItemRow) -> bool:
         """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
         if row.endpoint is None and lane.offer.model.protocol is not Protocol.LEGACY:
             # Recorded before attempts noted their endpoint: it may have been a sync call, which no list shows.
             reason = "the attempt may have been a sync call (its endpoint was not recorded), which no list shows"
-            return self._hold(lane, row, "HeldUndecided", reason, [], [])
+            return self._hold(row, "HeldUndecided", reason, [], [])
         released = self.retry_held and row.error_code == "HeldUnknownTwice"
         if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
             reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
-            return self._hold(lane, row, "HeldUnknownTwice", reason, [], [])
+            return self._hold(row, "HeldUnknownTwice", reason, [], [])
         self._ledger.transition(row.item_id, ItemState.planned, note="the task list shows no task for this attempt")
         self.resent += 1
         log.info("↻ %s: no task was created; it will be sent again", row.item_id)
-        self._budget.settle(row.item_id, 0.0)
-        lane.slots.release()
+        self._claim(row).release()
         return True
 
-    def _hold(self, lane, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
+    def _hold(self, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
         """Leave the item unknown for the user, with the evidence; True (it has left the reconciler)."""
         named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
         evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
-        # Counted as spent while a task may exist; the list proved none for an item unknown twice.
-        self._budget.settle(row.item_id, 0.0 if code == "HeldUnknownTwice" else row.n_images * row.price_per_image)
-        lane.slots.release()
+        claim = self._claim(row)
+        if code == "HeldUnknownTwice":
+            claim.release()  # the list proved that no task was made
+        else:
+            claim.settle(claim.price)  # counted as spent while a task may exist
         self.held += 1
         log.warning("? %s held: %s%s", row.item_id, reason, evidence)
         return True
 
-    def _write_off(self, lane, row: ItemRow) -> None:
+    def _write_off(self, row: ItemRow) -> None:
         write_off(
             self._ledger,
             row.item_id,
-            paid=row.n_images * row.price_per_image,
+            paid=full_price(row),
             code="OutcomeUnknown",
             message="the service no longer lists tasks this old; counted as paid and lost",
-            budget=self._budget,
+            claim=self._claim(row),
         )
-        lane.slots.release()

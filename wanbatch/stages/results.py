@@ -13,7 +13,7 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.service.wire import image_results, parse_service_time_s
-from wanbatch.stages.budget import Budget
+from wanbatch.stages.claims import Claim, full_price
 
 __all__ = ["record_results", "sync_answer_lost", "write_off"]
 
@@ -27,20 +27,20 @@ def write_off(
     paid: float,
     code: str,
     message: str,
-    budget: Budget | None = None,
+    claim: Claim | None = None,
     **fields,
 ) -> ItemRow:
     """End an item that may have been paid for but can never give its images: expired, its cost counted as
-    paid (and as lost in the report), never sent again. Returns its row."""
+    paid (and as lost in the report), never sent again; its claim settled to that cost. Returns its row."""
     if code not in WRITE_OFF_CODES:
         raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
     row = ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
-    if budget is not None:
-        budget.settle(item_id, paid)
+    if claim is not None:
+        claim.settle(paid)
     return row
 
 
-def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, budget: Budget | None = None) -> None:
+def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim | None = None) -> None:
     """A sync call whose answer was lost (a fault, or a stop before it was recorded): it has no task id to find
     again and may have been billed, so sending it again could pay twice. It ends expired, counted as paid."""
     if row.state is ItemState.submitting:
@@ -48,10 +48,10 @@ def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, budget: Budge
     write_off(
         ledger,
         row.item_id,
-        paid=row.n_images * row.price_per_image,
+        paid=full_price(row),
         code="SyncAnswerLost",
         message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
-        budget=budget,
+        claim=claim,
     )
 
 
@@ -76,11 +76,12 @@ def record_results(
     now_s: float,
     config,
     common: dict,
-    budget: Budget | None = None,
+    claim: Claim | None = None,
     durable: bool = False,
 ) -> Recorded:
     """Record a SUCCEEDED task's images and move its queued item (``row``, as the tracker holds it) to generated
-    (or failed if none came out); returns what was recorded, for the downloader.
+    (or failed if none came out), and settle its ``claim`` to what the service billed (the images it generated);
+    returns what was recorded, for the downloader.
 
     ``durable``: the commit must survive a power loss (a sync answer: its URLs are nowhere else)."""
     results = image_results(output)  # raises MalformedAnswer before anything is recorded
@@ -132,6 +133,6 @@ def record_results(
             error_message=first.error_message if first else "the task returned no image",
             **common,
         )
-    if budget is not None:
-        budget.settle(item_id, recorded.row.cost)
+    if claim is not None:
+        claim.settle(recorded.row.cost)
     return recorded

@@ -17,10 +17,10 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from wanbatch.aio import wait_event
-from wanbatch.catalog import Offer, Protocol
+from wanbatch.catalog import Protocol
 from wanbatch.errors import (
     KEY_WIDE_CODES,
     UNREACHABLE,
@@ -35,18 +35,16 @@ from wanbatch.errors import (
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
-from wanbatch.service.client import WanClient
-from wanbatch.service.pacing import Pacer
 from wanbatch.service.wire import build_body
-from wanbatch.stages.budget import Budget
+from wanbatch.stages.claims import Claim, Refusal
+from wanbatch.stages.lane import SYNC_KEY, Lane
+from wanbatch.stages.reconcile import Reconciler
 from wanbatch.stages.results import sync_answer_lost
+from wanbatch.stages.track import Tracker
 
-__all__ = ["Lane", "Sent", "Slots", "SubmitConfig", "Submitter"]
+__all__ = ["Sent", "SubmitConfig", "Submitter"]
 
 log = logging.getLogger("wanbatch")
-
-SHARED_KEY = ""  #: the doubt key of every wan2.6 create: its results do not show the prompt
-SYNC_KEY = "sync "  #: the doubt keys of sync calls begin so: a lost sync answer is never sent again
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,91 +59,14 @@ class SubmitConfig:
 
 
 class Sent(enum.Enum):
-    """How an item's submit ended, as its last write recorded it: what its slot and doubt do next."""
+    """How an item's submit ended, as its last write recorded it: what its claim and doubt do next."""
 
-    #: Queued with a task on the service: its slot is held until the tracker sees the task end.
+    #: Queued with a task on the service: the tracker settles its claim when it sees the task end.
     tracked = "tracked"
-    #: The outcome is unknown: its slot is held and it stays in doubt until the reconciler decides.
+    #: The outcome is unknown: its claim is kept, in doubt, and so is the lane's, until the reconciler decides.
     in_doubt = "in_doubt"
-    #: Final, blocked, answered at once (sync) or left planned for later: its slot is free.
+    #: Final, blocked, answered at once (sync) or left planned for later: its claim has ended, or is released.
     done = "done"
-
-
-class Slots:
-    """Places for our open tasks on the service: taken before a POST, given back when the task ends.
-
-    On resume more tasks may be open than there are places; then nothing new is taken until enough end.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self.taken = capacity, 0
-        self._freed = asyncio.Event()
-
-    def take_now(self) -> None:
-        self.taken += 1
-
-    async def acquire(self, stop: asyncio.Event) -> bool:
-        """Take a place; False if ``stop`` was set first."""
-        while self.taken >= self.capacity:
-            if stop.is_set():
-                return False
-            self._freed.clear()
-            waiters = [asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(stop.wait())]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-        if stop.is_set():
-            return False
-        self.taken += 1
-        return True
-
-    def release(self) -> None:
-        self.taken -= 1
-        self._freed.set()
-
-
-@dataclass(eq=False)
-class Lane:
-    """One (region, model): the client for that region, its quota, pacing and open-task slots."""
-
-    region: str
-    offer: Offer
-    client: WanClient
-    pacer: Pacer
-    slots: Slots
-    blocked: ApiError | None = None
-    skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
-    #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
-    doubt: dict[str, str] = field(default_factory=dict)
-    prompts_hidden: bool = False  #: a result of this lane's model came without its prompt: tell creates apart by time
-    unreachable: int = 0  #: connections that failed to open in a row
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
-
-    def doubt_key(self, row) -> str:
-        """What tells this item's task apart in the service's list: its prompt, where results show it.
-        wan2.6's results do not, so its creates are in doubt one at a time."""
-        return SHARED_KEY if self.one_at_a_time else row.request["prompt"]
-
-    @property
-    def one_at_a_time(self) -> bool:
-        """Whether every create of the lane shares one doubt key: wan2.6's, and a legacy lane whose results were
-        seen without their prompt (as some of the service's answers come); then one is in doubt at a time."""
-        return self.offer.model.protocol is not Protocol.LEGACY or self.prompts_hidden
-
-    @property
-    def async_in_doubt(self) -> bool:
-        """Whether a create that the task list could show is in doubt (a sync call's never is)."""
-        return any(not key.startswith(SYNC_KEY) for key in self.doubt.values())
-
-    def settle_doubt(self, item_id: str) -> None:
-        self.doubt.pop(item_id, None)
-        self.changed.set()
-
-    @property
-    def model(self) -> str:
-        return self.offer.model.name
 
 
 class Submitter:
@@ -155,18 +76,16 @@ class Submitter:
         ledger: RunLedger,
         clock,
         lanes: list[Lane],
-        tracker,
-        reconciler,
-        on_sync_images: Callable[[ItemRow, dict], None],
+        tracker: Tracker,
+        reconciler: Reconciler,
+        on_sync_images: Callable[[ItemRow, Claim, dict], None],
         config,
         run: int | None = None,
-        budget: Budget | None = None,
     ) -> None:
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
         self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
         self.config: SubmitConfig = config
         self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
-        self.budget = budget or Budget()
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
         self.in_flight = 0
         self.submitted = 0
@@ -239,47 +158,48 @@ class Submitter:
                 sent += 1
         return sent, held
 
-    async def _dispatch(self, lane: Lane, row, group: asyncio.TaskGroup) -> bool:
-        """Reserve budget and a slot, wait for the pace, start the submit; False when submitting must stop."""
+    async def _dispatch(self, lane: Lane, row: ItemRow, group: asyncio.TaskGroup) -> bool:
+        """Open the item's claim (its price and a place), wait for the pace, start the submit; False when
+        submitting must stop."""
         if row.item_id in lane.doubt or self._ledger.state_of(row.item_id) is not ItemState.planned:
             return True  # the row was read while an earlier pass's submit of it was starting; it has moved on
-        if not self.budget.reserve(row.item_id, row.n_images * row.price_per_image):
-            log.warning("■ budget of %.2f %s reached: nothing more is submitted", self.budget.limit, row.currency)
+        claim = await lane.claims.open(row, self.stop)
+        if claim is Refusal.budget:
+            log.warning(
+                "■ budget of %.2f %s reached: nothing more is submitted", lane.claims.budget.limit, row.currency
+            )
             self.stop.set()
             return False
-        if not await lane.slots.acquire(self.stop):
-            self.budget.settle(row.item_id, 0.0)
+        if isinstance(claim, Refusal):
             return False
         if lane.blocked:
-            lane.slots.release()
-            self.budget.settle(row.item_id, 0.0)
+            claim.release()
             return False
         await lane.pacer.wait()
         self.in_flight += 1
         # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
         lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
-        group.create_task(self._submit(lane, row))
+        group.create_task(self._submit(lane, row, claim))
         return True
 
-    def _sync(self, lane: Lane, row) -> bool:
+    def _sync(self, lane: Lane, row: ItemRow) -> bool:
         """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
         return lane.offer.model.protocol is Protocol.MULTIMODAL and bool(
             row.request.get("sync") or self.config.sync_wan26
         )
 
-    async def _submit(self, lane: Lane, row) -> None:
+    async def _submit(self, lane: Lane, row: ItemRow, claim: Claim) -> None:
         sent = Sent.done
         try:
-            sent = await self._attempts(lane, row)
+            sent = await self._attempts(lane, row, claim)
         finally:
             self.in_flight -= 1
             if sent is not Sent.in_doubt:
                 lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
             if sent is Sent.done:
-                lane.slots.release()
-                self.budget.settle(row.item_id, 0.0)  # never made, or final (a sync result settled already)
+                claim.release()  # never made; a final one (a sync result, a write-off) was settled already
 
-    async def _attempts(self, lane: Lane, row) -> Sent:
+    async def _attempts(self, lane: Lane, row: ItemRow, claim: Claim) -> Sent:
         """Try until the item is queued, final or left for later."""
         for attempt in range(1, self.config.attempts + 1):
             if attempt > 1:
@@ -287,7 +207,7 @@ class Submitter:
                     return Sent.done
                 await self._clock.sleep(min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 2)))
                 await lane.pacer.wait()
-            outcome = await self._attempt(lane, row)
+            outcome = await self._attempt(lane, row, claim)
             if outcome is not None:
                 return outcome
         lane.skipped.add(row.item_id)
@@ -296,7 +216,7 @@ class Submitter:
         )
         return Sent.done
 
-    async def _attempt(self, lane: Lane, row) -> Sent | None:
+    async def _attempt(self, lane: Lane, row: ItemRow, claim: Claim) -> Sent | None:
         """One POST and the write that records how it went; None: known not made, try again."""
         ledger, item_id = self._ledger, row.item_id
         sync = self._sync(lane, row)
@@ -322,7 +242,7 @@ class Submitter:
                 created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
         except OutcomeUnknown as exc:
             if sync:
-                return self._sync_lost(lane, row, str(exc))
+                return self._sync_lost(row, claim, str(exc))
             ledger.transition(
                 item_id,
                 ItemState.unknown,
@@ -336,8 +256,8 @@ class Submitter:
                 exc,
                 extra={"event": "unknown", "item": item_id, "state": "unknown"},
             )
-            self._reconciler.add(item_id, lane)
-            return Sent.in_doubt  # a task may exist and occupy the service: keep its slot until reconciled
+            self._reconciler.add(lane, claim)
+            return Sent.in_doubt  # a task may exist and occupy the service: its claim is kept until reconciled
         except ThrottledError as exc:
             lane.pacer.throttled()
             return self._again(item_id, exc)
@@ -383,7 +303,7 @@ class Submitter:
                 request_id=data.get("request_id", ""),
                 submitted_ms=self._clock.now_ms(),
             )
-            self._on_sync_images(queued, data)
+            self._on_sync_images(queued, claim, data)
             return Sent.done
         queued = ledger.transition(
             item_id,
@@ -407,12 +327,12 @@ class Submitter:
                 "state": "queued",
             },
         )
-        self._tracker.add(task_id=created.task_id, row=queued, lane=lane, submitted_s=self._clock.now())
+        self._tracker.add(task_id=created.task_id, row=queued, claim=claim, lane=lane, submitted_s=self._clock.now())
         return Sent.tracked
 
-    def _sync_lost(self, lane: Lane, row: ItemRow, reason: str) -> Sent:
+    def _sync_lost(self, row: ItemRow, claim: Claim, reason: str) -> Sent:
         """``row``: the item as its submitting move wrote it."""
-        sync_answer_lost(self._ledger, row, reason, self.budget)
+        sync_answer_lost(self._ledger, row, reason, claim)
         log.warning(
             "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
         )

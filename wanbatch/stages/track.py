@@ -29,8 +29,9 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import MalformedAnswer, parse_service_time_s
-from wanbatch.stages.budget import Budget
 from wanbatch.stages.cancel import CancelOutcome, cancel_on_service
+from wanbatch.stages.claims import Claim
+from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import record_results, write_off
 
 __all__ = ["Durations", "OpenTask", "Tracker", "TrackerConfig"]
@@ -107,7 +108,8 @@ class OpenTask:
     due_s: float
     task_id: str = field(compare=False)
     row: ItemRow = field(compare=False)  #: the item as it was queued: what recording its end needs
-    lane: Any = field(compare=False)
+    lane: Lane = field(compare=False)
+    claim: Claim = field(compare=False)  #: settled when the task ends
     submitted_s: float = field(compare=False)
     polls: int = field(default=0, compare=False)
     running_since_s: float | None = field(default=None, compare=False)  #: None while thought queued
@@ -139,11 +141,9 @@ class Tracker:
         limiters: dict[str, Any],
         on_images: Callable[[Recorded], None],
         config: TrackerConfig = TrackerConfig(),
-        budget: Budget | None = None,
     ) -> None:
         self._ledger, self._clock, self._limiters, self._on_images = ledger, clock, limiters, on_images
         self.config = config
-        self.budget = budget or Budget()
         self._heap: list[OpenTask] = []
         self._wake = asyncio.Event()
         self._durations: dict[str, Durations] = {}
@@ -162,20 +162,22 @@ class Tracker:
         """Open tasks running on the service, as far as the tracker knows."""
         return sum(lane.running for lane in self._lanes.values())
 
-    def durations(self, lane) -> Durations:
+    def durations(self, lane: Lane) -> Durations:
         model = lane.offer.model
         found = self._durations.get(model.name)
         if found is None:
             found = self._durations[model.name] = Durations(model.typical_duration_s)
         return found
 
-    def add(self, *, task_id: str, row: ItemRow, lane, submitted_s: float, resumed: bool = False) -> None:
-        """Start following the task of the queued item ``row``: thought running if the lane has a free place on
-        the service, else queued.
+    def add(
+        self, *, task_id: str, row: ItemRow, claim: Claim, lane: Lane, submitted_s: float, resumed: bool = False
+    ) -> None:
+        """Start following the task of the queued item ``row`` (its ``claim`` is settled when it ends): thought
+        running if the lane has a free place on the service, else queued.
 
         A ``resumed`` task (from an earlier run) is looked at at once: how long it has been open is not known.
         """
-        task = OpenTask(submitted_s, task_id, row, lane, submitted_s)
+        task = OpenTask(submitted_s, task_id, row, lane, claim, submitted_s)
         tasks = self._lane_tasks(lane)
         if resumed:
             tasks.queued.append(task)
@@ -208,9 +210,9 @@ class Tracker:
             wait_s = self.config.idle_tick_s if not self._heap else min(self._heap[0].due_s - now, 5.0)
             await wait_event(self._wake, wait_s / self._clock.speed)
 
-    def record_sync(self, row: ItemRow, data: dict) -> None:
+    def record_sync(self, row: ItemRow, claim: Claim, data: dict) -> None:
         """A sync call's answer holds the finished task of the queued item ``row``: record it as if a poll had
-        found it."""
+        found it, and settle its ``claim``."""
         item_id = row.item_id
         common = {"task_status": "SUCCEEDED", "ended_ms": self._clock.now_ms()}
         output = data.get("output") if isinstance(data.get("output"), dict) else {}
@@ -222,15 +224,14 @@ class Tracker:
                 now_s=self._clock.now(),
                 config=self.config,
                 common=common,
-                budget=self.budget,
+                claim=claim,
                 durable=True,  # its URLs are nowhere else: a power loss must not take them
             )
         except MalformedAnswer as exc:
             # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost,
             # at the price stored when it was planned (the catalog may have moved).
-            paid = row.n_images * row.price_per_image
             write_off(
-                self._ledger, item_id, paid=paid, code="MalformedAnswer", message=str(exc), budget=self.budget, **common
+                self._ledger, item_id, paid=claim.price, code="MalformedAnswer", message=str(exc), claim=claim, **common
             )
             log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
             return
@@ -239,7 +240,7 @@ class Tracker:
 
     # -- what the tracker believes runs where ---------------------------------------------------------------
 
-    def _lane_tasks(self, lane) -> _LaneTasks:
+    def _lane_tasks(self, lane: Lane) -> _LaneTasks:
         return self._lanes.setdefault(id(lane), _LaneTasks())
 
     def _start(self, task: OpenTask, since_s: float) -> None:
@@ -381,8 +382,7 @@ class Tracker:
             self._heap = [other for other in self._heap if other is not task]
             heapq.heapify(self._heap)
             self._ended(task, None)
-            task.lane.slots.release()
-            self.budget.settle(task.item_id, 0.0)
+            task.claim.settle(0.0)  # canceled before it ran: nothing billed
             self.canceled += 1
             log.info("⊘ %s task %s canceled", task.item_id, task.task_id)
 
@@ -418,7 +418,6 @@ class Tracker:
                 self._again(task, self._backoff_s(task))
                 return
             self._ended(task, self._on_our_clock(task, output, "end_time"))
-            lane.slots.release()
             return
         looked_due = task.due_s
         if status in OPEN:
@@ -468,7 +467,7 @@ class Tracker:
             return None
         return task.submitted_s + (value - submitted)
 
-    def _learn(self, lane, output: dict) -> None:
+    def _learn(self, lane: Lane, output: dict) -> None:
         start = parse_service_time_s(output.get("scheduled_time"))
         end = parse_service_time_s(output.get("end_time"))
         if start is not None and end is not None and end >= start:
@@ -483,7 +482,7 @@ class Tracker:
         if status == "SUCCEEDED":
             self._learn(lane, output)
             recorded = record_results(
-                ledger, task.row, output, now_s=now, config=self.config, common=common, budget=self.budget
+                ledger, task.row, output, now_s=now, config=self.config, common=common, claim=task.claim
             )
             if recorded.row.state is ItemState.generated:
                 self._on_images(recorded)
@@ -492,7 +491,7 @@ class Tracker:
             ledger.transition(
                 item_id, ItemState.failed, expect=ItemState.queued, error_code=code, error_message=message, **common
             )
-            self.budget.settle(item_id, 0.0)
+            task.claim.settle(0.0)  # a FAILED task is not billed
             log.info(
                 "✗ %s task %s FAILED %s: %s",
                 item_id,
@@ -503,17 +502,16 @@ class Tracker:
             )
         elif status == "CANCELED":
             ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, **common)
-            self.budget.settle(item_id, 0.0)
+            task.claim.settle(0.0)
         else:  # UNKNOWN past the task's lifetime: the task id is gone; whether it was billed cannot be known
             # now: count it as paid (and lost), at the price stored when it was planned.
-            row = task.row
             write_off(
                 ledger,
                 item_id,
-                paid=row.n_images * row.price_per_image,
+                paid=task.claim.price,
                 code="TaskExpired",
                 message="the service no longer knows this task (past its lifetime); counted as paid and lost",
-                budget=self.budget,
+                claim=task.claim,
                 **common,
             )
 
