@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,7 +52,7 @@ log = logging.getLogger("wanbatch")
 
 #: Where the items of a ledger stand when the engine starts.
 
-#: The states of items whose task is (or may be) open: few, bounded by the lanes' slots.
+#: The states of items whose task is (or may be) open: few, bounded by the lanes' places (their claims).
 _OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 _RESUMABLE = (ItemState.planned, *_OPEN)
 #: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
@@ -278,7 +279,13 @@ class Engine:
         return stats
 
     def _build(
-        self, ledger: RunLedger, session: aiohttp.ClientSession, lanes_wanted, budget: Budget, run: int, thumbs
+        self,
+        ledger: RunLedger,
+        session: aiohttp.ClientSession,
+        lanes_wanted: AbstractSet[tuple[str, str]],
+        budget: Budget,
+        run: int,
+        thumbs: Thumbnailer | None,
     ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
