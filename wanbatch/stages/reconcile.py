@@ -148,6 +148,8 @@ class Reconciler:
         self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
         #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
         self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
+        #: tasks that fit an attempt held for the user: whose they are stays unproven for the other attempts too
+        self._contested: set[str] = set()
         self._changed = asyncio.Event()
         self.adopted = self.resent = self.held = 0
 
@@ -185,10 +187,11 @@ class Reconciler:
         listing = await self._listing(lane, rows, facts)
         verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
         # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
-        claims = Counter(
+        fitted = Counter(
             entry["task_id"] for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
         )
-        shared = {task_id for task_id, count in claims.items() if count > 1}
+        # So is one that fit an attempt already held: that attempt's window may close before another's.
+        shared = {task_id for task_id, count in fitted.items() if count > 1} | self._contested
         for row in rows:
             # Not one adopted by an earlier row of this sweep.
             found = [(entry, verdict) for entry, verdict in verdicts[row.item_id] if entry in listing.entries]
@@ -479,6 +482,7 @@ class Reconciler:
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
+        self._contested.update(entry["task_id"] for entry, verdict in fits if verdict is _Verdict.FITS)
         claim = self._claim(row)
         if code == "HeldUnknownTwice":
             claim.release()  # the list proved that no task was made
