@@ -15,10 +15,13 @@
     ├── TransportError         no usable answer came back
     │   └── OutcomeUnknown     the request may have reached the service (timeout or reset after sending)
     ├── MalformedAnswer        an answer that cannot be read as the protocol says: ask again, do not act on it
-    └── DownloadError          an image could not be fetched or failed verification
-        └── UrlExpired         the result URL is past its life: the image is lost
+    ├── DownloadError          an image could not be fetched or failed verification
+    │   └── UrlExpired         the result URL is past its life: the image is lost
+    └── StoreError             the output store did not take or confirm an object (down, refusing, a wrong answer)
+        └── StoreConfigError   no such bucket, refused credentials: also a ConfigError; the user fixes it
 
-aiohttp's exceptions are mapped to these in one place, ``wanbatch.service.client``.
+aiohttp's exceptions are mapped to these in one place, ``wanbatch.service.client``; the
+output stores' (fsspec, s3fs, ossfs, the disk) in ``wanbatch.outputs.stores``.
 Each error says whether retrying may help (``retryable``); for the service's
 errors that is decided by its ``code``, not its HTTP status, through the one
 table of codes below (:func:`classify_api_error`, :func:`proves_no_task`).
@@ -51,6 +54,8 @@ __all__ = [
     "OutcomeUnknown",
     "RejectedError",
     "RunLocked",
+    "StoreConfigError",
+    "StoreError",
     "ThrottledError",
     "TransportError",
     "UrlExpired",
@@ -215,6 +220,21 @@ class DownloadError(WanbatchError):
 
 class UrlExpired(DownloadError):
     """The result URL no longer serves the image."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class StoreError(WanbatchError):
+    """The output store did not take an object, or did not prove it holds it whole; the bytes are kept to retry."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class StoreConfigError(StoreError, ConfigError):
+    """The store cannot be used as configured: its bucket does not exist or it refuses our credentials."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)

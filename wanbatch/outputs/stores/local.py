@@ -1,0 +1,103 @@
+"""A folder on this machine as a store: today's behaviour, behind the store's interface.
+
+An object is written to a partial file, fsynced, renamed into place and its
+folder fsynced; only then is it reported stored, with its size read back from
+the file system. A reader never sees half a file, and a power loss after the
+rename keeps the whole file. File work runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from wanbatch.errors import StoreConfigError, StoreError
+from wanbatch.outputs.stores.base import Store, StoreConfig, Stored, digests
+
+__all__ = ["LocalStore"]
+
+#: The file system's answers that waiting will not fix: the user must choose another folder or fix its rights.
+_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+
+class LocalStore(Store):
+    """A folder: ``root`` holds each key as a file, sub-folders made as needed."""
+
+    def __init__(self, root: Path, config: StoreConfig | None = None) -> None:
+        super().__init__(config or StoreConfig())
+        self.root = Path(root)
+        self.location = str(self.root)
+
+    def url_for(self, key: str) -> str:
+        return str(self.root / key)
+
+    async def _check(self) -> None:
+        await asyncio.to_thread(self._probe)
+
+    async def _put(self, key: str, data: bytes) -> Stored:
+        return await asyncio.to_thread(self._write, key, data)
+
+    async def _stat(self, key: str) -> Stored | None:
+        return await asyncio.to_thread(self._read_stat, key)
+
+    def _probe(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root) as probe:
+                probe.write(b"wanbatch")
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            raise self._error(exc, "cannot write to the output folder") from None
+
+    def _write(self, key: str, data: bytes) -> Stored:
+        md5, sha256 = digests(data)
+        final = self.root / key
+        partial = final.with_name(final.name + ".partial")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(partial, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(partial, final)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            # The rename is durable once the folder is: only then is the object stored.
+            _fsync_folder(final.parent)
+            size_bytes = final.stat().st_size
+        except OSError as exc:
+            raise self._error(exc, f"cannot write {key}") from None
+        if size_bytes != len(data):
+            raise StoreError(f"{final} holds {size_bytes} bytes after writing {len(data)}: not counted as saved")
+        return Stored(key=key, size_bytes=size_bytes, md5=md5, sha256=sha256)
+
+    def _read_stat(self, key: str) -> Stored | None:
+        try:
+            data = (self.root / key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._error(exc, f"cannot read {key}") from None
+        md5, sha256 = digests(data)
+        return Stored(key=key, size_bytes=len(data), md5=md5, sha256=sha256)
+
+    def _error(self, exc: OSError, what: str) -> StoreError:
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in _REFUSALS:
+            return StoreConfigError(f"{self.root}: {what} ({reason}): choose another --out or fix its permissions")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreError(f"{self.root}: {what} ({reason}): free some space; the images wait meanwhile")
+        return StoreError(f"{self.root}: {what} ({reason})")
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
