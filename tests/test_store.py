@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,9 @@ def test_open_store_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         open_store("s3:///prefix")
     with pytest.raises(ConfigError, match="unsupported scheme gs://"):
         open_store("gs://bucket/x")
-    monkeypatch.setitem(__import__("sys").modules, "ossfs", None)
+    monkeypatch.setitem(sys.modules, "ossfs", None)
     with pytest.raises(ConfigError, match=r"wanbatch\[oss\]"):
         open_store("oss://bucket/x")
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(ConfigError, match=r"wanbatch\[s3\]"):
+        open_store("s3://bucket/x")

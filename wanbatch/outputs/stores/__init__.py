@@ -52,8 +52,11 @@ def open_store(target: str | Path, *, config: StoreConfig | None = None) -> Stor
 
 
 def _s3_store(root: str, config: StoreConfig) -> S3Store:
-    import fsspec.config
-    import s3fs
+    try:
+        import fsspec.config
+        import s3fs
+    except ImportError:
+        raise ConfigError("s3:// needs s3fs: pip install 'wanbatch[s3]'") from None
 
     user = fsspec.config.conf.get("s3", {})
     endpoint = (
