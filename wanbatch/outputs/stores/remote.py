@@ -118,7 +118,7 @@ class FsspecStore(Store):
             return self._no_bucket()
         if isinstance(exc, aiohttp.ClientError | TimeoutError | OSError) or _is_botocore(exc):
             return StoreError(f"{self.location} (endpoint {self.endpoint}) failed {action}: {reason}")
-        raise exc
+        raise exc  # anything else is a bug of ours, not the store's answer: it goes on as it is
 
     def _no_bucket(self) -> StoreConfigError:
         return StoreConfigError(
