@@ -1,8 +1,9 @@
 """A folder on this machine as a store: today's behaviour, behind the store's interface.
 
-An object is written to a partial file, fsynced, renamed into place and its
-folder fsynced; only then is it reported stored, with its size read back from
-the file system. A reader never sees half a file, and a power loss after the
+An object is written to a temporary file, fsynced, renamed into place and its
+folder fsynced (:func:`wanbatch.atomic.write_atomic`, as the downloader's images
+are); only then is it reported stored, with its size read back from the file
+system. A reader never sees half a file, and a power loss after the
 rename keeps the whole file. File work runs in worker threads.
 """
 
@@ -14,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from wanbatch.atomic import write_atomic
 from wanbatch.errors import StoreConfigError, StoreError
 from wanbatch.outputs.stores.base import Store, StoreConfig, Stored, digests
 
@@ -55,20 +57,9 @@ class LocalStore(Store):
     def _write(self, key: str, data: bytes) -> Stored:
         md5, sha256 = digests(data)
         final = self.root / key
-        partial = final.with_name(final.name + ".partial")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(partial, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(partial, final)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            # The rename is durable once the folder is: only then is the object stored.
-            _fsync_folder(final.parent)
+            write_atomic(final, data, durable=True)
             size_bytes = final.stat().st_size
         except OSError as exc:
             raise self._error(exc, f"cannot write {key}") from None
@@ -93,11 +84,3 @@ class LocalStore(Store):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return StoreError(f"{self.root}: {what} ({reason}): free some space; the images wait meanwhile")
         return StoreError(f"{self.root}: {what} ({reason})")
-
-
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
