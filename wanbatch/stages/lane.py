@@ -38,6 +38,8 @@ class Lane:
     doubt: dict[str, str] = field(default_factory=dict)
     prompts_hidden: bool = False  #: a result of this lane's model came without its prompt: tell creates apart by time
     unreachable: int = 0  #: connections that failed to open in a row
+    probe_started_s: float | None = None  #: when this run's first create of the lane went out (our clock)
+    answered: bool = False  #: whether a create of the lane has ended this run (answered, refused or in doubt)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
 
     def doubt_key(self, row: ItemRow) -> str:

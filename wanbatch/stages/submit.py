@@ -56,6 +56,9 @@ class SubmitConfig:
     batch: int = 200  #: planned items read from the ledger at a time
     sync_wan26: bool = False  #: use wan2.6's synchronous endpoint
     unreachable_after: int = 8  #: connections failing in a row before a lane stops (the service is not there)
+    #: a lane's first create goes alone until answered, or for this long (our clock): an account's refusal (arrears,
+    #: a wrong key, a model not bought) comes back at once, so a burst is never sent on a key that is refused
+    probe_s: float = 2.0
 
 
 class Sent(enum.Enum):
@@ -143,6 +146,8 @@ class Submitter:
             if not rows:
                 break
             for row in rows:
+                if self._probing(lane):
+                    return sent, held + 1  # the lane's first create is out alone: look again once it is answered
                 after_seq = row.seq
                 if row.item_id in lane.skipped or row.item_id in lane.doubt:
                     continue
@@ -172,15 +177,23 @@ class Submitter:
             return False
         if isinstance(claim, Refusal):
             return False
-        if lane.blocked:
+        await lane.pacer.wait()
+        # Looked at after the wait: an account's refusal or a stop may have come back while this create waited.
+        if lane.blocked or self.stop.is_set():
             claim.release()
             return False
-        await lane.pacer.wait()
         self.in_flight += 1
+        if lane.probe_started_s is None:
+            lane.probe_started_s = self._clock.now()
         # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
         lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
         group.create_task(self._submit(lane, row, claim))
         return True
+
+    def _probing(self, lane: Lane) -> bool:
+        """Whether the lane's first create is still out alone (see ``SubmitConfig.probe_s``)."""
+        started_s = lane.probe_started_s
+        return not lane.answered and started_s is not None and self._clock.now() - started_s < self.config.probe_s
 
     def _sync(self, lane: Lane, row: ItemRow) -> bool:
         """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
@@ -194,6 +207,9 @@ class Submitter:
             sent = await self._attempts(lane, row, claim)
         finally:
             self.in_flight -= 1
+            if not lane.answered:
+                lane.answered = True
+                lane.changed.set()
             if sent is not Sent.in_doubt:
                 lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
             if sent is Sent.done:
