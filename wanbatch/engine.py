@@ -289,7 +289,7 @@ class Engine:
     ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
-        limiters = {region: even_limiter(self.config.query_qps, speed=self.clock.speed) for region in regions}
+        limiters = {region: even_limiter(self.config.query_qps, clock=self.clock) for region in regions}
         clients = {
             region: WanClient(
                 session,
@@ -346,7 +346,7 @@ class Engine:
             region=region,
             offer=offer,
             client=client,
-            pacer=Pacer(offer.submit_rps, speed=self.clock.speed),
+            pacer=Pacer(offer.submit_rps, clock=self.clock),
             claims=Claims(offer.concurrency + self.config.submit.backlog, budget),
         )
 

@@ -13,6 +13,8 @@ import asyncio
 
 from aiolimiter import AsyncLimiter
 
+from wanbatch.clock import Clock
+
 __all__ = ["GUARD_INTERVALS", "Pacer", "even_limiter"]
 
 #: The guard is at most this many of the quota's own intervals. It stands for a few milliseconds of arrival
@@ -21,9 +23,9 @@ __all__ = ["GUARD_INTERVALS", "Pacer", "even_limiter"]
 GUARD_INTERVALS = 10
 
 
-def even_limiter(rate_per_s: float, *, speed: float = 1.0) -> AsyncLimiter:
-    """A limiter that lets one acquisition through every ``1/rate`` clock seconds, with no burst."""
-    return AsyncLimiter(1, 1.0 / (rate_per_s * speed))
+def even_limiter(rate_per_s: float, *, clock: Clock) -> AsyncLimiter:
+    """A limiter that lets one acquisition through every ``1/rate`` seconds of ``clock``, with no burst."""
+    return AsyncLimiter(1, clock.to_wall_s(1.0 / rate_per_s))
 
 
 class Pacer:
@@ -33,7 +35,7 @@ class Pacer:
         self,
         rate_per_s: float,
         *,
-        speed: float = 1.0,
+        clock: Clock,
         margin: float = 0.9,
         floor: float = 0.1,
         step: float = 0.05,
@@ -43,9 +45,9 @@ class Pacer:
         milliseconds closer together, which on a fast simulated clock is a large part of a second. It is
         capped at ``GUARD_INTERVALS`` intervals, so an unlimited quota is not held to 1/guard_s creates/s."""
         self.quota_per_s = rate_per_s
-        self._speed, self._margin, self._floor, self._step = speed, margin, floor, step
+        self._clock, self._margin, self._floor, self._step = clock, margin, floor, step
         self.factor = 1.0
-        interval_s = 1.0 / (rate_per_s * margin * speed)
+        interval_s = clock.to_wall_s(1.0 / (rate_per_s * margin))
         self.interval_s = interval_s + min(guard_s, GUARD_INTERVALS * interval_s)  #: wall time between creates
         self._limiter = AsyncLimiter(1, self.interval_s)
         # Retrying submits wait here too: one at a time, so the slowed spacing holds between all of them.
@@ -62,7 +64,7 @@ class Pacer:
             if self.factor < 1.0:
                 # Slowed down: stretch the spacing beyond the limiter's full-quota interval.
                 extra_s = 1.0 / self.rate_per_s - 1.0 / (self.quota_per_s * self._margin)
-                await asyncio.sleep(extra_s / self._speed)
+                await self._clock.sleep(extra_s)
 
     def throttled(self) -> None:
         """A 429 came back: halve the rate (down to the floor)."""

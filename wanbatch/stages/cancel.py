@@ -106,7 +106,7 @@ async def cancel_queued(
         if missing:
             raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
         async with aiohttp.ClientSession() as session:
-            limiter = even_limiter(query_qps)
+            limiter = even_limiter(query_qps, clock=clock)
             clients: dict[str, WanClient] = {}
             for row in ledger.iter_items([ItemState.queued]):
                 if not row.task_id:

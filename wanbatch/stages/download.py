@@ -223,7 +223,7 @@ class Downloader:
                     self._leave_waiting()
                     self._wake.set()  # let the other workers see the end too
                     return
-                await wait_event(self._wake, self._idle_wait_s())
+                await self._idle()
                 continue
             job = heapq.heappop(self._heap)
             self._busy += 1
@@ -243,11 +243,12 @@ class Downloader:
         while self._waiting and self._waiting[0][0] <= now:
             heapq.heappush(self._heap, heapq.heappop(self._waiting)[2])
 
-    def _idle_wait_s(self) -> float:
-        """Wall seconds to wait for work: until the next retry is due, and never long (new work wakes us)."""
+    async def _idle(self) -> None:
+        """Wait for work: until the next retry is due, and never long (new work wakes us)."""
         if not self._waiting:
-            return 0.2
-        return min(max(self._waiting[0][0] - self._clock.now(), 0.0) / self._clock.speed, 0.2)
+            await wait_event(self._wake, 0.2)
+            return
+        await self._clock.wait_event(self._wake, self._waiting[0][0] - self._clock.now(), at_most_wall_s=0.2)
 
     def _leave_waiting(self) -> None:
         """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
