@@ -181,7 +181,7 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
     from datetime import datetime
 
     from wanbatch.clock import ScaledClock
-    from wanbatch.service.wire import SERVICE_TZ
+    from wanbatch.service.wire import SERVICE_TZ, task_view
     from wanbatch.stages.results import record_results
     from wanbatch.stages.track import TrackerConfig
 
@@ -201,7 +201,8 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
             "end_time": stamp,
             "results": [{"orig_prompt": "a tui", "url": f"https://example.invalid/a.png?Expires={week}"}],
         }
-        recorded = record_results(ledger, queued, output, now_s=now, config=TrackerConfig(), common={})
+        view = task_view({"output": output}, sent_s=now, now_s=now)
+        recorded = record_results(ledger, queued, view, now_s=now, config=TrackerConfig(), common={})
         assert recorded.images == tuple(ledger.images_of(row.item_id))
     (image,) = recorded.images
     assert image.deadline_ms <= (now + 86400) * 1000

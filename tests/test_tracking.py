@@ -81,8 +81,7 @@ async def test_several_due_tasks_are_seen_through_one_list(start_sim, tmp_path):
 def assert_settled(engine) -> None:
     """At the end the tracker believes nothing runs or waits on the service."""
     tracker = engine._tracker
-    assert tracker.running == 0 and len(tracker) == 0
-    assert all(not lane.queued for lane in tracker._lanes.values())
+    assert tracker.running == 0 and tracker.queued == 0 and len(tracker) == 0
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ from wanbatch.errors import ApiError, TransportError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
-from wanbatch.service.wire import MalformedAnswer, image_results, result_prompts
+from wanbatch.service.wire import ListPage, ListRow, MalformedAnswer, TaskStatus, TaskView, list_page, task_view
 from wanbatch.stages.claims import Claim, full_price
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import write_off
@@ -59,8 +59,6 @@ __all__ = ["ReconcileConfig", "Reconciler", "echoes_prompt"]
 
 log = logging.getLogger("wanbatch")
 
-UNBILLED = frozenset({"FAILED", "CANCELED", "CANCELLED"})  #: tasks in these states cost nothing
-FINISHED = frozenset({"SUCCEEDED"}) | UNBILLED  #: a task in these states answers the same ever after
 #: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
 #: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
 SHORTEST_ECHO = 400
@@ -116,7 +114,7 @@ class _Doubt(NamedTuple):
 
 @dataclass(slots=True)
 class _Listing:
-    entries: list[dict] = field(default_factory=list)  #: unclaimed tasks, readable, each once
+    entries: list[ListRow] = field(default_factory=list)  #: unclaimed tasks, readable, each once
     complete: bool = True  #: every page was read, and every row on them
     at_s: float = 0.0  #: when it was asked for (our clock): proof only of what could show by then
 
@@ -144,7 +142,7 @@ class Reconciler:
         self.config = config
         self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
         self._pending: dict[str, _Doubt] = {}  # item_id -> its lane and claim
-        self._finished: dict[str, dict] = {}  #: task_id -> the query answer of a finished task: asked once
+        self._finished: dict[str, TaskView] = {}  #: task_id -> what a finished task's query said: asked once
         self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
         #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
         self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
@@ -188,7 +186,7 @@ class Reconciler:
         verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
         # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
         fitted = Counter(
-            entry["task_id"] for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
+            entry.task_id for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
         )
         # So is one that fit an attempt already held: that attempt's window may close before another's.
         shared = {task_id for task_id, count in fitted.items() if count > 1} | self._contested
@@ -233,11 +231,11 @@ class Reconciler:
             # The run's key is not known; the folder's is likely it: enough to tell ours from another program's,
             # never to prove that no task was made (that takes every key's tasks to be out of the way).
             likely = facts.likely_key_id
-            fits = [(entry, verdict) for entry, verdict in fits if entry.get("api_key_id", likely) == likely]
-            maybe = [entry for entry in maybe if entry.get("api_key_id", likely) == likely]
+            fits = [(entry, verdict) for entry, verdict in fits if entry.api_key_id in (None, likely)]
+            maybe = [entry for entry in maybe if entry.api_key_id in (None, likely)]
         closed_s = self._closed_s(row)
         closed = listing.complete and listing.at_s >= closed_s
-        ambiguous = len(fits) > 1 or any(entry["task_id"] in shared for entry, _ in fits)
+        ambiguous = len(fits) > 1 or any(entry.task_id in shared for entry, _ in fits)
         if ambiguous:
             if not closed:
                 return False  # more may show; decide once none can
@@ -247,7 +245,7 @@ class Reconciler:
             proven = verdict is _Verdict.FITS_BY_PROMPT and facts.key_id is not None
             if proven or closed:
                 listing.entries.remove(entry)
-                self._adopt(lane, row, entry["task_id"])
+                self._adopt(lane, row, entry.task_id)
                 return True
             return False
         if closed and not fits_all and not maybe_all:
@@ -289,13 +287,13 @@ class Reconciler:
             return facts
         offsets = []
         for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
-            entries, _, _ = await self._list_page(lane, 1, task_id=task_id)
-            entry = next((e for e in entries if e["task_id"] == task_id), None)
-            if entry is None:
+            page = await self._list_page(lane, 1, task_id=task_id)
+            entry = page.by_id.get(task_id)
+            if entry is None or entry.created_ms is None:
                 continue
-            if isinstance(entry.get("api_key_id"), str):
-                facts.key_id = entry["api_key_id"]
-            offset = entry["gmt_create"] - started_ms
+            if entry.api_key_id is not None:
+                facts.key_id = entry.api_key_id
+            offset = entry.created_ms - started_ms
             if abs(offset) < _DAY_MS:  # a garbled time teaches nothing
                 offsets.append(offset)
         if offsets:
@@ -311,43 +309,27 @@ class Reconciler:
             params["api_key_id"] = keys.pop()
         seen: set[str] = set()
         for page in range(1, self.config.max_pages + 1):
-            entries, raw_rows, total_pages = await self._list_page(lane, page, **params)
-            if len(entries) < raw_rows or total_pages is None:
+            found = await self._list_page(lane, page, **params)
+            entries = [entry for entry in found.rows if entry.created_ms is not None]  # else no window holds it
+            if not found.whole or len(entries) < len(found.rows):
                 listing.complete = False  # a row or the page count could not be read: nothing is proven absent
             for entry in entries:
-                if entry["task_id"] not in seen and self._ledger.item_for_task(entry["task_id"]) is None:
+                if entry.task_id not in seen and self._ledger.item_for_task(entry.task_id) is None:
                     listing.entries.append(entry)
-                seen.add(entry["task_id"])
-            if raw_rows < self.config.page_size or (total_pages is not None and page >= total_pages):
+                seen.add(entry.task_id)
+            if found.raw_rows < self.config.page_size or (found.total_pages is not None and page >= found.total_pages):
                 return listing
         listing.complete = False
         return listing
 
-    async def _list_page(self, lane: Lane, page: int, **params: str) -> tuple[list[dict], int, int | None]:
-        """One page of the list: its readable entries (a task id, a status, a creation time), how many rows it
-        had, and the page count (None when unreadable)."""
+    async def _list_page(self, lane: Lane, page: int, **params: str) -> ListPage:
         await self._limiters[lane.region].acquire()
-        data = await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params)
-        rows = data.get("data")
-        rows = rows if isinstance(rows, list) else []
-        entries = [
-            row
-            for row in rows
-            if isinstance(row, dict)
-            and isinstance(row.get("task_id"), str)
-            and row["task_id"]
-            and isinstance(row.get("status"), str)
-            and isinstance(row.get("gmt_create"), int)
-            and not isinstance(row.get("gmt_create"), bool)
-        ]
-        pages = data.get("total_page")
-        valid = isinstance(pages, int) and not isinstance(pages, bool) and pages >= 0
-        return entries, len(rows), pages if valid else None
+        return list_page(await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params))
 
-    def _in_window(self, entry: dict, row: ItemRow, facts: _KeyFacts) -> bool:
+    def _in_window(self, entry: ListRow, row: ItemRow, facts: _KeyFacts) -> bool:
         """Whether the listed task may be the attempt's: made in its window (as far as the clocks' offset is known
         for its run), by its run's key (where known)."""
-        if facts.key_id is not None and entry.get("api_key_id", facts.key_id) != facts.key_id:
+        if facts.key_id is not None and entry.api_key_id not in (None, facts.key_id):
             return False
         offset, margin_s = facts.offset_ms, self.config.clock_margin_s
         if offset is None:
@@ -358,45 +340,35 @@ class Reconciler:
         start_ms = row.submit_started_ms or 0
         low = start_ms + least - margin_s * 1000
         high = start_ms + most + (self.config.request_window_s + margin_s) * 1000
-        return low <= entry["gmt_create"] <= high
+        return entry.created_ms is not None and low <= entry.created_ms <= high
 
     # -- does a candidate fit the request ---------------------------------------------------------------------
 
-    async def _verdict(self, lane: Lane, row: ItemRow, entry: dict) -> _Verdict:
+    async def _verdict(self, lane: Lane, row: ItemRow, entry: ListRow) -> _Verdict:
         """Whether the listed task is this attempt's. Only what was read and found different rules it out."""
-        if entry["status"] in UNBILLED:
+        if entry.status is not None and entry.status.unbilled:
             return _Verdict.NOT_OURS  # failed or canceled tasks are not billed: nothing of ours to lose
-        if entry["status"] != "SUCCEEDED":
+        if entry.status is not TaskStatus.SUCCEEDED:
             return _Verdict.MAYBE  # running, or a status that may pass (UNKNOWN for a young task, SUSPENDED)
-        answer = await self._answer(lane, entry["task_id"])
-        output = answer.get("output") if answer else None
-        status = output.get("task_status") if isinstance(output, dict) else None
-        if status in UNBILLED:
+        view = await self._answer(lane, entry.task_id, row)
+        if view is not None and view.status.unbilled:
             return _Verdict.NOT_OURS
-        if status != "SUCCEEDED":
+        if view is None or view.status is not TaskStatus.SUCCEEDED:
             return _Verdict.MAYBE  # unreadable, or an answer that lags the list: ask again next sweep
-        try:
-            results = image_results(output)
-        except MalformedAnswer:
-            return _Verdict.MAYBE
         request = row.request
-        echoed = result_prompts(output)
-        if echoed and not any(echoes_prompt(text, request["prompt"]) for text in echoed):
+        if view.prompts and not any(echoes_prompt(text, request["prompt"]) for text in view.prompts):
             return _Verdict.NOT_OURS
-        if not echoed and lane.offer.model.protocol is Protocol.LEGACY and not lane.prompts_hidden:
+        if not view.prompts and lane.offer.model.protocol is Protocol.LEGACY and not lane.prompts_hidden:
             # This service's answers do not show the prompt: from now on the lane's creates are told apart by
             # time alone, so only one may be in doubt at a time.
             lane.prompts_hidden = True
             log.warning("? %s results show no prompt: its creates go one at a time while one is in doubt", lane.model)
-        metrics = output.get("task_metrics")
-        asked = metrics.get("TOTAL") if isinstance(metrics, dict) else None
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        if len(results) > row.n_images or (isinstance(asked, int) and asked != row.n_images):
+        if len(view.results) > row.n_images or view.images_asked not in (None, row.n_images):
             return _Verdict.NOT_OURS
-        if isinstance(usage.get("size"), str) and usage["size"].replace("x", "*") != request["size"]:
+        if view.size is not None and view.size != request["size"]:
             return _Verdict.NOT_OURS
         wanted = tuple(int(side) for side in request["size"].split("*"))
-        for result in results:
+        for result in view.results:
             if result.url is None:
                 continue
             size = await self._image_size(lane, result.url)
@@ -404,23 +376,23 @@ class Reconciler:
                 return _Verdict.MAYBE  # not read now (an error, or not a PNG): no proof either way
             if size != wanted:
                 return _Verdict.NOT_OURS
-        return _Verdict.FITS_BY_PROMPT if echoed else _Verdict.FITS
+        return _Verdict.FITS_BY_PROMPT if view.prompts else _Verdict.FITS
 
-    async def _answer(self, lane: Lane, task_id: str) -> dict | None:
-        """The task's query answer; a finished task's is asked for once."""
+    async def _answer(self, lane: Lane, task_id: str, row: ItemRow) -> TaskView | None:
+        """What the task's query says (None when it could not be had or read); a finished task is asked once."""
         found = self._finished.get(task_id)
         if found is not None:
             return found
         await self._limiters[lane.region].acquire()
         try:
             data = await lane.client.get_task(task_id)
-        except (ApiError, TransportError) as exc:
+            view = task_view(data, sent_s=(row.submit_started_ms or 0) / 1000, now_s=self._clock.now())
+        except (ApiError, TransportError, MalformedAnswer) as exc:
             log.info("↻ reconcile: query %s: %s", task_id, exc)
             return None
-        output = data.get("output")
-        if isinstance(output, dict) and output.get("task_status") in FINISHED:
-            self._finished[task_id] = data
-        return data
+        if view.status is TaskStatus.SUCCEEDED or view.status.unbilled:
+            self._finished[task_id] = view
+        return view
 
     async def _image_size(self, lane: Lane, url: str) -> tuple[int, int] | None:
         """The width and height in the PNG header at ``url`` (no key is sent); None if it cannot be read now."""
@@ -477,12 +449,12 @@ class Reconciler:
 
     def _hold(self, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
         """Leave the item unknown for the user, with the evidence; True (it has left the reconciler)."""
-        named = [entry["task_id"] for entry, _ in fits] + [entry["task_id"] for entry in maybe]
+        named = [entry.task_id for entry, _ in fits] + [entry.task_id for entry in maybe]
         evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
-        self._contested.update(entry["task_id"] for entry, verdict in fits if verdict is _Verdict.FITS)
+        self._contested.update(entry.task_id for entry, verdict in fits if verdict is _Verdict.FITS)
         claim = self._claim(row)
         if code == "HeldUnknownTwice":
             claim.release()  # the list proved that no task was made

@@ -12,7 +12,7 @@ from wanbatch.errors import WRITE_OFF_CODES
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
-from wanbatch.service.wire import image_results, parse_service_time_s
+from wanbatch.service.wire import TaskView
 from wanbatch.stages.claims import Claim, full_price
 
 __all__ = ["record_results", "sync_answer_lost", "write_off"]
@@ -55,23 +55,10 @@ def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim 
     )
 
 
-def _service_to_ours(output: dict, row: ItemRow, now_s: float) -> float:
-    """What to add to a time on the service's clock to place it on ours.
-
-    Both sides know when the task was submitted: the service says so in ``submit_time``, and the ledger
-    recorded the moment before the POST. Failing that, the task's end is taken as now (a sync answer).
-    """
-    service_submit = parse_service_time_s(output.get("submit_time"))
-    if service_submit is not None and row.submit_started_ms:
-        return row.submit_started_ms / 1000 - service_submit
-    service_end = parse_service_time_s(output.get("end_time"))
-    return now_s - service_end if service_end is not None else 0.0
-
-
 def record_results(
     ledger: RunLedger,
     row: ItemRow,
-    output: dict,
+    view: TaskView,
     *,
     now_s: float,
     config,
@@ -79,22 +66,19 @@ def record_results(
     claim: Claim | None = None,
     durable: bool = False,
 ) -> Recorded:
-    """Record a SUCCEEDED task's images and move its queued item (``row``, as the tracker holds it) to generated
-    (or failed if none came out), and settle its ``claim`` to what the service billed (the images it generated);
-    returns what was recorded, for the downloader.
+    """Record a SUCCEEDED task's images (read, their times on our clock, in ``view``) and move its queued item
+    (``row``, as the tracker holds it) to generated (or failed if none came out), and settle its ``claim`` to what
+    the service billed (the images it generated); returns what was recorded, for the downloader.
 
     ``durable``: the commit must survive a power loss (a sync answer: its URLs are nowhere else)."""
-    results = image_results(output)  # raises MalformedAnswer before anything is recorded
     item_id, request = row.item_id, row.request
-    to_ours = _service_to_ours(output, row, now_s)
-    end_s = parse_service_time_s(output.get("end_time"))
     images, good = [], 0
     # The service keeps a task's results a day after it ends, whatever a signed URL's Expires says (some say a
     # week), and no answer of ours can be older than now: the deadline is the soonest of these.
-    ended_s = (end_s + to_ours) if end_s is not None else now_s
+    ended_s = view.ended_s if view.ended_s is not None else now_s
     latest_s = min(ended_s, now_s) + config.url_lifetime_s
-    for result in results:
-        deadline_s = latest_s if result.expires_s is None else min(result.expires_s + to_ours, latest_s)
+    for result in view.results:
+        deadline_s = latest_s if result.expires_s is None else min(result.expires_s, latest_s)
         seed = request.get("seed")
         images.append(
             ImageRecord(
