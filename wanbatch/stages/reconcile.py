@@ -34,14 +34,10 @@ reconciled again by the next run, which may see more.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
-
-import aiohttp
 
 from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
@@ -49,7 +45,8 @@ from wanbatch.errors import ApiError, TransportError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
-from wanbatch.service.wire import ListPage, ListRow, MalformedAnswer, TaskStatus, TaskView, list_page, task_view
+from wanbatch.service.wire import ListPage, ListRow, list_page
+from wanbatch.stages.candidates import Judge, Verdict, echoes_prompt
 from wanbatch.stages.claims import Claim, full_price
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import write_off
@@ -59,10 +56,6 @@ __all__ = ["ReconcileConfig", "Reconciler", "echoes_prompt"]
 
 log = logging.getLogger("wanbatch")
 
-#: The shortest prompt limit the service documents for any model (spec §2.1: 500 or 800 for wan2.2 and below):
-#: an echo at least this long that begins our prompt is ours truncated, not a shorter prompt of someone else's.
-SHORTEST_ECHO = 400
-_PNG_HEAD = struct.Struct(">8sI4sII")  # signature, IHDR length, "IHDR", width, height
 _DAY_MS = 24 * 3600 * 1000
 
 
@@ -83,13 +76,6 @@ class ReconcileConfig:
     max_pages: int = 50  #: pages of one listing; a longer list decides nothing that needs it whole
     probe_timeout_s: float = 30.0  #: reading an image's header to check its size
     task_lifetime_s: float = 24 * 3600.0
-
-
-class _Verdict(enum.Enum):
-    FITS = "fits"  #: finished, and its results fit the request
-    FITS_BY_PROMPT = "fits by prompt"  #: fits, and echoes our prompt
-    MAYBE = "maybe"  #: could be ours: still running, or not readable or checkable yet
-    NOT_OURS = "not ours"
 
 
 @dataclass(slots=True)
@@ -119,13 +105,6 @@ class _Listing:
     at_s: float = 0.0  #: when it was asked for (our clock): proof only of what could show by then
 
 
-def echoes_prompt(echo: str, prompt: str) -> bool:
-    """Whether ``echo`` (a result's ``orig_prompt``) is ``prompt`` as the service keeps it: with runs of white
-    space made one, and cut at one of its documented limits."""
-    echo, prompt = " ".join(echo.split()), " ".join(prompt.split())
-    return bool(echo) and prompt.startswith(echo) and (len(echo) == len(prompt) or len(echo) >= SHORTEST_ECHO)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -142,8 +121,7 @@ class Reconciler:
         self.config = config
         self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
         self._pending: dict[str, _Doubt] = {}  # item_id -> its lane and claim
-        self._finished: dict[str, TaskView] = {}  #: task_id -> what a finished task's query said: asked once
-        self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG
+        self._judge = Judge(clock=clock, limiters=limiters, probe_timeout_s=config.probe_timeout_s)
         #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
         self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
         #: tasks that fit an attempt held for the user: whose they are stays unproven for the other attempts too
@@ -169,7 +147,7 @@ class Reconciler:
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
             else:
-                self._finished.clear()  # the next unknown outcome looks at the list as it is then
+                self._judge.forget()  # the next unknown outcome looks at the list as it is then
                 await wait_event(self._changed, 0.2)
 
     def _rows(self, lane: Lane) -> list[ItemRow]:
@@ -186,7 +164,7 @@ class Reconciler:
         verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
         # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
         fitted = Counter(
-            entry.task_id for found in verdicts.values() for entry, verdict in found if verdict is _Verdict.FITS
+            entry.task_id for found in verdicts.values() for entry, verdict in found if verdict is Verdict.FITS
         )
         # So is one that fit an attempt already held: that attempt's window may close before another's.
         shared = {task_id for task_id, count in fitted.items() if count > 1} | self._contested
@@ -209,8 +187,8 @@ class Reconciler:
         found = []
         for entry in listing.entries:
             if self._in_window(entry, row, facts):
-                verdict = await self._verdict(lane, row, entry)
-                if verdict is not _Verdict.NOT_OURS:
+                verdict = await self._judge.verdict(lane, row, entry)
+                if verdict is not Verdict.NOT_OURS:
                     found.append((entry, verdict))
         return found
 
@@ -224,8 +202,8 @@ class Reconciler:
         if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
             self._write_off(row)
             return True
-        fits_all = [(entry, verdict) for entry, verdict in found if verdict is not _Verdict.MAYBE]
-        maybe_all = [entry for entry, verdict in found if verdict is _Verdict.MAYBE]
+        fits_all = [(entry, verdict) for entry, verdict in found if verdict is not Verdict.MAYBE]
+        maybe_all = [entry for entry, verdict in found if verdict is Verdict.MAYBE]
         fits, maybe = fits_all, maybe_all
         if facts.key_id is None and facts.likely_key_id is not None:
             # The run's key is not known; the folder's is likely it: enough to tell ours from another program's,
@@ -242,7 +220,7 @@ class Reconciler:
             return self._hold(row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
         if len(fits) == 1 and not maybe:
             entry, verdict = fits[0]
-            proven = verdict is _Verdict.FITS_BY_PROMPT and facts.key_id is not None
+            proven = verdict is Verdict.FITS_BY_PROMPT and facts.key_id is not None
             if proven or closed:
                 listing.entries.remove(entry)
                 self._adopt(lane, row, entry.task_id)
@@ -344,76 +322,6 @@ class Reconciler:
 
     # -- does a candidate fit the request ---------------------------------------------------------------------
 
-    async def _verdict(self, lane: Lane, row: ItemRow, entry: ListRow) -> _Verdict:
-        """Whether the listed task is this attempt's. Only what was read and found different rules it out."""
-        if entry.status is not None and entry.status.unbilled:
-            return _Verdict.NOT_OURS  # failed or canceled tasks are not billed: nothing of ours to lose
-        if entry.status is not TaskStatus.SUCCEEDED:
-            return _Verdict.MAYBE  # running, or a status that may pass (UNKNOWN for a young task, SUSPENDED)
-        view = await self._answer(lane, entry.task_id, row)
-        if view is not None and view.status.unbilled:
-            return _Verdict.NOT_OURS
-        if view is None or view.status is not TaskStatus.SUCCEEDED:
-            return _Verdict.MAYBE  # unreadable, or an answer that lags the list: ask again next sweep
-        request = row.request
-        if view.prompts and not any(echoes_prompt(text, request["prompt"]) for text in view.prompts):
-            return _Verdict.NOT_OURS
-        if not view.prompts and lane.offer.model.protocol is Protocol.LEGACY and not lane.prompts_hidden:
-            # This service's answers do not show the prompt: from now on the lane's creates are told apart by
-            # time alone, so only one may be in doubt at a time.
-            lane.prompts_hidden = True
-            log.warning("? %s results show no prompt: its creates go one at a time while one is in doubt", lane.model)
-        if len(view.results) > row.n_images or view.images_asked not in (None, row.n_images):
-            return _Verdict.NOT_OURS
-        if view.size is not None and view.size != request["size"]:
-            return _Verdict.NOT_OURS
-        wanted = tuple(int(side) for side in request["size"].split("*"))
-        for result in view.results:
-            if result.url is None:
-                continue
-            size = await self._image_size(lane, result.url)
-            if size is None:
-                return _Verdict.MAYBE  # not read now (an error, or not a PNG): no proof either way
-            if size != wanted:
-                return _Verdict.NOT_OURS
-        return _Verdict.FITS_BY_PROMPT if view.prompts else _Verdict.FITS
-
-    async def _answer(self, lane: Lane, task_id: str, row: ItemRow) -> TaskView | None:
-        """What the task's query says (None when it could not be had or read); a finished task is asked once."""
-        found = self._finished.get(task_id)
-        if found is not None:
-            return found
-        await self._limiters[lane.region].acquire()
-        try:
-            data = await lane.client.get_task(task_id)
-            view = task_view(data, sent_s=(row.submit_started_ms or 0) / 1000, now_s=self._clock.now())
-        except (ApiError, TransportError, MalformedAnswer) as exc:
-            log.info("↻ reconcile: query %s: %s", task_id, exc)
-            return None
-        if view.status is TaskStatus.SUCCEEDED or view.status.unbilled:
-            self._finished[task_id] = view
-        return view
-
-    async def _image_size(self, lane: Lane, url: str) -> tuple[int, int] | None:
-        """The width and height in the PNG header at ``url`` (no key is sent); None if it cannot be read now."""
-        if url in self._sizes:
-            return self._sizes[url]
-        if not url.startswith(("http://", "https://")):
-            return None
-        timeout = aiohttp.ClientTimeout(total=self.config.probe_timeout_s)
-        try:
-            async with lane.client.session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    return None
-                head = await resp.content.readexactly(_PNG_HEAD.size)
-        except (aiohttp.ClientError, TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            return None
-        signature, _, chunk, width, height = _PNG_HEAD.unpack(head)
-        if signature != b"\x89PNG\r\n\x1a\n" or chunk != b"IHDR":
-            return None
-        self._sizes[url] = (width, height)
-        return width, height
-
     # -- decisions --------------------------------------------------------------------------------------------
 
     def _adopt(self, lane: Lane, row: ItemRow, task_id: str) -> None:
@@ -454,7 +362,7 @@ class Reconciler:
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
         self._ledger.update(row.item_id, error_code=code, error_message=message)
-        self._contested.update(entry.task_id for entry, verdict in fits if verdict is _Verdict.FITS)
+        self._contested.update(entry.task_id for entry, verdict in fits if verdict is Verdict.FITS)
         claim = self._claim(row)
         if code == "HeldUnknownTwice":
             claim.release()  # the list proved that no task was made
