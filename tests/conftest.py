@@ -4,35 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
+from wanbatch.clock import ManualClock
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
 # --- the simulator (wanbatch.sim) -------------------------------------------------------------------
 
-#: A clock that moves only when a test advances it (a wall day is under a tenth of a simulated second).
-SIM_FROZEN_SPEED = 1e-6
-
 
 @pytest.fixture
 async def start_sim() -> AsyncIterator[Callable[..., Awaitable[SimHandle]]]:
-    """Start simulators from SimConfig keywords (frozen clock unless ``speed`` is given); all stop after the test."""
+    """Start simulators from SimConfig keywords; all stop after the test. Without a ``speed``, the simulator's
+    clock is a manual one, starting at the wall's time and moving only when the test advances it."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(**config: Any) -> SimHandle:
-            config.setdefault("speed", SIM_FROZEN_SPEED)
-            return await stack.enter_async_context(running_sim(SimConfig(**config)))
+            clock = None if "speed" in config else ManualClock(start_s=time.time())
+            return await stack.enter_async_context(running_sim(SimConfig(**config), clock=clock))
 
         yield start
 
 
 @pytest.fixture
 async def sim(start_sim: Callable[..., Awaitable[SimHandle]]) -> SimHandle:
-    """A Beijing simulator with a frozen clock, no faults, seed 0."""
+    """A Beijing simulator on a manual clock, no faults, seed 0."""
     return await start_sim()
 
 

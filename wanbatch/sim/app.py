@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from wanbatch.clock import ScaledClock
+from wanbatch.clock import Clock, ScaledClock
 from wanbatch.sim import respond, wire
 from wanbatch.sim.config import SimConfig
 from wanbatch.sim.faults import Fault
@@ -34,8 +34,10 @@ TICK_S = 0.05  #: wall seconds between materialisations (billing log written as 
 API = "/api/v1"
 
 
-def create_app(config: SimConfig | None = None, *, clock: ScaledClock | None = None) -> web.Application:
-    """The simulated service for ``config`` (a config file in it is read now); its state is ``app[SIM_STATE]``."""
+def create_app(config: SimConfig | None = None, *, clock: Clock | None = None) -> web.Application:
+    """The simulated service for ``config`` (a config file in it is read now); its state is ``app[SIM_STATE]``.
+
+    ``clock``: the service's time, instead of one at ``config.speed`` (a test's manual clock, say)."""
     config = (config or SimConfig()).resolved()
     state = SimState(config, clock=clock or ScaledClock(speed=config.speed))
     service = Service(state)

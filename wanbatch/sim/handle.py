@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from wanbatch.clock import ScaledClock
+from wanbatch.clock import Clock, ManualClock, ScaledClock
 from wanbatch.sim.app import SIM_STATE, create_app
 from wanbatch.sim.config import SimConfig
 from wanbatch.sim.state import SimState
@@ -77,16 +77,21 @@ class SimHandle:
         return self._state.config
 
     @property
-    def clock(self) -> ScaledClock:
+    def clock(self) -> Clock:
         return self._state.clock
 
     def advance(self, seconds: float) -> None:
         """Jump simulated time forward; tasks, quotas, expiries and held answers all follow."""
-        self.clock.advance(seconds)
+        clock = self.clock
+        assert isinstance(clock, ManualClock | ScaledClock)
+        clock.advance(seconds)
         self._state.notify()
 
     def set_speed(self, speed: float) -> None:
-        self.clock.set_speed(speed)
+        clock = self.clock
+        if not isinstance(clock, ScaledClock):
+            raise TypeError("only a scaled clock has a speed; a manual one is advanced")
+        clock.set_speed(speed)
         self._state.notify()
 
     def set_faults(self, profile: str | None = None, **rates: float) -> None:
@@ -157,14 +162,14 @@ class SimHandle:
 
 @contextlib.asynccontextmanager
 async def running_sim(
-    config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0, clock: Clock | None = None
 ) -> AsyncIterator[SimHandle]:
     """Serve a simulator on ``host:port`` (0 = a free port) for the duration of the block.
 
     A simulator started again in its ``state_dir`` takes the port it served before when ``port`` is 0, since the
     result URLs it handed out name that port; if another process holds it now, a free one is taken instead.
     """
-    app = create_app(config)
+    app = create_app(config, clock=clock)
     state = app[SIM_STATE]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()

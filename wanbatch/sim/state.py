@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import heapq
 import itertools
 import math
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from wanbatch import catalog
-from wanbatch.clock import ScaledClock
+from wanbatch.clock import Clock, ScaledClock
 from wanbatch.sim import wire
 from wanbatch.sim.accounts import Accounts, ApiKey
 from wanbatch.sim.billing import BillingLog
@@ -69,7 +68,9 @@ class _AccountTasks:
 class SimState:
     """The simulator's state; handlers call it, tests read it through ``SimHandle``."""
 
-    def __init__(self, config: SimConfig, *, clock: ScaledClock) -> None:
+    def __init__(self, config: SimConfig, *, clock: Clock) -> None:
+        if config.state_dir is not None and not isinstance(clock, ScaledClock):
+            raise ValueError("a simulator kept in a state folder runs on a scaled clock: its time outlives the process")
         self.config = config
         self.clock = clock
         self.accounts = Accounts(config)
@@ -292,6 +293,7 @@ class SimState:
         """Record the secret, the port and where the clock stands, for a simulator started again in the folder."""
         if self.store is None:
             return
+        assert isinstance(self.clock, ScaledClock)  # checked when the state was made
         reading_s, wall_s = self.clock.anchor()
         secret = self.images.secret.hex()
         speed = self.clock.speed
@@ -362,6 +364,5 @@ class SimState:
             remaining = deadline_s - self.clock.now()
             if remaining <= 0:
                 return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), remaining / self.clock.speed)
+            await self.clock.wait_event(self._wake, remaining)
         return False
