@@ -165,13 +165,13 @@ class Tracker:
             is_open = status is not None and status.is_open
             if (status is not None and not is_open) or (id(task) in due_ids and not is_open):
                 ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
-                ended_s = row.on_our_clock(row.ended_s, sent_s=task.sent_s) if row and not is_open else None
-                if ended_s is not None:
-                    task.ended_s = ended_s
+                if row is not None and status is not None and not is_open:
+                    ended_s = row.on_our_clock(row.ended_s, sent_s=task.sent_s)
+                    task.ended_s = task.ended_s if ended_s is None else ended_s
                 continue
             looked_due = task.due_s
-            if row is not None and is_open:
-                self._model.seen(task, row.status, row.on_our_clock(row.started_s, sent_s=task.sent_s))
+            if row is not None and status is not None and is_open:
+                self._model.seen(task, status, row.on_our_clock(row.started_s, sent_s=task.sent_s))
             if id(task) in due_ids:
                 task.polls += 1
                 task.due_s = self._model.next_due(task, looked_due, now)
