@@ -145,3 +145,14 @@ def test_recent_running_times_replace_the_catalogs_guess():
     model.learn(lane, None)  # an answer without both ends teaches nothing
     task = model.add(task_id="t-1", **_claimed("i-1"), lane=lane, submitted_s=1000.0)
     assert task.due_s == pytest.approx(1009.8)
+
+
+def test_a_start_placed_from_the_send_time_is_looked_at_as_late_as_it_can_be():
+    """Sent at 1000 and answered at 1002, the service's times may be placed up to 2 s early: a start placed at
+    1001 is taken as 1003, so the first look is never early (the deadlines keep the early, safe, placing)."""
+    clock, model, lane = _model(concurrency=1)
+    model.add(task_id="t-1", **_claimed("i-1"), lane=lane, submitted_s=1000.0)
+    task = model.add(task_id="t-2", **_claimed("i-2", sent_s=1000.0), lane=lane, submitted_s=1002.0)
+    clock.set(1010.0)
+    model.seen(task, TaskStatus.RUNNING, 1001.0)
+    assert task.running_since_s == 1003.0 and task.due_s == pytest.approx(1031.0)

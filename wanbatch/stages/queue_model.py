@@ -107,6 +107,12 @@ class OpenTask:
     def item_id(self) -> str:
         return self.row.item_id
 
+    def latest_s(self, placed_s: float | None) -> float | None:
+        """The latest a time of this task placed from its send time can really be: the service stamped the
+        task somewhere between our send and its answer, so placed times may be early by that round trip. Looks
+        are placed at the latest (never early); deadlines keep the placed, earliest, time (never late)."""
+        return None if placed_s is None else placed_s + (self.submitted_s - self.sent_s)
+
 
 @dataclass(slots=True)
 class _LaneTasks:
@@ -197,8 +203,9 @@ class QueueModel:
     # -- what the service said -------------------------------------------------------------------------------
 
     def seen(self, task: OpenTask, status: TaskStatus, started_s: float | None) -> None:
-        """The service says ``task`` is PENDING or RUNNING (running since ``started_s`` on our clock, if known)."""
-        tasks = self._lane_tasks(task.lane)
+        """The service says ``task`` is PENDING or RUNNING (running since ``started_s``, placed on our clock from
+        its send time, if known)."""
+        tasks, started_s = self._lane_tasks(task.lane), task.latest_s(started_s)
         if status is TaskStatus.RUNNING and not task.seen_running:
             task.seen_running = True
             since = task.submitted_s if started_s is None else max(started_s, task.submitted_s)
@@ -216,8 +223,9 @@ class QueueModel:
             tasks.queued.appendleft(task)
 
     def ended(self, task: OpenTask, end_s: float | None) -> None:
-        """``task`` left the service (at ``end_s`` on our clock, if known): the next queued task starts then."""
-        tasks = self._lane_tasks(task.lane)
+        """``task`` left the service (at ``end_s``, placed on our clock from its send time, if known): the next
+        queued task starts then."""
+        tasks, end_s = self._lane_tasks(task.lane), task.latest_s(end_s)
         if task.running_since_s is not None:
             tasks.running -= 1
         else:

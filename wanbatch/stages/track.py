@@ -166,7 +166,7 @@ class Tracker:
             if (status is not None and not is_open) or (id(task) in due_ids and not is_open):
                 ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
                 if row is not None and status is not None and not is_open:
-                    ended_s = row.on_our_clock(row.ended_s, sent_s=task.sent_s)
+                    ended_s = task.latest_s(row.on_our_clock(row.ended_s, sent_s=task.sent_s))
                     task.ended_s = task.ended_s if ended_s is None else ended_s
                 continue
             looked_due = task.due_s
