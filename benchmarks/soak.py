@@ -32,8 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the audit shared with the chaos tests
 
-from helpers_proc import audit, count_items, write_manifest  # noqa: E402
-
+from helpers.ledger import count_items  # noqa: E402
+from helpers.outputs import audit  # noqa: E402
+from helpers.proc import write_manifest  # noqa: E402
 from wanbatch.sim import SimConfig, running_sim  # noqa: E402
 
 MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")

@@ -5,28 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import engine_helpers
 import pytest
 from PIL import Image
 
+from benchmarks.chromium import CHROMIUM, Page, first_cards_ms, open_page
+from benchmarks.gallery import synthetic_run
+from helpers import engine as engine_helpers
+from helpers.outputs import metadata
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import Ledger, Recorded
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
 from wanbatch.outputs.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package
-
-from benchmarks.chromium import CHROMIUM, Page, first_cards_ms, open_page  # noqa: E402
-from benchmarks.gallery import synthetic_run  # noqa: E402
 
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`; `make install` adds it)"
@@ -64,10 +60,6 @@ def run_batch(tmp_dir: Path, manifest_text: str) -> Path:
 def gallery_of(run_dir: Path) -> Path:
     with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
         return write_gallery(run_dir, ledger)
-
-
-def metadata(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

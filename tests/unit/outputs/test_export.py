@@ -9,13 +9,14 @@ import shutil
 from pathlib import Path
 
 import datasets
-import engine_helpers
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset
 from PIL import Image
 
+from helpers import engine as engine_helpers
+from helpers.outputs import metadata
 from wanbatch.errors import ConfigError
 from wanbatch.outputs.export import export
 
@@ -47,10 +48,6 @@ def run_batch(tmp_dir: Path, manifest_text: str) -> Path:
     run_dir, report = engine_helpers.run_batch(tmp_dir, manifest_text)
     assert report["images"]["saved"] == report["images_generated"] > 0, report
     return run_dir
-
-
-def metadata(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
 
 
 def size_of(row: dict) -> tuple[int, int]:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_proc import start_sim
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+from helpers.paths import REPO
+from helpers.proc import start_sim
+
+README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 #: How long one README command may take (wall seconds); a real-time run waits out its tasks' likely end.
 COMMAND_TIMEOUT_S = 240
@@ -115,9 +116,9 @@ def service(tmp_path_factory: pytest.TempPathFactory):
 def make_project(tmp_path: Path) -> Path:
     """A copy of the project as a user has it after `make install`: jobs, Makefile, and .venv/bin/wanbatch."""
     copy = tmp_path / "project"
-    shutil.copytree(ROOT / "jobs", copy / "jobs")
+    shutil.copytree(REPO / "jobs", copy / "jobs")
     for name in ("Makefile", "pyproject.toml"):
-        shutil.copy2(ROOT / name, copy / name)
+        shutil.copy2(REPO / name, copy / name)
     venv_bin = copy / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     for name, module in (("wanbatch", "wanbatch"), ("pytest", "pytest")):
@@ -131,7 +132,7 @@ def make_project(tmp_path: Path) -> Path:
 def _env(project: Path, service) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
     env["PATH"] = f"{project / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(ROOT)  # the wanbatch under test, whichever is installed
+    env["PYTHONPATH"] = str(REPO)  # the wanbatch under test, whichever is installed
     env["DASHSCOPE_HTTP_BASE_URL"] = service.base_url
     env["DASHSCOPE_API_KEY"] = DEMO_KEY
     return env

@@ -15,9 +15,10 @@ import random
 import time
 from pathlib import Path
 
-from engine_helpers import engine_for
-from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
-
+from helpers.engine import engine_for
+from helpers.ledger import count_items, ledger_rows
+from helpers.outputs import audit
+from helpers.proc import start_run, start_sim, wait_until, write_manifest
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import ItemRow, Ledger

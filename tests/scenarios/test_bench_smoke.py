@@ -10,16 +10,13 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not part of the installed package
-
-from benchmarks.report import CONTENDER_NAMES  # noqa: E402
-from benchmarks.simproc import endpoint_of  # noqa: E402
-from benchmarks.utilisation import percentile  # noqa: E402
+from benchmarks.report import CONTENDER_NAMES
+from benchmarks.simproc import endpoint_of
+from benchmarks.utilisation import percentile
+from helpers.paths import REPO
 
 #: Rows per figure of the quick run: 1-3 for flash, wan2.6 and the slow clock (1 also the time after the last
 #: request for flash and wan2.6); 4 for flash, wan2.6 and the cold start; 5 for n=4, n=1, CPU and the

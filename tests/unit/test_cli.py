@@ -9,9 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers_proc import start_sim
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.paths import REPO
+from helpers.proc import start_sim
 
 
 def wanbatch(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -22,7 +21,7 @@ def wanbatch(*args: str, env: dict | None = None, timeout: float = 120) -> subpr
         text=True,
         timeout=timeout,
         env={**clean, **(env or {})},
-        cwd=ROOT,
+        cwd=REPO,
     )
 
 
@@ -118,7 +117,7 @@ def test_status_while_a_run_is_going(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         env=clean,
     )
     try:

@@ -10,15 +10,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from engine_helpers import engine_for
 
 import wanbatch
+from helpers.engine import engine_for
+from helpers.paths import REPO
 from wanbatch.ledger.runfolder import OtherManifest
 from wanbatch.manifest import Manifest
 from wanbatch.sim import wire
 
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(path: Path, text: str) -> Path:

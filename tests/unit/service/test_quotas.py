@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_helpers import engine_for, numbered_manifest
 
 import wanbatch
+from helpers.engine import engine_for, numbered_manifest
+from helpers.paths import REPO
 from wanbatch import catalog
 from wanbatch.errors import ManifestInvalid
 from wanbatch.service.quotas import apply_quotas, check_quotas, load_quotas
 
-ROOT = Path(__file__).resolve().parent.parent
 FLASH = catalog.offer("beijing", "wan2.2-t2i-flash")
 RAISED = {"wan2.2-t2i-flash": {"submit_rps": 20, "concurrency": 8}}
 
@@ -111,7 +111,7 @@ def test_a_bad_quota_file_names_file_line_and_field(tmp_path):
 def _wanbatch(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
     return subprocess.run(
-        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT
+        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO
     )
 
 

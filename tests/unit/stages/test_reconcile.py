@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import yaml
-from engine_helpers import engine_for
-from helpers_proc import count_items, ledger_rows, start_run, wait_until, write_manifest
-from helpers_proc import start_sim as start_sim_process
 
+from helpers.engine import engine_for
+from helpers.ledger import count_items, ledger_rows
+from helpers.proc import start_run, wait_until, write_manifest
+from helpers.proc import start_sim as start_sim_process
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.records import ItemRow

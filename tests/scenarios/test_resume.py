@@ -17,9 +17,11 @@ import signal
 from pathlib import Path
 
 import pytest
-from engine_helpers import engine_for, run_stopped_when
-from helpers_proc import audit, count_items, ledger_rows, start_run, start_sim, wait_until, write_manifest
 
+from helpers.engine import engine_for, run_stopped_when
+from helpers.ledger import count_items, ledger_rows
+from helpers.outputs import audit
+from helpers.proc import start_run, start_sim, wait_until, write_manifest
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ItemState

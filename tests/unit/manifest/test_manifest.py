@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 import wanbatch
+from helpers.outputs import metadata
+from helpers.paths import BAD_MANIFESTS, REPO
 from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
 from wanbatch.manifest import DEFAULT_OUTPUT, Item, Manifest, draw_seed, item_id
 from wanbatch.manifest.plan import make_plan
-
-REPO = Path(__file__).resolve().parent.parent
-BAD = Path(__file__).resolve().parent / "manifests" / "bad"
 
 MINIMAL = """\
 name: foxes
@@ -520,7 +519,7 @@ async def test_every_row_finds_its_image_and_the_budget_counts_distinct_requests
     manifest = repeating_csv(tmp_path, rows=20, distinct=5)
     report = await wanbatch.run(manifest, out=tmp_path / "run", simulate=True, speed=600, budget=5.2, gallery=False)
     assert report["items"]["saved"] == 30 and report["cost"] == {"CNY": 5.1}
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metadata.jsonl").read_text().splitlines()]
+    rows = metadata(tmp_path / "run")
     served = {source for row in rows for source in row["sources"]}
     csv = (tmp_path / "data" / "foxes.csv").as_posix()
     assert served == {f"{csv}:{line}" for line in range(2, 22)}
@@ -611,10 +610,10 @@ def _expectations(path: Path) -> tuple[str, int, str, list[str]]:
 
 def test_bad_corpus_is_large_enough() -> None:
     """The corpus of malformed manifests holds at least 25 cases."""
-    assert len(list(BAD.glob("*.yaml"))) >= 25
+    assert len(list(BAD_MANIFESTS.glob("*.yaml"))) >= 25
 
 
-@pytest.mark.parametrize("path", sorted(BAD.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(BAD_MANIFESTS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_bad_manifest_names_file_line_and_field(path: Path) -> None:
     """Each malformed manifest is refused with an error at its expected file:line and field, saying why."""
     file, line, field, says = _expectations(path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from engine_helpers import engine_for
 
 import wanbatch
+from helpers.engine import engine_for
 from wanbatch.errors import ConfigError
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest

@@ -8,14 +8,12 @@ import os
 import pty
 import subprocess
 import sys
-from pathlib import Path
 
-import engine_helpers
 from rich.console import Console
 
+from helpers import engine as engine_helpers
+from helpers.paths import REPO
 from wanbatch.outputs.progress import figures, log_progress, progress_line, render
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: A resume 45 s in: 145 of 300 items were done by the runs before, 9 more by this one (36 images).
 RESUMED = {
@@ -71,7 +69,7 @@ def test_json_log_format_is_one_object_per_line(tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         env=_clean_env(),
         timeout=120,
     )
@@ -100,7 +98,7 @@ def test_a_terminal_gets_the_live_display(tmp_path):
         stdin=child,
         stdout=child,
         stderr=child,
-        cwd=ROOT,
+        cwd=REPO,
         env={**_clean_env(), "COLUMNS": "120", "TERM": "xterm"},
     )
     os.close(child)

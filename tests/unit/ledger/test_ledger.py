@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import REPO
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import IllegalTransition, LedgerError, RunLocked
 from wanbatch.ledger import LEDGER_FILE, SCHEMA_VERSION, ImageRecord, Ledger, RunLedger, RunLock
 from wanbatch.ledger.states import FINAL_STATES, TRANSITIONS, ImageState, ItemState
 
 S = ItemState
-REPO = Path(__file__).resolve().parent.parent
 T0_S = 1_800_000_000.0
 
 #: From planned, the moves that bring an item to each state.

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import BAD_MANIFESTS
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
-BAD = Path(__file__).resolve().parent / "manifests" / "bad"
 SPEED = 100.0  #: the simulator's clock; the control run is given the same
 KEY = "sk-sim-beijing"
 EXPECT = re.compile(r"^# expect: (\S+):(\d+|\*) (.+)$", re.M)
@@ -140,7 +140,7 @@ LOADER_BUGS: dict[str, str] = {}
 
 
 def corpus_files() -> list[Path]:
-    return sorted(BAD.glob("*.yaml"))
+    return sorted(BAD_MANIFESTS.glob("*.yaml"))
 
 
 def all_names() -> list[str]:

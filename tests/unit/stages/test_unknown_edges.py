@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import aiohttp
-from engine_helpers import engine_for, numbered_manifest
 
+from helpers.engine import engine_for, numbered_manifest
 from wanbatch import catalog
 from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.ledger.states import ItemState

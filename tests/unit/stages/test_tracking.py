@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_helpers import engine_for, numbered_manifest
-from test_engine import assert_billed_once_and_saved
-from unkind_helpers import UnknownAnswers, sim_with
 
+from helpers.engine import engine_for, numbered_manifest
+from helpers.outputs import assert_billed_once_and_saved
+from helpers.unkind import UnknownAnswers, sim_with
 from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.stages.track import Durations, TrackerConfig

@@ -13,18 +13,17 @@ from pathlib import Path
 import pytest
 
 import wanbatch
+from helpers.paths import REPO
 from wanbatch import catalog
 from wanbatch.errors import ConfigError, RunLocked
 from wanbatch.ledger import RunLock
 from wanbatch.manifest import Manifest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def wanbatch_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
     return subprocess.run(
-        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )
 
 
@@ -48,9 +47,9 @@ def test_version_prints_the_package_version():
 
 def test_make_plan_takes_a_path_as_run_does():
     """`wanbatch.make_plan` takes the manifest's path (str or Path) as `wanbatch.run` does."""
-    expected = wanbatch.make_plan(Manifest.from_yaml(ROOT / "jobs/foxes.yaml"))
-    assert wanbatch.make_plan(str(ROOT / "jobs/foxes.yaml")) == expected
-    assert wanbatch.make_plan(ROOT / "jobs/foxes.yaml") == expected
+    expected = wanbatch.make_plan(Manifest.from_yaml(REPO / "jobs/foxes.yaml"))
+    assert wanbatch.make_plan(str(REPO / "jobs/foxes.yaml")) == expected
+    assert wanbatch.make_plan(REPO / "jobs/foxes.yaml") == expected
 
 
 @pytest.mark.parametrize(
@@ -119,7 +118,7 @@ def test_status_into_a_closed_pipe_exits_quietly(json_run):
         [sys.executable, "-m", "wanbatch", "status", str(out), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
     )
     proc.stdout.close()  # the reader is gone before the first line is written
@@ -133,7 +132,7 @@ def test_the_examples_state_wan26_sizes_as_the_catalog_does():
     rule = catalog.MODELS["wan2.6-t2i"].size_rule
     bounds = {rule.min_pixels, rule.max_pixels}
     claims = []
-    for path in sorted((ROOT / "jobs").glob("*.yaml")):
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             comment = line.partition("#")[2]
             if "wan2.6" in comment and "pixels" in comment:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import textwrap
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from engine_helpers import engine_for, numbered_manifest
 from PIL import Image
 
+from helpers.engine import engine_for, numbered_manifest
+from helpers.outputs import assert_billed_once_and_saved, metadata
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ImageState, ItemState
@@ -33,23 +33,6 @@ def write_manifest(tmp_path: Path, text: str, name: str = "job.yaml") -> Manifes
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
     return Manifest.from_yaml(path)
-
-
-def metadata(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
-
-
-def assert_billed_once_and_saved(sim, run_dir: Path) -> None:
-    """Every billed image is on disk, verified, in metadata; no request was billed twice."""
-    billed = sim.billing
-    tasks_per_request = Counter(fingerprint for fingerprint, _ in {(r["fingerprint"], r["task_id"]) for r in billed})
-    assert [fp for fp, tasks in tasks_per_request.items() if tasks > 1] == [], "a request was paid twice"
-    rows = {(m["task_id"], m["image_index"]): m for m in metadata(run_dir)}
-    for record in billed:
-        row = rows[(record["task_id"], record["image_index"])]
-        data = (run_dir / row["file_name"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == row["sha256"]
-    assert len(rows) == len(billed)
 
 
 async def test_minimal_manifest_saves_every_image(start_sim, tmp_path):

@@ -1,40 +1,31 @@
-"""Driving ``wanbatch sim`` and ``wanbatch run`` as processes, and auditing a run folder against the billing log.
+"""Driving ``wanbatch sim`` and ``wanbatch run`` as processes.
 
 The chaos, signal and lock tests (and benchmarks/soak.py) use these: the
 simulator and each run are real processes, so a run can be killed at any
 instant, signalled, or started twice; the simulator's billing log is the
-independent record of what was paid, and :func:`audit` checks the run folder
-against it.
+independent record of what was paid, and ``helpers.outputs.audit`` checks the
+run folder against it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image
 
-from wanbatch.errors import HELD_CODES
+from helpers.outputs import read_jsonl
 
 __all__ = [
-    "FINAL_STATES",
-    "Audit",
     "RunProcess",
     "SimProcess",
-    "audit",
-    "count_items",
-    "ledger_rows",
     "read_billing",
     "start_run",
     "start_sim",
@@ -43,8 +34,6 @@ __all__ = [
 ]
 
 _URL = re.compile(r"wanbatch sim: (http://\S+/api/v1)")
-#: Item states a run leaves an item in for good (a later run may make a canceled or failed one again).
-FINAL_STATES = frozenset({"saved", "rejected", "failed", "expired", "canceled"})
 #: How long a process gets to start or stop before the test gives up on it (wall seconds).
 PROCESS_TIMEOUT_S = 60.0
 
@@ -189,29 +178,8 @@ def write_manifest(
 
 
 def read_billing(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def ledger_rows(run_dir: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-    """Read the run's ledger directly (read-only), as an outside observer would."""
-    conn = sqlite3.connect(f"file:{run_dir / 'ledger.sqlite'}?mode=ro", uri=True, timeout=10)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def count_items(run_dir: Path, where: str = "1") -> int:
-    """Items of the run folder matching the SQL condition ``where`` (0 before the ledger exists)."""
-    if not (run_dir / "ledger.sqlite").exists():
-        return 0
-    try:
-        return ledger_rows(run_dir, f"SELECT count(*) FROM items WHERE {where}")[0][0]
-    except sqlite3.OperationalError:  # the run is still creating its tables
-        return 0
+    """The simulator's billing log, one record per billed image (none before it is written)."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def wait_until(predicate, *, timeout_s: float = PROCESS_TIMEOUT_S, what: str = "the condition") -> None:
@@ -221,80 +189,3 @@ def wait_until(predicate, *, timeout_s: float = PROCESS_TIMEOUT_S, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.02)
-
-
-@dataclass
-class Audit:
-    """What the billing log and the run folder say together. Every list empty means nothing lost or paid twice."""
-
-    billed: int = 0
-    saved: int = 0
-    items: Counter = field(default_factory=Counter)
-    duplicates: list[str] = field(default_factory=list)  #: fingerprints billed more than once
-    lost: list[str] = field(default_factory=list)  #: billed images not on disk as a valid PNG in metadata.jsonl
-    open_items: list[str] = field(default_factory=list)  #: items not in a final state
-    unexplained: list[str] = field(default_factory=list)  #: final but not saved, with no reason recorded
-
-    @property
-    def clean(self) -> bool:
-        return not (self.duplicates or self.lost or self.open_items or self.unexplained)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "items": dict(self.items),
-            "images_billed": self.billed,
-            "images_saved": self.saved,
-            "duplicates": len(self.duplicates),
-            "lost": len(self.lost),
-            "open_items": len(self.open_items),
-            "unexplained": len(self.unexplained),
-        }
-
-
-def audit(run_dir: Path, billing: list[dict[str, Any]]) -> Audit:
-    """Check every billed image of ours against metadata.jsonl and the disk, and every item against the ledger.
-
-    The simulator's neighbours (other users of the account) are billed too; their records are not ours.
-    """
-    billing = [record for record in billing if not record.get("neighbour")]
-    result = Audit(billed=len(billing))
-    tasks = Counter((r["fingerprint"], r["task_id"]) for r in billing)
-    per_fingerprint = Counter(fingerprint for fingerprint, _ in tasks)
-    result.duplicates = sorted(f for f, count in per_fingerprint.items() if count > 1)
-    metadata_file = run_dir / "metadata.jsonl"
-    metadata = [json.loads(line) for line in metadata_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    listed = {(m["task_id"], m["image_index"]): m for m in metadata}
-    for record in billing:
-        key = (record["task_id"], record["image_index"])
-        entry = listed.get(key)
-        problem = None if entry else "not in metadata.jsonl"
-        if entry:
-            problem = _png_problem(run_dir / entry["file_name"], entry["size"])
-        if problem:
-            result.lost.append(f"task {key[0]} image {key[1]}: {problem}")
-        else:
-            result.saved += 1
-    rows = ledger_rows(run_dir, "SELECT item_id, state, error_code, error_message FROM items")
-    for row in rows:
-        result.items[row["state"]] += 1
-        held = row["state"] == "unknown" and row["error_code"] in HELD_CODES  # left for the user, with the evidence
-        if row["state"] not in FINAL_STATES and not held:
-            result.open_items.append(f"{row['item_id']} {row['state']}")
-        elif row["state"] != "saved" and not (row["error_code"] or row["error_message"]):
-            result.unexplained.append(f"{row['item_id']} {row['state']}")
-    return result
-
-
-def _png_problem(path: Path, size: str) -> str | None:
-    """None when ``path`` is a whole PNG of ``size`` ("W*H"), else what is wrong."""
-    if not path.is_file():
-        return f"no file {path}"
-    width, _, height = size.partition("*")
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG" or image.size != (int(width), int(height)):
-                return f"{path}: {image.format} {image.size}, expected a PNG of {size}"
-            image.verify()
-    except Exception as exc:  # Pillow raises many kinds for a broken file
-        return f"{path}: not a valid PNG ({exc})"
-    return None

@@ -19,8 +19,10 @@ import sys
 import time
 
 import pytest
-from helpers_proc import audit, count_items, read_billing, start_run, start_sim, wait_until, write_manifest
 
+from helpers.ledger import count_items
+from helpers.outputs import audit
+from helpers.proc import read_billing, start_run, start_sim, wait_until, write_manifest
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 

@@ -1,7 +1,7 @@
 """Saving paid images through unkind object storage, and keeping them saved.
 
 A URL that works may answer its first GETs with 403, 404, 410, 429 or 503
-(tests/unkind_helpers.py puts that in front of the simulator's images): the
+(tests/helpers/unkind.py puts that in front of the simulator's images): the
 downloader tries again while the URL lives and gives up only at its deadline.
 A saved image is fsynced with its folder before the ledger says so, and one
 whose file is lost is fetched again on resume.
@@ -16,9 +16,9 @@ import sqlite3
 from pathlib import Path
 
 import yaml
-from engine_helpers import engine_for
-from unkind_helpers import StorageRefusals, sim_with
 
+from helpers.engine import engine_for
+from helpers.unkind import StorageRefusals, sim_with
 from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import Manifest

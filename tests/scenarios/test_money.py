@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from engine_helpers import engine_for
-from helpers_proc import _png_problem as png_problem
-from helpers_proc import ledger_rows
 
+from helpers.engine import engine_for
+from helpers.ledger import ledger_rows
+from helpers.outputs import png_problem
 from wanbatch import catalog
 from wanbatch.errors import HELD_CODES
 from wanbatch.manifest import Manifest

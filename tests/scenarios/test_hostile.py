@@ -31,8 +31,8 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 from PIL import Image
-from unkind_helpers import Intercept, sim_with
 
+from helpers.unkind import Intercept, sim_with
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ImageState, ItemState

@@ -30,8 +30,8 @@ from dashscope.aigc.image_synthesis import AioImageSynthesis, ImageSynthesis
 from dashscope.api_entities.aio_session import close_shared_aio_session
 from dashscope.common.error import InvalidTask
 from dashscope.v2 import errors as v2_errors
-from sdk_helpers import FAST, FROZEN, KEYS, SimThread, fetch_png, generation_image_urls, sdk_base_url
 
+from helpers.sdk import FAST, FROZEN, KEYS, SimThread, fetch_png, generation_image_urls, sdk_base_url
 from wanbatch.sim import AccountConfig, SimConfig
 
 BEIJING = KEYS["beijing"]
