@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import signal
 import sys
@@ -33,8 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the audit shared with the chaos tests
 
 from helpers.ledger import count_items  # noqa: E402
+from helpers.manifest import numbered, write_manifest  # noqa: E402
 from helpers.outputs import audit  # noqa: E402
-from helpers.proc import write_manifest  # noqa: E402
+from helpers.proc import WANBATCH, cli_env  # noqa: E402
 from wanbatch.sim import SimConfig, running_sim  # noqa: E402
 
 MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
@@ -64,9 +64,8 @@ def kill_points(rng: random.Random, kills: int, items: int) -> list[int]:
 
 
 async def start_run(manifest: Path, out: Path, base_url: str, speed: float, log: Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
-    env["DASHSCOPE_API_KEY"] = "sk-sim-beijing"
-    argv = [sys.executable, "-m", "wanbatch", "-q", "run", str(manifest), "--out", str(out)]
+    env = cli_env(DASHSCOPE_API_KEY="sk-sim-beijing")
+    argv = [*WANBATCH, "-q", "run", str(manifest), "--out", str(out)]
     argv += ["--base-url", base_url, "--speed", f"{speed:g}"]
     with log.open("wb") as sink:
         return await asyncio.create_subprocess_exec(*argv, stdout=sink, stderr=sink, env=env)
@@ -74,7 +73,9 @@ async def start_run(manifest: Path, out: Path, base_url: str, speed: float, log:
 
 async def soak(args: argparse.Namespace, work: Path) -> dict:
     rng = random.Random(args.seed)
-    manifest = write_manifest(work / "soak.yaml", count=args.items, models=MODELS, tag=f"soak {args.seed}")
+    manifest = write_manifest(
+        work, file_name="soak.yaml", prompts=numbered(args.items, f"soak {args.seed}", models=MODELS)
+    )
     out, logs = work / "run", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     config = SimConfig(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
-
+from helpers.manifest import write_manifest
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 from wanbatch.sim import SimConfig, running_sim
@@ -50,10 +48,10 @@ async def run_stopped_when(engine: Engine, manifest: Manifest, done: Callable[[]
         return await running
 
 
-def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> tuple[Path, dict]:
-    """Run a manifest against a fast simulator in a thread of its own (for sync tests and fixtures)."""
-    manifest_path = tmp_dir / "job.yaml"
-    manifest_path.write_text(textwrap.dedent(manifest_text))
+def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> Path:
+    """Run a manifest against a fast simulator in a thread of its own (for sync tests and fixtures); the run folder,
+    where every image the run generated is saved (the run writes its gallery too)."""
+    manifest_path = write_manifest(tmp_dir, manifest_text)
     run_dir = tmp_dir / "run"
 
     async def run() -> dict:
@@ -61,28 +59,6 @@ def run_batch(tmp_dir: Path, manifest_text: str, **sim_config) -> tuple[Path, di
             return await engine_for(sim, run_dir).run(Manifest.from_yaml(manifest_path))
 
     with ThreadPoolExecutor(1) as pool:
-        return run_dir, pool.submit(asyncio.run, run()).result()
-
-
-def numbered_manifest(
-    directory: Path,
-    count: int,
-    subject: str,
-    *,
-    model: str = "wan2.2-t2i-flash",
-    size: str = "512*512",
-    n: int = 1,
-    **defaults,
-) -> Manifest:
-    """``directory``/job.yaml: ``count`` prompts "``subject`` number i" of ``model`` and ``size``, ``n`` images each
-    (prompt_extend off unless ``defaults`` say otherwise)."""
-    text = yaml.safe_dump(
-        {
-            "name": "numbered",
-            "defaults": {"model": model, "size": size, "n": n, "prompt_extend": False, **defaults},
-            "prompts": [f"{subject} number {i}" for i in range(count)],
-        },
-        sort_keys=False,
-    )
-    (directory / "job.yaml").write_text(text)
-    return Manifest.from_yaml(directory / "job.yaml")
+        report = pool.submit(asyncio.run, run()).result()
+    assert report["images"]["saved"] == report["images_generated"] > 0, report
+    return run_dir

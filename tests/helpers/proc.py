@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,22 @@ from typing import Any
 import yaml
 
 from helpers.outputs import read_jsonl
+from helpers.paths import REPO
 
 __all__ = [
+    "WANBATCH",
     "RunProcess",
     "SimProcess",
+    "cli_env",
     "read_billing",
     "start_run",
     "start_sim",
     "wait_until",
-    "write_manifest",
+    "wanbatch_cli",
 ]
 
+#: The command line under test, in this interpreter.
+WANBATCH = (sys.executable, "-m", "wanbatch")
 _URL = re.compile(r"wanbatch sim: (http://\S+/api/v1)")
 #: How long a process gets to start or stop before the test gives up on it (wall seconds).
 PROCESS_TIMEOUT_S = 60.0
@@ -72,7 +78,7 @@ def start_sim(
     """Start ``wanbatch sim --port 0`` and read its base URL from the first line it prints."""
     workdir.mkdir(parents=True, exist_ok=True)
     billing_log = workdir / "billing.jsonl"
-    argv = [sys.executable, "-m", "wanbatch", "sim", "--port", "0", "--speed", f"{speed:g}", "--faults", faults]
+    argv = [*WANBATCH, "sim", "--port", "0", "--speed", f"{speed:g}", "--faults", faults]
     argv += ["--seed", str(seed), "--billing-log", str(billing_log)]
     if config:
         config_file = workdir / "sim.yaml"
@@ -138,12 +144,11 @@ def start_run(
     tag: str = "run",
 ) -> RunProcess:
     """Start ``wanbatch run MANIFEST --out OUT`` against ``sim`` (same speed), or with only ``extra`` flags."""
-    argv = [sys.executable, "-m", "wanbatch", "run", str(manifest), "--out", str(out)]
+    argv = [*WANBATCH, "run", str(manifest), "--out", str(out)]
     if sim is not None:
         argv += ["--base-url", sim.base_url, "--speed", f"{sim.speed:g}"]
     argv += list(extra)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
-    env["DASHSCOPE_API_KEY"] = key
+    env = cli_env(DASHSCOPE_API_KEY=key)
     logs = out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     number = len(list(logs.glob(f"{tag}-*.stderr")))
@@ -153,28 +158,19 @@ def start_run(
     return RunProcess(proc=proc, stdout_path=stdout_path, stderr_path=stderr_path)
 
 
-def write_manifest(
-    path: Path,
-    *,
-    count: int,
-    models: tuple[str, ...],
-    tag: str,
-    size: str = "512*512",
-    n: int = 1,
-    output: str | None = None,
-) -> Path:
-    """A manifest of ``count`` items of ``n`` images, each a distinct request: the prompt carries its number."""
-    per_model = -(-count // len(models))
-    prompts = []
-    for index in range(count):
-        model = models[index % len(models)]
-        prompts.append({"prompt": f"{tag} subject {index // len(models)} of {per_model}", "model": model})
-    manifest: dict[str, Any] = {"name": tag, "defaults": {"size": size, "n": n, "prompt_extend": False}}
-    if output:
-        manifest["output"] = output
-    manifest["prompts"] = prompts
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
-    return path
+def cli_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its DASHSCOPE settings (a developer's own key or address must never
+    reach a test's run), updated by ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}, **extra}
+
+
+def wanbatch_cli(
+    *args: str, env: Mapping[str, str] | None = None, cwd: Path = REPO, timeout_s: float = PROCESS_TIMEOUT_S * 2
+) -> subprocess.CompletedProcess:
+    """``wanbatch ARGS`` run to its end from ``cwd``, its output captured as text, in :func:`cli_env` updated by
+    ``env``; it runs this checkout's wanbatch wherever ``cwd`` is."""
+    env = cli_env(PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([*WANBATCH, *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=cwd)
 
 
 def read_billing(path: Path) -> list[dict[str, Any]]:

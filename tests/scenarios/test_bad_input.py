@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers.paths import BAD_MANIFESTS
+from helpers.proc import cli_env
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
 SPEED = 100.0  #: the simulator's clock; the control run is given the same
@@ -184,12 +184,6 @@ class ThreadedSim:
     def __exit__(self, *exc_info: object) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment with no DashScope settings but ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
-    return {**env, **extra}
 
 
 @dataclass

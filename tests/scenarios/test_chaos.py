@@ -17,8 +17,9 @@ from pathlib import Path
 
 from helpers.engine import engine_for
 from helpers.ledger import count_items, ledger_rows
+from helpers.manifest import load_manifest, numbered, write_manifest
 from helpers.outputs import audit
-from helpers.proc import start_run, start_sim, wait_until, write_manifest
+from helpers.proc import start_run, start_sim, wait_until
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import ItemRow, Ledger
@@ -53,7 +54,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
     sim = start_sim(
         tmp_path / "sim", speed=CHAOS_SPEED, faults="chaos", seed=11, config={"durations": {"*": CHAOS_DURATION_S}}
     )
-    manifest = write_manifest(tmp_path / "chaos.yaml", count=CHAOS_ITEMS, models=MODELS, tag="chaos")
+    manifest = write_manifest(tmp_path, prompts=numbered(CHAOS_ITEMS, "chaos", models=MODELS))
     out = tmp_path / "run"
     open_at_kill = []
     try:
@@ -95,7 +96,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
 
 
 def manifest_of(tmp_path: Path, count: int, tag: str, models: tuple[str, ...] = MODELS) -> Manifest:
-    return Manifest.from_yaml(write_manifest(tmp_path / f"{tag}.yaml", count=count, models=models, tag=tag))
+    return load_manifest(tmp_path, file_name=f"{tag}.yaml", name=tag, prompts=numbered(count, tag, models=models))
 
 
 async def test_every_create_whose_answer_was_lost_is_adopted_not_resent(start_sim, tmp_path):

@@ -7,24 +7,17 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import wanbatch
 from helpers.paths import REPO
+from helpers.proc import WANBATCH, cli_env, wanbatch_cli
 from wanbatch import catalog
 from wanbatch.errors import ConfigError, RunLocked
 from wanbatch.ledger import RunLock
 from wanbatch.manifest import Manifest
-
-
-def wanbatch_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
-    return subprocess.run(
-        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
-    )
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +106,12 @@ def test_the_lock_still_protects_a_folder_in_use(tmp_path):
 def test_status_into_a_closed_pipe_exits_quietly(json_run):
     """`wanbatch status DIR --json | head` whose reader is gone ends without a traceback, as `cat` would."""
     out, _ = json_run
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wanbatch", "status", str(out), "--json"],
+        [*WANBATCH, "status", str(out), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
-        env=env,
+        env=cli_env(),
     )
     proc.stdout.close()  # the reader is gone before the first line is written
     stderr = proc.stderr.read().decode()

@@ -32,6 +32,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from helpers.manifest import numbered, write_manifest
 from helpers.unkind import Intercept, sim_with
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
@@ -92,17 +93,9 @@ def png_bytes(size: tuple[int, int], mode: str = "P", fmt: str = "PNG") -> bytes
     return out.getvalue()
 
 
-def write_manifest(directory: Path, prompts: Iterable[str]) -> Path:
-    """One image of 512*512 per prompt, each prompt quoted as JSON (which YAML reads as it is)."""
-    lines = [
-        "name: hostile",
-        f'defaults: {{model: wan2.2-t2i-flash, size: "{SIZE[0]}*{SIZE[1]}", n: 1, prompt_extend: false, seed: 7}}',
-        "prompts:",
-        *(f"  - {json.dumps(prompt)}" for prompt in prompts),
-    ]
-    path = directory / "job.yaml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def hostile_job(directory: Path, prompts: list[str]) -> Path:
+    """One image of 512*512 per prompt."""
+    return write_manifest(directory, prompts=prompts, name="hostile", size=f"{SIZE[0]}*{SIZE[1]}", seed=7)
 
 
 async def run_engine(sim: SimHandle, manifest: Path, run_dir: Path, **download: Any) -> dict[str, Any]:
@@ -157,7 +150,7 @@ async def test_malformed_json_and_truncated_bodies_are_retried_or_reconciled(tmp
     prompts = [f"a red fox, study {i}" for i in range(12)]
     async with hostile_sim(seed=3) as sim:  # its download draws hold no long run of cuts
         sim.set_faults(None, malformed_json=0.25, truncated_body=0.25, truncated_download=0.3)
-        report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
         injected = dict(sim.faults_injected)
     for fault in ("malformed_json", "truncated_body", "truncated_download"):
         assert injected.get(fault, 0) >= 2, injected
@@ -255,7 +248,7 @@ async def test_html_pages_and_wrong_content_types_are_read_as_no_answer(tmp_path
     )
     prompts = [f"a heron {word}" for word in ("gateway-502", "gateway-200", "json-as-text", "untouched")]
     async with hostile_sim(middlewares=[damage.middleware]) as sim:
-        report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
     assert damage.done == {"gateway-502": 2, "gateway-200": 2, "json-as-text": 2}
     assert states(report) == {"saved": len(prompts)}
     assert report["reconciled_adopted"] >= 2  # the two HTML creates hid tasks that exist
@@ -300,7 +293,7 @@ async def test_query_answer_of_the_wrong_shape_is_asked_again(tmp_path: Path, wo
     prompts = [f"an owl {word}", "an owl untouched"]
     spy = Damage(query={word: damage})
     async with hostile_sim(middlewares=[spy.middleware]) as sim:
-        report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
     assert spy.done == {word: 1}
     assert states(report) == {"saved": len(prompts)}
     assert_billed_once(sim)
@@ -322,7 +315,7 @@ async def test_a_garbled_orig_prompt_does_not_end_the_batch_while_an_outcome_is_
     )
     prompts = ["a newt lost", "a newt kept"]
     async with hostile_sim(middlewares=[garbled.middleware]) as sim:
-        report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
     assert garbled.done == {"lost": 2}
     assert states(report) == {"saved": len(prompts)}
     assert_billed_once(sim)
@@ -355,10 +348,11 @@ async def test_task_list_entries_of_the_wrong_shape_put_no_task_out_of_reach(tmp
         pages["damaged"] += 1
         return _raw(200, json.dumps(body).encode())
 
-    lines = ["name: lists", 'defaults: {model: wan2.6-t2i, size: "1280*1280", n: 1, prompt_extend: false}', "prompts:"]
-    (tmp_path / "job.yaml").write_text("\n".join([*lines, *(f"  - a kite number {i}" for i in range(10))]) + "\n")
+    manifest = write_manifest(
+        tmp_path, prompts=numbered(10, "a kite"), name="lists", model="wan2.6-t2i", size="1280*1280"
+    )
     async with hostile_sim(middlewares=[damage_lists], durations=40.0) as sim:
-        report = await run_engine(sim, tmp_path / "job.yaml", tmp_path / "run")
+        report = await run_engine(sim, manifest, tmp_path / "run")
     assert pages["damaged"] >= 1
     assert states(report) == {"saved": 10}
     assert_billed_once(sim)
@@ -380,7 +374,7 @@ async def test_create_answer_of_the_wrong_shape_is_reconciled(tmp_path: Path, wo
     prompts = [f"a lynx {word}", "a lynx untouched"]
     spy = Damage(create={word: damage})
     async with hostile_sim(middlewares=[spy.middleware]) as sim:
-        report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
     assert spy.done == {word: 1}
     assert states(report) == {"saved": len(prompts)}
     assert len(sim.billing) == len(prompts)
@@ -532,7 +526,7 @@ async def test_bad_result_urls_are_refused_and_nothing_is_written_outside_the_ru
     deadline or refused for good, and contained."""
     run_dir = tmp_path / "a" / "b" / "c" / "run"  # deep enough that ../../../../ from images/ stays in tmp_path
     prompts = [f"a wolf {word}" for word in BAD_URLS]
-    before = files_under(tmp_path) | {write_manifest(tmp_path, prompts)}
+    before = files_under(tmp_path) | {hostile_job(tmp_path, prompts)}
     handle: list[SimHandle] = []
     async with bystander() as (elsewhere, seen):
         bad = BadImages(lambda: handle[0].base_url, elsewhere)
@@ -618,7 +612,7 @@ async def test_api_redirects_are_not_followed_and_the_key_stays_home(tmp_path: P
 
         prompts = ["a stoat in snow", "a stoat on a wall", "a stoat in grass"]
         async with hostile_sim(middlewares=[redirect_first]) as sim:
-            report = await run_engine(sim, write_manifest(tmp_path, prompts), tmp_path / "run")
+            report = await run_engine(sim, hostile_job(tmp_path, prompts), tmp_path / "run")
         assert redirected == {"create": 1, "query": 1}
         assert not seen  # neither the request nor its Authorization header went to the other host
     items = ledger_items(tmp_path / "run", sim.clock)
@@ -652,7 +646,7 @@ async def test_answers_that_arrive_in_pieces_are_read_whole(tmp_path: Path) -> N
     """Every answer of the service comes in 40-byte pieces: each is read to its end, so creates, queries and
     lists are understood and the batch saves every image, each paid once."""
     async with hostile_sim(middlewares=[in_pieces]) as sim:
-        report = await run_engine(sim, write_manifest(tmp_path, ["a quill", "an inkwell"]), tmp_path / "run")
+        report = await run_engine(sim, hostile_job(tmp_path, ["a quill", "an inkwell"]), tmp_path / "run")
     assert states(report) == {"saved": 2} and report["reconciled_adopted"] == 0
     assert_billed_once(sim)
 
@@ -680,7 +674,7 @@ async def test_a_list_whose_row_for_our_task_is_unreadable_proves_nothing(tmp_pa
             reconcile=ReconcileConfig(request_window_s=20.0, list_lag_s=5.0, retry_s=2.0, undecided_max_s=60.0),
         )
         engine = Engine(run_dir=tmp_path / "run", keys={"beijing": KEY}, config=config, clock=sim.clock)
-        manifest = Manifest.from_yaml(write_manifest(tmp_path, ["a lost lantern"]))
+        manifest = Manifest.from_yaml(hostile_job(tmp_path, ["a lost lantern"]))
         report = await asyncio.wait_for(engine.run(manifest), timeout=20)
     assert lost.done == {"lost": 1} and sim.requests["create"] == 1
     assert report["reconciled_resent"] == 0 and report["failures"]["HeldUndecided"]["count"] == 1

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from helpers.paths import REPO
-from helpers.proc import start_sim
+from helpers.proc import cli_env, start_sim
 
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -130,12 +130,12 @@ def make_project(tmp_path: Path) -> Path:
 
 
 def _env(project: Path, service) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
-    env["PATH"] = f"{project / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = str(REPO)  # the wanbatch under test, whichever is installed
-    env["DASHSCOPE_HTTP_BASE_URL"] = service.base_url
-    env["DASHSCOPE_API_KEY"] = DEMO_KEY
-    return env
+    return cli_env(
+        PATH=f"{project / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(REPO),  # the wanbatch under test, whichever is installed
+        DASHSCOPE_HTTP_BASE_URL=service.base_url,
+        DASHSCOPE_API_KEY=DEMO_KEY,
+    )
 
 
 @dataclass

@@ -20,8 +20,9 @@ import pytest
 
 from helpers.engine import engine_for, run_stopped_when
 from helpers.ledger import count_items, ledger_rows
+from helpers.manifest import load_manifest, numbered, write_file, write_manifest
 from helpers.outputs import audit
-from helpers.proc import start_run, start_sim, wait_until, write_manifest
+from helpers.proc import start_run, start_sim, wait_until
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ItemState
@@ -36,8 +37,9 @@ FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 DAY_S = 24 * 3600.0
 
 
-def manifest_of(tmp_path: Path, count: int, tag: str, models=("wan2.2-t2i-flash",), **options) -> Manifest:
-    return Manifest.from_yaml(write_manifest(tmp_path / f"{tag}.yaml", count=count, models=models, tag=tag, **options))
+def manifest_of(tmp_path: Path, count: int, tag: str, models: tuple[str, ...] = (), **options) -> Manifest:
+    prompts = numbered(count, tag, models=models)
+    return load_manifest(tmp_path, file_name=f"{tag}.yaml", name=tag, prompts=prompts, **options)
 
 
 def billed_cost(billing: list[dict], task_ids: set[str], price: float = FLASH_PRICE) -> float:
@@ -207,7 +209,7 @@ def test_cli_account_failure_exits_4_and_prints_what_to_do(tmp_path):
     """From the command line, arrears end the run with exit 4 (halted), the lanes stopped and the advice printed."""
     config = {"accounts": {"broke": {"keys": {"sk-broke": "beijing"}, "refusal": "Arrearage"}}}
     sim = start_sim(tmp_path / "sim", speed=50.0, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=("wan2.2-t2i-flash",), tag="cli arrears")
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "cli arrears"))
     try:
         run = start_run(manifest, tmp_path / "run", sim=sim, key="sk-broke")
         assert run.wait(60) == 4
@@ -231,7 +233,7 @@ def test_second_run_on_the_same_folder_refuses_and_sends_nothing(tmp_path):
     """While a run works in a folder, a second run there exits 2 at once, naming the first run's pid, having
     changed nothing; the first finishes undisturbed."""
     sim = start_sim(tmp_path / "sim", speed=40.0, config=LONG_LOCK_SIM)
-    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=("wan2.2-t2i-flash",), tag="locked")
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "locked"))
     out = tmp_path / "run"
     try:
         first = start_run(manifest, out, sim=sim, tag="first")
@@ -253,7 +255,7 @@ def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path):
     """A run killed with SIGKILL leaves its lock file behind; the next run in that folder starts, resumes it and
     finishes with nothing paid twice."""
     sim = start_sim(tmp_path / "sim", speed=40.0, config=LOCK_SIM)
-    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=("wan2.2-t2i-flash",), tag="stale lock")
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "stale lock"))
     out = tmp_path / "run"
     try:
         killed = start_run(manifest, out, sim=sim, tag="killed")
@@ -366,12 +368,8 @@ async def test_disk_full_through_the_run_is_reported_and_saved_on_resume(start_s
 
 def prompts_job(tmp_path: Path, prompts: list[str]) -> Path:
     """A manifest reading its prompts from a .txt file, one image each."""
-    (tmp_path / "prompts.txt").write_text("".join(f"{prompt}\n" for prompt in prompts), encoding="utf-8")
-    path = tmp_path / "job.yaml"
-    path.write_text(
-        'name: resumed\ndefaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}\nprompts: [{file: prompts.txt}]\n'
-    )
-    return path
+    write_file(tmp_path, "prompts.txt", "".join(f"{prompt}\n" for prompt in prompts))
+    return write_manifest(tmp_path, name="resumed", prompts=[{"file": "prompts.txt"}])
 
 
 async def half_done(start_sim, tmp_path: Path, prompts: list[str]):

@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import re
 import secrets
 import socket
 import subprocess
-import sys
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from helpers.proc import WANBATCH, cli_env
 from wanbatch.catalog import Protocol
 from wanbatch.cli import main
 from wanbatch.errors import ConfigError, WanbatchError
@@ -95,16 +94,13 @@ async def sentinel_sim(*, host: str = "127.0.0.1") -> AsyncIterator[tuple[SimHan
 
 
 def env_with_key(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE_")}
-    return {**env, "DASHSCOPE_API_KEY": KEY, **extra}
+    return cli_env(DASHSCOPE_API_KEY=KEY, **extra)
 
 
 async def wanbatch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
     """Run the ``wanbatch`` command as a process; (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "wanbatch",
+        *WANBATCH,
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from helpers.ledger import count_items
+from helpers.manifest import numbered, write_manifest
 from helpers.outputs import audit
-from helpers.proc import read_billing, start_run, start_sim, wait_until, write_manifest
+from helpers.proc import read_billing, start_run, start_sim, wait_until, wanbatch_cli
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 
@@ -39,7 +38,7 @@ def test_first_signal_stops_submitting_saves_what_is_paid_for_and_exits_130(tmp_
     """After one SIGINT or SIGTERM no new create goes out, every task already made is followed to its end and its
     images saved, the exit code is 130, and a resume finishes the rest without paying for anything twice."""
     sim = start_sim(tmp_path / "sim", speed=SPEED, config={"durations": {"*": 10.0}})
-    manifest = write_manifest(tmp_path / "job.yaml", count=12, models=FLASH, tag=f"stop by {signum.name}")
+    manifest = write_manifest(tmp_path, prompts=numbered(12, f"stop by {signum.name}"))
     out = tmp_path / "run"
     try:
         run = start_run(manifest, out, sim=sim)
@@ -74,7 +73,7 @@ def test_second_sigint_quits_at_once_and_the_folder_resumes(tmp_path):
     # Every task the engine keeps open runs at once on the service, so the resume takes one task's time.
     config = {"durations": {"*": duration_s}, "quotas": {"*": {"concurrency": "unlimited"}}}
     sim = start_sim(tmp_path / "sim", speed=speed, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=FLASH, tag="twice")
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "twice"))
     out = tmp_path / "run"
     try:
         run = start_run(manifest, out, sim=sim)
@@ -105,7 +104,7 @@ def interrupted_with_backlog(tmp_path, *, count: int, tag: str):
     stopped after the block."""
     config = {"durations": {"*": 20.0}, "quotas": {"*": {"concurrency": 1}}}
     sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=count, models=FLASH, tag=tag)
+    manifest = write_manifest(tmp_path, prompts=numbered(count, tag))
     out = tmp_path / "run"
     try:
         run = start_run(manifest, out, sim=sim, extra=("--cancel-pending",))
@@ -136,7 +135,7 @@ async def test_a_hard_stop_takes_effect_at_once(start_sim, tmp_path):
     for attempt in range(5):
         sim = await start_sim(speed=100.0, durations={"*": 30.0})
         manifest = Manifest.from_yaml(
-            write_manifest(tmp_path / f"hard{attempt}.yaml", count=6, models=FLASH, tag="hard")
+            write_manifest(tmp_path, file_name=f"hard{attempt}.yaml", prompts=numbered(6, "hard"))
         )
         run_dir = tmp_path / f"run{attempt}"
         engine = Engine(
@@ -172,7 +171,7 @@ def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused
     """After Ctrl-C a `--simulate` run prints the exact command that resumes it (--simulate and --speed kept); with
     a key in the environment, a resume without --simulate is refused (exit 2, nothing sent) and the hint's
     command finishes the batch."""
-    manifest = write_manifest(tmp_path / "job.yaml", count=8, models=FLASH, tag="hint")
+    manifest = write_manifest(tmp_path, prompts=numbered(8, "hint"))
     out = tmp_path / "run"
     run = start_run(manifest, out, extra=("--simulate", "--speed", "20"), key="sk-a-real-looking-key")
     wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
@@ -196,7 +195,7 @@ def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused
 def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
     """After kill -9, a `--simulate` resume finds the embedded simulator's tasks, clock and billing in the run
     folder: nothing is written off (TaskExpired, OutcomeUnknown), every item is saved, each image paid once."""
-    manifest = write_manifest(tmp_path / "job.yaml", count=10, models=FLASH, tag="hard stop")
+    manifest = write_manifest(tmp_path, prompts=numbered(10, "hard stop"))
     out = tmp_path / "run"
     flags = ("--simulate", "--speed", "20")
     run = start_run(manifest, out, extra=flags)
@@ -214,9 +213,7 @@ def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
 
 def cancel(out, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`wanbatch cancel OUT` as a user runs it, with only ``env``'s DASHSCOPE variables."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
-    argv = [sys.executable, "-m", "wanbatch", "cancel", str(out)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**clean, **env})
+    return wanbatch_cli("cancel", str(out), env=env)
 
 
 def test_cancel_without_a_key_is_refused_and_a_simulated_folder_cancels_on_its_simulator(tmp_path):
@@ -225,7 +222,7 @@ def test_cancel_without_a_key_is_refused_and_a_simulated_folder_cancels_on_its_s
     simulator, and the folder then resumes to the end with each image paid once."""
     config = {"durations": {"*": 60.0}, "quotas": {"*": {"concurrency": 1}}}
     sim = start_sim(tmp_path / "sim", speed=SPEED, config=config)
-    manifest = write_manifest(tmp_path / "job.yaml", count=4, models=FLASH, tag="cancel later")
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "cancel later"))
     try:
         real = start_run(manifest, tmp_path / "real", sim=sim)
         wait_until(lambda: count_items(tmp_path / "real", "state = 'queued'") >= 2, what="tasks on the service")

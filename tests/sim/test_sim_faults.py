@@ -8,6 +8,7 @@ import json
 import aiohttp
 import pytest
 
+from helpers.sim import task_created
 from wanbatch.sim import FAULT_PROFILES, Fault
 from wanbatch.sim.faults import AFTER_FAULTS, BEFORE_FAULTS, DOWNLOAD_FAULTS, SERVICE_FAULTS, FaultInjector
 
@@ -15,15 +16,6 @@ LEGACY = "/services/aigc/text2image/image-synthesis"
 HEADERS = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
 BODY = {"model": "wan2.2-t2i-flash", "input": {"prompt": "a cat"}, "parameters": {"n": 1}}
 UNLIMITED = {"*": {"submit_rps": None}}
-
-
-async def task_created(sim, count: int = 1) -> None:
-    """Wait (in wall time, at most 5 s) until the simulator holds ``count`` tasks: a request in flight has arrived."""
-    for _ in range(500):
-        if len(sim.state.tasks) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the request never reached the simulator")
 
 
 async def post_create(sim_http, sim) -> aiohttp.ClientResponse:

@@ -7,20 +7,12 @@ import re
 
 import pytest
 
+from helpers.sim import task_created
 from wanbatch.sim import SimConfig, running_sim
 
 SYNC26 = "/services/aigc/multimodal-generation/generation"
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}$")
 DAY_S = 86400
-
-
-async def task_created(sim, count: int = 1) -> None:
-    """Wait (in wall time, at most 5 s) until the simulator holds ``count`` tasks: a request in flight has arrived."""
-    for _ in range(500):
-        if len(sim.state.tasks) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the request never reached the simulator")
 
 
 def sync_body(text: str = "a dog", **params) -> dict:

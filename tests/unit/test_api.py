@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 import wanbatch
 from helpers.engine import engine_for
+from helpers.manifest import load_manifest
 from wanbatch.errors import ConfigError
 from wanbatch.ledger import Ledger
-from wanbatch.manifest import Manifest
 
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}
 
@@ -39,15 +37,9 @@ async def test_run_returns_the_report(tmp_path):
     assert (tmp_path / "run" / "report.json").exists()
 
 
-def manifest(tmp_path, text: str) -> Manifest:
-    path = tmp_path / "job.yaml"
-    path.write_text(textwrap.dedent(text))
-    return Manifest.from_yaml(path)
-
-
 async def test_a_plan_over_budget_is_refused_before_anything_is_sent(tmp_path):
     """A manifest whose plan costs more than its budget raises BudgetExceeded and leaves no run folder."""
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """\
         name: dear
@@ -64,7 +56,7 @@ async def test_a_plan_over_budget_is_refused_before_anything_is_sent(tmp_path):
 async def test_spending_stops_before_the_budget_would_pass(start_sim, tmp_path):
     """With a budget below the plan, submitting stops before spent plus in-flight cost would pass it."""
     sim = await start_sim(**FAST)
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """\
         name: capped
@@ -81,7 +73,7 @@ async def test_spending_stops_before_the_budget_would_pass(start_sim, tmp_path):
 async def test_retry_failed_resends_failed_but_not_moderated_items(start_sim, tmp_path):
     """retry_failed sends failed tasks again except moderation refusals, which go again only with retry_moderated."""
     failing = await start_sim(**FAST, image_failure_rate=1.0, seed=1)
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """\
         name: retry
@@ -110,7 +102,7 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     from wanbatch.stages.cancel import cancel_queued
 
     sim = await start_sim(speed=50.0, durations={"*": 600.0})  # long tasks: the stop finds them queued
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """\
         name: stopped

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers.engine import engine_for, numbered_manifest
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
 from helpers.outputs import assert_billed_once_and_saved, metadata
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
@@ -29,16 +28,10 @@ prompts:
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}
 
 
-def write_manifest(tmp_path: Path, text: str, name: str = "job.yaml") -> Manifest:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return Manifest.from_yaml(path)
-
-
 async def test_minimal_manifest_saves_every_image(start_sim, tmp_path):
     """The issue's minimal manifest runs as written: two items, two verified 1024² PNGs, metadata and report."""
     sim = await start_sim(**FAST)
-    manifest = write_manifest(tmp_path, FOXES)
+    manifest = load_manifest(tmp_path, FOXES)
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     run_dir = tmp_path / "run"
     assert report["items"]["saved"] == 2 and report["images"]["saved"] == 2
@@ -57,7 +50,7 @@ async def test_minimal_manifest_saves_every_image(start_sim, tmp_path):
 async def test_matrix_over_models_and_sizes_gets_each_size(start_sim, tmp_path):
     """A matrix over models and sizes gives one item per cell, each image of the size its cell asked for."""
     sim = await start_sim(**FAST)
-    manifest = write_manifest(
+    manifest = load_manifest(
         tmp_path,
         """\
         name: grid
@@ -85,7 +78,7 @@ async def test_rate_limits_respected_without_a_burst_at_start(start_sim, tmp_pat
     # A modest speed: at 100x a few milliseconds of scheduling delay on a loaded machine are a tenth of a second.
     sim = await start_sim(speed=10.0, durations={"*": 1.0})
     prompts = "\n".join(f"  - subject number {i}" for i in range(12))
-    manifest = write_manifest(
+    manifest = load_manifest(
         tmp_path,
         f"""\
 name: steady
@@ -111,7 +104,7 @@ prompts:
 async def test_resume_after_stop_bills_nothing_twice(start_sim, tmp_path):
     """Stopped after a few submissions and resumed, the run ends with every item saved and nothing paid twice."""
     sim = await start_sim(speed=100.0, durations={"*": 3.0})
-    manifest = numbered_manifest(tmp_path, 12, "a paper boat", n=2)
+    manifest = load_manifest(tmp_path, prompts=numbered(12, "a paper boat"), n=2)
     run_dir = tmp_path / "run"
     engine = engine_for(sim, run_dir)
 
@@ -134,7 +127,7 @@ async def test_resume_after_stop_bills_nothing_twice(start_sim, tmp_path):
 async def test_resume_after_a_hard_cancel(start_sim, tmp_path):
     """A run torn down mid-flight (as by a crash) resumes from its ledger: all saved, nothing billed twice."""
     sim = await start_sim(speed=100.0, durations={"*": 3.0})
-    manifest = numbered_manifest(tmp_path, 10, "a glass marble", model="wanx2.1-t2i-turbo")
+    manifest = load_manifest(tmp_path, prompts=numbered(10, "a glass marble"), model="wanx2.1-t2i-turbo")
     run_dir = tmp_path / "run"
     task = asyncio.create_task(engine_for(sim, run_dir).run(manifest))
     while sim.requests["create"] < 4:
@@ -150,7 +143,7 @@ async def test_resume_after_a_hard_cancel(start_sim, tmp_path):
 async def test_partial_failures_keep_the_good_images(start_sim, tmp_path):
     """With images failing at random, every good image is saved and every failed one recorded, none billed."""
     sim = await start_sim(**FAST, image_failure_rate=0.4, seed=3)
-    manifest = numbered_manifest(tmp_path, 6, "a clay pot", n=4)
+    manifest = load_manifest(tmp_path, prompts=numbered(6, "a clay pot"), n=4)
     run_dir = tmp_path / "run"
     report = await engine_for(sim, run_dir).run(manifest)
     assert report["images"]["failed"] > 0 and report["images"]["saved"] > 0
@@ -168,7 +161,7 @@ async def test_partial_failures_keep_the_good_images(start_sim, tmp_path):
 async def test_moderation_rejection_is_final_and_reported(start_sim, tmp_path):
     """A prompt the service's moderation refuses makes its item rejected, with code and manifest line; others run."""
     sim = await start_sim(**FAST)
-    manifest = write_manifest(
+    manifest = load_manifest(
         tmp_path,
         """\
         name: mixed
@@ -189,7 +182,7 @@ async def test_moderation_rejection_is_final_and_reported(start_sim, tmp_path):
 async def test_expired_urls_are_reported_as_paid_and_lost(start_sim, tmp_path):
     """Images whose URLs die before they are fetched end expired, counted and costed in the report."""
     sim = await start_sim(**FAST, url_ttl_s=0.0)
-    manifest = write_manifest(tmp_path, FOXES)
+    manifest = load_manifest(tmp_path, FOXES)
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["expired"] == 2 and report["images"]["expired"] == 2
     assert len(report["images_expired"]) == 2 and report["cost"] == {"CNY": pytest.approx(0.28)}
@@ -199,7 +192,7 @@ async def test_expired_urls_are_reported_as_paid_and_lost(start_sim, tmp_path):
 async def test_unknown_outcomes_are_reconciled_not_resent(start_sim, tmp_path):
     """Resets after the task was created leave items unknown; they are adopted from the list, never paid twice."""
     sim = await start_sim(**FAST, fault_rates={"reset_after": 0.4}, seed=5)
-    manifest = numbered_manifest(tmp_path, 10, "a kite")
+    manifest = load_manifest(tmp_path, prompts=numbered(10, "a kite"))
     from wanbatch.stages.reconcile import ReconcileConfig
 
     quick = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
@@ -250,7 +243,7 @@ async def test_stale_planned_items_are_not_sent(start_sim, tmp_path):
 async def test_wan26_sync_endpoint_saves_images(start_sim, tmp_path):
     """wan2.6 items marked `sync` go through the synchronous endpoint and are saved like any other."""
     sim = await start_sim(**FAST)
-    manifest = write_manifest(
+    manifest = load_manifest(
         tmp_path,
         """\
         name: sync
@@ -269,7 +262,7 @@ async def test_wan26_sync_endpoint_saves_images(start_sim, tmp_path):
 async def test_cancel_pending_cancels_only_what_waits_on_the_service(start_sim, tmp_path):
     """Interrupted with cancel_pending, tasks still PENDING are canceled (not billed); running ones are saved."""
     sim = await start_sim(speed=50.0, durations={"*": 30.0})
-    manifest = numbered_manifest(tmp_path, 8, "a tin robot")
+    manifest = load_manifest(tmp_path, prompts=numbered(8, "a tin robot"))
     engine = engine_for(sim, tmp_path / "run")
 
     async def stop_when_backlog_waits() -> None:
@@ -293,7 +286,7 @@ async def test_an_unreachable_service_stops_the_lane_with_advice(tmp_path):
     with socket.socket() as probe:  # a loopback port with nothing behind it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    manifest = numbered_manifest(tmp_path, 40, "a stone bridge")
+    manifest = load_manifest(tmp_path, prompts=numbered(40, "a stone bridge"))
     from wanbatch.clock import ScaledClock
     from wanbatch.stages.submit import SubmitConfig
 

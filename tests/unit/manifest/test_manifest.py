@@ -6,13 +6,13 @@ import hashlib
 import itertools
 import json
 import re
-import textwrap
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
 import wanbatch
+from helpers.manifest import load_manifest, write_file
 from helpers.outputs import metadata
 from helpers.paths import BAD_MANIFESTS, REPO
 from wanbatch import catalog
@@ -29,19 +29,8 @@ prompts:
 """
 
 
-def write(directory: Path, text: str, name: str = "job.yaml") -> Path:
-    path = directory / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def load(directory: Path, text: str, name: str = "job.yaml") -> Manifest:
-    return Manifest.from_yaml(write(directory, text, name))
-
-
 def items_of(directory: Path, text: str) -> list[Item]:
-    manifest = load(directory, text)
+    manifest = load_manifest(directory, text)
     assert manifest.validate() == []
     items = list(manifest.items())
     assert len(items) == manifest.count()
@@ -50,7 +39,7 @@ def items_of(directory: Path, text: str) -> list[Item]:
 
 def errors_of(directory: Path, text: str, name: str = "job.yaml") -> list[ManifestError]:
     with pytest.raises(ManifestInvalid) as caught:
-        load(directory, text, name).validate()
+        load_manifest(directory, text, file_name=name).validate()
     return caught.value.errors
 
 
@@ -59,7 +48,7 @@ def errors_of(directory: Path, text: str, name: str = "job.yaml") -> list[Manife
 
 def test_minimal_form_works_as_written(tmp_path: Path) -> None:
     """The issue's minimal manifest gives two one-image flash items with every default filled in."""
-    manifest = load(tmp_path, MINIMAL)
+    manifest = load_manifest(tmp_path, MINIMAL)
     assert (manifest.name, manifest.region, manifest.budget, manifest.output) == ("foxes", "beijing", None, None)
     assert manifest.validate() == []
     first, second = manifest.items()
@@ -100,7 +89,7 @@ def test_demo_spans_three_models_and_enough_images() -> None:
 
 def test_top_level_settings(tmp_path: Path) -> None:
     """name defaults to the file's stem; region, budget, output and max_items are read as given."""
-    manifest = load(
+    manifest = load_manifest(
         tmp_path,
         """
         region: singapore
@@ -110,7 +99,7 @@ def test_top_level_settings(tmp_path: Path) -> None:
         defaults: {model: wan2.2-t2i-flash}
         prompts: [a fox]
         """,
-        name="night-run.yaml",
+        file_name="night-run.yaml",
     )
     assert (manifest.name, manifest.region, manifest.budget) == ("night-run", "singapore", 12.0)
     assert (manifest.output, manifest.max_items, manifest.path) == (
@@ -248,7 +237,7 @@ def test_a_zip_column_may_repeat_a_value(tmp_path: Path) -> None:
 
 def test_txt_file_gives_one_literal_prompt_per_line(tmp_path: Path) -> None:
     """A .txt file: one prompt a line, blanks and # lines skipped, braces literal, source = its line."""
-    write(tmp_path, "# captions\na fox {not a hole}\n\n  an owl  \n", "data/lines.txt")
+    write_file(tmp_path, "data/lines.txt", "# captions\na fox {not a hole}\n\n  an owl  \n")
     items = items_of(tmp_path, "defaults: {model: wan2.2-t2i-flash}\nprompts:\n  - file: data/lines.txt\n")
     assert [(i.prompt, i.source) for i in items] == [
         ("a fox {not a hole}", f"{tmp_path.as_posix()}/data/lines.txt:2"),
@@ -258,7 +247,7 @@ def test_txt_file_gives_one_literal_prompt_per_line(tmp_path: Path) -> None:
 
 def test_csv_columns_are_variables_and_parameter_columns_set_parameters(tmp_path: Path) -> None:
     """A .csv: columns are variables, a size column sets the size, an empty cell keeps the default."""
-    write(tmp_path, 'animal,habitat,size,n\nfox,snow,,\n"heron, grey",a marsh,1440x1024,2\n', "data/a.csv")
+    write_file(tmp_path, "data/a.csv", 'animal,habitat,size,n\nfox,snow,,\n"heron, grey",a marsh,1440x1024,2\n')
     items = items_of(
         tmp_path,
         """
@@ -278,7 +267,9 @@ def test_csv_columns_are_variables_and_parameter_columns_set_parameters(tmp_path
 
 def test_jsonl_keys_are_variables_and_parameters(tmp_path: Path) -> None:
     """A .jsonl: 'prompt' is the prompt, a seed key sets the seed, numbers become text variables."""
-    write(tmp_path, '{"prompt": "a boat", "mood": 3}\n\n{"prompt": "a storm", "seed": 5, "mood": "dark"}\n', "d.jsonl")
+    write_file(
+        tmp_path, "d.jsonl", '{"prompt": "a boat", "mood": 3}\n\n{"prompt": "a storm", "seed": 5, "mood": "dark"}\n'
+    )
     items = items_of(tmp_path, "defaults: {model: wan2.6-t2i, n: 1}\nprompts:\n  - file: d.jsonl\n")
     assert [(i.prompt, i.seed, i.variables["mood"], i.source[-9:]) for i in items] == [
         ("a boat", None, "3", "d.jsonl:1"),
@@ -480,8 +471,8 @@ def test_identical_requests_from_two_entries_are_one_item(tmp_path: Path) -> Non
 def repeating_csv(directory: Path, rows: int = 200, distinct: int = 50) -> Manifest:
     """``rows`` CSV rows over ``distinct`` prompts, each × 2 models × 3 seeds: row i repeats row i % distinct."""
     lines = ["id,prompt"] + [f"img{i:04d},a fox number {i % distinct}" for i in range(rows)]
-    write(directory, "\n".join(lines) + "\n", "data/foxes.csv")
-    return load(
+    write_file(directory, "data/foxes.csv", "\n".join(lines) + "\n")
+    return load_manifest(
         directory,
         """
         defaults: {size: "512*512", n: 1, seed: [1, 2, 3]}
@@ -510,7 +501,7 @@ def test_the_plan_counts_each_distinct_request_once_and_names_the_rows_that_repe
 def test_repeats_made_on_purpose_stay_distinct_items(tmp_path: Path) -> None:
     """``repeats: 3`` asks for three images of one request: three items, none counted as a repeat."""
     text = "defaults: {model: wan2.2-t2i-flash, n: 1}\nprompts: [{prompt: a fox, repeats: 3}]\n"
-    plan = make_plan(load(tmp_path, text))
+    plan = make_plan(load_manifest(tmp_path, text))
     assert plan["items"] == 3 and plan["repeats"]["rows"] == 0
 
 
@@ -541,7 +532,7 @@ def _peak_bytes_while(consume) -> int:
 def test_million_item_matrix_is_counted_and_streamed(tmp_path: Path) -> None:
     """A 100x100x100 matrix counts 1,000,000 items and yields its first ones in a few megabytes."""
     lists = {key: ", ".join(f"{key}{i}" for i in range(100)) for key in "abc"}
-    manifest = load(
+    manifest = load_manifest(
         tmp_path,
         f"""
         defaults: {{model: wan2.2-t2i-flash, n: 1}}
@@ -563,7 +554,7 @@ def test_million_line_prompts_file_is_counted_and_streamed(tmp_path: Path) -> No
     path = tmp_path / "million.txt"
     with path.open("w") as handle:
         handle.writelines(f"prompt number {i}\n" for i in range(1_000_000))
-    manifest = load(tmp_path, "defaults: {model: wan2.2-t2i-flash, n: 1}\nprompts:\n  - file: million.txt\n")
+    manifest = load_manifest(tmp_path, "defaults: {model: wan2.2-t2i-flash, n: 1}\nprompts:\n  - file: million.txt\n")
     assert manifest.count() == 1_000_000
     prefix: list[Item] = []
     peak = _peak_bytes_while(lambda: prefix.extend(itertools.islice(manifest.items(), 3000)))
@@ -574,7 +565,7 @@ def test_million_line_prompts_file_is_counted_and_streamed(tmp_path: Path) -> No
 def test_count_is_arithmetic(tmp_path: Path) -> None:
     """count() answers for 10**12 items, which no expansion could count, once max_items allows it."""
     values = ", ".join(str(i) for i in range(1000))
-    manifest = load(
+    manifest = load_manifest(
         tmp_path,
         f"""
         max_items: 1000000000000
@@ -592,8 +583,8 @@ def test_max_items_can_be_raised(tmp_path: Path) -> None:
     """1,000,001 items (a seed range, walked lazily) are refused by default and accepted with max_items."""
     text = "defaults: {model: wan2.2-t2i-flash}\nprompts:\n  - prompt: a fox\n    seed: {range: [0, 1000001]}\n"
     with pytest.raises(ManifestInvalid, match="allowed: at most 1,000,000"):
-        load(tmp_path, text)
-    manifest = load(tmp_path, "max_items: 1000001\n" + text)
+        load_manifest(tmp_path, text)
+    manifest = load_manifest(tmp_path, "max_items: 1000001\n" + text)
     assert manifest.count() == 1_000_001
     assert [item.seed for item in itertools.islice(manifest.items(), 3)] == [0, 1, 2]
 
@@ -726,14 +717,16 @@ def test_errors_stop_at_a_cap(tmp_path: Path) -> None:
     """A manifest with 60 bad entries reports 50 errors and says it stopped."""
     bad = "".join(f"  - {{prompt: p{i}, n: {10 + i}}}\n" for i in range(60))
     with pytest.raises(ManifestInvalid) as caught:
-        load(tmp_path, "defaults: {model: wan2.2-t2i-flash}\nprompts:\n" + bad)
+        load_manifest(tmp_path, "defaults: {model: wan2.2-t2i-flash}\nprompts:\n" + bad)
     assert len(caught.value.errors) == 50 and caught.value.truncated
     assert "stopped counting" in str(caught.value)
 
 
 def test_items_raise_at_the_first_bad_item(tmp_path: Path) -> None:
     """items() yields the good items before a bad one, then raises naming it."""
-    manifest = load(tmp_path, "defaults: {model: wan2.2-t2i-flash}\nprompts:\n  - a fox\n  - {prompt: b, size: 9*9}\n")
+    manifest = load_manifest(
+        tmp_path, "defaults: {model: wan2.2-t2i-flash}\nprompts:\n  - a fox\n  - {prompt: b, size: 9*9}\n"
+    )
     stream = manifest.items()
     assert next(stream).prompt == "a fox"
     with pytest.raises(ManifestInvalid, match=r"job.yaml:4: prompts\[1\].size"):
@@ -742,7 +735,7 @@ def test_items_raise_at_the_first_bad_item(tmp_path: Path) -> None:
 
 def test_a_long_prompt_is_a_warning_not_an_error(tmp_path: Path) -> None:
     """A prompt past the model's limit validates with a warning naming the limit."""
-    manifest = load(tmp_path, f"defaults: {{model: wan2.2-t2i-flash}}\nprompts:\n  - {'fox ' * 200}\n")
+    manifest = load_manifest(tmp_path, f"defaults: {{model: wan2.2-t2i-flash}}\nprompts:\n  - {'fox ' * 200}\n")
     (warning,) = manifest.validate()
     assert "job.yaml:3" in warning and "reads the first 500" in warning
     assert len(next(manifest.items()).prompt) == 799
@@ -784,7 +777,7 @@ def test_a_prompts_file_is_surveyed_like_the_items_it_makes(tmp_path: Path) -> N
     """A .txt entry with axes, seeds, repeats and a negative prompt: counts, and each over-long line warned."""
     long = "hare " * 120
     (tmp_path / "p.txt").write_text(f"a fox\n# a comment\n\n{long}\na crow\n")
-    manifest = load(
+    manifest = load_manifest(
         tmp_path,
         "defaults: {repeats: 2, seed: [1, 2], negative_prompt: 'blur, {style}'}\n"
         "prompts:\n  - file: p.txt\n    prompt: '{prompt}, {style}'\n"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import wanbatch
+from helpers.manifest import load_manifest
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import ManifestInvalid
 from wanbatch.ledger import Ledger
@@ -58,15 +58,9 @@ def test_a_name_past_255_bytes_is_cut_at_a_character_and_keeps_its_suffix() -> N
     assert first.split("~")[0].strip("雪") == "" and len({first, second, other}) == 3
 
 
-def manifest(directory: Path, text: str) -> Manifest:
-    path = directory / "job.yaml"
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return Manifest.from_yaml(path)
-
-
 def test_the_collision_check_compares_the_names_that_will_be_written(tmp_path: Path) -> None:
     """Two subjects that differ only in characters the saving replaces collide at plan time, before any cost."""
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """
         defaults: {model: wan2.2-t2i-flash, n: 1}
@@ -82,7 +76,7 @@ def test_the_collision_check_compares_the_names_that_will_be_written(tmp_path: P
 
 async def test_a_run_writes_unicode_names_where_the_pattern_says(tmp_path: Path) -> None:
     """`output: "{subject}/{index}.png"` with Chinese subjects saves images/红狐狸/0.png and images/雪鸮/0.png."""
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """
         defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 1}

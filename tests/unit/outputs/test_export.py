@@ -15,7 +15,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from helpers import engine as engine_helpers
+from helpers.engine import run_batch
 from helpers.outputs import metadata
 from wanbatch.errors import ConfigError
 from wanbatch.outputs.export import export
@@ -41,13 +41,6 @@ prompts:
   - a red fox in fresh snow
   - a red fox at dawn
 """
-
-
-def run_batch(tmp_dir: Path, manifest_text: str) -> Path:
-    """Run a manifest against a fast simulator (the run writes its gallery); the run folder."""
-    run_dir, report = engine_helpers.run_batch(tmp_dir, manifest_text)
-    assert report["images"]["saved"] == report["images_generated"] > 0, report
-    return run_dir
 
 
 def size_of(row: dict) -> tuple[int, int]:

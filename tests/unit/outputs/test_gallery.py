@@ -16,7 +16,7 @@ from PIL import Image
 
 from benchmarks.chromium import CHROMIUM, Page, first_cards_ms, open_page
 from benchmarks.gallery import synthetic_run
-from helpers import engine as engine_helpers
+from helpers.engine import run_batch
 from helpers.outputs import metadata
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import Ledger, Recorded
@@ -48,13 +48,6 @@ prompts:
     n: 1
 """
 SAVED = 2 * 2 * 2 * 2 + 1  # style × model × size × n, and the escaping item
-
-
-def run_batch(tmp_dir: Path, manifest_text: str) -> Path:
-    """Run a manifest against a fast simulator (the run writes its gallery); the run folder."""
-    run_dir, report = engine_helpers.run_batch(tmp_dir, manifest_text)
-    assert report["images"]["saved"] == report["images_generated"] > 0, report
-    return run_dir
 
 
 def gallery_of(run_dir: Path) -> Path:
@@ -332,7 +325,7 @@ def test_a_small_image_is_its_own_thumbnail(tmp_path):
 
 def test_thumbnails_are_made_while_the_run_saves_its_images(tmp_path):
     """The run makes each item's thumbnails once its images are saved: the first is older than the last image."""
-    run_dir, _ = engine_helpers.run_batch(
+    run_dir = run_batch(
         tmp_path,
         """\
         name: gallery-while

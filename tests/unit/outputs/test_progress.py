@@ -7,12 +7,13 @@ import logging
 import os
 import pty
 import subprocess
-import sys
 
 from rich.console import Console
 
-from helpers import engine as engine_helpers
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
 from helpers.paths import REPO
+from helpers.proc import WANBATCH, cli_env, wanbatch_cli
 from wanbatch.outputs.progress import figures, log_progress, progress_line, render
 
 #: A resume 45 s in: 145 of 300 items were done by the runs before, 9 more by this one (36 images).
@@ -46,32 +47,10 @@ def test_render_shows_every_stage_rate_eta_and_cost():
     assert "12/21" in text and "5.60 CNY" in text and "40.0" in text and "ETA" in text
 
 
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
-
-
 def test_json_log_format_is_one_object_per_line(tmp_path):
     """With --log-format json every line on stderr is a JSON object with time, level and event."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "wanbatch",
-            "--log-format",
-            "json",
-            "run",
-            "jobs/foxes.yaml",
-            "--out",
-            str(tmp_path / "run"),
-            "--simulate",
-            "--speed",
-            "600",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=_clean_env(),
-        timeout=120,
+    done = wanbatch_cli(
+        "--log-format", "json", "run", "jobs/foxes.yaml", "--out", str(tmp_path / "run"), "--simulate", "--speed", "600"
     )
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines()]
@@ -84,9 +63,7 @@ def test_a_terminal_gets_the_live_display(tmp_path):
     main, child = pty.openpty()
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "wanbatch",
+            *WANBATCH,
             "run",
             "jobs/foxes.yaml",
             "--out",
@@ -99,7 +76,7 @@ def test_a_terminal_gets_the_live_display(tmp_path):
         stdout=child,
         stderr=child,
         cwd=REPO,
-        env={**_clean_env(), "COLUMNS": "120", "TERM": "xterm"},
+        env=cli_env(COLUMNS="120", TERM="xterm"),
     )
     os.close(child)
     output = b""
@@ -140,10 +117,10 @@ async def test_the_engine_reports_what_a_resume_started_from(start_sim, tmp_path
     """A resume's snapshots count this run's items and images apart from the earlier run's, and without a
     terminal the same figures come as progress lines."""
     sim = await start_sim(speed=200.0, durations={"*": 4.0})
-    manifest = engine_helpers.numbered_manifest(tmp_path, 6, "a heron", size="512*512")
-    first = await engine_helpers.engine_for(sim, tmp_path / "run", budget=3 * 0.14).run(manifest)
+    manifest = load_manifest(tmp_path, prompts=numbered(6, "a heron"), size="512*512")
+    first = await engine_for(sim, tmp_path / "run", budget=3 * 0.14).run(manifest)
     assert first["items"]["saved"] == 3
-    engine = engine_helpers.engine_for(sim, tmp_path / "run")
+    engine = engine_for(sim, tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="wanbatch"):
         async with log_progress(engine, interval_s=0.01):
             await engine.run(manifest)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import wanbatch
-from helpers.engine import engine_for, numbered_manifest
-from helpers.paths import REPO
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
+from helpers.proc import wanbatch_cli
 from wanbatch import catalog
 from wanbatch.errors import ManifestInvalid
 from wanbatch.service.quotas import apply_quotas, check_quotas, load_quotas
@@ -41,7 +39,7 @@ async def test_raised_quotas_run_more_tasks_at_once(start_sim, tmp_path):
     """With the account's raised quotas given to the engine, the service runs more tasks at once than the
     catalog's concurrency allows, and nothing is throttled."""
     sim = await start_sim(speed=100.0, durations={"*": 30.0}, quotas=RAISED)
-    job = numbered_manifest(tmp_path, 16, "a raised quota")
+    job = load_manifest(tmp_path, prompts=numbered(16, "a raised quota"))
     engine = engine_for(sim, tmp_path / "run", quotas=check_quotas(RAISED))
     report = await engine.run(job)
     assert report["items"]["saved"] == 16
@@ -56,7 +54,7 @@ async def test_simulate_takes_a_simulator_config_and_a_quota_file(tmp_path):
     settings = {"region": "singapore", "speed": 100, "durations": {"*": 30}, "quotas": RAISED}
     sim_config = _write(tmp_path / "sim.yaml", settings)
     quotas = _write(tmp_path / "quotas.yaml", RAISED)
-    job = numbered_manifest(tmp_path, 16, "a simulated raised quota")
+    job = load_manifest(tmp_path, prompts=numbered(16, "a simulated raised quota"))
     engines = []
     peak = 0
 
@@ -108,22 +106,15 @@ def test_a_bad_quota_file_names_file_line_and_field(tmp_path):
     assert f"{path.as_posix()}:7: wan2.1-t2i-turbo: found wanx2.1-t2i-turbo a second time" in text
 
 
-def _wanbatch(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DASHSCOPE")}
-    return subprocess.run(
-        [sys.executable, "-m", "wanbatch", *args], capture_output=True, text=True, timeout=120, env=env, cwd=REPO
-    )
-
-
 def test_the_cli_refuses_a_bad_quota_file_and_a_sim_config_without_simulate(tmp_path):
     """`--quotas` with a bad file and `--sim-config` without --simulate exit 2 before a run folder is made."""
     bad = tmp_path / "quotas.yaml"
     bad.write_text("wan2.2-t2i-flash: {concurrency: 0}\n", encoding="utf-8")
     out = tmp_path / "run"
-    done = _wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--quotas", str(bad))
+    done = wanbatch_cli("run", "jobs/foxes.yaml", "--out", str(out), "--simulate", "--quotas", str(bad))
     assert done.returncode == 2, done.stderr
     assert "quotas.yaml:1: wan2.2-t2i-flash.concurrency: found a number (0)" in done.stderr
     sim_config = _write(tmp_path / "sim.yaml", {"speed": 600})
-    done = _wanbatch("run", "jobs/foxes.yaml", "--out", str(out), "--sim-config", str(sim_config))
+    done = wanbatch_cli("run", "jobs/foxes.yaml", "--out", str(out), "--sim-config", str(sim_config))
     assert done.returncode == 2 and "only for --simulate" in done.stderr
     assert not out.exists()

@@ -15,9 +15,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-import yaml
-
 from helpers.engine import engine_for
+from helpers.manifest import load_manifest
 from helpers.unkind import StorageRefusals, sim_with
 from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.ledger.states import ImageState, ItemState
@@ -30,15 +29,7 @@ QUICK_RETRIES = DownloadConfig(retry_base_s=1.0, retry_max_s=20.0)
 
 
 def manifest_of(directory: Path, prompts: list[str]) -> Manifest:
-    text = yaml.safe_dump(
-        {
-            "name": "storage",
-            "defaults": {"model": "wan2.2-t2i-flash", "size": "512*512", "n": 1, "prompt_extend": False, "seed": 3},
-            "prompts": prompts,
-        }
-    )
-    (directory / "job.yaml").write_text(text)
-    return Manifest.from_yaml(directory / "job.yaml")
+    return load_manifest(directory, prompts=prompts, name="storage", seed=3)
 
 
 def images_by_prompt(run_dir: Path, clock) -> dict[str, tuple]:

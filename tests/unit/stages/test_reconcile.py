@@ -6,11 +6,10 @@ import asyncio
 import time
 from pathlib import Path
 
-import yaml
-
 from helpers.engine import engine_for
 from helpers.ledger import count_items, ledger_rows
-from helpers.proc import start_run, wait_until, write_manifest
+from helpers.manifest import load_manifest, write_manifest
+from helpers.proc import start_run, wait_until
 from helpers.proc import start_sim as start_sim_process
 from wanbatch import catalog
 from wanbatch.ledger import Ledger
@@ -26,13 +25,6 @@ FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 OTHER_KEY = "sk-sim-beijing-other-program"
 SHARED_ACCOUNT = (AccountConfig(name=DEMO_ACCOUNT, keys={OTHER_KEY: "beijing"}),)
 QUICK = ReconcileConfig(request_window_s=30.0, list_lag_s=10.0, retry_s=1.0)
-
-
-def manifest_of(tmp_path: Path, prompts: list[str], **defaults) -> Manifest:
-    defaults = {"model": "wan2.2-t2i-flash", "size": "512*512", "n": 1, "prompt_extend": False, **defaults}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({"name": "rec", "defaults": defaults, "prompts": prompts}, sort_keys=False))
-    return Manifest.from_yaml(path)
 
 
 def crashed(run_dir: Path, manifest: Manifest, clock) -> list[ItemRow]:
@@ -80,7 +72,7 @@ async def test_a_lost_create_whose_prompt_is_echoed_at_another_limit_is_adopted(
     """A 600-character prompt on wan2.2-t2i-flash, which the service keeps whole (it cuts at 800, not the 500 the
     catalog says): the lost create is found by its echo and adopted, never sent again."""
     sim = await start_sim(**FAST, prompt_max={"wan2.2-t2i-flash": 800})
-    manifest = manifest_of(tmp_path, ["a quiet harbour at dusk, " + "with boats " * 55])
+    manifest = load_manifest(tmp_path, prompts=["a quiet harbour at dusk, " + "with boats " * 55])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     assert 500 < len(row.request["prompt"]) <= 800
     await post(sim_api_for(sim), row)
@@ -93,7 +85,7 @@ async def test_a_create_that_lands_late_is_adopted_not_sent_again(start_sim, sim
     """The gateway holds a create for 200 s before the service makes its task (its window is 300 s): the engine
     does not conclude "no task" before the window has passed, and adopts the task when it appears."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a lighthouse in fog"])
+    manifest = load_manifest(tmp_path, prompts=["a lighthouse in fog"])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     engine = engine_for(sim, tmp_path / "run")
     run = asyncio.create_task(engine.run(manifest))
@@ -114,7 +106,7 @@ async def test_another_programs_task_with_our_prompt_is_not_adopted(start_sim, s
     before the service saw it: its task is not ours (another api_key_id), so ours is sent again once the list
     proves it was never made; both are billed once, and our run saves its own."""
     sim = await start_sim(**FAST, accounts=SHARED_ACCOUNT)
-    manifest = manifest_of(tmp_path, ["a paper boat on a pond", "a kite over dunes"])
+    manifest = load_manifest(tmp_path, prompts=["a paper boat on a pond", "a kite over dunes"])
     first, lost = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     known(tmp_path / "run", first, await post(api, first), sim.clock)
@@ -130,7 +122,7 @@ async def test_another_programs_task_of_another_size_is_not_adopted_even_with_ou
     """The same key (another program given our key) sends our prompt at another size in our window, and our own
     create was made too: the task whose images are not of our size is not ours; ours is adopted."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a copper weathervane"])
+    manifest = load_manifest(tmp_path, prompts=["a copper weathervane"])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     mine = await post(api, row)
@@ -146,7 +138,7 @@ async def test_a_wan26_unknown_is_not_paired_with_another_programs_task(start_si
     """wan2.6 results do not show their prompt. Our create was lost before the service saw it; another program
     of the account made a wan2.6 task of our size meanwhile: it is not adopted (another key), ours is sent again."""
     sim = await start_sim(**FAST, accounts=SHARED_ACCOUNT)
-    manifest = manifest_of(tmp_path, ["a glass orchid", "a jade frog"], model="wan2.6-t2i", size="1280*1280")
+    manifest = load_manifest(tmp_path, prompts=["a glass orchid", "a jade frog"], model="wan2.6-t2i", size="1280*1280")
     first, lost = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     known(tmp_path / "run", first, await post(api, first), sim.clock)
@@ -163,7 +155,7 @@ async def test_a_lone_wan26_unknown_is_adopted_once_its_window_has_passed(start_
     """A wan2.6 create whose answer was lost, the only task of its window: adopted (after the window, since no
     prompt proves it), not sent again."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a silver hare"], model="wan2.6-t2i", size="1280*1280")
+    manifest = load_manifest(tmp_path, prompts=["a silver hare"], model="wan2.6-t2i", size="1280*1280")
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     await post(sim_api_for(sim), row)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
@@ -182,7 +174,7 @@ async def test_a_5xx_answer_to_a_create_is_an_unknown_outcome_not_a_refusal(star
         sim.set_faults("none")
 
     calm = asyncio.create_task(calm_after_the_first_error())
-    manifest = manifest_of(tmp_path, ["a red balloon"])
+    manifest = load_manifest(tmp_path, prompts=["a red balloon"])
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     await calm
     assert report["reconciled_resent"] == 1 and sim.requests["list"] >= 1
@@ -193,7 +185,7 @@ async def test_an_item_unknown_twice_is_held_not_sent_a_third_time(start_sim, tm
     """Every create is reset before the service sees it: the first unknown is proven taskless and sent again;
     the second is held for the user with the evidence; the list proved no task, so the budget counts nothing."""
     sim = await start_sim(**FAST, fault_rates={"reset_before": 1.0}, fault_endpoints=("create",))
-    manifest = manifest_of(tmp_path, ["a tin soldier"])
+    manifest = load_manifest(tmp_path, prompts=["a tin soldier"])
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert sim.requests["create"] == 2 and report["reconciled_resent"] == 1 and report["reconciled_held"] == 1
     assert report["items"]["unknown"] == 1
@@ -205,7 +197,7 @@ async def test_a_candidate_that_never_finishes_holds_our_item_only_for_a_while(s
     """A task of our model that runs for hours sits in our window: it could be ours, so the item waits, but only
     ``undecided_max_s``: then it is held for a later run instead of keeping the batch open for a day."""
     sim = await start_sim(speed=100.0, durations={"*": 20000.0})
-    manifest = manifest_of(tmp_path, ["an iron bell"])
+    manifest = load_manifest(tmp_path, prompts=["an iron bell"])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     await post(sim_api_for(sim), row, prompt="someone else's bell")
     config = ReconcileConfig(request_window_s=30.0, list_lag_s=10.0, retry_s=2.0, undecided_max_s=60.0)
@@ -221,7 +213,7 @@ def test_a_run_folder_of_the_earlier_schema_is_brought_up_to_date(tmp_path):
     from wanbatch.clock import ScaledClock
 
     clock = ScaledClock()
-    manifest = manifest_of(tmp_path, ["a clay pot"])
+    manifest = load_manifest(tmp_path, prompts=["a clay pot"])
     crashed(tmp_path / "run", manifest, clock)
     with sqlite3.connect(tmp_path / "run" / "ledger.sqlite") as conn:
         conn.execute("ALTER TABLE items DROP COLUMN endpoint")
@@ -236,7 +228,7 @@ def test_a_run_killed_during_a_sync_call_never_sends_it_again(tmp_path):
     as a sync call, which no task list shows, so it writes the item off as paid and lost (SyncAnswerLost)
     instead of sending it again; the service billed it once."""
     sim = start_sim_process(tmp_path / "sim", speed=20.0, config={"durations": {"*": 60.0}, "duration_spread": 0.0})
-    manifest = write_manifest(tmp_path / "sync.yaml", count=1, models=("wan2.6-t2i",), tag="sync", size="1280*1280")
+    manifest = write_manifest(tmp_path, prompts=["a held sync call"], model="wan2.6-t2i", size="1280*1280")
     out = tmp_path / "run"
     try:
         run = start_run(manifest, out, sim=sim, extra=("--sync",), tag="killed")
@@ -260,7 +252,7 @@ async def test_a_wan26_task_of_another_program_on_our_key_that_looks_like_ours_i
     """Another program uses our very key, model, size and n inside our lost create's window: a wan2.6 result
     shows no prompt, so nothing tells the two tasks apart. The item is held naming both, never adopted."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a pewter owl"], model="wan2.6-t2i", size="1280*1280")
+    manifest = load_manifest(tmp_path, prompts=["a pewter owl"], model="wan2.6-t2i", size="1280*1280")
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     tasks = {await post(api, row)}
@@ -278,7 +270,7 @@ async def test_retry_held_sends_an_item_held_as_unknown_twice_once_more(start_si
     """An item held after two unknown outcomes with no task is left alone by a plain resume, and sent once more,
     then saved, by a resume with retry_held once the service behaves."""
     sim = await start_sim(**FAST, fault_rates={"reset_before": 1.0}, fault_endpoints=("create",))
-    manifest = manifest_of(tmp_path, ["a wax seal"])
+    manifest = load_manifest(tmp_path, prompts=["a wax seal"])
     await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     sim.set_faults("none")
     again = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
@@ -291,7 +283,7 @@ async def test_a_create_answered_500_after_its_task_was_made_is_adopted_not_sent
     """The gateway answers 500 or 503 to creates whose tasks the service made: each item is adopted from the
     list, none is sent a second time, and every image is saved, paid once."""
     sim = await start_sim(**FAST, fault_rates={"error_after_create": 1.0})
-    manifest = manifest_of(tmp_path, ["a bronze gong", "a felt hat", "a tin whistle"])
+    manifest = load_manifest(tmp_path, prompts=["a bronze gong", "a felt hat", "a tin whistle"])
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert sim.faults_injected["error_after_create"] == 3
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (3, 0)
@@ -303,7 +295,7 @@ async def test_an_attempt_is_judged_by_the_key_of_the_run_that_made_it(start_sim
     another key of the account, made a task of its own. The lost attempt is looked for among the first run's
     key's tasks, not the newest run's: its task is adopted, never paid twice."""
     sim = await start_sim(**FAST, accounts=SHARED_ACCOUNT)
-    manifest = manifest_of(tmp_path, ["an old map", "a lost compass", "a new lamp"])
+    manifest = load_manifest(tmp_path, prompts=["an old map", "a lost compass", "a new lamp"])
     first, lost, fresh = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
     known(tmp_path / "run", first, await post(api, first, key=OTHER_KEY), sim.clock)
@@ -327,7 +319,7 @@ async def test_results_that_show_no_prompt_never_give_one_attempts_task_to_anoth
     results show no prompt (as some of its answers do): nothing tells whose the task is, so neither item adopts
     it and neither is sent again; both are held for the user naming it, and later creates go one at a time."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a grey heron", "a white egret"])
+    manifest = load_manifest(tmp_path, prompts=["a grey heron", "a white egret"])
     _, late = crashed(tmp_path / "run", manifest, sim.clock)
     made = await post(sim_api_for(sim), late)
     sim.state.tasks[made].echo = ""  # its results echo no prompt

@@ -4,16 +4,13 @@ of requests is asserted (the counts then do not depend on the machine's speed)."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
-from helpers.engine import engine_for, numbered_manifest
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
 from helpers.outputs import assert_billed_once_and_saved
 from helpers.unkind import UnknownAnswers, sim_with
 from wanbatch.ledger import Ledger
-from wanbatch.manifest import Manifest
 from wanbatch.stages.track import Durations, TrackerConfig
 
 
@@ -39,7 +36,7 @@ def test_an_unknown_tracking_policy_is_refused():
 async def _tracking_requests(start_sim, tmp_path, policy: str, count: int, **sim_config) -> int:
     """Queries plus lists the tracker of ``policy`` made for ``count`` flash tasks."""
     sim = await start_sim(speed=100.0, **sim_config)
-    manifest = numbered_manifest(tmp_path, count, "a paper lantern", size="1024*1024")
+    manifest = load_manifest(tmp_path, prompts=numbered(count, "a paper lantern"), size="1024*1024")
     run_dir = tmp_path / policy
     report = await engine_for(sim, run_dir, track=TrackerConfig(policy=policy)).run(manifest)
     assert report["items"]["saved"] == count
@@ -69,7 +66,7 @@ async def test_several_due_tasks_are_seen_through_one_list(start_sim, tmp_path):
     """wan2.6 runs five tasks at once: while several may still run, one page of the task list looks at them
     all, and only the tasks it shows ended are queried (once each, for their images)."""
     sim = await start_sim(speed=100.0, durations={"*": 30.0}, duration_spread=0.3)
-    manifest = numbered_manifest(tmp_path, 15, "a paper lantern", model="wan2.6-t2i", size="1280*1280")
+    manifest = load_manifest(tmp_path, prompts=numbered(15, "a paper lantern"), model="wan2.6-t2i", size="1280*1280")
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
     assert report["items"]["saved"] == 15
@@ -101,7 +98,7 @@ async def test_the_service_running_another_number_of_tasks_than_the_catalog_says
     """The account's flash concurrency is not the catalog's two: everything is saved, nothing paid twice, and
     at the end the tracker's belief of what runs where is empty."""
     sim = await start_sim(speed=200.0, durations={"*": 5.0}, quotas={"wan2.2-t2i-flash": {"concurrency": concurrency}})
-    manifest = numbered_manifest(tmp_path, count, "a paper lantern", size="1024*1024")
+    manifest = load_manifest(tmp_path, prompts=numbered(count, "a paper lantern"), size="1024*1024")
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
     assert report["items"]["saved"] == count
@@ -117,7 +114,7 @@ async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
         fault_rates={"internal_error": 1.0},
         fault_endpoints=("list",),
     )
-    manifest = numbered_manifest(tmp_path, 10, "a paper lantern", model="wan2.6-t2i", size="1280*1280")
+    manifest = load_manifest(tmp_path, prompts=numbered(10, "a paper lantern"), model="wan2.6-t2i", size="1280*1280")
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["saved"] == 10
     assert sim.requests["list"] >= 1 and sim.statuses[("list", 500)] == sim.requests["list"]
@@ -128,19 +125,11 @@ async def test_a_failing_task_list_falls_back_to_queries(start_sim, tmp_path):
 # --- a query that answers UNKNOWN -------------------------------------------------------------------
 
 
-def _prompts_manifest(directory: Path, prompts: list[str]) -> Manifest:
-    text = yaml.safe_dump(
-        {"name": "unknowns", "defaults": {"model": "wan2.2-t2i-flash", "size": "512*512", "n": 2}, "prompts": prompts}
-    )
-    (directory / "job.yaml").write_text(text)
-    return Manifest.from_yaml(directory / "job.yaml")
-
-
 async def test_a_young_task_answered_unknown_is_asked_again_and_its_images_saved(tmp_path):
     """A task the service answers UNKNOWN for, an hour old at most, is not written off: it is looked at again,
     found SUCCEEDED, and its images saved; each request paid once."""
     unknown = UnknownAnswers("flicker", times=3)
-    manifest = _prompts_manifest(tmp_path, ["a moth flicker", "a moth steady"])
+    manifest = load_manifest(tmp_path, prompts=["a moth flicker", "a moth steady"], n=2)
     async with sim_with([unknown.middleware], speed=100.0, durations=3.0) as sim:
         report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert sum(unknown.answered.values()) == 3
@@ -152,7 +141,7 @@ async def test_a_task_unknown_past_its_lifetime_is_written_off_at_its_planned_pr
     """A task answered UNKNOWN for good is asked again until its lifetime has passed since it was made, then
     written off as paid and lost at the price stored when it was planned (not the catalog's of today)."""
     unknown = UnknownAnswers("forgotten", times=None)
-    manifest = _prompts_manifest(tmp_path, ["a gnat forgotten", "a gnat kept"])
+    manifest = load_manifest(tmp_path, prompts=["a gnat forgotten", "a gnat kept"], n=2)
     track = TrackerConfig(task_lifetime_s=120.0)
     async with sim_with([unknown.middleware], speed=100.0, durations=3.0) as sim:
         with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:  # planned when an image cost 1.0

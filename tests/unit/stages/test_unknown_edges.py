@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
-import textwrap
-from pathlib import Path
 
 import aiohttp
 
-from helpers.engine import engine_for, numbered_manifest
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
 from wanbatch import catalog
 from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.ledger.states import ItemState
-from wanbatch.manifest import Manifest
 from wanbatch.service.wire import build_body
 from wanbatch.stages.reconcile import ReconcileConfig
 
@@ -22,17 +20,12 @@ FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 QUICK = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
 
 
-def manifest_in(tmp_path: Path, text: str) -> Manifest:
-    (tmp_path / "job.yaml").write_text(textwrap.dedent(text))
-    return Manifest.from_yaml(tmp_path / "job.yaml")
-
-
 async def test_wan26_unknowns_that_cannot_be_told_apart_are_held_not_guessed(start_sim, tmp_path):
     """Two wan2.6 creates in doubt at once (the submitter never does this; a hand-made crash does), both made on
     the service: wan2.6 results show no prompt and both fit either request, so neither is guessed: both items are
     held, each naming both tasks, and nothing is sent again."""
     sim = await start_sim(**FAST)
-    manifest = manifest_in(
+    manifest = load_manifest(
         tmp_path,
         """\
         name: w26
@@ -68,7 +61,7 @@ async def test_a_lost_sync_answer_is_never_sent_again(start_sim, tmp_path):
     """A wan2.6 sync call whose answer is lost (here: the client stops waiting before the service answers) has
     no task id to find: it ends expired, counted as paid, and the request is not sent a second time."""
     sim = await start_sim(speed=100.0, durations={"*": 20.0})
-    manifest = manifest_in(
+    manifest = load_manifest(
         tmp_path,
         """\
         name: s
@@ -87,7 +80,7 @@ async def test_cancel_pending_on_resume_cancels_only_the_waiting_tasks(start_sim
     """Resumed with cancel_pending after a hard stop, the tasks still waiting are canceled and the running ones
     are followed to the end and saved (the sweep removes exactly the task it canceled)."""
     sim = await start_sim(speed=50.0, durations={"*": 60.0})
-    manifest = numbered_manifest(tmp_path, 8, "a tin robot")
+    manifest = load_manifest(tmp_path, prompts=numbered(8, "a tin robot"))
     engine = engine_for(sim, tmp_path / "run")
     run = asyncio.create_task(engine.run(manifest))
     while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:
@@ -106,7 +99,9 @@ async def test_sync_calls_run_side_by_side(start_sim, tmp_path):
     """A sync call leaves nothing to tell apart later (a lost answer is never sent again), so wan2.6 sync calls
     are not held back one at a time like its async creates: their times on the service overlap."""
     sim = await start_sim(speed=50.0, durations={"*": 5.0}, duration_distribution="fixed")
-    manifest = numbered_manifest(tmp_path, 4, "a brass compass", model="wan2.6-t2i", size="1280*1280", sync=True)
+    manifest = load_manifest(
+        tmp_path, prompts=numbered(4, "a brass compass"), model="wan2.6-t2i", size="1280*1280", sync=True
+    )
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["items"]["saved"] == 4 and sim.requests["sync"] == 4
     with sqlite3.connect(tmp_path / "run" / LEDGER_FILE) as conn:
@@ -118,7 +113,7 @@ async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_wa
     """A create in doubt waits out its grace, the task list swept every second; the account's finished tasks
     that are not ours (another program's) cannot change, so each is queried once, not at every sweep."""
     sim = await start_sim(**FAST)
-    manifest = numbered_manifest(tmp_path, 1, "a copper kettle")
+    manifest = load_manifest(tmp_path, prompts=numbered(1, "a copper kettle"))
     with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:  # a crash before the POST went out
         run = ledger.begin_run()
         ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
