@@ -1,11 +1,19 @@
-"""Reading a run's ledger directly, read-only, as an outside observer would (a test, a soak, a second process)."""
+"""A run's ledger seen from outside: read directly, read-only, as an observer would (a test, a soak, a second
+process), or left as a crash would leave it.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-__all__ = ["count_items", "ledger_rows"]
+from wanbatch import catalog
+from wanbatch.clock import Clock
+from wanbatch.ledger import ItemRow, Ledger
+from wanbatch.ledger.states import ItemState
+from wanbatch.manifest import Manifest
+
+__all__ = ["count_items", "crashed_mid_submit", "ledger_rows"]
 
 
 def ledger_rows(run_dir: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
@@ -26,3 +34,18 @@ def count_items(run_dir: Path, where: str = "1") -> int:
         return ledger_rows(run_dir, f"SELECT count(*) FROM items WHERE {where}")[0][0]
     except sqlite3.OperationalError:  # the run is still creating its tables
         return 0
+
+
+def crashed_mid_submit(
+    run_dir: Path, manifest: Manifest, clock: Clock, *, endpoint: str | None = None
+) -> list[ItemRow]:
+    """The ledger a run leaves when killed right after committing ``submitting``: every item of ``manifest``
+    planned, then marked submitting (to ``endpoint`` when given) as if its POST were under way; their rows."""
+    with Ledger.open(run_dir, clock=clock) as ledger:
+        run = ledger.begin_run()
+        ledger.add_items(manifest.items(), run=run, price_of=lambda item: catalog.offer(item.region, item.model).price)
+        rows = list(ledger.iter_items([ItemState.planned]))
+        changes = {"endpoint": endpoint} if endpoint else {}
+        for row in rows:
+            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, **changes)
+        return [ledger.get(row.item_id) for row in rows]

@@ -26,25 +26,32 @@ _OSS_CODES = {403: "AccessDenied", 404: "NoSuchKey", 410: "Gone", 429: "SlowDown
 
 
 @contextlib.asynccontextmanager
+async def serving(app: web.Application, *, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """``app`` served on a free port of ``host`` for the block; its root URL (no slash at the end)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, 0).start()
+        yield f"http://{host}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def sim_with(
     middlewares: Iterable[Middleware] = (),
     *,
     routes: Iterable[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = (),
+    host: str = "127.0.0.1",
     **config: Any,
 ) -> AsyncIterator[SimHandle]:
-    """The simulator's app with ``middlewares`` around it and ``routes`` beside it, on a free loopback port."""
+    """The simulator's app with ``middlewares`` around it and ``routes`` beside it, on a free port of ``host``."""
     app = create_app(SimConfig(**config))
     app.middlewares.extend(middlewares)
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield SimHandle(app, f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1")
-    finally:
-        await runner.cleanup()
+    async with serving(app, host=host) as root:
+        yield SimHandle(app, root + "/api/v1")
 
 
 class Intercept:

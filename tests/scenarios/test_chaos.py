@@ -16,16 +16,15 @@ import time
 from pathlib import Path
 
 from helpers.engine import engine_for
-from helpers.ledger import count_items, ledger_rows
+from helpers.ledger import count_items, crashed_mid_submit, ledger_rows
 from helpers.manifest import load_manifest, numbered, write_manifest
 from helpers.outputs import audit
 from helpers.proc import start_run, start_sim, wait_until
-from wanbatch import catalog
+from helpers.sim import post_as_the_engine_would
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import ItemRow, Ledger
+from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.service.wire import build_body
 
 MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
@@ -128,35 +127,12 @@ async def test_create_answer_held_past_the_timeout_is_reconciled_during_the_run(
     assert result.clean and result.billed == result.saved == 16
 
 
-def crash_mid_submit(run_dir: Path, manifest: Manifest, clock) -> list[ItemRow]:
-    """The ledger a run leaves when killed right after committing ``submitting``: every item of the manifest is
-    planned, then marked submitting, as if its POST were under way."""
-    with Ledger.open(run_dir, clock=clock) as ledger:
-        run = ledger.begin_run()
-        ledger.add_items(manifest.items(), run=run, price_of=lambda item: catalog.offer(item.region, item.model).price)
-        rows = list(ledger.iter_items([ItemState.planned]))
-        for row in rows:
-            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
-        return [ledger.get(row.item_id) for row in rows]
-
-
-async def post_as_the_engine_would(api, row: ItemRow) -> str:
-    """Send ``row``'s create exactly as the engine builds it (same body, same fingerprint); its task id."""
-    offer = catalog.offer(row.region, row.model)
-    body = build_body(row.request, api_name=offer.api_name, protocol=offer.model.protocol)
-    status, answer = await api.call(
-        "POST", "/services/aigc/text2image/image-synthesis", json=body, headers={"X-DashScope-Async": "enable"}
-    )
-    assert status == 200, answer
-    return answer["output"]["task_id"]
-
-
 async def test_crash_after_the_post_adopts_the_task_the_service_made(start_sim, sim_api_for, tmp_path):
     """Killed between the POST and the commit of its answer: the resumed run finds the task in the list and adopts
     it; the item is not sent again."""
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 3, "after")
-    rows = crash_mid_submit(tmp_path / "run", manifest, sim.clock)
+    rows = crashed_mid_submit(tmp_path / "run", manifest, sim.clock)
     task_ids = {row.item_id: await post_as_the_engine_would(sim_api_for(sim), row) for row in rows}
     report = await engine_for(sim, tmp_path / "run").run(manifest)
     assert report["reconciled_adopted"] == 3 and report["reconciled_resent"] == 0
@@ -172,7 +148,7 @@ async def test_crash_before_the_post_resends_only_once_the_list_proves_no_task(s
     list has been read and the window in which a task could have appeared has passed."""
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "before")
-    crash_mid_submit(tmp_path / "run", manifest, sim.clock)
+    crashed_mid_submit(tmp_path / "run", manifest, sim.clock)
     engine = engine_for(sim, tmp_path / "run")
     report = await engine.run(manifest)
     assert report["reconciled_resent"] == 2 and report["reconciled_adopted"] == 0
@@ -218,7 +194,7 @@ async def test_reconciliation_holds_when_our_clock_and_the_services_disagree(sta
     sim = await start_sim(**FAST)
     skewed = ScaledClock(speed=sim.clock.speed, start_s=sim.clock.now() - 600.0)
     manifest = manifest_of(tmp_path, 2, "skew")
-    rows = crash_mid_submit(tmp_path / "run", manifest, skewed)
+    rows = crashed_mid_submit(tmp_path / "run", manifest, skewed)
     for row in rows:
         await post_as_the_engine_would(sim_api_for(sim), row)
     report = await engine_for(sim, tmp_path / "run", clock=skewed).run(manifest)

@@ -33,7 +33,7 @@ from aiohttp import web
 from PIL import Image
 
 from helpers.manifest import numbered, write_manifest
-from helpers.unkind import Intercept, sim_with
+from helpers.unkind import Intercept, serving, sim_with
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ImageState, ItemState
@@ -77,14 +77,8 @@ async def bystander() -> AsyncIterator[tuple[str, list[web.Request]]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    finally:
-        await runner.cleanup()
+    async with serving(app) as root:
+        yield root, seen
 
 
 def png_bytes(size: tuple[int, int], mode: str = "P", fmt: str = "PNG") -> bytes:

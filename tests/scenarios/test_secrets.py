@@ -29,11 +29,12 @@ import pytest
 from aiohttp import web
 
 from helpers.proc import WANBATCH, cli_env
+from helpers.unkind import serving, sim_with
 from wanbatch.catalog import Protocol
 from wanbatch.cli import main
 from wanbatch.errors import ConfigError, WanbatchError
 from wanbatch.service.client import WanClient, check_base_url
-from wanbatch.sim import AccountConfig, SimConfig, SimHandle, create_app
+from wanbatch.sim import AccountConfig, SimHandle
 
 TOKEN = secrets.token_hex(16)
 KEY = f"sk-sentinel-{TOKEN}"
@@ -74,23 +75,10 @@ async def sentinel_sim(*, host: str = "127.0.0.1") -> AsyncIterator[tuple[SimHan
             seen.api_keys.add(auth.removeprefix("Bearer "))
         return await handler(request)
 
-    config = SimConfig(
-        speed=SPEED,
-        durations=1.0,
-        seed=11,
-        image_failure_rate=0.25,
-        accounts=(AccountConfig(name="sentinel", keys={KEY: "beijing"}),),
-    )
-    app = create_app(config)
-    app.middlewares.append(watch)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, 0).start()
-        port = runner.addresses[0][1]
-        yield SimHandle(app, f"http://{host}:{port}/api/v1"), seen
-    finally:
-        await runner.cleanup()
+    accounts = (AccountConfig(name="sentinel", keys={KEY: "beijing"}),)
+    config = {"speed": SPEED, "durations": 1.0, "seed": 11, "image_failure_rate": 0.25, "accounts": accounts}
+    async with sim_with([watch], host=host, **config) as sim:
+        yield sim, seen
 
 
 def env_with_key(**extra: str) -> dict[str, str]:
@@ -210,25 +198,18 @@ async def test_client_errors_and_their_tracebacks_do_not_carry_the_key(kind: str
     app.router.add_route("*", "/reset/{tail:.*}", _reset)
     app.router.add_route("*", "/html/{tail:.*}", _html)
     app.router.add_route("*", "/echo/{status}/{shape}/{at}/{tail:.*}", _echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
-        async with sentinel_sim() as (sim, _), aiohttp.ClientSession() as session:
-            with socket.socket() as spare:
-                spare.bind(("127.0.0.1", 0))  # bound but never listening: a connection is refused
-                base = {
-                    "refused": f"http://127.0.0.1:{spare.getsockname()[1]}/api/v1",
-                    "unknown-key": sim.base_url,
-                }.get(kind, f"http://127.0.0.1:{port}{FAILURES[kind]}")
-                key = KEY + "-revoked" if kind == "unknown-key" else KEY
-                client = WanClient(session, base_url=base, api_key=key)
-                assert leaks_in(repr(client)) == []
-                with pytest.raises(WanbatchError) as caught:
-                    await client.create_task({"model": "wan2.2-t2i-flash"}, protocol=Protocol.LEGACY)
-    finally:
-        await runner.cleanup()
+    async with serving(app) as failing, sentinel_sim() as (sim, _), aiohttp.ClientSession() as session:
+        with socket.socket() as spare:
+            spare.bind(("127.0.0.1", 0))  # bound but never listening: a connection is refused
+            base = {
+                "refused": f"http://127.0.0.1:{spare.getsockname()[1]}/api/v1",
+                "unknown-key": sim.base_url,
+            }.get(kind, failing + FAILURES[kind])
+            key = KEY + "-revoked" if kind == "unknown-key" else KEY
+            client = WanClient(session, base_url=base, api_key=key)
+            assert leaks_in(repr(client)) == []
+            with pytest.raises(WanbatchError) as caught:
+                await client.create_task({"model": "wan2.2-t2i-flash"}, protocol=Protocol.LEGACY)
     assert leaks_in("".join(traceback.format_exception(caught.value))) == []
 
 

@@ -7,16 +7,15 @@ import time
 from pathlib import Path
 
 from helpers.engine import engine_for
-from helpers.ledger import count_items, ledger_rows
+from helpers.ledger import count_items, crashed_mid_submit, ledger_rows
 from helpers.manifest import load_manifest, write_manifest
 from helpers.proc import start_run, wait_until
 from helpers.proc import start_sim as start_sim_process
-from wanbatch import catalog
+from helpers.sim import post_as_the_engine_would
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.service.wire import build_body
 from wanbatch.sim.config import DEMO_ACCOUNT, AccountConfig
 from wanbatch.stages.reconcile import ReconcileConfig, echoes_prompt
 
@@ -28,31 +27,14 @@ QUICK = ReconcileConfig(request_window_s=30.0, list_lag_s=10.0, retry_s=1.0)
 
 
 def crashed(run_dir: Path, manifest: Manifest, clock) -> list[ItemRow]:
-    """The ledger a run leaves when killed right after committing ``submitting`` for every item."""
-    with Ledger.open(run_dir, clock=clock) as ledger:
-        run = ledger.begin_run()
-        ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
-        rows = list(ledger.iter_items([ItemState.planned]))
-        for row in rows:
-            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, endpoint="async")
-        return [ledger.get(row.item_id) for row in rows]
+    """The ledger a run leaves when killed right after committing ``submitting`` for every item (async creates)."""
+    return crashed_mid_submit(run_dir, manifest, clock, endpoint="async")
 
 
 def known(run_dir: Path, row: ItemRow, task_id: str, clock) -> None:
     """Record ``row`` as queued with ``task_id``: a task the ledger knows (it teaches the engine our key's id)."""
     with Ledger.open(run_dir, clock=clock, create=False) as ledger:
         ledger.transition(row.item_id, ItemState.queued, task_id=task_id)
-
-
-async def post(api, row: ItemRow, *, key: str | None = None, **changes) -> str:
-    """POST ``row``'s create as the engine builds it (``changes`` alter the request), with ``key``; its task id."""
-    offer = catalog.offer(row.region, row.model)
-    body = build_body({**row.request, **changes}, api_name=offer.api_name, protocol=offer.model.protocol)
-    legacy = row.model != "wan2.6-t2i"
-    path = "/services/aigc/" + ("text2image/image-synthesis" if legacy else "image-generation/generation")
-    status, answer = await api.call("POST", path, json=body, key=key, headers={"X-DashScope-Async": "enable"})
-    assert status == 200, answer
-    return answer["output"]["task_id"]
 
 
 def test_an_echo_is_matched_allowing_for_truncation_and_white_space():
@@ -75,7 +57,7 @@ async def test_a_lost_create_whose_prompt_is_echoed_at_another_limit_is_adopted(
     manifest = load_manifest(tmp_path, prompts=["a quiet harbour at dusk, " + "with boats " * 55])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     assert 500 < len(row.request["prompt"]) <= 800
-    await post(sim_api_for(sim), row)
+    await post_as_the_engine_would(sim_api_for(sim), row)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (1, 0)
     assert sim.requests["create"] == 1 and len(sim.billing) == 1 and report["items"]["saved"] == 1
@@ -93,7 +75,7 @@ async def test_a_create_that_lands_late_is_adopted_not_sent_again(start_sim, sim
     async def land_late() -> None:
         while sim.clock.now() < row.submit_started_ms / 1000 + 200:
             await asyncio.sleep(0.01)
-        await post(sim_api_for(sim), row)
+        await post_as_the_engine_would(sim_api_for(sim), row)
 
     await land_late()
     report = await run
@@ -109,8 +91,8 @@ async def test_another_programs_task_with_our_prompt_is_not_adopted(start_sim, s
     manifest = load_manifest(tmp_path, prompts=["a paper boat on a pond", "a kite over dunes"])
     first, lost = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
-    known(tmp_path / "run", first, await post(api, first), sim.clock)
-    foreign = await post(api, lost, key=OTHER_KEY)
+    known(tmp_path / "run", first, await post_as_the_engine_would(api, first), sim.clock)
+    foreign = await post_as_the_engine_would(api, lost, key=OTHER_KEY)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -125,8 +107,8 @@ async def test_another_programs_task_of_another_size_is_not_adopted_even_with_ou
     manifest = load_manifest(tmp_path, prompts=["a copper weathervane"])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
-    mine = await post(api, row)
-    foreign = await post(api, row, size="768*768", seed=99)  # the newest: the list shows it first
+    mine = await post_as_the_engine_would(api, row)
+    foreign = await post_as_the_engine_would(api, row, size="768*768", seed=99)  # the newest: the list shows it first
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert report["reconciled_adopted"] == 1 and report["reconciled_resent"] == 0
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -141,9 +123,9 @@ async def test_a_wan26_unknown_is_not_paired_with_another_programs_task(start_si
     manifest = load_manifest(tmp_path, prompts=["a glass orchid", "a jade frog"], model="wan2.6-t2i", size="1280*1280")
     first, lost = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
-    known(tmp_path / "run", first, await post(api, first), sim.clock)
+    known(tmp_path / "run", first, await post_as_the_engine_would(api, first), sim.clock)
     await asyncio.sleep(0.05)  # five simulated seconds: within wan2.6's rate of one create a second
-    foreign = await post(api, lost, key=OTHER_KEY, prompt="somebody else's orchid")
+    foreign = await post_as_the_engine_would(api, lost, key=OTHER_KEY, prompt="somebody else's orchid")
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (0, 1)
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -157,7 +139,7 @@ async def test_a_lone_wan26_unknown_is_adopted_once_its_window_has_passed(start_
     sim = await start_sim(**FAST)
     manifest = load_manifest(tmp_path, prompts=["a silver hare"], model="wan2.6-t2i", size="1280*1280")
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
-    await post(sim_api_for(sim), row)
+    await post_as_the_engine_would(sim_api_for(sim), row)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"]) == (1, 0)
     assert sim.requests["create"] == 1 and len(sim.billing) == 1 and report["items"]["saved"] == 1
@@ -199,7 +181,7 @@ async def test_a_candidate_that_never_finishes_holds_our_item_only_for_a_while(s
     sim = await start_sim(speed=100.0, durations={"*": 20000.0})
     manifest = load_manifest(tmp_path, prompts=["an iron bell"])
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
-    await post(sim_api_for(sim), row, prompt="someone else's bell")
+    await post_as_the_engine_would(sim_api_for(sim), row, prompt="someone else's bell")
     config = ReconcileConfig(request_window_s=30.0, list_lag_s=10.0, retry_s=2.0, undecided_max_s=60.0)
     report = await engine_for(sim, tmp_path / "run", reconcile=config).run(manifest)
     assert report["reconciled_held"] == 1 and report["failures"]["HeldUndecided"]["count"] == 1
@@ -255,9 +237,9 @@ async def test_a_wan26_task_of_another_program_on_our_key_that_looks_like_ours_i
     manifest = load_manifest(tmp_path, prompts=["a pewter owl"], model="wan2.6-t2i", size="1280*1280")
     (row,) = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
-    tasks = {await post(api, row)}
+    tasks = {await post_as_the_engine_would(api, row)}
     await asyncio.sleep(0.05)  # five simulated seconds: within wan2.6's rate of one create a second
-    tasks.add(await post(api, row, prompt="another program's owl", seed=5))
+    tasks.add(await post_as_the_engine_would(api, row, prompt="another program's owl", seed=5))
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_held"], sim.requests["create"]) == (0, 1, 2)
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -298,15 +280,15 @@ async def test_an_attempt_is_judged_by_the_key_of_the_run_that_made_it(start_sim
     manifest = load_manifest(tmp_path, prompts=["an old map", "a lost compass", "a new lamp"])
     first, lost, fresh = crashed(tmp_path / "run", manifest, sim.clock)
     api = sim_api_for(sim)
-    known(tmp_path / "run", first, await post(api, first, key=OTHER_KEY), sim.clock)
-    made = await post(api, lost, key=OTHER_KEY)
+    known(tmp_path / "run", first, await post_as_the_engine_would(api, first, key=OTHER_KEY), sim.clock)
+    made = await post_as_the_engine_would(api, lost, key=OTHER_KEY)
     await asyncio.sleep(0.05)  # a later run, with the other key
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
         ledger.begin_run()
         ledger.transition(fresh.item_id, ItemState.unknown)
         ledger.transition(fresh.item_id, ItemState.planned)
         ledger.transition(fresh.item_id, ItemState.submitting, expect=ItemState.planned, endpoint="async")
-        ledger.transition(fresh.item_id, ItemState.queued, task_id=await post(api, fresh))
+        ledger.transition(fresh.item_id, ItemState.queued, task_id=await post_as_the_engine_would(api, fresh))
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert report["reconciled_adopted"] == 1 and sim.requests["create"] == 3
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -321,7 +303,7 @@ async def test_results_that_show_no_prompt_never_give_one_attempts_task_to_anoth
     sim = await start_sim(**FAST)
     manifest = load_manifest(tmp_path, prompts=["a grey heron", "a white egret"])
     _, late = crashed(tmp_path / "run", manifest, sim.clock)
-    made = await post(sim_api_for(sim), late)
+    made = await post_as_the_engine_would(sim_api_for(sim), late)
     sim.state.tasks[made].echo = ""  # its results echo no prompt
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"], sim.requests["create"]) == (0, 0, 1)

@@ -6,21 +6,20 @@ import asyncio
 import itertools
 import sqlite3
 
-import aiohttp
-
 from helpers.engine import engine_for
+from helpers.ledger import crashed_mid_submit
 from helpers.manifest import load_manifest, numbered
+from helpers.sim import post_as_the_engine_would
 from wanbatch import catalog
 from wanbatch.ledger import LEDGER_FILE, Ledger
 from wanbatch.ledger.states import ItemState
-from wanbatch.service.wire import build_body
 from wanbatch.stages.reconcile import ReconcileConfig
 
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 QUICK = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0)
 
 
-async def test_wan26_unknowns_that_cannot_be_told_apart_are_held_not_guessed(start_sim, tmp_path):
+async def test_wan26_unknowns_that_cannot_be_told_apart_are_held_not_guessed(start_sim, sim_api_for, tmp_path):
     """Two wan2.6 creates in doubt at once (the submitter never does this; a hand-made crash does), both made on
     the service: wan2.6 results show no prompt and both fit either request, so neither is guessed: both items are
     held, each naming both tasks, and nothing is sent again."""
@@ -33,21 +32,10 @@ async def test_wan26_unknowns_that_cannot_be_told_apart_are_held_not_guessed(sta
         prompts: [a blue teapot, a green kettle]
         """,
     )
-    with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:
-        run = ledger.begin_run()
-        ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
-        rows = list(ledger.iter_items([ItemState.planned]))
-        for row in rows:
-            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
-    async with aiohttp.ClientSession() as session:
-        for row in rows:  # the POSTs went out; the crash took their answers
-            body = build_body(row.request, api_name="wan2.6-t2i", protocol=catalog.MODELS["wan2.6-t2i"].protocol)
-            headers = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
-            async with session.post(
-                sim.base_url + "/services/aigc/image-generation/generation", json=body, headers=headers
-            ) as answer:
-                assert answer.status == 200
-            await asyncio.sleep(0.05)
+    rows = crashed_mid_submit(tmp_path / "run", manifest, sim.clock)
+    for row in rows:  # the POSTs went out; the crash took their answers
+        await post_as_the_engine_would(sim_api_for(sim), row)
+        await asyncio.sleep(0.05)
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"], report["reconciled_held"]) == (0, 0, 2)
     assert sim.requests["create"] == 2 and report["items"]["unknown"] == 2
@@ -109,26 +97,15 @@ async def test_sync_calls_run_side_by_side(start_sim, tmp_path):
     assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
 
-async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_waits(start_sim, tmp_path):
+async def test_finished_tasks_of_others_are_asked_about_once_while_an_outcome_waits(start_sim, sim_api_for, tmp_path):
     """A create in doubt waits out its grace, the task list swept every second; the account's finished tasks
     that are not ours (another program's) cannot change, so each is queried once, not at every sweep."""
     sim = await start_sim(**FAST)
     manifest = load_manifest(tmp_path, prompts=numbered(1, "a copper kettle"))
-    with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:  # a crash before the POST went out
-        run = ledger.begin_run()
-        ledger.add_items(manifest.items(), run=run, price_of=lambda i: catalog.offer(i.region, i.model).price)
-        (row,) = ledger.iter_items([ItemState.planned])
-        ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned)
-    async with aiohttp.ClientSession() as session:
-        for i in range(3):  # another program's tasks on the same account and model
-            body = {**row.request, "prompt": f"someone else's lamp {i}"}
-            body = build_body(body, api_name="wan2.2-t2i-flash", protocol=catalog.MODELS["wan2.2-t2i-flash"].protocol)
-            headers = {"Authorization": "Bearer sk-sim-beijing", "X-DashScope-Async": "enable"}
-            async with session.post(
-                sim.base_url + "/services/aigc/text2image/image-synthesis", json=body, headers=headers
-            ) as answer:
-                assert answer.status == 200
-            await asyncio.sleep(0.02)  # two simulated seconds: within the account's rate
+    (row,) = crashed_mid_submit(tmp_path / "run", manifest, sim.clock)  # a crash before the POST went out
+    for i in range(3):  # another program's tasks on the same account and model
+        await post_as_the_engine_would(sim_api_for(sim), row, prompt=f"someone else's lamp {i}")
+        await asyncio.sleep(0.02)  # two simulated seconds: within the account's rate
     await asyncio.sleep(0.1)  # ten simulated seconds more: they have ended
     window = ReconcileConfig(request_window_s=40.0, list_lag_s=0.0, retry_s=1.0)
     report = await engine_for(sim, tmp_path / "run", reconcile=window).run(manifest)
