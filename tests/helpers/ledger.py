@@ -46,6 +46,6 @@ def crashed_mid_submit(
         ledger.add_items(manifest.items(), run=run, price_of=lambda item: catalog.offer(item.region, item.model).price)
         rows = list(ledger.iter_items([ItemState.planned]))
         changes = {"endpoint": endpoint} if endpoint else {}
-        for row in rows:
-            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, **changes)
-        return [ledger.get(row.item_id) for row in rows]
+        return [
+            ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, **changes) for row in rows
+        ]

@@ -307,7 +307,7 @@ async def test_a_finished_task_reads_back_nothing_it_wrote(start_sim, tmp_path, 
     """From submit to saved, the stages read no item or image row outside a write of their own: each write
     returns what it wrote. The one read left per item is the submitter's look before it reserves a slot."""
     sim = await start_sim(**FAST)
-    manifest = numbered_manifest(tmp_path, 12, "a lantern", n=2)
+    manifest = load_manifest(tmp_path, prompts=numbered(12, "a lantern"), n=2)
     reads: list[str] = []
     opened = Ledger.open.__func__
 
