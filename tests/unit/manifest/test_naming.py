@@ -94,7 +94,7 @@ async def test_a_run_writes_unicode_names_where_the_pattern_says(tmp_path: Path)
 
 async def test_the_names_the_checks_compare_are_the_names_the_run_writes(tmp_path: Path) -> None:
     """Every field a pattern can name, the seed of each image among them: the plan's names are the saved files."""
-    job = manifest(
+    job = load_manifest(
         tmp_path,
         """
         defaults: {model: wan2.2-t2i-flash, size: "512*512", n: 2, seed: [7, 40], repeats: 2}
