@@ -316,11 +316,11 @@ async def test_a_task_held_as_ambiguous_is_not_adopted_later_by_the_other_attemp
     """As above, but the second attempt's window closes well after the first's: the first is held for the task
     that fits both while the second still waits, and the second, alone then, does not adopt that task either."""
     sim = await start_sim(**FAST)
-    manifest = manifest_of(tmp_path, ["a grey heron", "a white egret"])
+    manifest = load_manifest(tmp_path, prompts=["a grey heron", "a white egret"])
     early, late = crashed(tmp_path / "run", manifest, sim.clock)
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
         ledger.update(late.item_id, submit_started_ms=early.submit_started_ms + 20_000)
-    made = await post(sim_api_for(sim), late)
+    made = await post_as_the_engine_would(sim_api_for(sim), late)
     sim.state.tasks[made].echo = ""  # its results echo no prompt
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"], sim.requests["create"]) == (0, 0, 1)

@@ -10,8 +10,8 @@ import random
 from pathlib import Path
 
 import pytest
-from engine_helpers import numbered_manifest
 
+from helpers.manifest import load_manifest, numbered
 from wanbatch.clock import ScaledClock
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.records import ItemRow
@@ -23,7 +23,7 @@ PRICE = 0.28  #: two images at 0.14
 
 
 def planned_rows(directory: Path, count: int) -> list[ItemRow]:
-    manifest = numbered_manifest(directory, count, "a claimed kea", n=2)
+    manifest = load_manifest(directory, prompts=numbered(count, "a claimed kea"), n=2)
     with Ledger.open(directory / "run", clock=ScaledClock()) as ledger:
         ledger.add_items(manifest.items(), run=ledger.begin_run(), price_of=lambda item: 0.14)
         return list(ledger.iter_items([ItemState.planned]))
