@@ -8,7 +8,8 @@
 - ``sdk``: the simulator in a thread of its own, for the synchronous dashscope SDK;
 - ``proc``: ``wanbatch sim`` and ``wanbatch run`` as processes, and the command line run to its end;
 - ``ledger``: a run's ledger read from outside, or left as a crash leaves it;
-- ``outputs``: a run folder's metadata, and its audit against the billing log.
+- ``outputs``: a run folder's metadata, and its audit against the billing log;
+- ``seaweed``: a real S3-compatible server (SeaweedFS) for the output stores' tests.
 
 ``tests/`` is on the import path (``pythonpath`` in pyproject.toml), so this folder is a package imported as
 ``helpers``. The test folders are not packages: pytest imports each test file by its base name, which is why

@@ -19,8 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers.seaweed import ACCESS_KEY, DOMAIN, SECRET_KEY, SeaweedServer, bucket, seaweed  # noqa: F401
 
+from helpers.seaweed import ACCESS_KEY, DOMAIN, SECRET_KEY, SeaweedServer, bucket, seaweed  # noqa: F401
+from helpers.unkind import serving
 from wanbatch.errors import ConfigError, StoreConfigError, StoreError
 from wanbatch.outputs.stores import LocalStore, S3Store, Store, StoreConfig, open_store
 
@@ -110,16 +111,9 @@ async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
 
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        state = Proxy(url=f"http://127.0.0.1:{port}")
-        try:
+        async with serving(app) as root:
+            state = Proxy(url=root)
             yield state
-        finally:
-            await runner.cleanup()
 
 
 # ── the contract, on both stores ──────────────────────────────────────────────────────────────────
