@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 from wanbatch import catalog
-from wanbatch.engine import Engine, EngineConfig, keys_from_env
+from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 from wanbatch.service import pacing
+from wanbatch.service.client import keys_from_env
 
 __all__ = ["CPU_MARK", "lift_quotas", "main"]
 

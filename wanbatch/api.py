@@ -28,13 +28,14 @@ import yaml
 from rich.console import Console
 
 from wanbatch import catalog
-from wanbatch.engine import Engine, EngineConfig, keys_from_env, stored_plan
+from wanbatch.engine import Engine, EngineConfig
 from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
 from wanbatch.ledger import backend
-from wanbatch.ledger.runfolder import refuse_other_manifest
+from wanbatch.ledger.runfolder import refuse_other_manifest, stored_plan
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
 from wanbatch.outputs.progress import live_progress, log_progress
+from wanbatch.service.client import keys_from_env
 from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
 from wanbatch.stages.submit import SubmitConfig
 from wanbatch.stages.track import TrackerConfig

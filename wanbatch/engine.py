@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,9 +27,9 @@ import aiohttp
 from wanbatch import catalog
 from wanbatch.clock import Clock, ScaledClock
 from wanbatch.errors import HALTING_CODES, MODERATION_CODES, ConfigError
-from wanbatch.ledger import Ledger, RunLedger, RunLock, read_meta
+from wanbatch.ledger import Ledger, RunLedger, RunLock
 from wanbatch.ledger.backend import claim as claim_backend
-from wanbatch.ledger.records import AddResult
+from wanbatch.ledger.runfolder import plan_into
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import Thumbnailer, write_gallery
 from wanbatch.outputs.metadata import write_metadata, write_report
@@ -46,7 +45,7 @@ from wanbatch.stages.results import sync_answer_lost
 from wanbatch.stages.submit import SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
 
-__all__ = ["Engine", "EngineConfig", "keys_from_env", "stored_plan"]
+__all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger("wanbatch")
 
@@ -55,10 +54,6 @@ log = logging.getLogger("wanbatch")
 #: The states of items whose task is (or may be) open: few, bounded by the lanes' places (their claims).
 _OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 _RESUMABLE = (ItemState.planned, *_OPEN)
-#: The ledger's meta key for the manifest whose items it holds in full: its digest, the run that marked its
-#: items seen, how many it made, and its plan. Written only once every item is in.
-MANIFEST_META = "manifest"
-_RECORD_KEYS = frozenset({"digest", "run", "items", "stale", "plan"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,20 +75,6 @@ class EngineConfig:
     #: recorded in its ledger; None: neither (tests that point one folder at several simulators)
     backend: Mapping[str, str] | None = None
     force_backend: bool = False  #: resume even against other endpoints than the folder's record
-
-
-def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
-    """Each region's key: its own variable (DASHSCOPE_API_KEY_SINGAPORE ...) or DASHSCOPE_API_KEY."""
-    keys, missing = {}, []
-    for region in regions:
-        key = environ.get(catalog.REGIONS[region].key_env) or environ.get("DASHSCOPE_API_KEY")
-        if key:
-            keys[region] = key
-        else:
-            missing.append(f"{region} ({catalog.REGIONS[region].key_env} or DASHSCOPE_API_KEY)")
-    if missing and require:
-        raise ConfigError("no API key for " + ", ".join(missing) + "; set it in the environment, or use --simulate")
-    return keys
 
 
 class Engine:
@@ -172,7 +153,7 @@ class Engine:
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()
-            held = _plan_into(ledger, manifest, run, plan)
+            held = plan_into(ledger, manifest, run, plan)
             seen, added, stale = held.run, held.added, held.stale
             log.info(
                 "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
@@ -414,68 +395,8 @@ def _halted(ledger: RunLedger, blocked: Mapping[str, str], run: int) -> bool:
     return bool(left) and left <= halting
 
 
-def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:
-    """The plan kept in ``run_dir``'s ledger when it holds every item of this very manifest, else None.
-
-    A look before the run takes the folder's lock; :meth:`Engine.run` checks the digest again under it.
-    """
-    known = _known_manifest(read_meta(run_dir, MANIFEST_META), manifest)
-    return known.get("plan") if known is not None else None
-
-
-def _known_manifest(value: str | None, manifest) -> dict[str, Any] | None:
-    """The ledger's record of the manifest it holds, if its digest is this manifest's."""
-    digest = getattr(manifest, "digest", "")
-    if not value or not digest:
-        return None
-    known = json.loads(value)
-    return known if known.get("digest") == digest and known.keys() >= _RECORD_KEYS else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Held:
-    """What the ledger holds of the manifest once it is planned in."""
-
-    run: int  #: the run whose marks (``last_seen_run``) say which items the manifest has
-    added: AddResult
-    stale: int  #: items of earlier manifests that this one no longer has
-    lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
-
-
-def _plan_into(ledger: RunLedger, manifest, run: int, plan: Mapping[str, Any] | None) -> _Held:
-    """Put the manifest's items into the ledger, unless it holds them all already.
-
-    An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,
-    so a resume skips expanding it, and its items keep the marks of the run that planned them (only
-    planning moves the marks, so the count of stale items kept with them holds too).
-    """
-    known = _known_manifest(ledger.meta(MANIFEST_META), manifest)
-    if known is not None:
-        log.info("manifest unchanged since run %d: its %d item(s) are in the ledger", known["run"], known["items"])
-        added = AddResult(added=0, existing=known["items"])
-        return _Held(known["run"], added, known["stale"], _lanes_of(known["plan"]))
-    # Forgotten first: a plan stopped halfway leaves no record, so the next run plans again.
-    ledger.delete_meta(MANIFEST_META)
-    added = ledger.add_items(manifest.items(), run=run, price_of=_price_of)
-    stale = ledger.stale_count(run)
-    record = {"digest": getattr(manifest, "digest", ""), "run": run, "items": added.added + added.existing}
-    record |= {"path": str(Path(manifest.path).resolve()), "name": manifest.name}  # see runfolder.py
-    record |= {"stale": stale, "plan": dict(plan) if plan is not None else None}
-    ledger.set_meta(MANIFEST_META, json.dumps(record))
-    return _Held(run, added, stale, _lanes_of(plan))
-
-
-def _lanes_of(plan: Mapping[str, Any] | None) -> frozenset[tuple[str, str]] | None:
-    return None if plan is None else frozenset((lane["region"], lane["model"]) for lane in plan["lanes"])
-
-
 def _iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _price_of(item) -> float:
-    offer = catalog.offer(item.region, item.model)
-    return offer.price if offer else 0.0
 
 
 async def _in_order(first: Callable[[], Awaitable[None]], *rest: Callable[[asyncio.Event], Awaitable[None]]) -> None:

@@ -26,10 +26,11 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from wanbatch import catalog
 from wanbatch.catalog import Protocol
 from wanbatch.errors import ConfigError, OutcomeUnknown, TransportError, classify_api_error, proves_no_task
 
-__all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host"]
+__all__ = ["CreateResult", "WanClient", "check_base_url", "is_loopback_host", "keys_from_env"]
 
 LEGACY_CREATE = "services/aigc/text2image/image-synthesis"
 ASYNC_CREATE = "services/aigc/image-generation/generation"
@@ -200,3 +201,17 @@ async def _read_capped(content: aiohttp.StreamReader, cap: int) -> bytes | None:
 def _clip(value: object, limit: int = 200) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def keys_from_env(regions: list[str], environ: Mapping[str, str], *, require: bool = True) -> dict[str, str]:
+    """Each region's key: its own variable (DASHSCOPE_API_KEY_SINGAPORE ...) or DASHSCOPE_API_KEY."""
+    keys, missing = {}, []
+    for region in regions:
+        key = environ.get(catalog.REGIONS[region].key_env) or environ.get("DASHSCOPE_API_KEY")
+        if key:
+            keys[region] = key
+        else:
+            missing.append(f"{region} ({catalog.REGIONS[region].key_env} or DASHSCOPE_API_KEY)")
+    if missing and require:
+        raise ConfigError("no API key for " + ", ".join(missing) + "; set it in the environment, or use --simulate")
+    return keys

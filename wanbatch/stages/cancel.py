@@ -66,7 +66,7 @@ async def cancel_in_folder(
 ) -> dict[CancelOutcome, int]:
     """Cancel the folder's PENDING tasks on the service it was made against, unless ``simulate``/``base_url``
     name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
-    from wanbatch.engine import keys_from_env
+    from wanbatch.service.client import keys_from_env
 
     known, base_url = backend.recorded(run_dir), base_url or None
     if not simulate and base_url is None and known is not None:
