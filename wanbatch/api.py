@@ -155,7 +155,7 @@ async def run(
         return await engine.run(manifest, plan=plan)
 
 
-def _check_options(*, speed: float | None, budget: float | None, simulate: bool, sim_config) -> None:
+def _check_options(*, speed: float | None, budget: float | None, simulate: bool, sim_config: str | Path | None) -> None:
     """Refuse what cannot be meant, before anything is read or sent."""
     if speed is not None and not speed > 0:
         raise ConfigError(f"speed {speed:g}: the service clock's speed must be above 0 (1 is real time)")

@@ -223,7 +223,7 @@ def _number(text: str) -> float:
 def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """-v, -q and --log-format: on the main parser with their defaults, on each subcommand's without."""
 
-    def default(value):
+    def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
     parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more detail (-vv for debugging)")

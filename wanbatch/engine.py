@@ -31,6 +31,7 @@ from wanbatch.ledger import Ledger, RunLedger, RunLock
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.runfolder import plan_into
 from wanbatch.ledger.states import ItemState
+from wanbatch.manifest import Manifest
 from wanbatch.outputs.gallery import Thumbnailer, write_gallery
 from wanbatch.outputs.metadata import write_metadata, write_report
 from wanbatch.service.client import WanClient
@@ -140,7 +141,7 @@ class Engine:
             "elapsed_s": time.monotonic() - started,
         }
 
-    async def run(self, manifest, *, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def run(self, manifest: Manifest, *, plan: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Plan the manifest into the ledger, run every open item to its end, write the outputs.
 
         ``plan`` (:func:`wanbatch.make_plan`'s) is kept in the ledger with the manifest's digest, so that a

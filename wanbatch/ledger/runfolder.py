@@ -8,13 +8,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wanbatch import catalog
 from wanbatch.errors import ConfigError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import AddResult
 from wanbatch.ledger.sqlite import read_meta
+
+if TYPE_CHECKING:
+    from wanbatch.manifest import Item, Manifest
 
 __all__ = ["MANIFEST_META", "Held", "OtherManifest", "plan_into", "refuse_other_manifest", "stored_plan"]
 
@@ -30,7 +33,7 @@ class OtherManifest(ConfigError):
     """The run folder holds the items of another manifest: nothing was sent."""
 
 
-def refuse_other_manifest(run_dir: Path, manifest) -> None:
+def refuse_other_manifest(run_dir: Path, manifest: Manifest) -> None:
     """Raise :class:`OtherManifest` when ``run_dir`` was last planned from another manifest.
 
     The same manifest edited (the same file, or the same ``name:``) is welcome: a run folder follows its
@@ -54,7 +57,7 @@ def refuse_other_manifest(run_dir: Path, manifest) -> None:
     )
 
 
-def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:
+def stored_plan(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
     """The plan kept in ``run_dir``'s ledger when it holds every item of this very manifest, else None.
 
     A look before the run takes the folder's lock; :meth:`Engine.run` checks the digest again under it.
@@ -63,7 +66,7 @@ def stored_plan(run_dir: Path, manifest) -> dict[str, Any] | None:
     return known.get("plan") if known is not None else None
 
 
-def known_manifest(value: str | None, manifest) -> dict[str, Any] | None:
+def known_manifest(value: str | None, manifest: Manifest) -> dict[str, Any] | None:
     """The ledger's record of the manifest it holds, if its digest is this manifest's."""
     digest = getattr(manifest, "digest", "")
     if not value or not digest:
@@ -82,7 +85,7 @@ class Held:
     lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
 
 
-def plan_into(ledger: RunLedger, manifest, run: int, plan: Mapping[str, Any] | None) -> Held:
+def plan_into(ledger: RunLedger, manifest: Manifest, run: int, plan: Mapping[str, Any] | None) -> Held:
     """Put the manifest's items into the ledger, unless it holds them all already.
 
     An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,
@@ -109,6 +112,6 @@ def lanes_of(plan: Mapping[str, Any] | None) -> frozenset[tuple[str, str]] | Non
     return None if plan is None else frozenset((lane["region"], lane["model"]) for lane in plan["lanes"])
 
 
-def price_of(item) -> float:
+def price_of(item: Item) -> float:
     offer = catalog.offer(item.region, item.model)
     return offer.price if offer else 0.0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -139,7 +139,9 @@ def _line_combos(entry: EntryPlan, problems: Problems) -> Iterator[Combo | None]
     return _later_lines(entry, maker, shapes, lines)
 
 
-def _later_lines(entry: EntryPlan, maker: _ComboMaker, shapes: list, lines) -> Iterator[Combo | None]:
+def _later_lines(
+    entry: EntryPlan, maker: _ComboMaker, shapes: list, lines: Iterable[tuple[int, int, str]]
+) -> Iterator[Combo | None]:
     source, template = entry.source, entry.template.value
     yield from (combo for _, combo, _, _ in shapes)
     for index, line_no, text in lines:

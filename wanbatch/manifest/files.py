@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +136,7 @@ class PromptFile:
                 index += 1
 
 
-def _record(index: int, origin: Origin, cells, *, from_text: bool) -> Record:
+def _record(index: int, origin: Origin, cells: Iterable[tuple[object, object]], *, from_text: bool) -> Record:
     values: dict[str, Val] = {}
     errors: list[tuple[Origin, str]] = []
     for key, raw in cells:

@@ -10,11 +10,12 @@ from typing import Any
 
 from wanbatch import catalog
 from wanbatch.manifest import Manifest
+from wanbatch.manifest.survey import Survey
 
 __all__ = ["make_plan", "repeats_line"]
 
 
-def make_plan(manifest, survey=None) -> dict[str, Any]:
+def make_plan(manifest: Manifest, survey: Survey | None = None) -> dict[str, Any]:
     """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
 
     ``manifest`` is a :class:`wanbatch.Manifest` or the path of one, as :func:`wanbatch.run` takes.

@@ -14,9 +14,10 @@ import asyncio
 import enum
 import logging
 import struct
-from typing import Any
+from collections.abc import Mapping
 
 import aiohttp
+from aiolimiter import AsyncLimiter
 
 from wanbatch.catalog import Protocol
 from wanbatch.clock import Clock
@@ -53,7 +54,7 @@ class Judge:
     """Tells whether listed tasks fit an attempt, asking the service as little as it can: a finished task's
     answer and an image's size are asked for once."""
 
-    def __init__(self, *, clock: Clock, limiters: dict[str, Any], probe_timeout_s: float) -> None:
+    def __init__(self, *, clock: Clock, limiters: Mapping[str, AsyncLimiter], probe_timeout_s: float) -> None:
         self._clock, self._limiters, self._probe_timeout_s = clock, limiters, probe_timeout_s
         self._finished: dict[str, TaskView] = {}  #: task_id -> what a finished task's query said: asked once
         self._sizes: dict[str, tuple[int, int] | None] = {}  #: image URL -> its (width, height); None: no PNG

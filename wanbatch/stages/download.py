@@ -36,6 +36,7 @@ import aiofiles.os
 import aiohttp
 
 from wanbatch.aio import wait_event
+from wanbatch.clock import Clock
 from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
@@ -77,7 +78,7 @@ class Downloader:
         self,
         *,
         ledger: RunLedger,
-        clock,
+        clock: Clock,
         session: aiohttp.ClientSession,
         run_dir: Path,
         on_item_done: Callable[[Recorded], None] = lambda settled: None,
@@ -323,7 +324,7 @@ class Downloader:
         if settled is not None:
             self._on_item_done(settled)
 
-    async def _fetch(self, item, image) -> tuple[str, str, int]:
+    async def _fetch(self, item: ItemRow, image: ImageRow) -> tuple[str, str, int]:
         url = image.url or ""
         if urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)

@@ -36,11 +36,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from aiolimiter import AsyncLimiter
+
 from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
+from wanbatch.clock import Clock
 from wanbatch.errors import ApiError, TransportError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
@@ -110,8 +114,8 @@ class Reconciler:
         self,
         *,
         ledger: RunLedger,
-        clock,
-        limiters,
+        clock: Clock,
+        limiters: Mapping[str, AsyncLimiter],
         tracker: Tracker,
         config: ReconcileConfig = ReconcileConfig(),
         retry_held: bool = False,

@@ -14,6 +14,7 @@ from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.service.wire import TaskView
 from wanbatch.stages.claims import Claim, full_price
+from wanbatch.stages.queue_model import TrackerConfig
 
 __all__ = ["record_results", "sync_answer_lost", "write_off"]
 
@@ -61,7 +62,7 @@ def record_results(
     view: TaskView,
     *,
     now_s: float,
-    config,
+    config: TrackerConfig,
     common: dict,
     claim: Claim | None = None,
     durable: bool = False,

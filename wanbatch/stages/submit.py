@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
+from wanbatch.clock import Clock
 from wanbatch.errors import (
     KEY_WIDE_CODES,
     UNREACHABLE,
@@ -77,12 +78,12 @@ class Submitter:
         self,
         *,
         ledger: RunLedger,
-        clock,
+        clock: Clock,
         lanes: list[Lane],
         tracker: Tracker,
         reconciler: Reconciler,
         on_sync_images: Callable[[ItemRow, Claim, dict], None],
-        config,
+        config: SubmitConfig,
         run: int | None = None,
     ) -> None:
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
