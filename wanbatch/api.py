@@ -31,12 +31,12 @@ from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
 from wanbatch.ledger import backend
-from wanbatch.ledger.runfolder import refuse_other_manifest, stored_plan
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
 from wanbatch.outputs.progress import live_progress, log_progress
 from wanbatch.service.client import keys_from_env
 from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
+from wanbatch.stages.intake import refuse_other_manifest, stored_plan
 from wanbatch.stages.submit import SubmitConfig
 from wanbatch.stages.track import TrackerConfig
 
@@ -83,7 +83,7 @@ async def run(
     --config``'s file).
     A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
     is refused (:class:`wanbatch.ledger.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
-    A folder filled from another manifest is refused (:class:`~wanbatch.ledger.runfolder.OtherManifest`) unless
+    A folder filled from another manifest is refused (:class:`~wanbatch.stages.intake.OtherManifest`) unless
     ``force``: the two would mix in one ``metadata.jsonl``.
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)

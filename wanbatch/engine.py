@@ -29,7 +29,6 @@ from wanbatch.clock import Clock, ScaledClock
 from wanbatch.errors import HALTING_CODES, MODERATION_CODES, ConfigError
 from wanbatch.ledger import Ledger, RunLedger, RunLock
 from wanbatch.ledger.backend import claim as claim_backend
-from wanbatch.ledger.runfolder import plan_into
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
 from wanbatch.outputs.gallery import Thumbnailer, write_gallery
@@ -40,6 +39,7 @@ from wanbatch.service.quotas import QuotaTable, apply_quotas
 from wanbatch.stages.budget import Budget
 from wanbatch.stages.claims import Claims
 from wanbatch.stages.download import DownloadConfig, Downloader
+from wanbatch.stages.intake import plan_into
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
 from wanbatch.stages.results import sync_answer_lost

@@ -424,7 +424,7 @@ async def test_resume_after_a_prompts_file_changed_plans_again(start_sim, tmp_pa
 async def test_a_plan_kept_in_the_ledger_still_holds_the_budget(tmp_path):
     """A resume of an unchanged manifest takes its plan from the ledger, and a budget below it still refuses."""
     import wanbatch
-    from wanbatch.ledger.runfolder import stored_plan
+    from wanbatch.stages.intake import stored_plan
 
     job = prompts_job(tmp_path, ["pond", "hill"])
     await wanbatch.run(job, out=tmp_path / "run", simulate=True, speed=600, gallery=False)

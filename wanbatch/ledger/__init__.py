@@ -4,7 +4,7 @@
 plugs in); ``states`` holds the item and image states and their transition table; ``records`` the rows the
 ledger takes and gives; ``schema`` the SQLite file's tables and pragmas; ``sqlite`` the embedded SQLite
 ledger, built in layers (``reads``, ``moves``, ``images``); ``runlock`` the one-process lock of a folder;
-``backend`` and ``runfolder`` what a folder was made against and from.
+``backend`` the service a folder was made against.
 """
 
 from wanbatch.ledger.interface import RunLedger

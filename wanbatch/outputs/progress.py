@@ -18,15 +18,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from wanbatch.engine import Engine
+
+class Snapshots(Protocol):
+    """What the progress line reads of a run: the engine's snapshot of its counts (None before it starts)."""
+
+    def snapshot(self, *, final: bool = False) -> dict[str, Any] | None: ...
+
 
 __all__ = [
     "Figures",
@@ -179,7 +183,7 @@ def progress_line(snapshot: dict) -> str:
 
 
 @contextlib.asynccontextmanager
-async def log_progress(engine: Engine, *, interval_s: float = 30.0):
+async def log_progress(engine: Snapshots, *, interval_s: float = 30.0):
     """Log :func:`progress_line` every ``interval_s`` while the body runs: the live display's figures where
     there is no terminal (cron, a pipe, a file)."""
 
@@ -200,7 +204,7 @@ async def log_progress(engine: Engine, *, interval_s: float = 30.0):
 
 
 @contextlib.asynccontextmanager
-async def live_progress(engine: Engine, console: Console, *, interval_s: float = 0.25):
+async def live_progress(engine: Snapshots, console: Console, *, interval_s: float = 0.25):
     """Show ``render(engine.snapshot())`` live on ``console`` while the body runs."""
     with Live(console=console, auto_refresh=False, transient=False) as live:
 

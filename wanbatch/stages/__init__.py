@@ -1,4 +1,5 @@
-"""The pipeline's stages, in the order an item meets them: ``submit`` (a create, paid for once),
+"""The pipeline's stages, in the order an item meets them: ``intake`` (the manifest's items into the ledger,
+once per manifest), ``submit`` (a create, paid for once),
 ``track`` (polls tasks to their end), ``reconcile`` (settles creates whose answer was lost),
 ``results`` (what a finished task leaves), ``download`` (saves every image before its URL dies);
 ``lane`` is what these share for one (region, model); ``claims`` holds an item's place among the lane's open

@@ -11,9 +11,9 @@ import wanbatch
 from helpers.engine import engine_for
 from helpers.manifest import write_manifest
 from helpers.proc import wanbatch_cli
-from wanbatch.ledger.runfolder import OtherManifest
 from wanbatch.manifest import Manifest
 from wanbatch.sim import wire
+from wanbatch.stages.intake import OtherManifest
 
 FAST = {"speed": 200.0, "durations": {"*": 4.0}}
 
