@@ -75,8 +75,9 @@ async def test_matrix_over_models_and_sizes_gets_each_size(start_sim, tmp_path):
 
 async def test_rate_limits_respected_without_a_burst_at_start(start_sim, tmp_path):
     """No 429 at all, and in no simulated second do a model's creates exceed its submit quota."""
-    # A modest speed: at 100x a few milliseconds of scheduling delay on a loaded machine are a tenth of a second.
-    sim = await start_sim(speed=10.0, durations={"*": 1.0})
+    # A modest speed: at 10x, 11 ms of scheduling delay on a busy machine already put three of flash's creates
+    # (spaced 0.56 s) into one simulated second; at 4x it takes 28 ms.
+    sim = await start_sim(speed=4.0, durations={"*": 1.0})
     prompts = "\n".join(f"  - subject number {i}" for i in range(12))
     manifest = load_manifest(
         tmp_path,
