@@ -191,6 +191,17 @@ class Submitter:
         group.create_task(self._submit(lane, row, claim))
         return True
 
+    def _refused(self, item_id: str, state: ItemState, exc: ApiError) -> None:
+        """Record the service's refusal of a create (no task was made) and where it leaves the item."""
+        self._ledger.transition(
+            item_id,
+            state,
+            expect=ItemState.submitting,
+            error_code=exc.code,
+            error_message=exc.message,
+            request_id=exc.request_id,
+        )
+
     def _probing(self, lane: Lane) -> bool:
         """Whether the lane's first create is still out alone (see ``SubmitConfig.probe_s``)."""
         started_s = lane.probe_started_s
@@ -279,25 +290,11 @@ class Submitter:
             lane.pacer.throttled()
             return self._again(item_id, exc)
         except AccountError as exc:
-            ledger.transition(
-                item_id,
-                ItemState.planned,
-                expect=ItemState.submitting,
-                error_code=exc.code,
-                error_message=exc.message,
-                request_id=exc.request_id,
-            )
+            self._refused(item_id, ItemState.planned, exc)  # planned again: the run after the fix sends it
             self.block(lane, exc)
             return Sent.done
         except RejectedError as exc:
-            ledger.transition(
-                item_id,
-                ItemState.rejected,
-                expect=ItemState.submitting,
-                error_code=exc.code,
-                error_message=exc.message,
-                request_id=exc.request_id,
-            )
+            self._refused(item_id, ItemState.rejected, exc)
             log.warning(
                 "✗ %s rejected: %s %s",
                 item_id,
