@@ -50,13 +50,13 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import ListPage, ListRow, list_page
-from wanbatch.stages.candidates import Judge, Verdict, echoes_prompt
+from wanbatch.stages.candidates import Judge, Verdict
 from wanbatch.stages.claims import Claim, full_price
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import write_off
 from wanbatch.stages.track import Tracker
 
-__all__ = ["ReconcileConfig", "Reconciler", "echoes_prompt"]
+__all__ = ["ReconcileConfig", "Reconciler"]
 
 log = logging.getLogger("wanbatch")
 
@@ -323,8 +323,6 @@ class Reconciler:
         low = start_ms + least - margin_s * 1000
         high = start_ms + most + (self.config.request_window_s + margin_s) * 1000
         return entry.created_ms is not None and low <= entry.created_ms <= high
-
-    # -- does a candidate fit the request ---------------------------------------------------------------------
 
     # -- decisions --------------------------------------------------------------------------------------------
 

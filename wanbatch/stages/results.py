@@ -78,9 +78,9 @@ def record_results(
     # week), and no answer of ours can be older than now: the deadline is the soonest of these.
     ended_s = view.ended_s if view.ended_s is not None else now_s
     latest_s = min(ended_s, now_s) + config.url_lifetime_s
+    seed = request.get("seed")
     for result in view.results:
         deadline_s = latest_s if result.expires_s is None else min(result.expires_s, latest_s)
-        seed = request.get("seed")
         images.append(
             ImageRecord(
                 index=result.index,

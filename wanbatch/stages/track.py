@@ -163,14 +163,14 @@ class Tracker:
             row = page.by_id.get(task.task_id)
             status = row.status if row else None
             is_open = status is not None and status.is_open
-            if (status is not None and not is_open) or (id(task) in due_ids and not is_open):
+            if not is_open and (status is not None or id(task) in due_ids):
                 ended.append(task)  # queried for its results, or by itself: not on this page, or unreadable
-                if row is not None and status is not None and not is_open:
+                if status is not None:
                     ended_s = task.latest_s(row.on_our_clock(row.ended_s, sent_s=task.sent_s))
                     task.ended_s = task.ended_s if ended_s is None else ended_s
                 continue
             looked_due = task.due_s
-            if row is not None and status is not None and is_open:
+            if is_open:
                 self._model.seen(task, status, row.on_our_clock(row.started_s, sent_s=task.sent_s))
             if id(task) in due_ids:
                 task.polls += 1
