@@ -59,13 +59,11 @@ class LocalStore(Store):
         final = self.root / key
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
+            # Written whole or raised: a write that returns has every byte, fsynced, under its final name.
             write_atomic(final, data, durable=True)
-            size_bytes = final.stat().st_size
         except OSError as exc:
             raise self._error(exc, f"cannot write {key}") from None
-        if size_bytes != len(data):
-            raise StoreError(f"{final} holds {size_bytes} bytes after writing {len(data)}: not counted as saved")
-        return Stored(key=key, size_bytes=size_bytes, md5=md5, sha256=sha256)
+        return Stored(key=key, size_bytes=len(data), md5=md5, sha256=sha256)
 
     def _read_stat(self, key: str) -> Stored | None:
         try:
