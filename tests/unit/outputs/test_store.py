@@ -144,7 +144,7 @@ async def test_stat_tells_a_changed_object(any_store: Store, request: pytest.Fix
 
 
 async def test_write_text_replaces_whole(any_store: Store) -> None:
-    """write_text leaves the new text, whole, in place of the old, with a content type a browser shows."""
+    """write_text leaves the new text, whole, in place of the old."""
     await any_store.write_text("report.json", '{"v": 1}')
     stored = await any_store.write_text("report.json", '{"v": 2, "é": true}')
     found = await any_store.stat("report.json")

@@ -6,6 +6,7 @@ The rows are real ledger rows of a planned manifest (two images each at 0.14 CNY
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from wanbatch.ledger import Ledger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.stages.budget import Budget
-from wanbatch.stages.claims import Claim, Claims, ClaimState, Refusal
+from wanbatch.stages.claims import Claim, Claims, ClaimState, Refusal, full_price
 
 PRICE = 0.28  #: two images at 0.14
 
@@ -71,6 +72,7 @@ async def test_a_claim_in_doubt_counts_its_price_until_the_reconciler_decides(tm
     adopted.doubt()
     assert (claims.in_doubt, claims.taken, budget.committed) == (2, 2, pytest.approx(2 * PRICE))
     adopted.confirm()
+    assert (adopted.state, claims.in_doubt) == (ClaimState.open, 1)
     held.settle(held.price)  # held for the user: a task may exist and be billed
     adopted.doubt()  # a claim is in doubt only while its create's outcome is unknown: an ended one stays ended
     held.doubt()
@@ -88,6 +90,9 @@ async def test_a_claim_over_the_budget_is_refused_and_so_is_every_one_after_it(t
     assert await claims.open(rows[2], asyncio.Event()) is Refusal.budget
     first.release()  # room again, but the budget has been reached: what was left stays unsubmitted
     assert await claims.open(rows[2], asyncio.Event()) is Refusal.budget
+    cheaper = dataclasses.replace(rows[2], item_id="cheaper", price_per_image=0.01)  # it would fit the limit
+    assert full_price(cheaper) + budget.committed <= budget.limit
+    assert await claims.open(cheaper, asyncio.Event()) is Refusal.budget
     assert (claims.taken, budget.exhausted, budget.committed) == (1, True, pytest.approx(PRICE))
     second.settle(PRICE)
 

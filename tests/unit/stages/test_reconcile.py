@@ -17,7 +17,8 @@ from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
 from wanbatch.sim.config import DEMO_ACCOUNT, AccountConfig
-from wanbatch.stages.reconcile import ReconcileConfig, echoes_prompt
+from wanbatch.stages.candidates import echoes_prompt
+from wanbatch.stages.reconcile import ReconcileConfig
 
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
 #: A second key of the demo account: another program of the same owner, billed to the same account.
