@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 
@@ -167,6 +168,6 @@ class ManualClock(Clock):
         woken = asyncio.get_running_loop().create_future()
         if seconds <= 0:
             woken.set_result(None)
-        else:
+        elif seconds != math.inf:  # a wait with no end in clock time keeps no alarm that could never ring
             heapq.heappush(self._sleepers, (self._now_s + seconds, next(self._order), woken))
         return woken

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -39,6 +40,15 @@ async def test_a_manual_wait_can_be_bounded_in_wall_time():
     """at_most_wall_s ends a wait for something no event announces, though the manual clock stands still."""
     clock = ManualClock()
     assert await asyncio.wait_for(clock.wait_event(asyncio.Event(), 3600.0, at_most_wall_s=0.01), 1.0) is False
+
+
+async def test_a_manual_wait_with_no_end_in_clock_time_keeps_no_alarm():
+    """A wait that only a wall bound ends (math.inf clock seconds) leaves nothing behind among the sleepers, so a
+    stage that waits so every second does not grow the clock's heap for ever."""
+    clock = ManualClock()
+    assert await clock.wait_event(asyncio.Event(), math.inf, at_most_wall_s=0.01) is False
+    assert clock._sleepers == []
+    clock.advance(10**9)  # no step of time ends it either, and nothing stays to wake
 
 
 def test_a_manual_clock_never_goes_backwards():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,6 @@ from typing import NamedTuple
 
 from aiolimiter import AsyncLimiter
 
-from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
 from wanbatch.clock import Clock
 from wanbatch.errors import ApiError, TransportError
@@ -152,7 +152,9 @@ class Reconciler:
                 await self._clock.sleep(self.config.retry_s)
             else:
                 self._judge.forget()  # the next unknown outcome looks at the list as it is then
-                await wait_event(self._changed, 0.2)
+                # Nothing waits on time here: an unknown outcome announces itself; a stop does not, and is
+                # looked for at least five times a wall second, whatever the clock's speed.
+                await self._clock.wait_event(self._changed, math.inf, at_most_wall_s=0.2)
 
     def _rows(self, lane: Lane) -> list[ItemRow]:
         return sorted(

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wanbatch.aio import wait_event
 from wanbatch.catalog import Protocol
 from wanbatch.clock import Clock
 from wanbatch.errors import (
@@ -122,8 +122,9 @@ class Submitter:
             if not held and not lane.doubt:
                 return
             # Creates are in flight or in doubt (an item may come back to planned, or wait on one with its
-            # prompt): look again once one settles.
-            await wait_event(lane.changed, 1.0)
+            # prompt): look again once one settles, or once the lane's first create stops holding the others
+            # back. A stop announces itself to no lane: it is looked for at least once a wall second.
+            await self._clock.wait_event(lane.changed, self._probe_left_s(lane), at_most_wall_s=1.0)
 
     async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
         """Send the lane's planned items in manifest order; returns (sent, held back)."""
@@ -206,6 +207,13 @@ class Submitter:
         """Whether the lane's first create is still out alone (see ``SubmitConfig.probe_s``)."""
         started_s = lane.probe_started_s
         return not lane.answered and started_s is not None and self._clock.now() - started_s < self.config.probe_s
+
+    def _probe_left_s(self, lane: Lane) -> float:
+        """Our clock's seconds until the lane's first create stops holding the others back; inf when it does not."""
+        started_s = lane.probe_started_s
+        if started_s is None or not self._probing(lane):
+            return math.inf
+        return started_s + self.config.probe_s - self._clock.now()
 
     def _sync(self, lane: Lane, row: ItemRow) -> bool:
         """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
