@@ -116,10 +116,6 @@ class Claims:
         """Places held by claims that have not ended."""
         return len(self._live)
 
-    @property
-    def in_doubt(self) -> int:
-        return sum(claim.state is ClaimState.in_doubt for claim in self._live.values())
-
     async def open(self, row: ItemRow, stop: asyncio.Event) -> Claim | Refusal:
         """Reserve the item's full price, then wait for a place; or say why not.
 
@@ -128,6 +124,7 @@ class Claims:
         price = full_price(row)
         if not self.budget.reserve(row.item_id, price):
             return Refusal.budget
+        claim = Claim(row.item_id, price, self)  # its price reserved; its place is taken below, once one is free
         while self.taken >= self.capacity and not stop.is_set():
             self._freed.clear()
             waiters = [asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(stop.wait())]
@@ -137,9 +134,10 @@ class Claims:
                 for waiter in waiters:
                     waiter.cancel()
         if stop.is_set():
-            self.budget.settle(row.item_id, 0.0)
+            claim.release()  # the reservation dropped the one way every claim's is
             return Refusal.stopped
-        return self._take(row.item_id, price)
+        self._live[row.item_id] = claim
+        return claim
 
     def resume(self, row: ItemRow) -> Claim:
         """A claim for a task an earlier run left open: it holds a place on the service already, and its price
@@ -147,19 +145,17 @@ class Claims:
         self._check_unclaimed(row.item_id)
         price = full_price(row)
         self.budget.reserve(row.item_id, price, force=True)
-        return self._take(row.item_id, price)
+        claim = self._live[row.item_id] = Claim(row.item_id, price, self)
+        return claim
 
     def _check_unclaimed(self, item_id: str) -> None:
         if item_id in self._live:
             # Two claims for one item would be two creates of it in flight: paid twice.
             raise RuntimeError(f"{item_id} already holds a claim ({self._live[item_id].state})")
 
-    def _take(self, item_id: str, price: float) -> Claim:
-        claim = self._live[item_id] = Claim(item_id, price, self)
-        return claim
-
     def _end(self, claim: Claim, billed: float) -> None:
-        """Called once per claim, by the claim itself."""
-        del self._live[claim.item_id]
+        """Called once per claim, by the claim itself (one refused for a stop never held a place)."""
+        if self._live.get(claim.item_id) is claim:
+            del self._live[claim.item_id]
         self.budget.settle(claim.item_id, billed)
         self._freed.set()
