@@ -51,7 +51,7 @@ from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import ListPage, ListRow, list_page
 from wanbatch.stages.candidates import Judge, Verdict
-from wanbatch.stages.claims import Claim, full_price
+from wanbatch.stages.claims import Claim
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.results import write_off
 from wanbatch.stages.track import Tracker
@@ -377,11 +377,12 @@ class Reconciler:
         return True
 
     def _write_off(self, row: ItemRow) -> None:
+        claim = self._claim(row)
         write_off(
             self._ledger,
             row.item_id,
-            paid=full_price(row),
+            paid=claim.price,
             code="OutcomeUnknown",
             message="the service no longer lists tasks this old; counted as paid and lost",
-            claim=self._claim(row),
+            claim=claim,
         )

@@ -32,7 +32,10 @@ def write_off(
     **fields,
 ) -> ItemRow:
     """End an item that may have been paid for but can never give its images: expired, its cost counted as
-    paid (and as lost in the report), never sent again; its claim settled to that cost. Returns its row."""
+    ``paid`` (and as lost in the report), never sent again; its claim settled to that cost. Returns its row.
+
+    ``paid`` is the full price its claim reserved (``Claim.price``): what an item that may have been billed can
+    have cost at most."""
     if code not in WRITE_OFF_CODES:
         raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
     row = ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
@@ -49,7 +52,9 @@ def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim 
     write_off(
         ledger,
         row.item_id,
-        paid=full_price(row),
+        # The price its claim reserved, as every write-off counts it; one found on start has no claim yet, and its
+        # row holds what the claim would have.
+        paid=full_price(row) if claim is None else claim.price,
         code="SyncAnswerLost",
         message=f"the sync call's answer was lost ({reason}); not sent again, counted as paid",
         claim=claim,

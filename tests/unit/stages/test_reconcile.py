@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers.engine import engine_for
 from helpers.ledger import count_items, crashed_mid_submit, ledger_rows
 from helpers.manifest import load_manifest, write_manifest
@@ -326,3 +328,20 @@ async def test_a_task_held_as_ambiguous_is_not_adopted_later_by_the_other_attemp
     report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert (report["reconciled_adopted"], report["reconciled_resent"], sim.requests["create"]) == (0, 0, 1)
     assert report["failures"]["HeldAmbiguous"]["count"] == 2
+
+
+async def test_an_unknown_create_older_than_a_task_lives_is_written_off_at_its_claims_price(start_sim, tmp_path):
+    """An attempt begun longer ago than a task lives can no longer be found in the list: it is written off as paid
+    and lost, at the full price its claim reserved (planned when an image cost 1.0, not the catalog's of today),
+    and never sent again."""
+    sim = await start_sim(**FAST)
+    manifest = load_manifest(tmp_path, prompts=["a forgotten sundial"], n=2)
+    with Ledger.open(tmp_path / "run", clock=sim.clock) as ledger:
+        ledger.add_items(manifest.items(), run=ledger.begin_run(), price_of=lambda item: 1.0)
+        (row,) = ledger.iter_items([ItemState.planned])
+        ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, endpoint="async")
+    sim.clock.advance(60.0)
+    lifetime = ReconcileConfig(request_window_s=5.0, list_lag_s=0.0, retry_s=1.0, task_lifetime_s=30.0)
+    report = await engine_for(sim, tmp_path / "run", reconcile=lifetime).run(manifest)
+    assert report["items"]["expired"] == 1 and report["failures"]["OutcomeUnknown"]["count"] == 1
+    assert report["cost_lost"] == {"CNY": pytest.approx(2 * 1.0)} and sim.requests["create"] == 0
