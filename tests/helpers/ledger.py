@@ -13,7 +13,7 @@ from wanbatch.ledger import ItemRow, Ledger
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
 
-__all__ = ["count_items", "crashed_mid_submit", "ledger_rows"]
+__all__ = ["count_items", "crashed_mid_submit", "ledger_rows", "reads_outside_writes"]
 
 
 def ledger_rows(run_dir: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
@@ -49,3 +49,26 @@ def crashed_mid_submit(
         return [
             ledger.transition(row.item_id, ItemState.submitting, expect=ItemState.planned, **changes) for row in rows
         ]
+
+
+def reads_outside_writes(monkeypatch) -> list[str]:
+    """A list that fills, as the test runs, with every SELECT that a ledger opened from now on makes outside a
+    write of its own (what a stage reads back, as against what a write returns)."""
+    reads: list[str] = []
+    opened = Ledger.open.__func__
+
+    def traced(cls, *args, **kwargs):
+        ledger = opened(cls, *args, **kwargs)
+        in_write = False
+
+        def trace(statement: str) -> None:
+            nonlocal in_write
+            in_write = statement.startswith("BEGIN") or (in_write and not statement.startswith("COMMIT"))
+            if not in_write and statement.startswith("SELECT"):
+                reads.append(statement)
+
+        ledger._conn.set_trace_callback(trace)
+        return ledger
+
+    monkeypatch.setattr(Ledger, "open", classmethod(traced))
+    return reads

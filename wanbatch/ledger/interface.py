@@ -81,20 +81,26 @@ class RunLedger(Protocol):
         """The item's row; :class:`~wanbatch.errors.LedgerError` when there is none."""
         ...
 
+    def get_many(self, item_ids: Collection[str]) -> list[ItemRow]:
+        """The rows of ``item_ids``, in no set order, read together; :class:`~wanbatch.errors.LedgerError` when
+        one has none."""
+        ...
+
     def state_of(self, item_id: str) -> ItemState:
         """The item's state alone."""
         ...
 
-    def item_for_task(self, task_id: str) -> ItemRow | None:
-        """The item holding the service's task ``task_id``, if any."""
+    def known_tasks(self, task_ids: Collection[str]) -> set[str]:
+        """Which of the service's tasks ``task_ids`` an item holds."""
         ...
 
     def times_unknown(self, item_id: str) -> int:
         """How many of the item's attempts ended with their outcome unknown (from its audit)."""
         ...
 
-    def run_span(self, at_ms: int) -> tuple[int, int]:
-        """When the run going on at ``at_ms`` (our clock) began, and when the next one did (or the end of time)."""
+    def run_spans(self, at_ms: Collection[int]) -> dict[int, tuple[int, int]]:
+        """For each of the times ``at_ms`` (our clock), when the run going on then began, and when the next one
+        did (or the end of time)."""
         ...
 
     def recent_tasks(

@@ -7,6 +7,7 @@ while iterating is not repeated.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import sqlite3
@@ -26,6 +27,7 @@ __all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "PAGE_SIZE", "LedgerReads"]
 PAGE_SIZE = 1000
 _NO_DEADLINE_MS = 2**62  #: sorts an image without a deadline after every real one
 _END_OF_TIME_MS = 2**62
+_IDS_PER_QUERY = 500  #: ids bound in one query: well under SQLite's limit on a statement's parameters
 _ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
 
 ITEM_COLUMNS = ", ".join(f.name for f in fields(ItemRow))
@@ -35,6 +37,12 @@ _IMAGE_FIELDS = tuple(f.name for f in fields(ImageRow))
 #: Both tables have some columns of the same name (state, error_code, ...): a join names its table's.
 _ITEM_COLUMNS_OF_JOIN = ", ".join(f"items.{name}" for name in _ITEM_FIELDS)
 _IMAGE_COLUMNS_OF_JOIN = ", ".join(f"images.{name}" for name in _IMAGE_FIELDS)
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    """``values`` in runs of at most _IDS_PER_QUERY, for ``IN (...)`` lists."""
+    for start in range(0, len(values), _IDS_PER_QUERY):
+        yield values[start : start + _IDS_PER_QUERY]
 
 
 class LedgerReads:
@@ -51,6 +59,19 @@ class LedgerReads:
             raise LedgerError(f"no item {item_id} in {self.path}")
         return ItemRow.from_row(row)
 
+    def get_many(self, item_ids: Collection[str]) -> list[ItemRow]:
+        """The rows of ``item_ids``, in no set order, a query per few hundred ids; :class:`LedgerError` names the
+        first id that has none."""
+        wanted, rows = list(dict.fromkeys(item_ids)), []
+        for chunk in _chunks(wanted):
+            marks = ", ".join("?" * len(chunk))
+            found = self._conn.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE item_id IN ({marks})", chunk)
+            rows.extend(ItemRow.from_row(row) for row in found.fetchall())
+        if len(rows) < len(wanted):
+            missing = sorted(set(wanted) - {row.item_id for row in rows})
+            raise LedgerError(f"no item {missing[0]} in {self.path}")
+        return rows
+
     def state_of(self, item_id: str) -> ItemState:
         """The item's state alone: one column, for the stages that need nothing else of the row."""
         return self._state_of(self._conn, item_id)
@@ -61,10 +82,14 @@ class LedgerReads:
             raise LedgerError(f"no item {item_id} in {self.path}")
         return ItemState(row[0])
 
-    def item_for_task(self, task_id: str) -> ItemRow | None:
-        """The item holding ``task_id``, to match the service's task list against the ledger."""
-        row = self._conn.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE task_id = ?", (task_id,)).fetchone()
-        return None if row is None else ItemRow.from_row(row)
+    def known_tasks(self, task_ids: Collection[str]) -> set[str]:
+        """Which of ``task_ids`` an item holds, to match a page of the service's task list against the ledger."""
+        known: set[str] = set()
+        for chunk in _chunks(list(dict.fromkeys(task_ids))):
+            marks = ", ".join("?" * len(chunk))
+            found = self._conn.execute(f"SELECT task_id FROM items WHERE task_id IN ({marks})", chunk)
+            known.update(task_id for (task_id,) in found.fetchall())
+        return known
 
     def times_unknown(self, item_id: str) -> int:
         """How many of the item's attempts ended with their outcome unknown."""
@@ -89,12 +114,16 @@ class LedgerReads:
         # A scan, not an index: it runs once per run, and an index here would slow every resume's marking.
         return self._conn.execute("SELECT count(*) FROM items WHERE last_seen_run < ?", (run,)).fetchone()[0]
 
-    def run_span(self, at_ms: int) -> tuple[int, int]:
-        """When the run that was going on at ``at_ms`` (our clock) began, and when the next one did (or the end
-        of time): the attempts in that span were made by one process, with one key, on one clock."""
-        begun = self._conn.execute("SELECT max(started_ms) FROM runs WHERE started_ms <= ?", (at_ms,)).fetchone()[0]
-        after = self._conn.execute("SELECT min(started_ms) FROM runs WHERE started_ms > ?", (at_ms,)).fetchone()[0]
-        return (begun if begun is not None else 0, after if after is not None else _END_OF_TIME_MS)
+    def run_spans(self, at_ms: Collection[int]) -> dict[int, tuple[int, int]]:
+        """For each time of ``at_ms`` (our clock), when the run going on then began, and when the next one did
+        (or the end of time): the attempts in that span were made by one process, with one key, on one clock."""
+        # A folder has few runs: read their starts once and place every time among them.
+        starts = [row[0] for row in self._conn.execute("SELECT started_ms FROM runs ORDER BY started_ms")]
+        spans = {}
+        for at in at_ms:
+            after = bisect.bisect_right(starts, at)
+            spans[at] = (starts[after - 1] if after else 0, starts[after] if after < len(starts) else _END_OF_TIME_MS)
+        return spans
 
     def recent_tasks(
         self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = _END_OF_TIME_MS

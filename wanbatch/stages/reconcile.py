@@ -157,15 +157,19 @@ class Reconciler:
                 await self._clock.wait_event(self._changed, math.inf, at_most_wall_s=0.2)
 
     def _rows(self, lane: Lane) -> list[ItemRow]:
+        """The lane's items in doubt, oldest attempt first: read together, once a sweep."""
         return sorted(
-            (self._ledger.get(i) for i, pending in self._pending.items() if pending.lane is lane),
+            self._ledger.get_many([i for i, pending in self._pending.items() if pending.lane is lane]),
             key=lambda row: (row.submit_started_ms or 0, row.seq),
         )
 
     async def _sweep(self, lane: Lane) -> None:
         """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
         rows = self._rows(lane)
-        facts = {row.item_id: await self._facts(lane, row) for row in rows}
+        spans = self._ledger.run_spans({row.submit_started_ms or 0 for row in rows})
+        # What one run's tasks tell is learned once a sweep, however many of its attempts are in doubt.
+        learned = {span: await self._facts(lane, span) for span in set(spans.values())}
+        facts = {row.item_id: learned[spans[row.submit_started_ms or 0]] for row in rows}
         listing = await self._listing(lane, rows, facts)
         verdicts = {row.item_id: await self._verdicts(lane, row, listing, facts[row.item_id]) for row in rows}
         # A task that fits several of our attempts, with no prompt to tell whose it is, is none's for sure.
@@ -253,10 +257,10 @@ class Reconciler:
 
     # -- what the list says -----------------------------------------------------------------------------------
 
-    async def _facts(self, lane: Lane, row: ItemRow) -> _KeyFacts:
-        """The key's id and the clocks' offset of the run that made ``row``'s attempt, from up to five tasks that
-        run made in the region (another run may have had another key, or a clock set otherwise)."""
-        span = self._ledger.run_span(row.submit_started_ms or 0)
+    async def _facts(self, lane: Lane, span: tuple[int, int]) -> _KeyFacts:
+        """The key's id and the clocks' offset of the run that made an attempt (``span``: when that run began and
+        the next did), from up to five tasks that run made in the region (another run may have had another key,
+        or a clock set otherwise)."""
         facts = await self._learn(lane, span)
         if facts.key_id is None or facts.offset_ms is None:
             folder = await self._learn(lane, (0, 2**62))
@@ -297,8 +301,9 @@ class Reconciler:
             entries = [entry for entry in found.rows if entry.created_ms is not None]  # else no window holds it
             if not found.whole or len(entries) < len(found.rows):
                 listing.complete = False  # a row or the page count could not be read: nothing is proven absent
+            known = self._ledger.known_tasks([entry.task_id for entry in entries if entry.task_id not in seen])
             for entry in entries:
-                if entry.task_id not in seen and self._ledger.item_for_task(entry.task_id) is None:
+                if entry.task_id not in seen and entry.task_id not in known:
                     listing.entries.append(entry)
                 seen.add(entry.task_id)
             if found.raw_rows < self.config.page_size or (found.total_pages is not None and page >= found.total_pages):

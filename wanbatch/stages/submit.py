@@ -147,12 +147,20 @@ class Submitter:
             )
             if not rows:
                 break
+            # Only this lane's submits move a planned item (the folder is locked to this process), so a row read
+            # while its item had no submit under way is still planned when its turn comes. One whose submit (an
+            # earlier pass's, retrying) was under way may have been sent since: its state is read again before it
+            # takes a claim and a slot of the account's pace. The compare-and-set in _attempt would refuse it
+            # anyway, but only after spending that slot, and with a warning that reads like a fault.
+            moving = {row.item_id for row in rows if row.item_id in lane.doubt}
             for row in rows:
                 if self._probing(lane):
                     return sent, held + 1  # the lane's first create is out alone: look again once it is answered
                 after_seq = row.seq
                 if row.item_id in lane.skipped or row.item_id in lane.doubt:
                     continue
+                if row.item_id in moving and self._ledger.state_of(row.item_id) is not ItemState.planned:
+                    continue  # its submit ended after the read: it has moved on
                 if lane.doubt_key(row) in lane.doubt.values():
                     # The service's task list tells tasks apart by prompt only: while one create with this
                     # prompt is unanswered, a second would make an unknown outcome ambiguous.
@@ -168,8 +176,6 @@ class Submitter:
     async def _dispatch(self, lane: Lane, row: ItemRow, group: asyncio.TaskGroup) -> bool:
         """Open the item's claim (its price and a place), wait for the pace, start the submit; False when
         submitting must stop."""
-        if row.item_id in lane.doubt or self._ledger.state_of(row.item_id) is not ItemState.planned:
-            return True  # the row was read while an earlier pass's submit of it was starting; it has moved on
         claim = await lane.claims.open(row, self.stop)
         if claim is Refusal.budget:
             log.warning(

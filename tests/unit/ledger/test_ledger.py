@@ -256,13 +256,40 @@ def test_finishing_a_task_returns_its_row_and_images(ledger: Ledger) -> None:
     assert [(image.image_index, image.url) for image in recorded.pending] == [(0, "u/0")]
 
 
-def test_item_for_task_finds_the_item_holding_a_task_id(ledger: Ledger) -> None:
-    """The task list is matched against the ledger by task id."""
+def test_known_tasks_are_the_task_ids_some_item_holds(ledger: Ledger) -> None:
+    """A page of the task list is matched against the ledger by task id, in one read: only the ids an item
+    holds come back, however many are asked about (past the ids bound in one query)."""
     first, second = planned(ledger, 2)
     drive(ledger, first, S.queued)
-    assert ledger.item_for_task("task-1").item_id == first
-    assert ledger.item_for_task("task-other") is None
-    assert ledger.get(second).task_id is None
+    assert ledger.get(first).task_id == "task-1" and ledger.get(second).task_id is None
+    others = [f"task-other-{i}" for i in range(1200)]
+    assert ledger.known_tasks(["task-other", "task-1", "task-1"]) == {"task-1"}
+    assert ledger.known_tasks([*others, "task-1"]) == {"task-1"} and ledger.known_tasks([]) == set()
+
+
+def test_many_items_are_read_together_and_a_missing_one_is_named(ledger: Ledger) -> None:
+    """get_many gives the row of every id asked for, as get would (past the ids bound in one query), and names
+    an id that has no item rather than leaving it out."""
+    ids = planned(ledger, 1100)
+    drive(ledger, ids[7], S.queued)
+    rows = {row.item_id: row for row in ledger.get_many(ids)}
+    assert sorted(rows) == ids and rows[ids[7]] == ledger.get(ids[7]) and rows[ids[7]].state is S.queued
+    with pytest.raises(LedgerError, match="item-nowhere"):
+        ledger.get_many([ids[0], "item-nowhere"])
+
+
+def test_run_spans_place_each_time_within_its_run(ledger: Ledger, clock: ScaledClock) -> None:
+    """Each time falls in the run going on then: from that run's start to the next one's (or the end of time);
+    a time before the first run is placed from time zero."""
+    first = clock.now_ms()
+    ledger.begin_run()
+    clock.advance(10.0)
+    second = clock.now_ms()
+    ledger.begin_run()
+    spans = ledger.run_spans([first - 1, first, first + 5, second, second + 99])
+    assert spans[first - 1] == (0, first)
+    assert spans[first] == spans[first + 5] == (first, second)
+    assert spans[second] == spans[second + 99] == (second, 2**62)
 
 
 # ── opening, durability ─────────────────────────────────────────────────────────────────────────────

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.engine import engine_for
-from helpers.ledger import count_items, crashed_mid_submit, ledger_rows
+from helpers.ledger import count_items, crashed_mid_submit, ledger_rows, reads_outside_writes
 from helpers.manifest import load_manifest, write_manifest
 from helpers.proc import start_run, wait_until
 from helpers.proc import start_sim as start_sim_process
@@ -345,3 +345,22 @@ async def test_an_unknown_create_older_than_a_task_lives_is_written_off_at_its_c
     report = await engine_for(sim, tmp_path / "run", reconcile=lifetime).run(manifest)
     assert report["items"]["expired"] == 1 and report["failures"]["OutcomeUnknown"]["count"] == 1
     assert report["cost_lost"] == {"CNY": pytest.approx(2 * 1.0)} and sim.requests["create"] == 0
+
+
+async def test_a_sweep_reads_its_items_in_doubt_together_not_one_by_one(start_sim, sim_api_for, tmp_path, monkeypatch):
+    """Three unknown creates, swept every second of a 30 s window against a list of other programs' tasks: each
+    sweep reads its items, their runs and the listed tasks' owners in one query each, never one row, run or task
+    at a time; and no item is sent twice."""
+    sim = await start_sim(**FAST)
+    manifest = load_manifest(tmp_path, prompts=["a glass float", "a cork float", "a tin float"])
+    rows = crashed(tmp_path / "run", manifest, sim.clock)
+    for i in range(4):  # another program's tasks on the same account and model: listed at every sweep
+        await post_as_the_engine_would(sim_api_for(sim), rows[0], prompt=f"someone else's float {i}")
+        await asyncio.sleep(0.02)
+    reads = reads_outside_writes(monkeypatch)
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
+    assert report["reconciled_resent"] == 3 and report["items"]["saved"] == 3 and sim.requests["list"] >= 10
+    one_at_a_time = ("FROM items WHERE item_id = ?", "FROM items WHERE task_id = ?", "FROM runs WHERE")
+    assert [read for read in reads if any(pattern in read for pattern in one_at_a_time)] == []
+    sweeps = [read for read in reads if "WHERE item_id IN" in read]
+    assert 10 <= len(sweeps) <= sim.requests["list"], len(sweeps)  # one read of the items per sweep
