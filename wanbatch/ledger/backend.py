@@ -64,14 +64,23 @@ def check(
 
 
 def claim(ledger: RunLedger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:
-    """Check ``wanted`` against the ledger's record (read under the run's lock) and record it."""
+    """Check ``wanted`` (the endpoints of the regions this run uses) against the ledger's record (read under the
+    run's lock) and merge it in.
+
+    A region the run does not use keeps its record: the folder may hold its tasks and images still, and a later
+    run or ``wanbatch cancel`` that reaches it must meet the same service. So a manifest that drops a region
+    neither forgets where its tasks are nor counts as a switch; only a region whose endpoint changes does."""
     value = ledger.meta(BACKEND_META)
     known = json.loads(value) if value else None
     check(run_dir, known, wanted, force=force)
-    if known != dict(wanted):
-        if known is not None:
-            log.warning("%s: switching from %s to %s (--force-backend)", run_dir, _phrase(known), _phrase(wanted))
-        ledger.set_meta(BACKEND_META, json.dumps(dict(wanted), sort_keys=True))
+    merged = {**(known or {}), **wanted}
+    if merged == known:
+        return
+    switched = {region: url for region, url in wanted.items() if known and known.get(region, url) != url}
+    if switched:
+        before = {region: known[region] for region in switched}
+        log.warning("%s: switching from %s to %s (--force-backend)", run_dir, _phrase(before), _phrase(switched))
+    ledger.set_meta(BACKEND_META, json.dumps(merged, sort_keys=True))
 
 
 def base_url_of(endpoints: Mapping[str, str]) -> str | None:

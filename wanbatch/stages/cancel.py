@@ -68,14 +68,23 @@ async def cancel_in_folder(
     name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
     from wanbatch.service.client import keys_from_env
 
-    known, base_url = backend.recorded(run_dir), base_url or None
-    if not simulate and base_url is None and known is not None:
-        simulate = set(known.values()) == {backend.SIMULATED}
-        base_url = backend.base_url_of(known)
-    wanted = backend.describe(simulate=simulate, base_url=base_url)
-    backend.check(run_dir, known, wanted, force=False, command="cancel")
     with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
         regions = sorted({region for region, _ in ledger.lanes([ItemState.queued])})
+    # Cancel reaches every region with a task of the folder waiting, whether or not the folder's latest manifest
+    # still uses it (the record keeps every region a run used), and only those: a region with nothing to cancel
+    # is not reached, so what its record says is no reason to refuse, nor to choose the service.
+    known, base_url = backend.recorded(run_dir), base_url or None
+    # A record without those regions (a folder whose record lost them) tells the service by what it does hold.
+    reached = None if known is None else {region: url for region, url in known.items() if region in regions} or known
+    if not simulate and base_url is None and reached:
+        simulate = set(reached.values()) == {backend.SIMULATED}
+        base_url = backend.base_url_of(reached)
+    wanted = {
+        region: url
+        for region, url in backend.describe(simulate=simulate, base_url=base_url).items()
+        if region in regions
+    }
+    backend.check(run_dir, known, wanted, force=False, command="cancel")
     if not simulate:
         return await cancel_queued(run_dir, keys=keys_from_env(regions, environ), base_url=base_url)
     from wanbatch.sim.embedded import demo_key, start_embedded
