@@ -9,7 +9,8 @@
 - ``proc``: ``wanbatch sim`` and ``wanbatch run`` as processes, and the command line run to its end;
 - ``ledger``: a run's ledger read from outside, or left as a crash leaves it;
 - ``outputs``: a run folder's metadata, and its audit against the billing log;
-- ``seaweed``: a real S3-compatible server (SeaweedFS) for the output stores' tests.
+- ``seaweed``: a real S3-compatible server (SeaweedFS) for the output stores' tests;
+- ``source``: the package's source read as syntax (every parameter of every function), for checks on its code.
 
 ``tests/`` is on the import path (``pythonpath`` in pyproject.toml), so this folder is a package imported as
 ``helpers``. The test folders are not packages: pytest imports each test file by its base name, which is why

@@ -31,10 +31,19 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_pat
 
 
 def test_a_durable_write_goes_through_the_temporary_path_it_is_given(tmp_path: Path) -> None:
-    """The downloader's partial file, in a folder of its own, becomes the image; nothing stays in that folder."""
+    """The downloader's partial file, in a folder of its own, becomes the image: a stale partial an earlier crash
+    left there is written over and renamed away, and nothing is written beside the image; nothing stays in the
+    partial folder. A failed write removes the partial it was given."""
     partial = tmp_path / ".partial"
     partial.mkdir()
+    (partial / "a-0.part").write_bytes(b"stale half")
     final = tmp_path / "images" / "a-0.png"
     final.parent.mkdir()
     write_atomic(final, b"image", durable=True, temporary=partial / "a-0.part")
+    assert final.read_bytes() == b"image" and not any(partial.iterdir())
+    assert [p.name for p in final.parent.iterdir()] == ["a-0.png"]
+    with pytest.raises(OSError, match="reset"), atomic_path(final, temporary=partial / "a-0.part") as tmp:
+        assert tmp == partial / "a-0.part"
+        tmp.write_bytes(b"ha")
+        raise OSError("reset")
     assert final.read_bytes() == b"image" and not any(partial.iterdir())

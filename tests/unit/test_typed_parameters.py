@@ -3,25 +3,20 @@ what passes between them. The simulator is held to it too, where it meets the en
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import wanbatch
+from helpers.source import parameters
 
 PACKAGE = Path(wanbatch.__file__).parent
 
 
 def untyped_parameters(root: Path) -> list[str]:
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            args = node.args
-            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
-                if arg.annotation is None and arg.arg not in ("self", "cls"):
-                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}({arg.arg})")
-    return found
+    return [
+        f"{found.place} {found.function}({found.name})"
+        for found in parameters(root)
+        if found.annotation is None and found.name not in ("self", "cls")
+    ]
 
 
 def test_every_parameter_of_the_engine_is_typed():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import inspect
 import os
 import signal
@@ -10,16 +9,18 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from helpers.paths import REPO
+from helpers.source import parameters
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import IllegalTransition, LedgerError, RunLocked
 from wanbatch.ledger import LEDGER_FILE, SCHEMA_VERSION, ImageRecord, Ledger, RunLedger, RunLock
+from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import FINAL_STATES, TRANSITIONS, ImageState, ItemState
 
 S = ItemState
@@ -778,29 +779,61 @@ def test_the_api_key_is_never_written_to_the_ledger(
 # ── the interface ───────────────────────────────────────────────────────────────────────────────────
 
 
+def unlike_the_interface(interface: type, implementation: type) -> list[str]:
+    """The methods of ``interface`` that ``implementation`` lacks, or has with other parameters or return type."""
+    unlike = []
+    for name in (name for name in vars(interface) if not name.startswith("_")):
+        ours = getattr(implementation, name, None)
+        theirs = inspect.signature(getattr(interface, name))
+        if ours is None or (
+            list(inspect.signature(ours).parameters.values()) != list(theirs.parameters.values())
+            or inspect.signature(ours).return_annotation != theirs.return_annotation
+        ):
+            unlike.append(name)
+    return unlike
+
+
 def test_the_sqlite_ledger_has_every_member_of_the_interface_alike() -> None:
     """Every method of RunLedger is on the SQLite Ledger with the same parameters, and its path too: the stages
     hold a RunLedger, so anything they call exists as they call it."""
     members = [name for name in vars(RunLedger) if not name.startswith("_")]
     assert len(members) > 20 and "path" in RunLedger.__annotations__
-    for name in members:
-        theirs, ours = inspect.signature(getattr(RunLedger, name)), inspect.signature(getattr(Ledger, name))
-        assert list(ours.parameters.values()) == list(theirs.parameters.values()), name
-        assert ours.return_annotation == theirs.return_annotation, name
+    assert unlike_the_interface(RunLedger, Ledger) == []
+
+
+def test_the_likeness_check_finds_a_missing_or_different_method() -> None:
+    """The check above can fail: a ledger without one of the interface's methods, or with one that takes other
+    parameters (a keyword made positional) or returns another type, is named."""
+
+    class Partial:
+        def get(self, item_id: str) -> ItemRow: ...  # alike
+
+        def known_tasks(self, task_ids: Collection[str]) -> list[str]: ...  # returns another type
+
+        def iter_images(self, states, order_by_deadline=True): ...  # not keyword-only, untyped
+
+    unlike = unlike_the_interface(RunLedger, Partial)
+    assert {"known_tasks", "iter_images", "transition"} <= set(unlike) and "get" not in unlike
+
+
+def ledgers_not_held_as_the_interface(root: Path) -> list[str]:
+    """Where a parameter named ledger under ``root`` is typed other than RunLedger."""
+    return [found.place for found in parameters(root) if found.name == "ledger" and found.annotation != "RunLedger"]
 
 
 def test_the_stages_hold_the_interface_not_the_sqlite_class() -> None:
     """Every parameter named ledger in the package is typed RunLedger."""
-    package = REPO / "wanbatch"
-    untyped = []
-    for path in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
-                untyped += [
-                    f"{path.relative_to(REPO)}:{node.lineno}"
-                    for argument in arguments
-                    if argument.arg == "ledger"
-                    and ast.unparse(argument.annotation or ast.Constant(None)) != "RunLedger"
-                ]
-    assert untyped == []
+    assert ledgers_not_held_as_the_interface(REPO / "wanbatch") == []
+
+
+def test_the_interface_check_finds_a_ledger_held_otherwise(tmp_path: Path) -> None:
+    """The check above can fail: a ledger typed as the SQLite class, or not typed, in a method or a nested
+    function, is found; one typed RunLedger is not."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(
+        "class S:\n"
+        "    def a(self, ledger: Ledger) -> None:\n"
+        "        async def b(*, ledger) -> None: ...\n"
+        "def c(ledger: RunLedger) -> None: ...\n"
+    )
+    assert ledgers_not_held_as_the_interface(tmp_path / "pkg") == ["pkg/m.py:2", "pkg/m.py:3"]

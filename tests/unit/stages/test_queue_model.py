@@ -88,24 +88,35 @@ def test_a_task_seen_running_is_placed_by_the_services_start_and_never_queued_ag
 
 
 def test_a_task_thought_running_but_seen_pending_goes_back_to_the_queue():
-    """The account runs other tasks too: a task the model started but the service shows PENDING waits first in line."""
-    _, model, lane = _model(concurrency=1)
-    task = model.add(task_id="t-1", **_claimed("i-1"), lane=lane, submitted_s=1000.0)
-    model.seen(task, TaskStatus.PENDING, None)
-    assert (model.running, model.queued) == (0, 1) and task.running_since_s is None
+    """The account runs other tasks too: a task the model started but the service shows PENDING waits first in
+    line, ahead of one queued before it, and is the one that starts when a single place frees."""
+    clock, model, lane = _model(concurrency=2)
+    first, pending, waiting = (
+        model.add(task_id=f"t-{i}", **_claimed(f"i-{i}"), lane=lane, submitted_s=1000.0) for i in "123"
+    )
+    assert (model.running, model.queued) == (2, 1) and waiting.running_since_s is None
+    model.seen(pending, TaskStatus.PENDING, None)
+    assert (model.running, model.queued) == (1, 2) and pending.running_since_s is None
+    model.add(task_id="t-4", **_claimed("i-4"), lane=lane, submitted_s=1010.0)  # takes the place thought free
+    assert (model.running, model.queued) == (2, 2)
+    clock.set(1040.0)
+    model.ended(first, 1030.0)  # one place frees: the first in line takes it
+    assert pending.running_since_s == 1030.0 and waiting.running_since_s is None
 
 
 def test_a_garbled_start_never_puts_a_look_out_of_reach():
-    """A start far in the future is held to now, one before the task was sent to its sending: its look stays near."""
+    """A start far in the future is held to now (not to its sending), one before the task was sent to its sending
+    (not to now): its look stays near."""
     clock, model, lane = _model(concurrency=1)
     model.add(task_id="t-1", **_claimed("i-1"), lane=lane, submitted_s=1000.0)
     task = model.add(task_id="t-2", **_claimed("i-2"), lane=lane, submitted_s=1000.0)
     clock.set(1005.0)
     model.seen(task, TaskStatus.RUNNING, 1e12)
     assert task.running_since_s == 1005.0
-    late = model.add(task_id="t-3", **_claimed("i-3"), lane=replace(lane), submitted_s=1005.0)
+    late = model.add(task_id="t-3", **_claimed("i-3"), lane=replace(lane), submitted_s=1002.0)
+    clock.set(1009.0)
     model.seen(late, TaskStatus.RUNNING, 0.0)
-    assert late.running_since_s == 1005.0
+    assert late.running_since_s == 1002.0
 
 
 def test_a_running_task_keeps_its_cadence_from_its_due_times():
