@@ -49,6 +49,9 @@ class Stored:
     #: The sha256 we recorded with the object (S3 metadata ``x-amz-meta-sha256``, or the file hashed), hex; None
     #: when the store has none for it.
     sha256: str | None
+    #: Whose object it is, as given to ``put_verified`` (an image's item and index), where the store keeps it with
+    #: the object (S3 metadata); None otherwise.
+    owner: str | None = None
 
     def matches(self, data: bytes) -> bool:
         """Whether this object is ``data``: same size, and every checksum the store gave agrees."""
@@ -93,11 +96,12 @@ class Store(abc.ABC):
         async with self._slots:
             await self._check()
 
-    async def put_verified(self, key: str, data: bytes) -> Stored:
-        """Store ``data`` under ``key`` and return only once the store has proved it holds all of it."""
+    async def put_verified(self, key: str, data: bytes, *, owner: str | None = None) -> Stored:
+        """Store ``data`` under ``key`` and return only once the store has proved it holds all of it. ``owner``
+        goes with the object where the store keeps metadata, so that ``stat`` can say whose it is."""
         check_key(key)
         async with self._slots:
-            return await self._put(key, data)
+            return await self._put(key, data, owner)
 
     async def stat(self, key: str) -> Stored | None:
         """What the store holds under ``key``, or None: to heal a crash between upload and commit without a
@@ -105,6 +109,12 @@ class Store(abc.ABC):
         check_key(key)
         async with self._slots:
             return await self._stat(key)
+
+    async def read(self, key: str) -> bytes:
+        """The bytes under ``key``; FileNotFoundError when there is none."""
+        check_key(key)
+        async with self._slots:
+            return await self._read(key)
 
     async def write_text(self, key: str, text: str) -> Stored:
         """Write ``text`` (UTF-8) whole or not at all: a reader sees the old object or the new, never half."""
@@ -130,7 +140,10 @@ class Store(abc.ABC):
     async def _check(self) -> None: ...
 
     @abc.abstractmethod
-    async def _put(self, key: str, data: bytes) -> Stored: ...
+    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored: ...
 
     @abc.abstractmethod
     async def _stat(self, key: str) -> Stored | None: ...
+
+    @abc.abstractmethod
+    async def _read(self, key: str) -> bytes: ...

@@ -39,11 +39,19 @@ class LocalStore(Store):
     async def _check(self) -> None:
         await asyncio.to_thread(self._probe)
 
-    async def _put(self, key: str, data: bytes) -> Stored:
+    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:  # a file keeps no owner
         return await asyncio.to_thread(self._write, key, data)
 
     async def _stat(self, key: str) -> Stored | None:
         return await asyncio.to_thread(self._read_stat, key)
+
+    async def _read(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread((self.root / key).read_bytes)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(key) from None
+        except OSError as exc:
+            raise self._error(exc, f"cannot read {key}") from None
 
     def _probe(self) -> None:
         try:

@@ -77,9 +77,9 @@ class FsspecStore(Store):
             raise self._error(exc, f"looking for bucket {self.bucket}") from None
         if not exists:
             raise self._no_bucket()
-        await self._put(CHECK_KEY, b"wanbatch")
+        await self._put(CHECK_KEY, b"wanbatch", None)
 
-    async def _put(self, key: str, data: bytes) -> Stored:
+    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:  # no metadata through fsspec
         md5, sha256 = digests(data)
         try:
             await self.fs._pipe_file(self._path(key), data)
@@ -99,6 +99,14 @@ class FsspecStore(Store):
         except Exception as exc:
             raise self._error(exc, f"asking for {key}") from None
         return self._from_info(key, info)
+
+    async def _read(self, key: str) -> bytes:
+        try:
+            return await self.fs._cat_file(self._path(key))
+        except FileNotFoundError:
+            raise FileNotFoundError(key) from None
+        except Exception as exc:
+            raise self._error(exc, f"reading {key}") from None
 
     def _from_info(self, key: str, info: dict[str, Any]) -> Stored:
         etag = info.get("ETag") or info.get("etag") or ""
@@ -149,9 +157,9 @@ class S3Store(FsspecStore):
 
     async def _check(self) -> None:
         await self._call("head_bucket", f"looking for bucket {self.bucket}")
-        await self._put(CHECK_KEY, b"wanbatch")
+        await self._put(CHECK_KEY, b"wanbatch", None)
 
-    async def _put(self, key: str, data: bytes) -> Stored:
+    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:
         md5, sha256 = digests(data)
         answer = await self._call(
             "put_object",
@@ -160,12 +168,12 @@ class S3Store(FsspecStore):
             Body=data,
             ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(),
             ContentType=mimetypes.guess_type(key)[0] or "application/octet-stream",
-            Metadata={"sha256": sha256},
+            Metadata={"sha256": sha256} | ({"owner": owner} if owner else {}),
         )
         etag = _md5_of_etag(answer.get("ETag", ""))
         if etag != md5:
             raise self._mismatch(key, f"ETag {answer.get('ETag')!r}", f"MD5 {md5}")
-        return Stored(key=key, size_bytes=len(data), md5=md5, sha256=sha256)
+        return Stored(key=key, size_bytes=len(data), md5=md5, sha256=sha256, owner=owner)
 
     async def _stat(self, key: str) -> Stored | None:
         try:
@@ -179,6 +187,7 @@ class S3Store(FsspecStore):
             size_bytes=int(head["ContentLength"]),
             md5=_md5_of_etag(head.get("ETag", "")),
             sha256=(head.get("Metadata") or {}).get("sha256"),
+            owner=(head.get("Metadata") or {}).get("owner"),
         )
 
     async def _call(self, method: str, action: str, **kwargs: Any) -> dict[str, Any]:
