@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from wanbatch.atomic import atomic_path
 from wanbatch.errors import ConfigError
+from wanbatch.outputs.metadata import METADATA_FILE
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -54,7 +55,6 @@ _SUFFIX = {"webdataset": "tar", "parquet": "parquet"}
 DEFAULT_SHARD_SIZE = 200
 #: Rows per Parquet row group: a reader holds one group of images in memory at a time.
 PARQUET_ROW_GROUP = 64
-METADATA_FILE = "metadata.jsonl"
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -68,10 +68,20 @@ class Sample:
     extension: str  #: of the saved file, without the dot: "png"
 
 
-def export(run_dir: Path, *, fmt: Format, out: Path | None = None, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Path]:
+def export(
+    run_dir: Path,
+    *,
+    fmt: Format,
+    out: Path | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    read: Callable[[str], bytes] | None = None,
+    where: str | None = None,
+) -> list[Path]:
     """Write the run's saved images as ``fmt`` shards into ``out`` (default ``run_dir/exports/FMT``); their paths.
 
-    ``shard_size`` is the number of images per shard. A run with nothing saved writes no shard.
+    ``shard_size`` is the number of images per shard. A run with nothing saved writes no shard. ``read`` gives
+    an image's bytes by its ``file_name`` when the images are not under ``run_dir`` (they are in a store, at
+    ``where``); FileNotFoundError from it means the image is gone.
     """
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
@@ -87,7 +97,9 @@ def export(run_dir: Path, *, fmt: Format, out: Path | None = None, shard_size: i
     # name, not what this handle reads.
     with metadata.open(encoding="utf-8") as source, contextlib.ExitStack() as shards:
         write = _write_tar if fmt == "webdataset" else _ParquetShard(_parquet_schema(_rows(source))).write
-        paths = _write_shards(shards, out, _SUFFIX[fmt], _samples(run_dir, _rows(source)), shard_size, write)
+        read = read or (lambda name: (run_dir / name).read_bytes())
+        samples = _samples(where or str(run_dir), _rows(source), read)
+        paths = _write_shards(shards, out, _SUFFIX[fmt], samples, shard_size, write)
     for stale in set(out.glob(f"shard-*.{_SUFFIX[fmt]}")) - set(paths):
         stale.unlink()
     return paths
@@ -123,17 +135,19 @@ def _rows(source: TextIO) -> Iterator[dict[str, Any]]:
             raise ConfigError(f"{source.name}:{number}: not a JSON object ({exc.msg})") from exc
 
 
-def _samples(run_dir: Path, rows: Iterable[dict[str, Any]]) -> Iterator[Sample]:
+def _samples(where: str, rows: Iterable[dict[str, Any]], read: Callable[[str], bytes]) -> Iterator[Sample]:
     for row in rows:
-        path = run_dir / row["file_name"]
+        name = row["file_name"]
+        path = f"{where.rstrip('/')}/{name}"
         try:
-            data = path.read_bytes()
+            data = read(name)
         except FileNotFoundError:
-            raise ConfigError(f"{path} is in {METADATA_FILE} but not on disk; restore it to export") from None
+            raise ConfigError(f"{path} is in {METADATA_FILE} but not there; restore it to export") from None
         if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise ConfigError(f"{path} changed since the run saved it (its sha256 differs); restore it to export")
         key = _UNSAFE_KEY.sub("_", f"{row['item_id']}-{row['image_index']}")
-        yield Sample(key=key, row=row, data=data, extension=path.suffix.lstrip(".").lower() or "png")
+        suffix = name.rpartition(".")[2].lower() if "." in name.rpartition("/")[2] else ""
+        yield Sample(key=key, row=row, data=data, extension=suffix or "png")
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

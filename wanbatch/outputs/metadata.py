@@ -21,7 +21,10 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["build_report", "write_metadata", "write_report"]
+__all__ = ["METADATA_FILE", "REPORT_FILE", "build_report", "write_metadata", "write_report"]
+
+METADATA_FILE = "metadata.jsonl"
+REPORT_FILE = "report.json"
 
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
@@ -59,7 +62,7 @@ def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
         if not names:
             del row["variables"]  # a struct with no fields cannot be stored
         lines.append(json.dumps(row, ensure_ascii=False))
-    write_atomic(run_dir / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    write_atomic(run_dir / METADATA_FILE, "".join(line + "\n" for line in lines))
     return len(lines)
 
 
@@ -67,7 +70,7 @@ def write_report(run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str,
     """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
     message of every state it ended items in), and ``extra``."""
     report = build_report(ledger, run=run, extra=extra)
-    write_atomic(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 

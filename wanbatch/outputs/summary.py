@@ -31,7 +31,7 @@ def plan_summary(name: str, plan: dict[str, Any], *, budget: float | None) -> st
     return "\n".join(lines)
 
 
-def run_summary(report: dict[str, Any], run_dir: Path) -> str:
+def run_summary(report: dict[str, Any], run_dir: Path | str) -> str:
     """The end of a run: counts, cost and time, what went wrong, what is left and why, where the outputs are."""
     lines = [
         f"items (all runs): {_counts(report['items'])}",
@@ -43,14 +43,25 @@ def run_summary(report: dict[str, Any], run_dir: Path) -> str:
     left = report.get("items_in_manifest", {}).get("planned", 0)
     if left:
         lines.append(f"  {left} item(s) left unsubmitted: {_why_left(report)}")
-    lines += [
-        f"images:   {run_dir / 'images'}",
-        f"metadata: {run_dir / 'metadata.jsonl'}",
-        f"report:   {run_dir / 'report.json'}",
-    ]
+    stored = report.get("outputs")
+    if stored is not None:  # in object storage; the state in a folder here
+        location = stored["location"]
+        lines += [f"{label:<9} {location}/{name}" for label, name in _OUTPUTS]
+        if stored["gallery"]:
+            lines.append(f"gallery:  {location}/gallery.html")
+        lines.append(f"state:    {stored['state']} (the ledger: keep it to resume)")
+        lines += [
+            f"  not stored: {name} (it is in {stored['state']}; run again to store it)" for name in stored["not_stored"]
+        ]
+        return "\n".join(lines)
+    run_dir = Path(run_dir)
+    lines += [f"{label:<9} {run_dir / name}" for label, name in _OUTPUTS]
     if (run_dir / "gallery.html").exists():
         lines.append(f"gallery:  {run_dir / 'gallery.html'}")
     return "\n".join(lines)
+
+
+_OUTPUTS = (("images:", "images"), ("metadata:", "metadata.jsonl"), ("report:", "report.json"))
 
 
 def status_summary(report: dict[str, Any]) -> str:

@@ -151,7 +151,7 @@ def test_a_new_export_replaces_the_old_and_a_changed_image_is_refused(mixed_run,
         export(run_dir, fmt="webdataset", out=out, shard_size=1)
     assert {path: path.read_bytes() for path in sorted(out.iterdir())} == before
     changed.unlink()
-    with pytest.raises(ConfigError, match="not on disk"):
+    with pytest.raises(ConfigError, match="but not there; restore it"):
         export(run_dir, fmt="parquet", out=out)
     assert sorted(out.iterdir()) == shards
 

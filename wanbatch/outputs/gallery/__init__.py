@@ -20,14 +20,18 @@ from wanbatch.outputs.gallery.thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnail
 __all__ = ["DATA_FILE", "GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "Thumbnailer", "thumb_name", "write_gallery"]
 
 
-def write_gallery(run_dir: Path, ledger: RunLedger) -> Path:
-    """Write ``gallery.html`` and ``gallery-data.js`` for every saved image (missing thumbnails made); the page."""
+def write_gallery(run_dir: Path, ledger: RunLedger, *, images_here: bool = True, title: str | None = None) -> Path:
+    """Write ``gallery.html`` and ``gallery-data.js`` for every saved image (missing thumbnails made); the page.
+
+    ``images_here`` False: the images are in a store, not in ``run_dir``; the page names each image's thumbnail
+    (stored beside it as it was saved) and is written to ``run_dir`` to be stored with them."""
     run_dir = Path(run_dir)
-    cards = cards_of(run_dir, ledger)
-    data = gallery_data(run_dir.name, cards)
+    cards = cards_of(run_dir, ledger, images_here=images_here)
+    title = title or run_dir.name
+    data = gallery_data(title, cards)
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     # The data first: a page never names data that is not there yet.
     write_atomic(run_dir / DATA_FILE, f"window.{DATA_GLOBAL} = {text};\n")
     path = run_dir / GALLERY_FILE
-    write_atomic(path, page(run_dir.name, images=len(cards), requests=data["requests"]))
+    write_atomic(path, page(title, images=len(cards), requests=data["requests"]))
     return path

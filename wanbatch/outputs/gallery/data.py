@@ -19,7 +19,7 @@ from PIL import UnidentifiedImageError
 
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow
-from wanbatch.outputs.gallery.thumbs import picture
+from wanbatch.outputs.gallery.thumbs import picture, stored_picture
 
 __all__ = ["CARD_FIELDS", "FIXED_FACETS", "MAX_SELECT_VALUES", "Card", "cards_of", "gallery_data"]
 
@@ -58,22 +58,25 @@ class Card:
         return "" if value is None else str(value)
 
 
-def cards_of(run_dir: Path, ledger: RunLedger) -> list[Card]:
-    """A card for every saved image, its thumbnail made if missing, in the order the page shows them."""
+def cards_of(run_dir: Path, ledger: RunLedger, *, images_here: bool = True) -> list[Card]:
+    """A card for every saved image, its thumbnail made if missing, in the order the page shows them
+    (``images_here`` False: the images are in a store, with the thumbnails made as they were saved)."""
     # The few thumbnails a run left are made on every core; the ledger is read in this thread only
     # (map takes the rows here, as it submits them).
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        cards = list(pool.map(lambda pair: _card(run_dir, *pair), ledger.iter_saved()))
+        cards = list(pool.map(lambda pair: _card(run_dir, *pair, images_here=images_here), ledger.iter_saved()))
     names = _facet_names(cards)
     cards.sort(key=lambda card: _order(card, names))
     return cards
 
 
-def _card(run_dir: Path, image: ImageRow, item: ItemRow) -> Card:
+def _card(run_dir: Path, image: ImageRow, item: ItemRow, *, images_here: bool) -> Card:
     file_name = image.file_name or ""
     request = item.request
     try:
-        thumb: str | None = picture(run_dir, file_name, request["size"])
+        thumb: str | None = (
+            picture(run_dir, file_name, request["size"]) if images_here else stored_picture(file_name, request["size"])
+        )
     except (OSError, UnidentifiedImageError):
         # Deleted or damaged since it was saved: the card says so instead of the page failing.
         thumb = None

@@ -10,11 +10,13 @@ of a run has only the page to write.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -28,7 +30,9 @@ __all__ = [
     "THUMB_SIDE_PX",
     "Thumbnailer",
     "picture",
+    "stored_picture",
     "thumb_name",
+    "thumbnail_bytes",
 ]
 
 log = logging.getLogger("wanbatch")
@@ -40,6 +44,7 @@ THUMB_SIDE_PX = 256
 #: and decoding, resizing and encoding it would cost more CPU than the image's whole way through the engine.
 SMALL_IMAGE_PX = 2 * THUMB_SIDE_PX
 THUMB_JPEG_QUALITY = 85
+JPEG_OPTIONS = {"quality": THUMB_JPEG_QUALITY, "optimize": True}
 #: Worker threads of a run's thumbnailer: a core is left to the engine's event loop.
 DEFAULT_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 #: Thumbnails waiting for a worker at most; past it an item's are left to the end of the run, so that a
@@ -55,6 +60,11 @@ def thumb_name(file_name: str) -> str:
     return str(PurePosixPath(THUMBS_DIR) / path.with_suffix(".jpg"))
 
 
+def _own_thumbnail(size: str) -> bool:
+    """Whether an image of ``size`` ("W*H") is shown as it is: small enough to be its own thumbnail."""
+    return max(int(side) for side in size.split("*")) <= SMALL_IMAGE_PX
+
+
 def picture(run_dir: Path, file_name: str, size: str) -> str:
     """What a card shows: the image itself when small, else its thumbnail (made if missing or older).
 
@@ -62,13 +72,18 @@ def picture(run_dir: Path, file_name: str, size: str) -> str:
     Raises OSError or UnidentifiedImageError when the image is gone or damaged.
     """
     source = run_dir / file_name
-    if max(int(side) for side in size.split("*")) <= SMALL_IMAGE_PX:
+    if _own_thumbnail(size):
         if not source.is_file():
             raise FileNotFoundError(f"{source} is gone")
         return file_name
     thumb = thumb_name(file_name)
     _thumbnail(source, run_dir / thumb)
     return thumb
+
+
+def stored_picture(file_name: str, size: str) -> str:
+    """What a card shows of an image in a store: itself when small, else the thumbnail stored beside it."""
+    return file_name if _own_thumbnail(size) else thumb_name(file_name)
 
 
 def _thumbnail(source: Path, target: Path) -> None:
@@ -78,14 +93,29 @@ def _thumbnail(source: Path, target: Path) -> None:
             return
     except FileNotFoundError:
         pass
+    rgb = _shrunk(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The end of a run may meet a worker of the run on the same thumbnail: each writes its own temporary file.
+    with atomic_path(target) as tmp:
+        rgb.save(tmp, "JPEG", **JPEG_OPTIONS)
+
+
+def thumbnail_bytes(body: bytes, size: str) -> bytes | None:
+    """The thumbnail of the image ``body`` of ``size`` ("W*H") as JPEG bytes; None when it is its own thumbnail.
+    For a store that is not a folder: the image is in memory, not on this machine's disk."""
+    if _own_thumbnail(size):
+        return None
+    out = io.BytesIO()
+    _shrunk(io.BytesIO(body)).save(out, "JPEG", **JPEG_OPTIONS)
+    return out.getvalue()
+
+
+def _shrunk(source: Path | BinaryIO) -> Image.Image:
     with Image.open(source) as img:
         # The service's PNGs may be palette images, which Pillow would shrink by nearest neighbour.
         rgb = img.convert("RGB")
     rgb.thumbnail((THUMB_SIDE_PX, THUMB_SIDE_PX), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The end of a run may meet a worker of the run on the same thumbnail: each writes its own temporary file.
-    with atomic_path(target) as tmp:
-        rgb.save(tmp, "JPEG", quality=THUMB_JPEG_QUALITY, optimize=True)
+    return rgb
 
 
 class Thumbnailer:
