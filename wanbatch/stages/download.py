@@ -37,12 +37,14 @@ import aiohttp
 
 from wanbatch.aio import wait_event
 from wanbatch.clock import Clock
-from wanbatch.errors import DownloadError, IllegalTransition, UrlExpired
+from wanbatch.errors import DownloadError, IllegalTransition, StoreConfigError, StoreError, UrlExpired
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import naming
-from wanbatch.stages.imagefiles import damaged_files, place
+from wanbatch.outputs.gallery.thumbs import thumb_name
+from wanbatch.outputs.stores import Store
+from wanbatch.stages.imagefiles import checked, damaged_files, place
 
 __all__ = ["DownloadConfig", "Downloader"]
 
@@ -59,6 +61,9 @@ class DownloadConfig:
     retry_base_s: float = 2.0  #: the first wait after a failed download; it doubles with each failure
     retry_max_s: float = 300.0  #: the longest wait between two tries of one image
     chunk_bytes: int = 256 * 1024
+    #: Bytes of images kept in memory while the store refuses them, so a retry does not fetch them again;
+    #: past it an image's bytes are let go and fetched again from its URL (which costs nothing) when retried.
+    max_held_bytes: int = 512 * 1024 * 1024
 
 
 @dataclass(order=True, slots=True)
@@ -69,10 +74,12 @@ class _Job:
     image: ImageRow = field(compare=False)  #: as the ledger had it when queued: pending, with its URL
     failures: int = field(default=0, compare=False)
     last_error: str = field(default="", compare=False)
+    body: bytes | None = field(default=None, compare=False)  #: fetched, kept while a store refuses it
 
 
 class Downloader:
-    """Workers that drain the deadline heap into ``run_dir/images``."""
+    """Workers that drain the deadline heap into ``run_dir/images``, or into ``store`` when the outputs are in
+    object storage (``run_dir`` then holds only the state: the ledger, and partial files of nothing)."""
 
     def __init__(
         self,
@@ -83,9 +90,16 @@ class Downloader:
         run_dir: Path,
         on_item_done: Callable[[Recorded], None] = lambda settled: None,
         config: DownloadConfig = DownloadConfig(),
+        store: Store | None = None,
+        thumbnails: bool = False,
     ) -> None:
         self._ledger, self._clock, self._session = ledger, clock, session
         self.run_dir = run_dir
+        self._store = store
+        #: With a store: each big image's thumbnail is made from its bytes and stored beside it for the gallery.
+        self._thumbnails = thumbnails and store is not None
+        self._held_bytes = 0  #: bytes of failed jobs' images kept for their next try
+        self._refused: str | None = None  #: the store refused us (credentials, bucket): nothing more is saved
         self._partial = run_dir / "images" / ".partial"
         self._on_item_done = on_item_done
         self.config = config
@@ -208,8 +222,11 @@ class Downloader:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
-            self._checking = True
-            group.create_task(self._check_saved())
+            if self._store is None:
+                # A store's objects are not looked at again on each start (a HEAD per saved image): the store
+                # proved each whole when it took it, and a bucket does not lose objects as a disk loses files.
+                self._checking = True
+                group.create_task(self._check_saved())
             for _ in range(self.config.workers):
                 group.create_task(self._worker(stop))
         # Every partial file is renamed or removed by now; an empty folder would only puzzle whoever looks.
@@ -231,18 +248,30 @@ class Downloader:
             try:
                 again_s = await self._save(job)
                 if again_s is None:
+                    job.body = None
                     self._done(job)
                 else:
-                    self._waits += 1
-                    heapq.heappush(self._waiting, (again_s, self._waits, job))
+                    self._wait(job, again_s)
             finally:
                 self._busy -= 1
+
+    def _wait(self, job: _Job, again_s: float) -> None:
+        """Set ``job`` aside until ``again_s``, its image's bytes with it while the cap on held bytes allows."""
+        if job.body is not None:
+            if self._held_bytes + len(job.body) > self.config.max_held_bytes:
+                job.body = None  # fetched again when its turn comes: the URL costs nothing, memory does
+            else:
+                self._held_bytes += len(job.body)
+        self._waits += 1
+        heapq.heappush(self._waiting, (again_s, self._waits, job))
 
     def _release_due(self) -> None:
         """Move the jobs whose wait is over back onto the deadline heap."""
         now = self._clock.now()
         while self._waiting and self._waiting[0][0] <= now:
-            heapq.heappush(self._heap, heapq.heappop(self._waiting)[2])
+            job = heapq.heappop(self._waiting)[2]
+            self._held_bytes -= len(job.body or b"")
+            heapq.heappush(self._heap, job)
 
     async def _idle(self) -> None:
         """Wait for work: until the next retry is due, and never long (new work wakes us)."""
@@ -255,6 +284,8 @@ class Downloader:
         """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
         while self._waiting:
             job = heapq.heappop(self._waiting)[2]
+            self._held_bytes -= len(job.body or b"")
+            job.body = None
             self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error)
             log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
             self._done(job)
@@ -265,12 +296,20 @@ class Downloader:
         Returns when to try it again (clock seconds), or None when it is done with in this run.
         """
         item_id, index = job.item_id, job.index
+        if self._refused is not None:
+            return self._not_saved(job, self._refused, code="StoreRefused")
         try:
             try:
-                name, digest, size_bytes = await self._fetch(self._items[item_id][0], job.image)
-            except (DownloadError, OSError) as exc:
+                name, digest, size_bytes = await self._fetch(self._items[item_id][0], job)
+            except StoreConfigError as exc:
+                return self._store_refused(job, exc)
+            except (DownloadError, StoreError, OSError) as exc:
                 return self._failed(job, exc)
         except UrlExpired as exc:
+            healed = await self._stored_already(job)
+            if healed is not None:
+                name, digest, size_bytes = healed
+                return self._saved(job, name, digest, size_bytes)
             settled = self._ledger.image_final(
                 item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
             )
@@ -282,34 +321,53 @@ class Downloader:
                 extra={"event": "expired", "item": item_id, "image": index, "state": "expired", "code": "UrlExpired"},
             )
         else:
-            try:
-                settled = self._ledger.image_saved(
-                    item_id, index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
-                )
-            except IllegalTransition:
-                return None  # no longer pending: recorded already, nothing more to do
-            self.saved += 1
-            self.bytes += size_bytes
+            return self._saved(job, name, digest, size_bytes)
         if settled is not None:
             self._on_item_done(settled)
         return None
 
-    def _failed(self, job: _Job, exc: DownloadError | OSError) -> float | None:
+    def _saved(self, job: _Job, name: str, digest: str, size_bytes: int) -> None:
+        """Record ``job``'s image saved as ``name`` (settling its item with its last image)."""
+        try:
+            settled = self._ledger.image_saved(
+                job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
+            )
+        except IllegalTransition:
+            return None  # no longer pending: recorded already, nothing more to do
+        self.saved += 1
+        self.bytes += size_bytes
+        if settled is not None:
+            self._on_item_done(settled)
+        return None
+
+    def _store_refused(self, job: _Job, exc: StoreConfigError) -> None:
+        """The store refuses us (credentials withdrawn, bucket gone): waiting will not mend it, and every image
+        would meet the same. Saving stops; the images stay pending, for a run after the user has acted."""
+        if self._refused is None:
+            self._refused = str(exc)
+            log.error("✗ saving stopped: %s; the images stay pending while their URLs live", exc)
+        return self._not_saved(job, str(exc), code="StoreRefused")
+
+    def _not_saved(self, job: _Job, reason: str, *, code: str) -> None:
+        """Leave ``job``'s image pending with ``reason``: a later run tries again while its URL lives."""
+        self._ledger.update_image(job.item_id, job.index, error_code=code, error_message=reason)
+        log.warning(
+            "✗ %s image %d not saved: %s",
+            job.item_id,
+            job.index,
+            reason,
+            extra={"event": "not_saved", "item": job.item_id, "image": job.index, "code": code},
+        )
+        return None
+
+    def _failed(self, job: _Job, exc: DownloadError | StoreError | OSError) -> float | None:
         """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
         final for this run). Raises UrlExpired once the deadline has passed."""
         if isinstance(exc, OSError):
             self._folders.clear()  # a folder may have gone since it was made: make them again
         if not getattr(exc, "retryable", True):
             # Left pending: a later run tries again while the URL lives; the report shows it.
-            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=str(exc))
-            log.warning(
-                "✗ %s image %d not saved: %s",
-                job.item_id,
-                job.index,
-                exc,
-                extra={"event": "not_saved", "item": job.item_id, "image": job.index, "code": "DownloadFailed"},
-            )
-            return None
+            return self._not_saved(job, str(exc), code="DownloadFailed")
         now, deadline_s = self._clock.now(), (job.deadline_ms or 0) / 1000
         if now >= deadline_s:
             raise UrlExpired(f"{exc}; the URL's deadline has passed") from None
@@ -324,14 +382,21 @@ class Downloader:
         if settled is not None:
             self._on_item_done(settled)
 
-    async def _fetch(self, item: ItemRow, image: ImageRow) -> tuple[str, str, int]:
+    async def _fetch(self, item: ItemRow, job: _Job) -> tuple[str, str, int]:
+        """Fetch (unless its bytes are held from a try before), check and store ``job``'s image:
+        (its name, sha256, size)."""
+        image = job.image
         url = image.url or ""
         if urlsplit(url).scheme not in ("http", "https"):
             raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
         name = naming.saved_name(item, image.image_index, sharded=self._sharded)
         other_name = naming.other_name(name, item.item_id, image.image_index)
+        if job.body is None:
+            job.body = await self._stream(url)
+        body = job.body
+        if self._store is not None:
+            return await self._upload(self._store, item, image.image_index, name, other_name, body)
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
-        body = await self._stream(url)
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
         await self._folder(partial.parent)
         await self._folder((self.run_dir / name).parent)
@@ -340,6 +405,50 @@ class Downloader:
             place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
         )
         return (name if placed.own_name else other_name), placed.sha256, len(body)
+
+    async def _upload(
+        self, store: Store, item: ItemRow, index: int, name: str, other_name: str, body: bytes
+    ) -> tuple[str, str, int]:
+        """Check ``body`` and put it in ``store`` under ``name`` (``other_name`` if ``name`` holds another image),
+        counted only once the store proves it holds all of it. An object that is already ``body``, whole (a run
+        stopped between its upload and the ledger's commit), is taken as it is: no second upload."""
+        size = item.request["size"]
+        digest, thumb = await asyncio.to_thread(checked, body, size, thumbnail=self._thumbnails)
+        for key in (name, other_name):
+            held = await store.stat(key)
+            if held is None:
+                await store.put_verified(key, body, owner=_owner(item.item_id, index))
+            elif not held.matches(body):
+                continue  # another image of this run holds the name: it is left alone
+            else:
+                log.info("↺ %s is stored already, whole: recorded without a second upload", key)
+            if thumb is not None:
+                await self._put_thumbnail(store, key, thumb)
+            return key, digest, len(body)
+        raise DownloadError(f"{name} and {other_name} both hold other images in {store.location}", retryable=False)
+
+    async def _put_thumbnail(self, store: Store, key: str, thumb: bytes) -> None:
+        """The gallery's thumbnail of the image under ``key``: a failure costs a card its picture, not an image."""
+        try:
+            await store.put_verified(thumb_name(key), thumb)
+        except StoreError as exc:
+            log.info("thumbnail of %s not stored: %s", key, exc)
+
+    async def _stored_already(self, job: _Job) -> tuple[str, str, int] | None:
+        """With a store, when ``job``'s URL has died: the image, if a run before this one stored it whole and
+        stopped before the ledger's commit (its owner and sha256 on it, the store's MD5 proof); else None."""
+        if self._store is None:
+            return None
+        name = naming.saved_name(self._items[job.item_id][0], job.index, sharded=self._sharded)
+        for key in (name, naming.other_name(name, job.item_id, job.index)):
+            try:
+                held = await self._store.stat(key)
+            except StoreError:
+                return None
+            if held is not None and held.owner == _owner(job.item_id, job.index) and held.sha256 and held.md5:
+                log.info("↺ %s is stored already, whole: recorded, though its URL has died", key)
+                return key, held.sha256, held.size_bytes
+        return None
 
     async def _folder(self, path: Path) -> None:
         """Make ``path`` once per run, off the event loop (a slow or network disk must not stall tracking)."""
@@ -372,6 +481,11 @@ class Downloader:
         except ValueError as exc:  # a URL that cannot be asked for at all (a host IDNA refuses, say)
             raise DownloadError(f"result URL cannot be fetched: {exc}", retryable=False) from None
         return b"".join(chunks)
+
+
+def _owner(item_id: str, index: int) -> str:
+    """Whose an object is, kept with it in the store: the image's item and index."""
+    return f"{item_id}/{index}"
 
 
 def _oss_message(body: str) -> str:

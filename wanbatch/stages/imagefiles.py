@@ -26,8 +26,9 @@ from PIL import Image
 from wanbatch.atomic import write_atomic
 from wanbatch.errors import DownloadError
 from wanbatch.ledger.records import ImageRow
+from wanbatch.outputs.gallery.thumbs import thumbnail_bytes
 
-__all__ = ["Placed", "damaged_files", "place", "verify_png"]
+__all__ = ["Placed", "checked", "damaged_files", "place", "verify_png"]
 
 log = logging.getLogger("wanbatch")
 
@@ -62,6 +63,13 @@ def place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> Pl
     own = not final.exists() or _sha256_of(final) == digest
     write_atomic(final if own else other, body, durable=True, temporary=partial)
     return Placed(own_name=own, sha256=digest)
+
+
+def checked(body: bytes, size: str, *, thumbnail: bool = False) -> tuple[str, bytes | None]:
+    """Check ``body`` is a PNG of ``size``: its sha256, and its thumbnail's JPEG bytes when asked for (None for an
+    image that is its own); runs in a worker thread, for an image that goes to a store rather than a folder."""
+    verify_png(io.BytesIO(body), size)
+    return hashlib.sha256(body).hexdigest(), thumbnail_bytes(body, size) if thumbnail else None
 
 
 def damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
