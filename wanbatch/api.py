@@ -29,11 +29,13 @@ from rich.console import Console
 
 from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig
-from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
+from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked, StoreConfigError, StoreError
 from wanbatch.ledger import backend
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
+from wanbatch.outputs.location import locate
 from wanbatch.outputs.progress import live_progress, log_progress
+from wanbatch.outputs.stores import Store
 from wanbatch.service.client import keys_from_env
 from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
 from wanbatch.stages.intake import refuse_other_manifest, stored_plan
@@ -49,6 +51,7 @@ async def run(
     manifest: str | Path | Manifest,
     *,
     out: str | Path,
+    state: str | Path | None = None,
     simulate: bool = False,
     speed: float | None = None,
     base_url: str | None = None,
@@ -69,7 +72,12 @@ async def run(
     force_backend: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) ``manifest`` into the run folder ``out`` and return the report.
+    """Run (or resume) ``manifest`` into ``out`` and return the report.
+
+    ``out`` is a run folder, or object storage (``s3://bucket/prefix``, ``oss://bucket/prefix``): the images,
+    ``metadata.jsonl``, the gallery and ``report.json`` then go there, and the run's state (its ledger) to the
+    folder ``state`` (default: one under the user's cache named after ``out``, see
+    :mod:`wanbatch.outputs.location`). The store is proved to exist and take writes before anything is sent.
 
     ``budget`` (CNY) overrides the manifest's ``budget:``: a plan over it is refused before anything is
     sent (:class:`BudgetExceeded`), and submitting stops before spent plus in-flight cost would pass it.
@@ -90,10 +98,12 @@ async def run(
     account_quotas = _quotas(quotas)
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
+    where = locate(out, state=state)
+    folder = where.state_dir
     if not force:
-        refuse_other_manifest(Path(out), manifest)
+        refuse_other_manifest(folder, manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
-    plan = stored_plan(Path(out), manifest)
+    plan = stored_plan(folder, manifest)
     if plan is None:
         survey = manifest.survey()
         for warning in survey.warnings:
@@ -114,12 +124,15 @@ async def run(
         if region in plan["regions"]
     }
     # Looked at before any simulator starts; the engine checks again under the folder's lock.
-    backend.check(Path(out), backend.recorded(Path(out)), endpoints, force=force_backend)
+    backend.check(folder, backend.recorded(folder), endpoints, force=force_backend)
     submit, track = SubmitConfig(sync_wan26=sync), TrackerConfig(policy=tracking)
     async with contextlib.AsyncExitStack() as stack:
+        if where.store is not None:
+            stack.push_async_callback(where.store.aclose)
+            await _check_store(where.store, folder)
         if simulate:
             keys, config, clock = await _simulators(
-                stack, out, plan["regions"], speed=speed, submit=submit, config_file=sim_config
+                stack, folder, plan["regions"], speed=speed, submit=submit, config_file=sim_config
             )
             config = replace(config, gallery=gallery, track=track, quotas=account_quotas)
         else:
@@ -135,7 +148,8 @@ async def run(
             clock = None
         config = replace(config, backend=endpoints, force_backend=force_backend)
         engine = Engine(
-            run_dir=Path(out),
+            run_dir=folder,
+            store=where.store,
             keys=keys,
             config=config,
             clock=clock,
@@ -153,6 +167,18 @@ async def run(
         else:
             await stack.enter_async_context(log_progress(engine))
         return await engine.run(manifest, plan=plan)
+
+
+async def _check_store(store: Store, state_dir: Path) -> None:
+    """Prove the store exists and takes writes, before anything is sent: a run that could not save its images
+    would pay for them and lose them."""
+    try:
+        await store.check()
+    except StoreConfigError:
+        raise
+    except StoreError as exc:
+        raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
+    log.info("outputs: %s; the run's state (ledger): %s", store.location, state_dir)
 
 
 def _check_options(*, speed: float | None, budget: float | None, simulate: bool, sim_config: str | Path | None) -> None:

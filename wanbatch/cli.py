@@ -93,7 +93,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run or resume a manifest into a run folder")
     run.add_argument("manifest", type=Path)
-    run.add_argument("--out", type=Path, required=True, help="the run folder (ledger, images, metadata, report)")
+    run.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR|URL",
+        help="the run folder (ledger, images, metadata, report), or object storage: s3://bucket/prefix, "
+        "oss://bucket/prefix (images, metadata, report there; the ledger in --state)",
+    )
+    _state_flag(run)
     _service_flags(
         run,
         simulate="run against the embedded simulator (demo keys, fast clock): no key, no network",
@@ -154,23 +161,28 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", parents=[common], help="counts per state of a run folder, also while it runs")
-    status.add_argument("run_dir", type=Path)
+    status.add_argument("run", metavar="DIR|URL", help="the run's --out")
+    _state_flag(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
     export = sub.add_parser(
         "export", parents=[common], help="write a run folder's images and metadata as dataset shards"
     )
-    export.add_argument("run_dir", type=Path)
+    export.add_argument("run", metavar="DIR|URL", help="the run's --out")
+    _state_flag(export)
     export.add_argument("--format", dest="fmt", choices=("webdataset", "parquet"), required=True)
-    export.add_argument("--out", type=Path, default=None, help="where the shards go (default: DIR/exports/FORMAT)")
+    export.add_argument(
+        "--out", type=Path, default=None, help="a folder for the shards (default: exports/FORMAT beside the images)"
+    )
     export.add_argument("--shard-size", type=int, default=200, help="images per shard")
     export.set_defaults(func=cmd_export)
 
     cancel = sub.add_parser(
         "cancel", parents=[common], help="cancel the tasks a stopped run left waiting (PENDING) on the service"
     )
-    cancel.add_argument("run_dir", type=Path)
+    cancel.add_argument("run", metavar="DIR|URL", help="the run's --out")
+    _state_flag(cancel)
     _service_flags(
         cancel,
         simulate="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
@@ -184,6 +196,24 @@ def _parser() -> argparse.ArgumentParser:
     sim_cli.add_arguments(sim)
     sim.set_defaults(func=sim_cli.run)
     return parser
+
+
+def _state_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with an --out in object storage: the folder of the run's ledger "
+        "(default: one under ~/.cache/wanbatch/runs named after the --out)",
+    )
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """The folder holding the ledger of the run ``args.run`` names (with ``args.state``)."""
+    from wanbatch.outputs.location import locate
+
+    return locate(args.run, state=args.state).state_dir
 
 
 def _service_flags(parser: argparse.ArgumentParser, *, simulate: str, otherwise: str) -> None:
@@ -286,6 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run(
                 args.manifest,
                 out=args.out,
+                state=args.state,
                 simulate=args.simulate,
                 speed=args.speed,
                 base_url=args.base_url,
@@ -321,6 +352,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def resume_command(args: argparse.Namespace) -> str:
     """The ``wanbatch run`` line that resumes this run as it was started: same folder, same service, same options."""
     argv = ["wanbatch", "run", str(args.manifest), "--out", str(args.out)]
+    if args.state is not None:
+        argv += ["--state", str(args.state)]
     if args.simulate:
         argv.append("--simulate")
     elif args.base_url:
@@ -348,8 +381,21 @@ def _exact(value: float) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from wanbatch.outputs.export import export
+    from wanbatch.outputs.finish import export_from_store
+    from wanbatch.outputs.location import locate
 
-    shards = export(args.run_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)
+    where = locate(args.run, state=args.state)
+    if where.store is None:
+        shards = [str(path) for path in export(where.state_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)]
+    else:
+        store, state_dir = where.store, where.state_dir
+
+        async def from_store() -> list[str]:
+            async with store:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                return await export_from_store(store, state_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)
+
+        shards = asyncio.run(from_store())
     for shard in shards:
         print(shard)
     return EXIT_OK
@@ -359,7 +405,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from wanbatch.stages.cancel import cancel_in_folder
 
     counts = asyncio.run(
-        cancel_in_folder(args.run_dir, environ=os.environ, simulate=args.simulate, base_url=args.base_url)
+        cancel_in_folder(_run_folder(args), environ=os.environ, simulate=args.simulate, base_url=args.base_url)
     )
     print(
         f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
@@ -377,8 +423,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wanbatch.ledger import Ledger
     from wanbatch.outputs.metadata import build_report
 
-    last = args.run_dir / "report.json"
-    with Ledger.open(args.run_dir, clock=ScaledClock(), create=False) as ledger:
+    folder = _run_folder(args)
+    last = folder / "report.json"
+    with Ledger.open(folder, clock=ScaledClock(), create=False) as ledger:
         runs = ledger.summary()["runs"]
         report = build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
     if args.json:

@@ -31,8 +31,9 @@ from wanbatch.ledger import Ledger, RunLedger, RunLock
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
-from wanbatch.outputs.gallery import Thumbnailer, write_gallery
-from wanbatch.outputs.metadata import write_metadata, write_report
+from wanbatch.outputs.finish import write_outputs
+from wanbatch.outputs.gallery import Thumbnailer
+from wanbatch.outputs.stores import Store
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer, even_limiter
 from wanbatch.service.quotas import QuotaTable, apply_quotas
@@ -92,8 +93,11 @@ class Engine:
         retry_failed: bool = False,
         retry_moderated: bool = False,
         retry_held: bool = False,
+        store: Store | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        #: Where the outputs go when not into ``run_dir`` (which then holds only the run's state).
+        self.store = store
         self._keys = dict(keys)
         self.config = config
         self._own_clock = clock is None
@@ -168,13 +172,12 @@ class Engine:
                 if self._live is not None:
                     self._final_snapshot = self.snapshot(final=True)
                 self._live = None  # the ledger closes with this block
-            saved = write_metadata(self.run_dir, ledger)
-            if self.config.gallery:
-                write_gallery(self.run_dir, ledger)
-            report = write_report(
+            report = await write_outputs(
                 self.run_dir,
                 ledger,
                 run=run,
+                gallery=self.config.gallery,
+                store=self.store,
                 extra={
                     "manifest": str(manifest.path),
                     "name": manifest.name,
@@ -182,7 +185,6 @@ class Engine:
                     "items_existing": added.existing,
                     "items_no_longer_in_manifest": stale,
                     "items_in_manifest": {str(k): v for k, v in ledger.counts(run=seen).items()},
-                    "images_in_metadata": saved,
                     "interrupted": self.interrupted,
                     "started_at": started_at,
                     "ended_at": _iso_now(),
@@ -239,7 +241,8 @@ class Engine:
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
-        thumbs = Thumbnailer(self.run_dir) if self.config.gallery else None
+        # With a store, the downloader makes each thumbnail from the image's bytes and stores it beside the image.
+        thumbs = Thumbnailer(self.run_dir) if self.config.gallery and self.store is None else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
             stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs)
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
@@ -290,6 +293,8 @@ class Engine:
             run_dir=self.run_dir,
             config=self.config.download,
             on_item_done=thumbs.item_done if thumbs else lambda settled: None,
+            store=self.store,
+            thumbnails=self.config.gallery,
         )
         tracker = Tracker(
             ledger=ledger,
