@@ -14,6 +14,9 @@ import pytest
 from wanbatch.clock import ManualClock
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
+#: The S3 server's fixtures (``seaweed``, ``bucket``, ``s3_env``), for the tests of stores and of runs into them.
+pytest_plugins = ["helpers.seaweed"]
+
 # --- the simulator (wanbatch.sim) -------------------------------------------------------------------
 
 

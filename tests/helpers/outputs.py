@@ -99,23 +99,26 @@ class Audit:
         }
 
 
-def audit(run_dir: Path, billing: list[dict[str, Any]]) -> Audit:
+def audit(run_dir: Path, billing: list[dict[str, Any]], *, outputs: Path | None = None) -> Audit:
     """Check every billed image of ours against metadata.jsonl and the disk, and every item against the ledger.
 
-    The simulator's neighbours (other users of the account) are billed too; their records are not ours.
+    ``outputs``: where metadata.jsonl and the images are when not in ``run_dir`` (a bucket's copy, for a run into
+    object storage; ``run_dir`` then is its state folder). The simulator's neighbours (other users of the account)
+    are billed too; their records are not ours.
     """
+    outputs = outputs or run_dir
     billing = [record for record in billing if not record.get("neighbour")]
     result = Audit(billed=len(billing))
     tasks = Counter((r["fingerprint"], r["task_id"]) for r in billing)
     per_fingerprint = Counter(fingerprint for fingerprint, _ in tasks)
     result.duplicates = sorted(f for f, count in per_fingerprint.items() if count > 1)
-    listed = {(m["task_id"], m["image_index"]): m for m in metadata(run_dir)}
+    listed = {(m["task_id"], m["image_index"]): m for m in metadata(outputs)}
     for record in billing:
         key = (record["task_id"], record["image_index"])
         entry = listed.get(key)
         problem = None if entry else "not in metadata.jsonl"
         if entry:
-            problem = png_problem(run_dir / entry["file_name"], entry["size"])
+            problem = png_problem(outputs / entry["file_name"], entry["size"])
         if problem:
             result.lost.append(f"task {key[0]} image {key[1]}: {problem}")
         else:

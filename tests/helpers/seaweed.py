@@ -20,14 +20,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-__all__ = ["ACCESS_KEY", "DOMAIN", "SECRET_KEY", "SeaweedServer", "bucket", "seaweed"]
+from helpers.unkind import serving
+
+__all__ = ["ACCESS_KEY", "DOMAIN", "SECRET_KEY", "Proxy", "SeaweedServer", "bucket", "proxy", "s3_env", "seaweed"]
 
 ACCESS_KEY = "WANBATCHTESTKEY0001"
 SECRET_KEY = "wanbatch-test-secret-0123456789"
@@ -37,6 +41,7 @@ START_TIMEOUT_S = 60.0
 #: Every port the server listens on, by its flag: all chosen here, none left to the defaults another test may hold.
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc")
 _PORT_FLAGS += ("s3.port", "s3.port.grpc")
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "expect", "content-encoding", "keep-alive"}
 
 
 def weed_binary() -> str:
@@ -111,6 +116,20 @@ class SeaweedServer:
             config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
         )
 
+    def download(self, bucket: str, prefix: str, dest: Path) -> dict[str, dict[str, Any]]:
+        """Every object under ``prefix/`` of ``bucket`` into ``dest`` (same relative paths); each key's HEAD
+        (its ``ContentLength``, ``ETag``, ``Metadata``), by relative key."""
+        client, heads = self.client(), {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+            for entry in page.get("Contents", []):
+                key = entry["Key"][len(prefix) + 1 :]
+                target = dest / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                answer = client.get_object(Bucket=bucket, Key=entry["Key"])
+                target.write_bytes(answer["Body"].read())
+                heads[key] = client.head_object(Bucket=bucket, Key=entry["Key"])
+        return heads
+
     def make_bucket(self) -> str:
         name = f"t-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
@@ -165,3 +184,77 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
 def bucket(seaweed: SeaweedServer) -> str:
     """A new, empty bucket on the session's server."""
     return seaweed.make_bucket()
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedServer:
+    """The standard AWS variables pointed at the test server; nothing else of the user's is read."""
+    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    return seaweed
+
+
+# ── a proxy in front of the server, to make it answer wrongly or to act between its answer and the client ──
+
+
+@dataclass
+class Proxy:
+    """A loopback proxy to the S3 server that forwards requests as they are (Host kept, so signatures hold)."""
+
+    url: str
+    #: Called with each upstream answer's headers, may change them (a wrong ETag, say).
+    rewrite: Callable[[dict[str, str]], None] = lambda headers: None
+    #: Called with each request's body on its way to the server, may change it.
+    alter_body: Callable[[bytes], bytes] = lambda body: body
+    hosts: list[str] = field(default_factory=list)  #: the Host header of each request
+    in_flight: int = 0
+    most_in_flight: int = 0
+    #: (method, path, status) of each request answered, in order
+    answered: list[tuple[str, str, int]] = field(default_factory=list)
+    #: Called with each (method, path, status) once the server has answered, before the client hears it: a test
+    #: may kill the client there, between a store's commit and the client's.
+    on_answer: Callable[[str, str, int], None] = lambda method, path, status: None
+
+
+@pytest.fixture
+async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
+    """A proxy that takes origin-form requests (an endpoint) and absolute-form ones (an HTTP proxy)."""
+    upstream = s3_env.endpoint_url
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            target = request.raw_path
+            if target.startswith("http"):  # absolute-form: sent to us as a proxy
+                target = str(aiohttp.client.URL(target).raw_path_qs)
+            state.hosts.append(request.headers.get("Host", ""))
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+            body = state.alter_body(await request.read())
+            state.in_flight += 1
+            state.most_in_flight = max(state.most_in_flight, state.in_flight)
+            try:
+                async with session.request(request.method, upstream + target, headers=headers, data=body) as answer:
+                    data = await answer.read()
+                    out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
+            finally:
+                state.in_flight -= 1
+            state.answered.append((request.method, request.path, answer.status))
+            state.on_answer(request.method, request.path, answer.status)
+            state.rewrite(out)
+            # A HEAD's Content-Length is the object's size: a stream response keeps it though no body follows.
+            response = web.StreamResponse(status=answer.status, headers=out)
+            response.content_length = int(answer.headers.get("Content-Length", len(data)))
+            await response.prepare(request)
+            if request.method != "HEAD":
+                await response.write(data)
+            await response.write_eof()
+            return response
+
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_route("*", "/{tail:.*}", forward)
+        async with serving(app) as root:
+            state = Proxy(url=root)
+            yield state

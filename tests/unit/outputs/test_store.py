@@ -12,37 +12,20 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 
-from helpers.seaweed import ACCESS_KEY, DOMAIN, SECRET_KEY, SeaweedServer, bucket, seaweed  # noqa: F401
-from helpers.unkind import serving
+from helpers.seaweed import ACCESS_KEY, DOMAIN, SECRET_KEY, Proxy, SeaweedServer
 from wanbatch.errors import ConfigError, StoreConfigError, StoreError
 from wanbatch.outputs.stores import LocalStore, S3Store, Store, StoreConfig, open_store
 
 BLOB = os.urandom(1_500_000)  #: the size of one of the service's PNGs
-_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "expect", "content-encoding", "keep-alive"}
 
 
 @pytest.fixture
-def s3_env(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> SeaweedServer:  # noqa: F811
-    """The standard AWS variables pointed at the test server; nothing else of the user's is read."""
-    for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    for name, value in seaweed.env().items():
-        monkeypatch.setenv(name, value)
-    return seaweed
-
-
-@pytest.fixture
-async def s3_store(s3_env: SeaweedServer, bucket: str) -> AsyncIterator[Store]:  # noqa: F811
+async def s3_store(s3_env: SeaweedServer, bucket: str) -> AsyncIterator[Store]:
     """A store on a fresh bucket, under a prefix, as ``--out s3://bucket/run`` opens it."""
     async with open_store(f"s3://{bucket}/run") as store:
         yield store
@@ -59,61 +42,6 @@ async def local_store(tmp_path: Path) -> AsyncIterator[Store]:
 def any_store(request: pytest.FixtureRequest) -> Store:
     """Each kind of store in turn: the contract is the same."""
     return request.getfixturevalue(f"{request.param}_store")
-
-
-# ── a proxy in front of the server, to make it answer wrongly ──────────────────────────────────────
-
-
-@dataclass
-class Proxy:
-    """A loopback proxy to the S3 server that forwards requests as they are (Host kept, so signatures hold)."""
-
-    url: str
-    #: Called with each upstream answer's headers, may change them (a wrong ETag, say).
-    rewrite: Callable[[dict[str, str]], None] = lambda headers: None
-    #: Called with each request's body on its way to the server, may change it.
-    alter_body: Callable[[bytes], bytes] = lambda body: body
-    hosts: list[str] = field(default_factory=list)  #: the Host header of each request
-    in_flight: int = 0
-    most_in_flight: int = 0
-
-
-@pytest.fixture
-async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
-    """A proxy that takes origin-form requests (an endpoint) and absolute-form ones (an HTTP proxy)."""
-    upstream = s3_env.endpoint_url
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-
-        async def forward(request: web.Request) -> web.StreamResponse:
-            target = request.raw_path
-            if target.startswith("http"):  # absolute-form: sent to us as a proxy
-                target = str(aiohttp.client.URL(target).raw_path_qs)
-            state.hosts.append(request.headers.get("Host", ""))
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-            body = state.alter_body(await request.read())
-            state.in_flight += 1
-            state.most_in_flight = max(state.most_in_flight, state.in_flight)
-            try:
-                async with session.request(request.method, upstream + target, headers=headers, data=body) as answer:
-                    data = await answer.read()
-                    out = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_HEADERS}
-            finally:
-                state.in_flight -= 1
-            state.rewrite(out)
-            # A HEAD's Content-Length is the object's size: a stream response keeps it though no body follows.
-            response = web.StreamResponse(status=answer.status, headers=out)
-            response.content_length = int(answer.headers.get("Content-Length", len(data)))
-            await response.prepare(request)
-            if request.method != "HEAD":
-                await response.write(data)
-            await response.write_eof()
-            return response
-
-        app = web.Application(client_max_size=64 * 2**20)
-        app.router.add_route("*", "/{tail:.*}", forward)
-        async with serving(app) as root:
-            state = Proxy(url=root)
-            yield state
 
 
 # ── the contract, on both stores ──────────────────────────────────────────────────────────────────
@@ -161,7 +89,7 @@ async def test_keys_stay_inside(local_store: Store) -> None:
 # ── the bucket ────────────────────────────────────────────────────────────────────────────────────
 
 
-async def test_s3_object_carries_type_and_sha256(s3_store: S3Store, seaweed: SeaweedServer) -> None:  # noqa: F811
+async def test_s3_object_carries_type_and_sha256(s3_store: S3Store, seaweed: SeaweedServer) -> None:
     """The uploaded object has our sha256 as metadata and a content type (the gallery is served from the bucket)."""
     stored = await s3_store.put_verified("gallery.html", b"<html></html>")
     head = seaweed.client().head_object(Bucket=s3_store.bucket, Key="run/gallery.html")
@@ -170,7 +98,7 @@ async def test_s3_object_carries_type_and_sha256(s3_store: S3Store, seaweed: Sea
     assert s3_store.url_for("gallery.html") == f"s3://{s3_store.bucket}/run/gallery.html"
 
 
-async def test_wrong_etag_is_not_accepted(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_wrong_etag_is_not_accepted(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store whose answer's ETag is not our MD5 has not proved the object: a retryable error, not a save."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     proxy.rewrite = lambda headers: headers.update(ETag='"0123456789abcdef0123456789abcdef"')
@@ -182,8 +110,8 @@ async def test_wrong_etag_is_not_accepted(proxy: Proxy, bucket: str, monkeypatch
 
 async def test_altered_body_is_refused_by_the_store(
     proxy: Proxy,
-    bucket: str,  # noqa: F811
-    seaweed: SeaweedServer,  # noqa: F811
+    bucket: str,
+    seaweed: SeaweedServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A body changed on the way is refused by the store (Content-MD5): nothing is stored, the error is retryable."""
@@ -214,7 +142,7 @@ async def test_missing_bucket_at_check(s3_env: SeaweedServer) -> None:
 
 async def test_wrong_credentials_at_check(
     s3_env: SeaweedServer,
-    bucket: str,  # noqa: F811
+    bucket: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -232,14 +160,14 @@ async def test_wrong_credentials_at_check(
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no traceback shows the original
 
 
-async def test_check_passes_and_proves_a_write(s3_store: S3Store, seaweed: SeaweedServer) -> None:  # noqa: F811
+async def test_check_passes_and_proves_a_write(s3_store: S3Store, seaweed: SeaweedServer) -> None:
     """check() on a good bucket passes by writing its small proof object under the prefix."""
     await s3_store.check()
     head = seaweed.client().head_object(Bucket=s3_store.bucket, Key="run/.wanbatch/write-check")
     assert head["ContentLength"] == len(b"wanbatch")
 
 
-async def test_server_stopped_then_restarted(s3_store: S3Store, seaweed: SeaweedServer) -> None:  # noqa: F811
+async def test_server_stopped_then_restarted(s3_store: S3Store, seaweed: SeaweedServer) -> None:
     """While the server is down a put fails retryably; once it is back the same put succeeds and nothing is lost."""
     first = await s3_store.put_verified("images/1.png", BLOB)
     seaweed.stop()
@@ -254,7 +182,7 @@ async def test_server_stopped_then_restarted(s3_store: S3Store, seaweed: Seaweed
     assert await s3_store.stat("images/2.png") == second
 
 
-async def test_concurrency_is_bounded(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_concurrency_is_bounded(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """No more requests are in flight than the store's max_concurrency, however many puts are asked at once."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     async with open_store(f"s3://{bucket}/run", config=StoreConfig(max_concurrency=3)) as store:
@@ -262,7 +190,7 @@ async def test_concurrency_is_bounded(proxy: Proxy, bucket: str, monkeypatch: py
     assert 1 < proxy.most_in_flight <= 3
 
 
-async def test_virtual_hosted_addressing(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+async def test_virtual_hosted_addressing(proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With virtual-hosted addressing (Alibaba OSS's S3 endpoint needs it) the bucket travels in the host name."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{DOMAIN}:{proxy.url.rsplit(':', 1)[1]}")
     config = StoreConfig(addressing_style="virtual")

@@ -1,0 +1,199 @@
+"""Runs whose outputs go to object storage (``--out s3://bucket/prefix``), against a real S3 server on loopback.
+
+The bucket is the judge here as the run folder is elsewhere: every image the
+simulator billed is in the bucket as a whole PNG that ``metadata.jsonl`` (in the
+bucket too) lists, no request is paid twice, and the run's state (its ledger)
+stays in a folder on this machine. A store that is missing or refuses us is
+refused before anything is sent; a store that goes down mid-run costs time,
+not images; a run killed between an upload and its commit is healed by a HEAD,
+without a second upload or a second payment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import tarfile
+from asyncio.subprocess import DEVNULL, PIPE
+from collections import Counter
+from pathlib import Path
+
+from helpers.ledger import ledger_rows
+from helpers.manifest import numbered, write_manifest
+from helpers.outputs import audit, read_jsonl
+from helpers.paths import REPO
+from helpers.proc import WANBATCH, cli_env, read_billing, wait_until, wanbatch_cli
+from helpers.seaweed import SECRET_KEY, Proxy, SeaweedServer
+from wanbatch.sim.embedded import SIM_DIR
+from wanbatch.sim.persist import BILLING_FILE
+
+BIG = {"size": "1024*1024", "n": 2}  #: images larger than a thumbnail, so each gets one in the bucket
+
+
+def billing_of(state: Path) -> list[dict]:
+    return read_billing(state / SIM_DIR / "beijing" / BILLING_FILE)
+
+
+def s3_run(manifest: Path, out: str, state: Path, seaweed: SeaweedServer, *extra: str, **env: str):
+    """``wanbatch run MANIFEST --out OUT --state STATE --simulate`` to its end, pointed at ``seaweed``."""
+    args = ["run", str(manifest), "--out", out, "--state", str(state), "--simulate", "--speed", "100", *extra]
+    return wanbatch_cli(*args, env={**seaweed.env(), **env})
+
+
+def test_a_run_into_a_bucket_leaves_every_output_there(s3_env: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """Every billed image is in the bucket, whole, with its thumbnail, listed in the bucket's metadata.jsonl; the
+    report and gallery are there; the ledger is in the state folder, which holds no image; status and export
+    take the same --out."""
+    manifest = write_manifest(tmp_path, prompts=numbered(4, "a lantern"), **BIG)
+    out, state = f"s3://{bucket}/runs/lanterns", tmp_path / "state"
+    done = s3_run(manifest, out, state, s3_env)
+    assert done.returncode == 0, done.stderr
+    assert f"{out}/metadata.jsonl" in done.stdout and str(state) in done.stdout
+
+    mirror = tmp_path / "bucket"
+    heads = s3_env.download(bucket, "runs/lanterns", mirror)
+    billing = billing_of(state)
+    result = audit(state, billing, outputs=mirror)
+    assert result.clean and result.saved == len(billing) == 8, result.summary()
+    rows = read_jsonl(mirror / "metadata.jsonl")
+    for row in rows:
+        meta = heads[row["file_name"]]["Metadata"]
+        assert meta["sha256"] == row["sha256"] and meta["owner"] == f"{row['item_id']}/{row['image_index']}"
+        thumb = "thumbs/" + row["file_name"].removeprefix("images/").removesuffix(".png") + ".jpg"
+        assert heads[thumb]["ContentType"] == "image/jpeg"
+    assert heads["gallery.html"]["ContentType"] == "text/html"
+    assert {"gallery-data.js", "report.json"} <= set(heads)
+    report = json.loads((mirror / "report.json").read_text())
+    assert report["outputs"] == {"location": out, "state": str(state), "gallery": True, "not_stored": []}
+    assert (state / "ledger.sqlite").exists() and not (state / "images").exists()
+
+    status = wanbatch_cli("status", out, "--state", str(state), "--json", env=s3_env.env())
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["images"]["saved"] == 8
+    export = wanbatch_cli("export", out, "--state", str(state), "--format", "webdataset", env=s3_env.env())
+    assert export.returncode == 0, export.stderr
+    assert export.stdout.split() == [f"{out}/exports/webdataset/shard-000000.tar"]
+    s3_env.download(bucket, "runs/lanterns/exports", tmp_path / "exports")
+    with tarfile.open(tmp_path / "exports" / "webdataset" / "shard-000000.tar") as shard:
+        assert sorted(name for name in shard.getnames() if name.endswith(".png")) == sorted(
+            f"{row['item_id']}-{row['image_index']}.png" for row in rows
+        )
+
+
+def test_the_default_state_folder_is_under_the_cache_and_found_again(
+    s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """Without --state, the ledger goes to a folder under the user's cache named after --out, said at start; a
+    second run of the same --out finds it (nothing planned again, nothing paid again)."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a kite"))
+    out, cache = f"s3://{bucket}/kites", tmp_path / "cache"
+    argv = ["run", str(manifest), "--out", out, "--simulate", "--speed", "100"]
+    first = wanbatch_cli(*argv, env={**s3_env.env(), "XDG_CACHE_HOME": str(cache)})
+    assert first.returncode == 0, first.stderr
+    (state,) = (cache / "wanbatch" / "runs").iterdir()
+    assert str(state) in first.stderr and bucket in state.name
+    billed = len(billing_of(state))
+    again = wanbatch_cli(*argv, env={**s3_env.env(), "XDG_CACHE_HOME": str(cache)})
+    assert again.returncode == 0, again.stderr
+    assert "0 new item(s), 2 already in the ledger" in again.stderr
+    assert len(billing_of(state)) == billed == 2
+
+
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_is_sent(s3_env: SeaweedServer, tmp_path: Path) -> None:
+    """--out naming a bucket that does not exist: a usage error naming the bucket; the simulator never started,
+    so nothing was sent or paid."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a bell"))
+    state = tmp_path / "state"
+    done = s3_run(manifest, "s3://no-such-bucket-here/run", state, s3_env)
+    assert done.returncode == 2
+    assert "bucket no-such-bucket-here does not exist" in done.stderr
+    assert billing_of(state) == [] and not (state / SIM_DIR).exists()
+
+
+def test_wrong_credentials_are_refused_with_no_secret_in_any_output(
+    s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """A wrong secret: a usage error saying which variables to check, before anything is sent; neither the
+    secret given nor the right one appears in the output or the state folder."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a drum"))
+    state = tmp_path / "state"
+    wrong = "wrong-secret-0123456789-abcdef"
+    done = s3_run(manifest, f"s3://{bucket}/run", state, s3_env, AWS_SECRET_ACCESS_KEY=wrong)
+    assert done.returncode == 2
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in done.stderr
+    written = done.stdout + done.stderr
+    written += "".join(p.read_text(errors="replace") for p in state.rglob("*") if p.is_file())
+    assert wrong not in written and SECRET_KEY not in written
+    assert billing_of(state) == []
+
+
+def test_a_store_down_mid_run_costs_time_not_images(s3_env: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The S3 server stopped while images are being saved and started again later: the images wait (their bytes
+    held, their URLs alive) and are saved once it is back; the audit is clean and nothing was paid twice."""
+    manifest = write_manifest(tmp_path, prompts=numbered(12, "a boat"), **BIG)
+    out, state = f"s3://{bucket}/boats", tmp_path / "state"
+    env = cli_env(PYTHONPATH=str(REPO), **s3_env.env())
+    argv = [*WANBATCH, "run", str(manifest), "--out", out, "--state", str(state), "--simulate", "--speed", "20"]
+    with (tmp_path / "run.err").open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            wait_until(lambda: len(billing_of(state)) >= 2, what="the first images billed")
+            s3_env.stop()
+            try:
+                wait_until(lambda: "↻" in (tmp_path / "run.err").read_text(errors="replace"), what="a retry")
+            finally:
+                s3_env.start()
+            assert proc.wait(timeout=240) == 0, (tmp_path / "run.err").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+    mirror = tmp_path / "bucket"
+    s3_env.download(bucket, "boats", mirror)
+    result = audit(state, billing_of(state), outputs=mirror)
+    assert result.clean and result.saved == 24, result.summary()
+
+
+async def test_a_kill_between_an_upload_and_its_commit_is_healed_without_a_second_upload(
+    proxy: Proxy, s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """kill -9 of the run just after the store took an image, before the run heard it (so before the ledger's
+    commit); the resumed run finds the object whole under its key by a HEAD and records it: every image is
+    uploaded exactly once, the audit is clean, and nothing was paid twice."""
+    manifest = write_manifest(tmp_path, prompts=numbered(6, "a vase"), **BIG)
+    out, state = f"s3://{bucket}/vases", tmp_path / "state"
+    env = cli_env(PYTHONPATH=str(REPO), AWS_ENDPOINT_URL=proxy.url)
+    argv = [*WANBATCH, "run", str(manifest), "--out", out, "--state", str(state), "--simulate", "--speed", "100"]
+    killed: list[str] = []
+    first = await asyncio.create_subprocess_exec(*argv, env=env, stdout=DEVNULL, stderr=DEVNULL)
+
+    def kill_after_the_first_image(method: str, path: str, status: int) -> None:
+        if method == "PUT" and "/images/" in path and status == 200 and not killed:
+            first.kill()
+            killed.append(path)
+
+    proxy.on_answer = kill_after_the_first_image
+    assert await asyncio.wait_for(first.wait(), 120) == -signal.SIGKILL
+    assert killed, "the run ended before it stored an image"
+    saved = ledger_rows(state, "SELECT count(*) AS n FROM images WHERE state = 'saved'")[0]["n"]
+    assert saved < len(image_puts(proxy)), "the killed upload was committed after all"
+
+    proxy.on_answer = lambda method, path, status: None
+    second = await asyncio.create_subprocess_exec(*argv, env=env, stdout=DEVNULL, stderr=PIPE)
+    _, err = await asyncio.wait_for(second.communicate(), 120)
+    assert second.returncode == 0, err.decode()
+    assert "stored already, whole" in err.decode()
+    puts = image_puts(proxy)
+    assert killed[0] in puts and set(puts.values()) == {1}, puts
+    mirror = tmp_path / "bucket"
+    s3_env.download(bucket, "vases", mirror)
+    result = audit(state, billing_of(state), outputs=mirror)
+    assert result.clean and result.saved == 12, result.summary()
+
+
+def image_puts(proxy: Proxy) -> Counter:
+    """How many times each image was stored (answered 200 to a PUT)."""
+    return Counter(
+        path for method, path, status in proxy.answered if method == "PUT" and "/images/" in path and status == 200
+    )
