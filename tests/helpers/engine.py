@@ -10,6 +10,7 @@ from pathlib import Path
 from helpers.manifest import write_manifest
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
+from wanbatch.outputs.stores import Store
 from wanbatch.sim import SimConfig, running_sim
 
 
@@ -23,6 +24,7 @@ def engine_for(
     retry_failed: bool = False,
     retry_moderated: bool = False,
     retry_held: bool = False,
+    store: Store | None = None,
     **config,
 ) -> Engine:
     """An engine for the Beijing simulator ``sim`` on its clock; ``config`` are EngineConfig fields."""
@@ -35,6 +37,7 @@ def engine_for(
         retry_failed=retry_failed,
         retry_moderated=retry_moderated,
         retry_held=retry_held,
+        store=store,
     )
 
 

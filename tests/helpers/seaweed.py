@@ -215,9 +215,13 @@ class Proxy:
     most_in_flight: int = 0
     #: (method, path, status) of each request answered, in order
     answered: list[tuple[str, str, int]] = field(default_factory=list)
+    #: Called with each (method, path) before it is forwarded: a status to answer at once instead (the request
+    #: never reaches the server), or None.
+    refuse: Callable[[str, str], int | None] = lambda method, path: None
     #: Called with each (method, path, status) once the server has answered, before the client hears it: a test
-    #: may kill the client there, between a store's commit and the client's.
-    on_answer: Callable[[str, str, int], None] = lambda method, path, status: None
+    #: may kill the client there, between a store's commit and the client's, or return another status for the
+    #: client to hear (the server took the object, the client is told it failed).
+    on_answer: Callable[[str, str, int], int | None] = lambda method, path, status: None
 
 
 @pytest.fixture
@@ -231,6 +235,11 @@ async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
             if target.startswith("http"):  # absolute-form: sent to us as a proxy
                 target = str(aiohttp.client.URL(target).raw_path_qs)
             state.hosts.append(request.headers.get("Host", ""))
+            refused = state.refuse(request.method, request.path)
+            if refused is not None:
+                await request.read()
+                state.answered.append((request.method, request.path, refused))
+                return _error_answer(refused)
             headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
             body = state.alter_body(await request.read())
             state.in_flight += 1
@@ -242,7 +251,9 @@ async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
             finally:
                 state.in_flight -= 1
             state.answered.append((request.method, request.path, answer.status))
-            state.on_answer(request.method, request.path, answer.status)
+            heard = state.on_answer(request.method, request.path, answer.status)
+            if heard is not None:
+                return _error_answer(heard)
             state.rewrite(out)
             # A HEAD's Content-Length is the object's size: a stream response keeps it though no body follows.
             response = web.StreamResponse(status=answer.status, headers=out)
@@ -258,3 +269,13 @@ async def proxy(s3_env: SeaweedServer) -> AsyncIterator[Proxy]:
         async with serving(app) as root:
             state = Proxy(url=root)
             yield state
+
+
+#: The S3 error code a status stands for, in the answers the proxy makes up.
+_S3_CODES = {403: "AccessDenied", 500: "InternalError", 503: "ServiceUnavailable", 404: "NoSuchKey"}
+
+
+def _error_answer(status: int) -> web.Response:
+    """An S3 error answer, as a server or its gateway sends it."""
+    body = f"<Error><Code>{_S3_CODES.get(status, 'InternalError')}</Code><Message>made up</Message></Error>"
+    return web.Response(status=status, body=body.encode(), content_type="application/xml")

@@ -303,7 +303,10 @@ class Downloader:
                 name, digest, size_bytes = await self._fetch(self._items[item_id][0], job)
             except StoreConfigError as exc:
                 return self._store_refused(job, exc)
-            except (DownloadError, StoreError, OSError) as exc:
+            except DownloadError as exc:
+                job.body = None  # the fetch or the body failed: the next try fetches again
+                return self._failed(job, exc)
+            except (StoreError, OSError) as exc:  # the body was good; saving it failed: it is kept for the retry
                 return self._failed(job, exc)
         except UrlExpired as exc:
             healed = await self._stored_already(job)

@@ -1,0 +1,124 @@
+"""Saving paid images into object storage that is unkind: a real S3 server (SeaweedFS) behind a loopback proxy.
+
+The proxy makes the store refuse for a while (503), refuse our credentials
+(403), or take an object and tell us it failed (500 after the commit). The
+image's bytes are held while the store refuses, not fetched again; a store
+that refuses our credentials stops saving and leaves the images pending for
+a later run; an object the store took is recorded from the store, not
+uploaded twice, even once its URL has died.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from helpers.engine import engine_for
+from helpers.manifest import load_manifest, numbered
+from helpers.seaweed import Proxy, SeaweedServer
+from helpers.unkind import StorageRefusals, sim_with
+from wanbatch.ledger import Ledger
+from wanbatch.ledger.states import ImageState
+from wanbatch.outputs.stores import open_store
+from wanbatch.stages.download import DownloadConfig
+
+SPEED = 200.0
+QUICK_RETRIES = DownloadConfig(retry_base_s=1.0, retry_max_s=20.0)
+
+
+@pytest.fixture
+def via_proxy(proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> Proxy:
+    """The S3 variables pointed at the proxy, so that stores opened in the test go through it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    return proxy
+
+
+def image_put(method: str, path: str) -> bool:
+    return method == "PUT" and "/images/" in path
+
+
+def puts_by_status(proxy: Proxy) -> Counter:
+    return Counter(status for method, path, status in proxy.answered if image_put(method, path))
+
+
+def refuse_first(count: int, status: int):
+    """A proxy rule: the first ``count`` image uploads answered ``status`` without reaching the server."""
+    refused = []
+
+    def rule(method: str, path: str) -> int | None:
+        if image_put(method, path) and len(refused) < count:
+            refused.append(path)
+            return status
+        return None
+
+    return rule
+
+
+async def test_an_image_the_store_refuses_for_a_while_is_saved_without_fetching_it_again(
+    via_proxy: Proxy, bucket: str, tmp_path: Path
+) -> None:
+    """The first six image uploads answered 503: each image is retried with its bytes held, and saved once the
+    store takes it; every image's URL was fetched exactly once."""
+    via_proxy.refuse = refuse_first(6, 503)
+    gets = StorageRefusals({}, times=0)
+    prompts = numbered(3, "a teapot")
+    async with sim_with([gets.middleware], speed=SPEED, durations=2.0) as sim, open_store(f"s3://{bucket}/r") as store:
+        engine = engine_for(sim, tmp_path / "state", store=store, download=QUICK_RETRIES, gallery=False)
+        report = await engine.run(load_manifest(tmp_path, prompts=prompts, n=2))
+    assert report["images"]["saved"] == 6, report["images"]
+    assert puts_by_status(via_proxy) == {503: 6, 200: 6}
+    assert {prompt: len(gets.gets[prompt]) for prompt in prompts} == dict.fromkeys(prompts, 2)  # n=2: two URLs
+
+
+async def test_a_store_that_refuses_our_credentials_stops_saving_and_a_later_run_saves_everything(
+    via_proxy: Proxy, bucket: str, tmp_path: Path
+) -> None:
+    """Image uploads answered 403 AccessDenied (credentials withdrawn mid-run): saving stops with the reason, the
+    images stay pending while their URLs live, nothing is written off; the next run, the store working again,
+    saves them all without a second payment."""
+    via_proxy.refuse = lambda method, path: 403 if image_put(method, path) else None
+    manifest = load_manifest(tmp_path, prompts=numbered(4, "a lamp"))
+    async with sim_with([], speed=SPEED, durations=2.0) as sim:
+        async with open_store(f"s3://{bucket}/r") as store:
+            first = await engine_for(sim, tmp_path / "state", store=store, gallery=False).run(manifest)
+        assert first["images"] == {"pending": 4, "saved": 0, "failed": 0, "expired": 0}
+        with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
+            pending = list(ledger.iter_images([ImageState.pending]))
+        assert {image.error_code for image in pending} == {"StoreRefused"}
+        assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in pending[0].error_message
+        assert set(puts_by_status(via_proxy)) == {403}
+        billed = len(sim.billing)
+
+        via_proxy.refuse = lambda method, path: None
+        async with open_store(f"s3://{bucket}/r") as store:
+            second = await engine_for(sim, tmp_path / "state", store=store, gallery=False).run(manifest)
+    assert second["images"]["saved"] == 4 and len(sim.billing) == billed == 4
+
+
+async def test_an_object_the_store_took_is_recorded_from_it_even_after_the_url_died(
+    via_proxy: Proxy, seaweed: SeaweedServer, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store takes each upload but the client hears 500; the bytes are not held (a cap of 0) and the next
+    try comes after the URL has died: the image is recorded from the store (its owner and sha256 on the object),
+    neither uploaded again nor written off."""
+    caplog.set_level(logging.INFO, logger="wanbatch")
+    via_proxy.on_answer = lambda method, path, status: 500 if image_put(method, path) and status == 200 else None
+    config = DownloadConfig(retry_base_s=600.0, retry_max_s=600.0, max_held_bytes=0)
+    async with (
+        sim_with([], speed=SPEED, durations=2.0, url_ttl_s=120.0) as sim,
+        open_store(f"s3://{bucket}/r") as store,
+    ):
+        engine = engine_for(sim, tmp_path / "state", store=store, download=config, gallery=False)
+        report = await engine.run(load_manifest(tmp_path, prompts=numbered(2, "a clock")))
+        with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
+            saved = list(ledger.iter_images([ImageState.saved]))
+    assert report["images"] == {"pending": 0, "saved": 2, "failed": 0, "expired": 0}
+    healed = [r.getMessage() for r in caplog.records if "recorded, though its URL has died" in r.getMessage()]
+    assert sorted(message.split()[1] for message in healed) == sorted(image.file_name for image in saved)
+    client = seaweed.client()
+    for image in saved:
+        head = client.head_object(Bucket=bucket, Key=f"r/{image.file_name}")
+        assert head["Metadata"]["sha256"] == image.sha256 and head["ContentLength"] == image.size_bytes
