@@ -380,23 +380,9 @@ def _exact(value: float) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wanbatch.outputs.export import export
-    from wanbatch.outputs.finish import export_from_store
-    from wanbatch.outputs.location import locate
+    from wanbatch.outputs.finish import export_run
 
-    where = locate(args.run, state=args.state)
-    if where.store is None:
-        shards = [str(path) for path in export(where.state_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)]
-    else:
-        store, state_dir = where.store, where.state_dir
-
-        async def from_store() -> list[str]:
-            async with store:
-                state_dir.mkdir(parents=True, exist_ok=True)
-                return await export_from_store(store, state_dir, fmt=args.fmt, out=args.out, shard_size=args.shard_size)
-
-        shards = asyncio.run(from_store())
-    for shard in shards:
+    for shard in export_run(args.run, state=args.state, fmt=args.fmt, out=args.out, shard_size=args.shard_size):
         print(shard)
     return EXIT_OK
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import tarfile
 from asyncio.subprocess import DEVNULL, PIPE
 from collections import Counter
@@ -29,6 +30,12 @@ from helpers.seaweed import SECRET_KEY, Proxy, SeaweedServer
 from wanbatch.sim.embedded import SIM_DIR
 from wanbatch.sim.persist import BILLING_FILE
 
+#: ``datasets.load_dataset("imagefolder", data_dir=URL)`` on a bucket, as the README shows; prints what it read.
+LOAD_DATASET = """
+import json, sys, datasets
+rows = list(datasets.load_dataset("imagefolder", data_files=sys.argv[1] + "/**", split="train", streaming=True))
+print(json.dumps({"rows": len(rows), "size": list(rows[0]["image"].size), "has_prompt": "prompt" in rows[0]}))
+"""
 BIG = {"size": "1024*1024", "n": 2}  #: images larger than a thumbnail, so each gets one in the bucket
 
 
@@ -75,6 +82,16 @@ def test_a_run_into_a_bucket_leaves_every_output_there(s3_env: SeaweedServer, bu
     export = wanbatch_cli("export", out, "--state", str(state), "--format", "webdataset", env=s3_env.env())
     assert export.returncode == 0, export.stderr
     assert export.stdout.split() == [f"{out}/exports/webdataset/shard-000000.tar"]
+    # As the README shows: the bucket loads as a dataset, read in place (the S3 settings from the environment).
+    loaded = subprocess.run(
+        [sys.executable, "-c", LOAD_DATASET, f"{out}"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=cli_env(**s3_env.env(), HF_HOME=str(tmp_path / "hf")),
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.splitlines()[-1]) == {"rows": 8, "size": [1024, 1024], "has_prompt": True}
     s3_env.download(bucket, "runs/lanterns/exports", tmp_path / "exports")
     with tarfile.open(tmp_path / "exports" / "webdataset" / "shard-000000.tar") as shard:
         assert sorted(name for name in shard.getnames() if name.endswith(".png")) == sorted(

@@ -3,12 +3,15 @@
 Lines that say ``--simulate`` run against the embedded simulator; lines that address the service run
 against ``wanbatch sim`` on loopback, reached the way the README tells a user to point wanbatch elsewhere
 (``DASHSCOPE_HTTP_BASE_URL``, with the simulator's demo key in place of the user's). The cron and systemd
-lines are adapted only by their working directory. ``make test`` is the suite itself: it is dry-run.
+lines are adapted only by their working directory. ``make test`` is the suite itself: it is dry-run. A line
+with ``--out s3://BUCKET/...`` writes to a real S3 server on loopback (SeaweedFS), pointed at by the standard
+``AWS_*`` variables as a user's own configuration would point at theirs.
 A README line of a kind this module cannot run fails the coverage test, so no example goes unchecked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import pytest
 
 from helpers.paths import REPO
 from helpers.proc import cli_env, start_sim
+from helpers.seaweed import SeaweedServer
 
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -129,13 +134,21 @@ def make_project(tmp_path: Path) -> Path:
     return copy
 
 
-def _env(project: Path, service) -> dict[str, str]:
+def _env(project: Path, service, storage: Mapping[str, str] | None = None) -> dict[str, str]:
     return cli_env(
         PATH=f"{project / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
         PYTHONPATH=str(REPO),  # the wanbatch under test, whichever is installed
         DASHSCOPE_HTTP_BASE_URL=service.base_url,
         DASHSCOPE_API_KEY=DEMO_KEY,
+        # A run into a bucket: the user's S3 settings stand for the test server's; the cache, for the state.
+        XDG_CACHE_HOME=str(project.parent / "cache"),
+        **(storage or {}),
     )
+
+
+def _buckets(command: Command) -> list[str]:
+    """The buckets a command's ``--out s3://BUCKET/...`` names."""
+    return re.findall(r"--out s3://([^/\s]+)", command.text)
 
 
 @dataclass
@@ -157,8 +170,8 @@ class Started:
         return code, self.out.read_text(encoding="utf-8"), self.err.read_text(encoding="utf-8")
 
 
-def _start(command: Command, project: Path, service) -> Started:
-    env = _env(project, service)
+def _start(command: Command, project: Path, service, storage: Mapping[str, str]) -> Started:
+    env = _env(project, service, storage)
     if command.kind in ("python", "cell"):
         runner = _CELL_RUNNER if command.kind == "cell" else "import sys; exec(sys.stdin.read())"
         argv, stdin = [sys.executable, "-c", runner], command.text
@@ -175,11 +188,16 @@ def _start(command: Command, project: Path, service) -> Started:
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory: pytest.TempPathFactory, service) -> dict[str, Started]:
+def started(tmp_path_factory: pytest.TempPathFactory, service, seaweed: SeaweedServer) -> dict[str, Started]:
     """Every README command but `make test`, started side by side: the ones that address the service at real
-    speed spend most of their time waiting for their tasks' likely end."""
+    speed spend most of their time waiting for their tasks' likely end. The buckets they name are made on the
+    test S3 server first, as a user makes a bucket before using it."""
+    client = seaweed.client()
+    for bucket in {name for command in COMMANDS for name in _buckets(command)}:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
     runs = {
-        command.id: _start(command, make_project(tmp_path_factory.mktemp("readme")), service)
+        command.id: _start(command, make_project(tmp_path_factory.mktemp("readme")), service, seaweed.env())
         for command in COMMANDS
         if not command.text.startswith("make test")
     }
@@ -207,7 +225,9 @@ _CELL_RUNNER = textwrap.dedent("""\
 
 
 @pytest.mark.parametrize("command", [pytest.param(c, id=c.id) for c in COMMANDS])
-def test_readme_command_runs_as_printed(command: Command, started: dict[str, Started], service, tmp_path):
+def test_readme_command_runs_as_printed(
+    command: Command, started: dict[str, Started], service, tmp_path, seaweed: SeaweedServer
+):
     """The README's command runs as printed and does what the README says: a run saves every image."""
     if command.text.startswith("make test"):
         project = make_project(tmp_path)
@@ -218,7 +238,13 @@ def test_readme_command_runs_as_printed(command: Command, started: dict[str, Sta
     code, stdout, stderr = run.finish()
     assert code == 0, f"{command.text}\nstdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
     for out in _run_folders(command):
-        report = json.loads((run.project / out / "report.json").read_text(encoding="utf-8"))
+        if out.startswith("s3://"):  # the report is in the bucket, beside the images
+            bucket, _, prefix = out.removeprefix("s3://").partition("/")
+            answer = seaweed.client().get_object(Bucket=bucket, Key=f"{prefix}/report.json")
+            report = json.loads(answer["Body"].read())
+            assert report["outputs"]["location"] == out and report["outputs"]["not_stored"] == []
+        else:
+            report = json.loads((run.project / out / "report.json").read_text(encoding="utf-8"))
         items = report["items_in_manifest"]
         assert items.get("saved", 0) == sum(items.values()) > 0, (command.text, report["items"])
         assert report["images"]["saved"] > 0

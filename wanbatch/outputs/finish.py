@@ -22,10 +22,11 @@ from wanbatch.errors import ConfigError, StoreError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.outputs.export import Format, export
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, write_gallery
+from wanbatch.outputs.location import locate
 from wanbatch.outputs.metadata import METADATA_FILE, REPORT_FILE, write_metadata, write_report
 from wanbatch.outputs.stores import Store
 
-__all__ = ["export_from_store", "store_files", "write_outputs"]
+__all__ = ["export_from_store", "export_run", "store_files", "write_outputs"]
 
 log = logging.getLogger("wanbatch")
 
@@ -70,6 +71,22 @@ async def store_files(store: Store, folder: Path, names: list[str]) -> list[str]
 def _title(store: Store) -> str:
     """The gallery's title for a run in a store: the last part of its location, as a folder's name would be."""
     return store.location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def export_run(run: str, *, state: Path | None, fmt: Format, out: Path | None, shard_size: int) -> list[str]:
+    """``wanbatch export RUN``: the run's shards, from a folder or from a bucket (:func:`export_from_store`);
+    where each went."""
+    where = locate(run, state=state)
+    if where.store is None:
+        return [str(path) for path in export(where.state_dir, fmt=fmt, out=out, shard_size=shard_size)]
+    store, state_dir = where.store, where.state_dir
+
+    async def from_store() -> list[str]:
+        async with store:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            return await export_from_store(store, state_dir, fmt=fmt, out=out, shard_size=shard_size)
+
+    return asyncio.run(from_store())
 
 
 async def export_from_store(

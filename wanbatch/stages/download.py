@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +41,10 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import naming
-from wanbatch.outputs.gallery.thumbs import thumb_name
 from wanbatch.outputs.stores import Store
-from wanbatch.stages.imagefiles import checked, damaged_files, place
+from wanbatch.stages.fetch import fetch_body
+from wanbatch.stages.imagefiles import damaged_files, place
+from wanbatch.stages.upload import Uploader
 
 __all__ = ["DownloadConfig", "Downloader"]
 
@@ -95,9 +95,8 @@ class Downloader:
     ) -> None:
         self._ledger, self._clock, self._session = ledger, clock, session
         self.run_dir = run_dir
-        self._store = store
-        #: With a store: each big image's thumbnail is made from its bytes and stored beside it for the gallery.
-        self._thumbnails = thumbnails and store is not None
+        #: With a store, images go there instead of into ``run_dir``; each big image's thumbnail beside it.
+        self._uploader = Uploader(store, thumbnails=thumbnails) if store is not None else None
         self._held_bytes = 0  #: bytes of failed jobs' images kept for their next try
         self._refused: str | None = None  #: the store refused us (credentials, bucket): nothing more is saved
         self._partial = run_dir / "images" / ".partial"
@@ -222,7 +221,7 @@ class Downloader:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
-            if self._store is None:
+            if self._uploader is None:
                 # A store's objects are not looked at again on each start (a HEAD per saved image): the store
                 # proved each whole when it took it, and a bucket does not lose objects as a disk loses files.
                 self._checking = True
@@ -395,10 +394,16 @@ class Downloader:
         name = naming.saved_name(item, image.image_index, sharded=self._sharded)
         other_name = naming.other_name(name, item.item_id, image.image_index)
         if job.body is None:
-            job.body = await self._stream(url)
+            job.body = await fetch_body(
+                self._session,
+                url,
+                timeout_s=self.config.timeout_s,
+                max_bytes=self.config.max_bytes,
+                chunk_bytes=self.config.chunk_bytes,
+            )
         body = job.body
-        if self._store is not None:
-            return await self._upload(self._store, item, image.image_index, name, other_name, body)
+        if self._uploader is not None:
+            return await self._uploader.save(item, image.image_index, name, other_name, body)
         partial = self._partial / f"{item.item_id}-{image.image_index}.part"
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
         await self._folder(partial.parent)
@@ -409,89 +414,15 @@ class Downloader:
         )
         return (name if placed.own_name else other_name), placed.sha256, len(body)
 
-    async def _upload(
-        self, store: Store, item: ItemRow, index: int, name: str, other_name: str, body: bytes
-    ) -> tuple[str, str, int]:
-        """Check ``body`` and put it in ``store`` under ``name`` (``other_name`` if ``name`` holds another image),
-        counted only once the store proves it holds all of it. An object that is already ``body``, whole (a run
-        stopped between its upload and the ledger's commit), is taken as it is: no second upload."""
-        size = item.request["size"]
-        digest, thumb = await asyncio.to_thread(checked, body, size, thumbnail=self._thumbnails)
-        for key in (name, other_name):
-            held = await store.stat(key)
-            if held is None:
-                await store.put_verified(key, body, owner=_owner(item.item_id, index))
-            elif not held.matches(body):
-                continue  # another image of this run holds the name: it is left alone
-            else:
-                log.info("↺ %s is stored already, whole: recorded without a second upload", key)
-            if thumb is not None:
-                await self._put_thumbnail(store, key, thumb)
-            return key, digest, len(body)
-        raise DownloadError(f"{name} and {other_name} both hold other images in {store.location}", retryable=False)
-
-    async def _put_thumbnail(self, store: Store, key: str, thumb: bytes) -> None:
-        """The gallery's thumbnail of the image under ``key``: a failure costs a card its picture, not an image."""
-        try:
-            await store.put_verified(thumb_name(key), thumb)
-        except StoreError as exc:
-            log.info("thumbnail of %s not stored: %s", key, exc)
-
     async def _stored_already(self, job: _Job) -> tuple[str, str, int] | None:
-        """With a store, when ``job``'s URL has died: the image, if a run before this one stored it whole and
-        stopped before the ledger's commit (its owner and sha256 on it, the store's MD5 proof); else None."""
-        if self._store is None:
+        """With a store, when ``job``'s URL has died: the image, if a run before stored it; else None."""
+        if self._uploader is None:
             return None
         name = naming.saved_name(self._items[job.item_id][0], job.index, sharded=self._sharded)
-        for key in (name, naming.other_name(name, job.item_id, job.index)):
-            try:
-                held = await self._store.stat(key)
-            except StoreError:
-                return None
-            if held is not None and held.owner == _owner(job.item_id, job.index) and held.sha256 and held.md5:
-                log.info("↺ %s is stored already, whole: recorded, though its URL has died", key)
-                return key, held.sha256, held.size_bytes
-        return None
+        return await self._uploader.stored_already(job.item_id, job.index, name)
 
     async def _folder(self, path: Path) -> None:
         """Make ``path`` once per run, off the event loop (a slow or network disk must not stall tracking)."""
         if path not in self._folders:
             await aiofiles.os.makedirs(path, exist_ok=True)
             self._folders.add(path)
-
-    async def _stream(self, url: str) -> bytes:
-        """The body at ``url``, up to the size cap; no Wan PNG comes near it, so it is held in memory."""
-        chunks, size_bytes = [], 0
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
-        try:
-            async with self._session.get(url, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    # Object storage answers a URL that works with 403, 404 or 503 now and then: only the
-                    # deadline says the URL is dead. A redirect is never followed, so trying again is no use.
-                    body = (await resp.content.read(2048)).decode("utf-8", "replace")
-                    raise DownloadError(
-                        f"HTTP {resp.status} {_oss_message(body)}".rstrip(), retryable=not 300 <= resp.status < 400
-                    )
-                if (resp.content_length or 0) > self.config.max_bytes:
-                    raise DownloadError(f"body of {resp.content_length} bytes is over the cap", retryable=False)
-                async for chunk in resp.content.iter_chunked(self.config.chunk_bytes):
-                    size_bytes += len(chunk)
-                    if size_bytes > self.config.max_bytes:
-                        raise DownloadError("body is over the size cap", retryable=False)
-                    chunks.append(chunk)
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
-            raise DownloadError(f"{type(exc).__name__}: {exc}") from None
-        except ValueError as exc:  # a URL that cannot be asked for at all (a host IDNA refuses, say)
-            raise DownloadError(f"result URL cannot be fetched: {exc}", retryable=False) from None
-        return b"".join(chunks)
-
-
-def _owner(item_id: str, index: int) -> str:
-    """Whose an object is, kept with it in the store: the image's item and index."""
-    return f"{item_id}/{index}"
-
-
-def _oss_message(body: str) -> str:
-    code = re.search(r"<Code>(.*?)</Code>", body)
-    message = re.search(r"<Message>(.*?)</Message>", body)
-    return " ".join(m.group(1) for m in (code, message) if m) or body[:120]
