@@ -43,14 +43,12 @@ from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import naming
 from wanbatch.outputs.stores import Store
 from wanbatch.stages.fetch import fetch_body
-from wanbatch.stages.imagefiles import damaged_files, place
+from wanbatch.stages.imagefiles import place, reopen_damaged
 from wanbatch.stages.upload import Uploader
 
 __all__ = ["DownloadConfig", "Downloader"]
 
 log = logging.getLogger("wanbatch")
-
-CHECK_PAGE = 2000  #: saved images whose files are looked at in one trip to a worker thread
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,38 +181,10 @@ class Downloader:
         return count
 
     async def _check_saved(self) -> None:
-        """Saved images whose file is missing or not of the size saved go back to pending: a paid image the disk
-        lost is fetched again while its URL lives. The files are looked at in a worker thread, a page at a time."""
-        damaged: list[tuple[ImageRow, Path, int | None]] = []
-        page: list[ImageRow] = []
+        """Saved images whose file is missing or damaged go back to pending, and are queued again."""
         try:
-            for image in self._ledger.iter_images([ImageState.saved], order_by_deadline=False):
-                page.append(image)
-                if len(page) >= CHECK_PAGE:
-                    damaged += await asyncio.to_thread(damaged_files, self.run_dir, page)
-                    page = []
-            damaged += await asyncio.to_thread(damaged_files, self.run_dir, page)
-            now_ms = self._clock.now_ms()
-            for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
-                if size_bytes is None:
-                    reason = f"{image.file_name} was missing on resume"
-                else:
-                    reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
-                if (image.deadline_ms or 0) <= now_ms:
-                    # Its URL is dead: fetching again cannot help, and the folder may only be moved or unmounted.
-                    log.warning(
-                        "? %s image %d: %s; its URL has died, so it stays recorded as saved",
-                        image.item_id,
-                        image.image_index,
-                        reason,
-                    )
-                    continue
-                if size_bytes is not None:
-                    with contextlib.suppress(OSError):  # kept beside, not deleted: the bytes are the user's
-                        path.replace(path.with_name(path.name + ".damaged"))
-                self._ledger.reopen_image(image.item_id, image.image_index, reason=reason)
-                log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
-                self.add_item(image.item_id)
+            for item_id in await reopen_damaged(self._ledger, self.run_dir, now_ms=self._clock.now_ms()):
+                self.add_item(item_id)
         finally:
             self._checking = False
             self._wake.set()

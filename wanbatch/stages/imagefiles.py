@@ -2,6 +2,7 @@
 
     place(body, size, partial, final, other)  check an image and write it, durably, under its name
     damaged_files(run_dir, images)            the saved images whose file is gone or not of the size saved
+    reopen_damaged(ledger, run_dir, now_ms)   on resume: those images back to pending while their URLs live
     verify_png(source, size)                  whether bytes or a file are a whole PNG of the size asked for
 
 An image is checked before it is written: a PNG of exactly the size that was
@@ -14,6 +15,8 @@ takes its other name.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import io
 import logging
@@ -25,10 +28,14 @@ from PIL import Image
 
 from wanbatch.atomic import write_atomic
 from wanbatch.errors import DownloadError
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow
+from wanbatch.ledger.states import ImageState
 from wanbatch.outputs.gallery.thumbs import thumbnail_bytes
 
-__all__ = ["Placed", "checked", "damaged_files", "place", "verify_png"]
+__all__ = ["Placed", "checked", "damaged_files", "place", "reopen_damaged", "verify_png"]
+
+CHECK_PAGE = 2000  #: saved images whose files are looked at in one trip to a worker thread
 
 log = logging.getLogger("wanbatch")
 
@@ -70,6 +77,42 @@ def checked(body: bytes, size: str, *, thumbnail: bool = False) -> tuple[str, by
     image that is its own); runs in a worker thread, for an image that goes to a store rather than a folder."""
     verify_png(io.BytesIO(body), size)
     return hashlib.sha256(body).hexdigest(), thumbnail_bytes(body, size) if thumbnail else None
+
+
+async def reopen_damaged(ledger: RunLedger, run_dir: Path, *, now_ms: int) -> list[str]:
+    """Saved images whose file is missing or not of the size saved go back to pending: a paid image the disk lost
+    is fetched again while its URL lives. The files are looked at in a worker thread, a page at a time; the items
+    reopened are returned, to be queued again."""
+    damaged: list[tuple[ImageRow, Path, int | None]] = []
+    page: list[ImageRow] = []
+    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+        page.append(image)
+        if len(page) >= CHECK_PAGE:
+            damaged += await asyncio.to_thread(damaged_files, run_dir, page)
+            page = []
+    damaged += await asyncio.to_thread(damaged_files, run_dir, page)
+    reopened = []
+    for image, path, size_bytes in damaged:  # after the read: the ledger's pages are not changed under it
+        if size_bytes is None:
+            reason = f"{image.file_name} was missing on resume"
+        else:
+            reason = f"{image.file_name} was {size_bytes} bytes on resume, not {image.size_bytes}"
+        if (image.deadline_ms or 0) <= now_ms:
+            # Its URL is dead: fetching again cannot help, and the folder may only be moved or unmounted.
+            log.warning(
+                "? %s image %d: %s; its URL has died, so it stays recorded as saved",
+                image.item_id,
+                image.image_index,
+                reason,
+            )
+            continue
+        if size_bytes is not None:
+            with contextlib.suppress(OSError):  # kept beside, not deleted: the bytes are the user's
+                path.replace(path.with_name(path.name + ".damaged"))
+        ledger.reopen_image(image.item_id, image.image_index, reason=reason)
+        log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
+        reopened.append(image.item_id)
+    return reopened
 
 
 def damaged_files(run_dir: Path, images: list[ImageRow]) -> list[tuple[ImageRow, Path, int | None]]:
