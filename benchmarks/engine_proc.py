@@ -1,6 +1,6 @@
 """The engine as ``wanbatch run --base-url URL --speed X`` runs it, for the ceiling benchmark.
 
-    python -m benchmarks.engine_proc MANIFEST --out DIR --base-url URL --speed X
+    python -m benchmarks.engine_proc MANIFEST --out DIR|URL [--state DIR] --base-url URL --speed X
                                      [--lift-quotas] [--guard-s S] [--no-gallery] [-q]
 
 The engine paces itself to the quotas of ``wanbatch.catalog`` and queries
@@ -10,7 +10,9 @@ engine what the simulator was told (every offer unlimited, queries
 unlimited); nothing else changes. ``--guard-s`` replaces the pacer's
 per-request wall-clock guard, to find what limits the engine once that guard
 is gone (a diagnostic, not the engine as shipped); ``--no-gallery`` leaves
-out the gallery written at the end, as ``wanbatch run --no-gallery`` does. The API key comes from
+out the gallery written at the end, as ``wanbatch run --no-gallery`` does. ``--out`` takes a bucket URL
+(``s3://bucket/prefix``) with ``--state DIR`` for the ledger, as ``wanbatch run`` does: the store is proved
+before anything is sent and its client reads the standard ``AWS_*`` variables. The API key comes from
 ``DASHSCOPE_API_KEY`` as for ``wanbatch run``.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,6 +32,7 @@ from pathlib import Path
 from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
+from wanbatch.outputs.location import locate
 from wanbatch.service import pacing
 from wanbatch.service.client import keys_from_env
 
@@ -60,8 +64,15 @@ async def _run(args: argparse.Namespace) -> int:
         **({"query_qps": UNLIMITED_RPS} if args.lift_quotas else {}),
         **({} if args.gallery else {"gallery": False}),
     )
-    engine = Engine(run_dir=args.out, keys=keys_from_env(regions, os.environ), config=config)
-    report = await engine.run(manifest)
+    where = locate(args.out, state=args.state)
+    async with contextlib.AsyncExitStack() as stack:
+        if where.store is not None:
+            stack.push_async_callback(where.store.aclose)
+            await where.store.check()
+        engine = Engine(
+            run_dir=where.state_dir, store=where.store, keys=keys_from_env(regions, os.environ), config=config
+        )
+        report = await engine.run(manifest)
     items = report["items_in_manifest"]
     print(f"images saved: {report['images']['saved']}  wall: {report['wall_s']:.2f}s", flush=True)
     # The event loop's thread against the whole process: the rest ran in worker threads (files, PNG checks).
@@ -73,7 +84,8 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_proc", description=__doc__.split("\n")[0])
     parser.add_argument("manifest", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", required=True, help="a folder, or a bucket URL with --state")
+    parser.add_argument("--state", type=Path, default=None, help="the ledger's folder when --out is a bucket")
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--lift-quotas", action="store_true")

@@ -229,7 +229,62 @@ def _ceiling_rows(ceiling: dict[str, Any]) -> list[Row]:
                     + ([diagnosis] if diagnosis else []),
                 )
             )
+    return rows + _store_rows(ceiling)
+
+
+def _store_rows(ceiling: dict[str, Any]) -> list[Row]:
+    """The n=4 ceiling into object storage beside the same run into a folder: images/s, then CPU per image."""
+    pairs = [
+        (label, ceiling[disk], ceiling[store])
+        for label, disk, store in (
+            ("", "n4", "n4_store"),
+            (" without the gallery", "n4_no_gallery", "n4_store_no_gallery"),
+        )
+        if ceiling.get(disk) and ceiling.get(store)
+    ]
+    rows = []
+    for label, disk, store in pairs:
+        rows.append(
+            Row(
+                figure="5",
+                measure=(
+                    f"ceiling n=4{label} ×{store['items']} into an S3 store (SeaweedFS on loopback, --out s3://…) "
+                    "against the local disk: saved images/s (whole process; steady part)"
+                ),
+                target="–",
+                values={
+                    "wanbatch": f"store {_num(store['images_per_s'])}; {_num(store['images_per_s_steady'])}, "
+                    f"disk {_num(disk['images_per_s'])}; {_num(disk['images_per_s_steady'])} "
+                    f"(store / disk {_ratio(store['images_per_s'], disk['images_per_s'])}; "
+                    f"{_ratio(store['images_per_s_steady'], disk['images_per_s_steady'])})"
+                },
+                notes=[] if label else ["at 512*512 an image is its own thumbnail: the gallery stores only its page"],
+            )
+        )
+    if pairs:
+        rows.append(
+            Row(
+                figure="5",
+                measure=(
+                    "CPU s per 1,000 images into the S3 store (n=4"
+                    + ("; without the gallery" if len(pairs) > 1 else "")
+                    + "): the engine process (into the local disk beside it); SeaweedFS's process, on the same cores"
+                ),
+                target="–",
+                values={
+                    "wanbatch": "; ".join(
+                        f"engine {_num(store['cpu_s_per_1000_images'])} (disk {_num(disk['cpu_s_per_1000_images'])}),"
+                        f" server {_num(store.get('server_cpu_s_per_1000_images'))}"
+                        for _, disk, store in pairs
+                    )
+                },
+            )
+        )
     return rows
+
+
+def _ratio(part: float | None, whole: float | None) -> str:
+    return "–" if not part or not whole else f"{part / whole:.2f}"
 
 
 def _scale_rows(scale: dict[str, Any]) -> list[Row]:
