@@ -173,12 +173,12 @@ def test_the_resume_hint_resumes_a_simulated_run_and_the_real_service_is_refused
     command finishes the batch."""
     manifest = write_manifest(tmp_path, prompts=numbered(8, "hint"))
     out = tmp_path / "run"
-    run = start_run(manifest, out, extra=("--simulate", "--speed", "20"), key="sk-a-real-looking-key")
+    run = start_run(manifest, out, extra=("--simulate", "--speed", "50"), key="sk-a-real-looking-key")
     wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
     run.signal(signal.SIGINT)
     assert run.wait(60) == 130, run.stderr()[-3000:]
     hint = run.stderr().split("resume with: ", 1)[1].splitlines()[0]
-    assert hint == shlex.join(["wanbatch", "run", str(manifest), "--out", str(out), "--simulate", "--speed", "20"])
+    assert hint == shlex.join(["wanbatch", "run", str(manifest), "--out", str(out), "--simulate", "--speed", "50"])
     planned, attempted = count_items(out, "state = 'planned'"), count_items(out, ATTEMPTED)
     assert planned > 0
 
@@ -197,7 +197,7 @@ def test_a_simulated_run_killed_hard_resumes_as_a_real_one_would(tmp_path):
     folder: nothing is written off (TaskExpired, OutcomeUnknown), every item is saved, each image paid once."""
     manifest = write_manifest(tmp_path, prompts=numbered(10, "hard stop"))
     out = tmp_path / "run"
-    flags = ("--simulate", "--speed", "20")
+    flags = ("--simulate", "--speed", "50")
     run = start_run(manifest, out, extra=flags)
     wait_until(lambda: count_items(out, "state = 'queued'") >= 2, what="two tasks queued on the simulator")
     run.kill()
