@@ -25,6 +25,7 @@ from wanbatch.clock import ScaledClock
 from wanbatch.ledger import Ledger
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
+from wanbatch.stages.reconcile import ReconcileConfig
 
 MODELS = ("wan2.2-t2i-flash", "wanx2.1-t2i-turbo")
 FAST = {"speed": 100.0, "durations": {"*": 3.0}}
@@ -93,6 +94,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_pays_nothing_twice(tmp_path
 
 # --- unknown outcomes, in-process -----------------------------------------------------------------
 
+#: The windows in which a lost create's task may still appear, cut from the real service's minutes (300 s, then
+#: 120 s more in the list) to what this simulator needs: it makes and lists a task at once (these tests inject no
+#: late create and no list lag), so the shorter wait reaches the same decisions in a tenth of the time.
+QUICK = ReconcileConfig(request_window_s=30.0, list_lag_s=10.0)
+
 
 def manifest_of(tmp_path: Path, count: int, tag: str, models: tuple[str, ...] = MODELS) -> Manifest:
     return load_manifest(tmp_path, file_name=f"{tag}.yaml", name=tag, prompts=numbered(count, tag, models=models))
@@ -103,7 +109,7 @@ async def test_every_create_whose_answer_was_lost_is_adopted_not_resent(start_si
     from the list during the run, none is made twice, and every item is saved."""
     faults = {"reset_after": 0.15, "truncated_body": 0.1, "malformed_json": 0.1}
     sim = await start_sim(**FAST, fault_rates=faults, seed=4)
-    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 30, "lost"))
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest_of(tmp_path, 30, "lost"))
     lost_answers = len(sim.tasks) - report["submitted"]
     assert sum(sim.faults_injected[f] for f in faults) > 0 and lost_answers > 0
     assert len(sim.tasks) == 30, "a create was sent again although its task existed"
@@ -118,7 +124,7 @@ async def test_create_answer_held_past_the_timeout_is_reconciled_during_the_run(
     run and its task adopted; nothing is sent twice."""
     sim = await start_sim(**FAST, fault_rates={"hold_response": 0.3}, hold_s=60.0, seed=2)
     # 0.2 wall seconds are 20 service seconds at this speed: every held answer (60 s) outlasts it.
-    engine = engine_for(sim, tmp_path / "run", request_timeout_s=0.2)
+    engine = engine_for(sim, tmp_path / "run", request_timeout_s=0.2, reconcile=QUICK)
     report = await engine.run(manifest_of(tmp_path, 16, "held"))
     assert sim.faults_injected["hold_response"] > 0
     assert report["reconciled_adopted"] >= 1  # a held 429 may be proven taskless and sent again: allowed
@@ -134,7 +140,7 @@ async def test_crash_after_the_post_adopts_the_task_the_service_made(start_sim, 
     manifest = manifest_of(tmp_path, 3, "after")
     rows = crashed_mid_submit(tmp_path / "run", manifest, sim.clock)
     task_ids = {row.item_id: await post_as_the_engine_would(sim_api_for(sim), row) for row in rows}
-    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert report["reconciled_adopted"] == 3 and report["reconciled_resent"] == 0
     assert sim.requests["create"] == 3
     with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
@@ -149,7 +155,7 @@ async def test_crash_before_the_post_resends_only_once_the_list_proves_no_task(s
     sim = await start_sim(**FAST)
     manifest = manifest_of(tmp_path, 2, "before")
     crashed_mid_submit(tmp_path / "run", manifest, sim.clock)
-    engine = engine_for(sim, tmp_path / "run")
+    engine = engine_for(sim, tmp_path / "run", reconcile=QUICK)
     report = await engine.run(manifest)
     assert report["reconciled_resent"] == 2 and report["reconciled_adopted"] == 0
     assert sim.requests["list"] >= 2 and sim.requests["create"] == 2
@@ -178,7 +184,7 @@ async def test_items_sharing_a_prompt_never_have_two_creates_in_doubt(start_sim,
         "  - {prompt: a lone pine on a ridge, seed: [11, 12, 13, 14, 15, 16]}\n"
     )
     manifest = Manifest.from_yaml(path)
-    report = await engine_for(sim, tmp_path / "run").run(manifest)
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(manifest)
     assert sim.faults_injected["reset_after"] > 0 and report["reconciled_adopted"] > 0
     result = audit(tmp_path / "run", sim.billing)
     assert result.duplicates == [], "the same request was paid twice"
@@ -197,7 +203,7 @@ async def test_reconciliation_holds_when_our_clock_and_the_services_disagree(sta
     rows = crashed_mid_submit(tmp_path / "run", manifest, skewed)
     for row in rows:
         await post_as_the_engine_would(sim_api_for(sim), row)
-    report = await engine_for(sim, tmp_path / "run", clock=skewed).run(manifest)
+    report = await engine_for(sim, tmp_path / "run", clock=skewed, reconcile=QUICK).run(manifest)
     assert report["reconciled_adopted"] == 2 and report["reconciled_resent"] == 0
     result = audit(tmp_path / "run", sim.billing)
     assert result.duplicates == [], "the same request was paid twice"
@@ -210,7 +216,9 @@ async def test_a_throttled_answer_with_a_broken_body_is_retried_not_rejected(sta
     # The service's quota is far below the model's documented rate, so most creates are answered 429.
     quotas = {"wan2.2-t2i-flash": {"submit_rps": 0.2}}
     sim = await start_sim(**FAST, quotas=quotas, fault_rates={"malformed_json": 0.6}, seed=6)
-    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 10, "throttled", models=MODELS[:1]))
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(
+        manifest_of(tmp_path, 10, "throttled", models=MODELS[:1])
+    )
     assert sim.statuses[("create", 429)] > 0 and sim.faults_injected["malformed_json"] > 0
     assert report["items"]["rejected"] == 0, report["failures"]
     assert report["items"]["saved"] == 10
@@ -229,7 +237,9 @@ async def test_the_last_create_lost_before_the_service_saw_it_is_sent_again_in_t
         sim.set_faults("none")
 
     calm = asyncio.create_task(calm_after_the_first_reset())
-    report = await engine_for(sim, tmp_path / "run").run(manifest_of(tmp_path, 1, "last one", models=MODELS[:1]))
+    report = await engine_for(sim, tmp_path / "run", reconcile=QUICK).run(
+        manifest_of(tmp_path, 1, "last one", models=MODELS[:1])
+    )
     await calm
     assert report["reconciled_resent"] == 1
     assert report["items"]["saved"] == 1, report["items"]
