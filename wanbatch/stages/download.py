@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import aiofiles.os
 import aiohttp
 
-from wanbatch.aio import wait_event
+from wanbatch.aio import KeyedLock, wait_event
 from wanbatch.clock import Clock
 from wanbatch.errors import DownloadError, IllegalTransition, StoreConfigError, StoreError, UrlExpired
 from wanbatch.ledger.interface import RunLedger
@@ -114,6 +114,9 @@ class Downloader:
         self._queued: set[tuple[str, int]] = set()
         self._items: dict[str, tuple[ItemRow, int]] = {}  # item_id -> (row, open images)
         self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
+        #: Held on a name while an image is placed under it: two items whose patterns meet must not both find
+        #: their name free and both write it (the second would replace the first, both recorded saved).
+        self._names = KeyedLock()
         self._sharded = naming.sharded(ledger)
         self.saved = 0
         self.bytes = 0
@@ -371,10 +374,14 @@ class Downloader:
                 max_bytes=self.config.max_bytes,
                 chunk_bytes=self.config.chunk_bytes,
             )
-        body = job.body
+        async with self._names.hold(name):
+            return await self._place(item, image.image_index, job.body, name, other_name)
+
+    async def _place(self, item: ItemRow, index: int, body: bytes, name: str, other_name: str) -> tuple[str, str, int]:
+        """Check ``body`` and save it under ``name``, or ``other_name`` if ``name`` holds another image."""
         if self._uploader is not None:
-            return await self._uploader.save(item, image.image_index, name, other_name, body)
-        partial = self._partial / f"{item.item_id}-{image.image_index}.part"
+            return await self._uploader.save(item, index, name, other_name, body)
+        partial = self._partial / f"{item.item_id}-{index}.part"
         # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
         await self._folder(partial.parent)
         await self._folder((self.run_dir / name).parent)

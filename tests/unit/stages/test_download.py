@@ -10,6 +10,7 @@ whose file is lost is fetched again on resume.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import sqlite3
@@ -197,3 +198,17 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
         assert recorded.images == tuple(ledger.images_of(row.item_id))
     (image,) = recorded.images
     assert image.deadline_ms <= (now + 86400) * 1000
+
+
+async def test_images_whose_names_meet_each_keep_a_file_of_their_own(tmp_path):
+    """Six items whose pattern gives every image the same file name, saved by eight workers at once: one image
+    takes the name, each other its other name; six files on disk, each the image the ledger records there."""
+    manifest = load_manifest(tmp_path, prompts=[f"a cup number {i}" for i in range(6)], output="{model}.png")
+    async with sim_with([], speed=SPEED, durations=2.0) as sim:
+        report = await engine_for(sim, tmp_path / "run", gallery=False).run(manifest)
+        with Ledger.open(tmp_path / "run", clock=sim.clock, create=False) as ledger:
+            saved = list(ledger.iter_images([ImageState.saved]))
+    assert report["images"]["saved"] == 6 == len(saved)
+    assert len({image.file_name for image in saved}) == 6, sorted(image.file_name for image in saved)
+    for image in saved:
+        assert hashlib.sha256((tmp_path / "run" / image.file_name).read_bytes()).hexdigest() == image.sha256

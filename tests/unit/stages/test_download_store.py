@@ -122,3 +122,21 @@ async def test_an_object_the_store_took_is_recorded_from_it_even_after_the_url_d
     for image in saved:
         head = client.head_object(Bucket=bucket, Key=f"r/{image.file_name}")
         assert head["Metadata"]["sha256"] == image.sha256 and head["ContentLength"] == image.size_bytes
+
+
+async def test_images_whose_names_meet_are_each_stored_under_a_name_of_their_own(
+    s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """Six items whose pattern gives every image the same name, saved by eight workers at once: one image takes
+    the name, each other its other name; six objects in the bucket, each the image the ledger records there."""
+    manifest = load_manifest(tmp_path, prompts=numbered(6, "a bowl"), output="{model}.png")
+    async with sim_with([], speed=SPEED, durations=2.0) as sim, open_store(f"s3://{bucket}/r") as store:
+        report = await engine_for(sim, tmp_path / "state", store=store, gallery=False).run(manifest)
+        with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
+            saved = list(ledger.iter_images([ImageState.saved]))
+    assert report["images"]["saved"] == 6 == len(saved)
+    assert len({image.file_name for image in saved}) == 6, sorted(image.file_name for image in saved)
+    client = s3_env.client()
+    for image in saved:
+        head = client.head_object(Bucket=bucket, Key=f"r/{image.file_name}")
+        assert head["Metadata"]["sha256"] == image.sha256, image.file_name
