@@ -281,7 +281,12 @@ class Downloader:
             except (StoreError, OSError) as exc:  # the body was good; saving it failed: it is kept for the retry
                 return self._failed(job, exc)
         except UrlExpired as exc:
-            healed = await self._stored_already(job)
+            try:
+                healed = await self._stored_already(job)
+            except StoreConfigError as unsure:
+                return self._store_refused(job, unsure)
+            except StoreError as unsure:  # the store may hold it: written off only once the store says it does not
+                return self._not_saved(job, f"{exc}; the store could not say whether it holds it: {unsure}")
             if healed is not None:
                 name, digest, size_bytes = healed
                 return self._saved(job, name, digest, size_bytes)
@@ -323,7 +328,7 @@ class Downloader:
             log.error("✗ saving stopped: %s; the images stay pending while their URLs live", exc)
         return self._not_saved(job, str(exc), code="StoreRefused")
 
-    def _not_saved(self, job: _Job, reason: str, *, code: str) -> None:
+    def _not_saved(self, job: _Job, reason: str, *, code: str = "DownloadFailed") -> None:
         """Leave ``job``'s image pending with ``reason``: a later run tries again while its URL lives."""
         self._ledger.update_image(job.item_id, job.index, error_code=code, error_message=reason)
         log.warning(

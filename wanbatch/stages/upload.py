@@ -58,12 +58,10 @@ class Uploader:
 
     async def stored_already(self, item_id: str, index: int, name: str) -> tuple[str, str, int] | None:
         """The image ``index`` of ``item_id`` (saved as ``name`` or its other name), if a run before this one stored
-        it whole and stopped before the ledger's commit: its owner and sha256 on it, the store's MD5 proof."""
+        it whole and stopped before the ledger's commit: its owner and sha256 on it, the store's MD5 proof. Raises
+        StoreError when the store cannot say: the image must not be written off while it may be there."""
         for key in (name, naming.other_name(name, item_id, index)):
-            try:
-                held = await self.store.stat(key)
-            except StoreError:
-                return None
+            held = await self.store.stat(key)
             if held is not None and held.owner == owner_of(item_id, index) and held.sha256 and held.md5:
                 log.info("↺ %s is stored already, whole: recorded, though its URL has died", key)
                 return key, held.sha256, held.size_bytes

@@ -140,3 +140,39 @@ async def test_images_whose_names_meet_are_each_stored_under_a_name_of_their_own
     for image in saved:
         head = client.head_object(Bucket=bucket, Key=f"r/{image.file_name}")
         assert head["Metadata"]["sha256"] == image.sha256, image.file_name
+
+
+async def test_an_image_whose_url_died_while_the_store_was_down_stays_pending_and_is_recorded_later(
+    via_proxy: Proxy, bucket: str, tmp_path: Path
+) -> None:
+    """The store takes each upload but the client hears 500, then stops answering HEADs; the next try comes after
+    the URL has died, when the store cannot say whether it holds the image: the image stays pending with the
+    reason, not written off. The next run, the store answering, records it from the store: no second upload."""
+    taken: list[str] = []
+
+    def hide_the_upload(method: str, path: str, status: int) -> int | None:
+        if image_put(method, path) and status == 200:
+            taken.append(path)
+            return 500
+        return None
+
+    via_proxy.on_answer = hide_the_upload
+    via_proxy.refuse = lambda method, path: 503 if method == "HEAD" and taken else None
+    config = DownloadConfig(retry_base_s=600.0, retry_max_s=600.0, max_held_bytes=0)
+    manifest = load_manifest(tmp_path, prompts=numbered(2, "a kettle"))
+    async with sim_with([], speed=SPEED, durations=2.0, url_ttl_s=120.0) as sim:
+        async with open_store(f"s3://{bucket}/r") as store:
+            engine = engine_for(sim, tmp_path / "state", store=store, download=config, gallery=False)
+            first = await engine.run(manifest)
+        assert first["images"] == {"pending": 2, "saved": 0, "failed": 0, "expired": 0}, first["images"]
+        with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
+            pending = list(ledger.iter_images([ImageState.pending]))
+        assert all("Service Unavailable" in image.error_message for image in pending), pending
+
+        via_proxy.on_answer, via_proxy.refuse = lambda method, path, status: None, lambda method, path: None
+        async with open_store(f"s3://{bucket}/r") as store:
+            engine = engine_for(sim, tmp_path / "state", store=store, download=config, gallery=False)
+            second = await engine.run(manifest)
+    assert second["images"] == {"pending": 0, "saved": 2, "failed": 0, "expired": 0}, second["images"]
+    assert sorted(taken) == sorted(path for method, path, status in via_proxy.answered if image_put(method, path))
+    assert len(sim.billing) == 2
