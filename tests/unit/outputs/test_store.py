@@ -264,3 +264,31 @@ def test_open_store_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "s3fs", None)
     with pytest.raises(ConfigError, match=r"wanbatch\[s3\]"):
         open_store("s3://bucket/x")
+
+
+def test_an_out_with_credentials_or_a_query_in_it_is_refused_without_echoing_it(s3_env: SeaweedServer) -> None:
+    """--out with a user and password before the bucket is refused, and the message holds neither (it is printed,
+    and a store's location names the state folder); a '?' or '#', which a URL would drop from the prefix, and
+    empty or dot parts, which a store may read as another prefix, are refused rather than mean another place."""
+    with pytest.raises(ConfigError) as refused:
+        open_store("s3://AKIDEXAMPLE0001:very-secret-value@bucket/run")
+    assert "very-secret-value" not in str(refused.value) and "AKIDEXAMPLE0001" not in str(refused.value)
+    assert "credentials" in str(refused.value)
+    for out in ("s3://bucket/run#2", "s3://bucket/run?v=2", "s3://bucket/a//b", "s3://bucket/a/../b", "s3://b:1/x"):
+        with pytest.raises(ConfigError, match="--out"):
+            open_store(out)
+
+
+async def test_a_prefix_with_odd_characters_holds_its_objects_under_it_as_written(
+    s3_env: SeaweedServer, bucket: str
+) -> None:
+    """A prefix with a space, a plus, an equals sign, a percent escape and a letter outside ASCII: the objects are
+    stored under that very prefix, and stat and read find them there."""
+    prefix = "runs/a b+c=é%41~"
+    async with open_store(f"s3://{bucket}/{prefix}") as store:
+        await store.check()
+        stored = await store.put_verified("images/x.png", BLOB)
+        assert await store.stat("images/x.png") == stored
+        assert await store.read("images/x.png") == BLOB
+    listed = s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert {entry["Key"] for entry in listed} == {f"{prefix}/images/x.png", f"{prefix}/.wanbatch/write-check"}

@@ -43,9 +43,20 @@ def open_store(target: str | Path, *, config: StoreConfig | None = None) -> Stor
         return LocalStore(Path(parts.path), config)
     if scheme not in ("s3", "s3a", "oss"):
         raise ConfigError(f"--out {target}: unsupported scheme {scheme}://; use a folder, file://, s3:// or oss://")
-    root = f"{parts.netloc}{parts.path}".strip("/")
+    if "@" in parts.netloc:  # the text is not echoed: what comes before the bucket may be a key and its secret
+        raise ConfigError(
+            f"--out {scheme}://…@{parts.netloc.rsplit('@', 1)[1]}: no credentials in --out (they would be printed "
+            f"and kept in the state folder's name); give them in the environment, see docs/storage.md"
+        )
     if not parts.netloc:
         raise ConfigError(f"--out {target}: name the bucket, as in {scheme}://bucket/prefix")
+    if ":" in parts.netloc or parts.query or parts.fragment or "?" in target or "#" in target:
+        raise ConfigError(f"--out {target}: a bucket has no port, and a prefix no '?' or '#' (a URL drops them)")
+    root = f"{parts.netloc}{parts.path}".strip("/")
+    try:
+        check_key(root)
+    except ValueError:
+        raise ConfigError(f"--out {target}: a prefix of non-empty parts, not . or .. (a store may drop them)") from None
     if scheme == "oss":
         return _oss_store(root, config)
     return _s3_store(root, config)
