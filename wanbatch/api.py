@@ -33,7 +33,7 @@ from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked, StoreConfigE
 from wanbatch.ledger import backend
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
-from wanbatch.outputs.location import locate
+from wanbatch.outputs.location import check_outputs, locate
 from wanbatch.outputs.progress import live_progress, log_progress
 from wanbatch.outputs.stores import Store
 from wanbatch.service.client import keys_from_env
@@ -100,6 +100,7 @@ async def run(
         manifest = Manifest.from_yaml(manifest)
     where = locate(out, state=state)
     folder = where.state_dir
+    check_outputs(where, force=force)
     if not force:
         refuse_other_manifest(folder, manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.

@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force",
         action="store_true",
-        help="run even if the folder holds another manifest's items (their images then share metadata.jsonl)",
+        help="run even if the folder holds another manifest's items (their images then share metadata.jsonl), or "
+        "the state of another --out (moved outputs)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -33,6 +33,7 @@ from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
+from wanbatch.outputs.location import HERE, record_outputs
 from wanbatch.outputs.stores import Store
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer, even_limiter
@@ -155,6 +156,7 @@ class Engine:
         with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
             if self.config.backend is not None:
                 claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
+            record_outputs(ledger, HERE if self.store is None else self.store.location)
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()

@@ -214,3 +214,21 @@ def image_puts(proxy: Proxy) -> Counter:
     return Counter(
         path for method, path, status in proxy.answered if method == "PUT" and "/images/" in path and status == 200
     )
+
+
+def test_a_state_folder_is_refused_to_another_out(s3_env: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A state folder keeps the --out it was made for: the same --state given with another prefix, or the state
+    folder given as a folder --out, is a usage error naming the first --out, before anything is sent (its
+    metadata.jsonl would list images that are not beside it); the first --out still resumes."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a flute"))
+    out, state = f"s3://{bucket}/flutes", tmp_path / "state"
+    assert s3_run(manifest, out, state, s3_env).returncode == 0
+    billed = len(billing_of(state))
+    other = s3_run(manifest, f"s3://{bucket}/elsewhere", state, s3_env)
+    assert other.returncode == 2 and out in other.stderr, other.stderr
+    as_folder = wanbatch_cli("run", str(manifest), "--out", str(state), "--simulate", env=s3_env.env())
+    assert as_folder.returncode == 2 and out in as_folder.stderr, as_folder.stderr
+    again = s3_run(manifest, out, state, s3_env)
+    assert again.returncode == 0, again.stderr
+    assert len(billing_of(state)) == billed == 2
+    assert not s3_env.download(bucket, "elsewhere", tmp_path / "x")

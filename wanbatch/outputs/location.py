@@ -21,9 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanbatch.errors import ConfigError
+from wanbatch.ledger import RunLedger, read_meta
 from wanbatch.outputs.stores import LocalStore, Store, StoreConfig, open_store
 
-__all__ = ["Location", "default_state_dir", "locate"]
+__all__ = [
+    "HERE",
+    "OUTPUTS_META",
+    "Location",
+    "OtherOutputs",
+    "check_outputs",
+    "default_state_dir",
+    "locate",
+    "record_outputs",
+]
+
+#: The ledger's meta key for where the run's outputs are: a store's location, or HERE for the state folder itself.
+OUTPUTS_META = "outputs"
+HERE = "."
+
+
+class OtherOutputs(ConfigError):
+    """The state folder belongs to another ``--out``: nothing was sent."""
+
 
 #: Where default state folders go, under the user's cache (``$XDG_CACHE_HOME``, else ``~/.cache``).
 STATE_HOME = Path("wanbatch") / "runs"
@@ -40,6 +59,30 @@ class Location:
     @property
     def remote(self) -> bool:
         return self.store is not None
+
+    @property
+    def outputs(self) -> str:
+        """Where the outputs are, as the state folder records it."""
+        return HERE if self.store is None else self.store.location
+
+
+def check_outputs(where: Location, *, force: bool) -> None:
+    """Refuse a state folder made for another ``--out``, unless ``force``: its ledger's saved images are there,
+    and this run's ``metadata.jsonl`` would list them beside images that are not."""
+    known = read_meta(where.state_dir, OUTPUTS_META)
+    if known is None or known == where.outputs or force:
+        return
+    made_for = f"--out {where.state_dir}" if known == HERE else f"--out {known}"
+    raise OtherOutputs(
+        f"{where.state_dir} holds the state of a run with {made_for}, not --out {where.out}: its saved images are "
+        f"there. Allowed: that --out, another --state, or --force once the outputs have been moved. Nothing was sent."
+    )
+
+
+def record_outputs(ledger: RunLedger, outputs: str) -> None:
+    """Keep in the ledger where its run's outputs are (:func:`check_outputs`), under the run's lock."""
+    if ledger.meta(OUTPUTS_META) != outputs:
+        ledger.set_meta(OUTPUTS_META, outputs)
 
 
 def locate(out: str | Path, *, state: str | Path | None = None, config: StoreConfig | None = None) -> Location:
