@@ -2,7 +2,7 @@
 
 Exit codes (documented in the README, relied on by cron and systemd):
 0 every item saved; 3 finished, but some items were rejected, failed, expired
-or left unsubmitted; 4 halted: the account (key, billing, access) or an
+or left unsubmitted, or an output was not stored in the bucket; 4 halted: the account (key, billing, access) or an
 unreachable service stopped submitting on every lane with items left;
 2 invalid input or usage, nothing sent; 130 interrupted (the run folder is
 resumable).
@@ -347,6 +347,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.get("halted"):
         return EXIT_HALTED
     items = report["items_in_manifest"]
+    if (report.get("outputs") or {}).get("not_stored"):
+        return EXIT_INCOMPLETE  # the images are saved; metadata.jsonl or the report is only in the state folder
     return EXIT_OK if items.get("saved", 0) == sum(items.values()) else EXIT_INCOMPLETE
 
 

@@ -232,3 +232,30 @@ def test_a_state_folder_is_refused_to_another_out(s3_env: SeaweedServer, bucket:
     assert again.returncode == 0, again.stderr
     assert len(billing_of(state)) == billed == 2
     assert not s3_env.download(bucket, "elsewhere", tmp_path / "x")
+
+
+async def test_outputs_the_store_refused_at_the_end_are_reported_and_stored_by_the_next_run(
+    proxy: Proxy, s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """The store refuses metadata.jsonl and report.json at the end (503): every image is saved, but the run says
+    which outputs are only in the state folder, report.json among them, and does not end as if all were there
+    (exit 3); the next run, the store taking them, stores both and ends 0, paying nothing again."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a gong"))
+    out, state = f"s3://{bucket}/gongs", tmp_path / "state"
+    outputs = ("/metadata.jsonl", "/report.json")
+    proxy.refuse = lambda method, path: 503 if method == "PUT" and path.endswith(outputs) else None
+    argv = ["run", str(manifest), "--out", out, "--state", str(state), "--simulate", "--speed", "100", "--no-gallery"]
+    env = {"AWS_ENDPOINT_URL": proxy.url}
+    first = await asyncio.to_thread(wanbatch_cli, *argv, env=env)
+    assert first.returncode == 3, first.stderr
+    assert "not stored: metadata.jsonl" in first.stdout and "not stored: report.json" in first.stdout, first.stdout
+    assert not s3_env.download(bucket, "gongs/metadata.jsonl", tmp_path / "none")
+
+    proxy.refuse = lambda method, path: None
+    second = await asyncio.to_thread(wanbatch_cli, *argv, env=env)
+    assert second.returncode == 0, second.stderr
+    mirror = tmp_path / "bucket"
+    s3_env.download(bucket, "gongs", mirror)
+    assert json.loads((mirror / "report.json").read_text())["outputs"]["not_stored"] == []
+    result = audit(state, billing_of(state), outputs=mirror)
+    assert result.clean and result.saved == len(billing_of(state)) == 2, result.summary()

@@ -50,7 +50,8 @@ async def write_outputs(
     not_stored = await store_files(store, run_dir, names)
     extra["outputs"] = {"location": store.location, "state": str(run_dir), "gallery": gallery, "not_stored": not_stored}
     report = write_report(run_dir, ledger, run=run, extra=extra)
-    await store_files(store, run_dir, [REPORT_FILE])
+    # The report cannot list itself; what the run returns (and prints) does.
+    report["outputs"]["not_stored"] += await store_files(store, run_dir, [REPORT_FILE])
     return report
 
 
