@@ -259,3 +259,42 @@ async def test_outputs_the_store_refused_at_the_end_are_reported_and_stored_by_t
     assert json.loads((mirror / "report.json").read_text())["outputs"]["not_stored"] == []
     result = audit(state, billing_of(state), outputs=mirror)
     assert result.clean and result.saved == len(billing_of(state)) == 2, result.summary()
+
+
+async def test_ctrl_c_while_the_store_refuses_leaves_images_pending_and_resumable(
+    proxy: Proxy, s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """Every image upload answered 503, then Ctrl-C: the run ends 130 with the resume line (its --out and
+    --state), the images pending with the store's answer as the reason; cancel takes the same URL and --state;
+    the resumed run, the store working, saves every image without paying again."""
+    manifest = write_manifest(tmp_path, prompts=numbered(3, "a harp"))
+    out, state = f"s3://{bucket}/harps", tmp_path / "state"
+    proxy.refuse = lambda method, path: 503 if method == "PUT" and "/images/" in path else None
+    env = cli_env(PYTHONPATH=str(REPO), AWS_ENDPOINT_URL=proxy.url)
+    argv = [*WANBATCH, "run", str(manifest), "--out", out, "--state", str(state), "--simulate", "--speed", "100"]
+    first = await asyncio.create_subprocess_exec(*argv, env=env, stdout=DEVNULL, stderr=PIPE)
+    seen = b""
+    while b"\xe2\x86\xbb" not in seen:  # ↻: an upload is waiting for its retry
+        line = await asyncio.wait_for(first.stderr.readline(), 60)
+        assert line, f"the run ended before an upload failed: {seen.decode()}"
+        seen += line
+    first.send_signal(signal.SIGINT)
+    rest = await asyncio.wait_for(first.stderr.read(), 60)
+    assert await first.wait() == 130, (seen + rest).decode()
+    assert f"--out {out} --state {state}" in rest.decode()
+    pending = ledger_rows(state, "SELECT state, error_code, error_message FROM images")
+    assert {row["state"] for row in pending} == {"pending"} and len(pending) == 3, pending
+    assert all(row["error_code"] == "DownloadFailed" and "made up" in row["error_message"] for row in pending)
+
+    cancel = await asyncio.to_thread(
+        wanbatch_cli, "cancel", out, "--state", str(state), "--simulate", env={"AWS_ENDPOINT_URL": proxy.url}
+    )
+    assert cancel.returncode == 0 and "canceled 0" in cancel.stdout, cancel.stderr
+    proxy.refuse = lambda method, path: None
+    second = await asyncio.create_subprocess_exec(*argv, env=env, stdout=DEVNULL, stderr=PIPE)
+    _, err = await asyncio.wait_for(second.communicate(), 120)
+    assert second.returncode == 0, err.decode()
+    mirror = tmp_path / "bucket"
+    s3_env.download(bucket, "harps", mirror)
+    result = audit(state, billing_of(state), outputs=mirror)
+    assert result.clean and result.saved == len(billing_of(state)) == 3, result.summary()

@@ -207,7 +207,8 @@ class Downloader:
 
     async def _worker(self, stop: asyncio.Event) -> None:
         while True:
-            self._release_due()
+            if not (self._interrupted and stop.is_set()):  # stopped: what waits is left for the next run
+                self._release_due()
             if not self._heap:
                 if stop.is_set() and not self._busy and not self._checking and (self._interrupted or not self._waiting):
                     self._leave_waiting()

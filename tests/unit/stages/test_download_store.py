@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.engine import engine_for
+from helpers.engine import engine_for, run_stopped_when
 from helpers.manifest import load_manifest, numbered
 from helpers.seaweed import Proxy, SeaweedServer
 from helpers.unkind import StorageRefusals, sim_with
@@ -176,3 +176,28 @@ async def test_an_image_whose_url_died_while_the_store_was_down_stays_pending_an
     assert second["images"] == {"pending": 0, "saved": 2, "failed": 0, "expired": 0}, second["images"]
     assert sorted(taken) == sorted(path for method, path, status in via_proxy.answered if image_put(method, path))
     assert len(sim.billing) == 2
+
+
+async def test_a_stop_while_the_store_refuses_ends_without_trying_the_waiting_images_again(
+    via_proxy: Proxy, bucket: str, tmp_path: Path
+) -> None:
+    """Every image upload answered 503, and the user stops the run once each image has failed once: the images
+    waiting for their retry are left pending at once, not tried again and again while the others' tries are under
+    way (each try is at most the S3 client's two requests)."""
+    via_proxy.refuse = lambda method, path: 503 if image_put(method, path) else None
+    images = 3
+    at_stop: list[int] = []
+
+    def each_failed_once() -> bool:
+        failed = {path for method, path, status in via_proxy.answered if image_put(method, path)}
+        if len(failed) == images and not at_stop:
+            at_stop.append(sum(puts_by_status(via_proxy).values()))
+        return bool(at_stop)
+
+    async with sim_with([], speed=SPEED, durations=2.0) as sim, open_store(f"s3://{bucket}/r") as store:
+        engine = engine_for(sim, tmp_path / "state", store=store, gallery=False)
+        report = await run_stopped_when(
+            engine, load_manifest(tmp_path, prompts=numbered(images, "a bell")), each_failed_once
+        )
+    assert report["images"] == {"pending": images, "saved": 0, "failed": 0, "expired": 0}, report["images"]
+    assert sum(puts_by_status(via_proxy).values()) - at_stop[0] <= 2 * images, puts_by_status(via_proxy)
