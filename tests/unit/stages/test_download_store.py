@@ -201,3 +201,22 @@ async def test_a_stop_while_the_store_refuses_ends_without_trying_the_waiting_im
         )
     assert report["images"] == {"pending": images, "saved": 0, "failed": 0, "expired": 0}, report["images"]
     assert sum(puts_by_status(via_proxy).values()) - at_stop[0] <= 2 * images, puts_by_status(via_proxy)
+
+
+async def test_an_object_already_under_an_images_name_is_left_alone(
+    s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """The bucket holds a truncated PNG under the name an image is to take: the HEAD tells it from the image, so
+    it is neither recorded as the image nor replaced; the image is stored whole under its other name."""
+    junk = b"\x89PNG\r\n\x1a\n" + b"\0" * 100
+    s3_env.client().put_object(Bucket=bucket, Key="r/images/fixed.png", Body=junk)
+    async with sim_with([], speed=SPEED, durations=2.0) as sim, open_store(f"s3://{bucket}/r") as store:
+        engine = engine_for(sim, tmp_path / "state", store=store, gallery=False)
+        report = await engine.run(load_manifest(tmp_path, prompts=["a bowl"], output="fixed.png"))
+        with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
+            (saved,) = ledger.iter_images([ImageState.saved])
+    assert report["images"]["saved"] == 1 and saved.file_name == f"images/fixed-{saved.item_id}-0.png"
+    client = s3_env.client()
+    assert client.get_object(Bucket=bucket, Key="r/images/fixed.png")["Body"].read() == junk
+    head = client.head_object(Bucket=bucket, Key=f"r/{saved.file_name}")
+    assert head["Metadata"]["sha256"] == saved.sha256 and head["ContentLength"] == saved.size_bytes
