@@ -67,7 +67,8 @@ def test_a_run_into_a_bucket_leaves_every_output_there(s3_env: SeaweedServer, bu
     rows = read_jsonl(mirror / "metadata.jsonl")
     for row in rows:
         meta = heads[row["file_name"]]["Metadata"]
-        assert meta["sha256"] == row["sha256"] and meta["owner"] == f"{row['item_id']}/{row['image_index']}"
+        owner = f"{row['item_id']}/{row['image_index']}/{row['task_id']}"
+        assert meta["sha256"] == row["sha256"] and meta["owner"] == owner
         thumb = "thumbs/" + row["file_name"].removeprefix("images/").removesuffix(".png") + ".jpg"
         assert heads[thumb]["ContentType"] == "image/jpeg"
     assert heads["gallery.html"]["ContentType"] == "text/html"

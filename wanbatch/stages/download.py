@@ -401,8 +401,9 @@ class Downloader:
         """With a store, when ``job``'s URL has died: the image, if a run before stored it; else None."""
         if self._uploader is None:
             return None
-        name = naming.saved_name(self._items[job.item_id][0], job.index, sharded=self._sharded)
-        return await self._uploader.stored_already(job.item_id, job.index, name)
+        item = self._items[job.item_id][0]
+        name = naming.saved_name(item, job.index, sharded=self._sharded)
+        return await self._uploader.stored_already(item, job.index, name)
 
     async def _folder(self, path: Path) -> None:
         """Make ``path`` once per run, off the event loop (a slow or network disk must not stall tracking)."""

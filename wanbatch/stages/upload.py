@@ -6,8 +6,8 @@ pattern), so before each upload a ``stat`` (a HEAD) asks what the key holds:
 the image itself, whole, left by a run that stopped between its upload and the
 ledger's commit, is recorded as it is, with no second upload; another image
 (two items whose patterns meet) is left alone and the image takes its other
-name, as in a folder. Each object carries its owner (the item and image
-index), so that an image whose URL has died can still be recorded from the
+name, as in a folder. Each object carries its owner (the item, image index
+and task), so that an image whose URL has died can still be recorded from the
 store when a run before this one stored it.
 """
 
@@ -28,9 +28,10 @@ __all__ = ["Uploader", "owner_of"]
 log = logging.getLogger("wanbatch")
 
 
-def owner_of(item_id: str, index: int) -> str:
-    """Whose an object is, kept with it in the store: the image's item and index."""
-    return f"{item_id}/{index}"
+def owner_of(item: ItemRow, index: int) -> str:
+    """Whose an object is, kept with it in the store: the image's item, index and task. The task tells this image
+    from the same item's image of another task (a run of the same manifest with another state folder)."""
+    return f"{item.item_id}/{index}" + (f"/{item.task_id}" if item.task_id else "")
 
 
 class Uploader:
@@ -46,7 +47,7 @@ class Uploader:
         for key in (name, other_name):
             held = await self.store.stat(key)
             if held is None:
-                await self.store.put_verified(key, body, owner=owner_of(item.item_id, index))
+                await self.store.put_verified(key, body, owner=owner_of(item, index))
             elif not held.matches(body):
                 continue  # another image of this run holds the name: it is left alone
             else:
@@ -56,13 +57,13 @@ class Uploader:
             return key, digest, len(body)
         raise DownloadError(f"{name} and {other_name} both hold other images in {self.store.location}", retryable=False)
 
-    async def stored_already(self, item_id: str, index: int, name: str) -> tuple[str, str, int] | None:
-        """The image ``index`` of ``item_id`` (saved as ``name`` or its other name), if a run before this one stored
+    async def stored_already(self, item: ItemRow, index: int, name: str) -> tuple[str, str, int] | None:
+        """The image ``index`` of ``item`` (saved as ``name`` or its other name), if a run before this one stored
         it whole and stopped before the ledger's commit: its owner and sha256 on it, the store's MD5 proof. Raises
         StoreError when the store cannot say: the image must not be written off while it may be there."""
-        for key in (name, naming.other_name(name, item_id, index)):
+        for key in (name, naming.other_name(name, item.item_id, index)):
             held = await self.store.stat(key)
-            if held is not None and held.owner == owner_of(item_id, index) and held.sha256 and held.md5:
+            if held is not None and held.owner == owner_of(item, index) and held.sha256 and held.md5:
                 log.info("↺ %s is stored already, whole: recorded, though its URL has died", key)
                 return key, held.sha256, held.size_bytes
         return None

@@ -220,3 +220,28 @@ async def test_an_object_already_under_an_images_name_is_left_alone(
     assert client.get_object(Bucket=bucket, Key="r/images/fixed.png")["Body"].read() == junk
     head = client.head_object(Bucket=bucket, Key=f"r/{saved.file_name}")
     assert head["Metadata"]["sha256"] == saved.sha256 and head["ContentLength"] == saved.size_bytes
+
+
+async def test_an_earlier_tasks_image_of_the_same_item_is_not_taken_for_a_lost_one(
+    via_proxy: Proxy, seaweed: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """A run with a state folder of its own stores an item's image in the bucket; a second run of the same item
+    into the same --out with another state folder pays for a new task, whose image the store refuses until its
+    URL dies: the first task's image under its name is not recorded as the new one (another task's image, seed
+    and all); the new one is written off as expired, the first left as it was."""
+    manifest = load_manifest(tmp_path, prompts=["a bowl"])
+    config = DownloadConfig(retry_base_s=600.0, retry_max_s=600.0, max_held_bytes=0)
+    async with sim_with([], speed=SPEED, durations=2.0, url_ttl_s=120.0) as sim:
+        async with open_store(f"s3://{bucket}/r") as store:
+            first = await engine_for(sim, tmp_path / "one", store=store, gallery=False).run(manifest)
+        assert first["images"]["saved"] == 1
+        via_proxy.refuse = lambda method, path: 503 if image_put(method, path) else None
+        async with open_store(f"s3://{bucket}/r") as store:
+            engine = engine_for(sim, tmp_path / "two", store=store, download=config, gallery=False)
+            second = await engine.run(manifest)
+        with Ledger.open(tmp_path / "one", clock=sim.clock, create=False) as ledger:
+            (kept,) = ledger.iter_images([ImageState.saved])
+    assert second["images"] == {"pending": 0, "saved": 0, "failed": 0, "expired": 1}, second["images"]
+    assert len(sim.billing) == 2
+    head = seaweed.client().head_object(Bucket=bucket, Key=f"r/{kept.file_name}")
+    assert head["Metadata"]["sha256"] == kept.sha256
