@@ -108,6 +108,18 @@ async def test_wrong_etag_is_not_accepted(proxy: Proxy, bucket: str, monkeypatch
     assert caught.value.retryable and not isinstance(caught.value, ConfigError)
 
 
+async def test_a_store_whose_etags_prove_nothing_is_refused_at_check(
+    proxy: Proxy, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that answers every upload with an ETag that is not its MD5 (as an SSE-KMS bucket does) is refused at
+    the start, saying why and what to do, rather than taken as down for a while: no upload there could be proved."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    proxy.rewrite = lambda headers: headers.update(ETag='"0123456789abcdef0123456789abcdef"')
+    async with open_store(f"s3://{bucket}/run") as store:
+        with pytest.raises(StoreConfigError, match="SSE-KMS"):
+            await store.check()
+
+
 async def test_altered_body_is_refused_by_the_store(
     proxy: Proxy,
     bucket: str,

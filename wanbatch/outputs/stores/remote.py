@@ -55,6 +55,10 @@ SECRET_VARIABLES = (
 CHECK_KEY = ".wanbatch/write-check"
 
 
+class _Unproved(StoreError):
+    """The store answered an upload with a size or ETag that does not prove it holds what was sent."""
+
+
 class FsspecStore(Store):
     """``root`` (``bucket/prefix``) on an async fsspec file system ``fs``, whose protocol is ``protocol``."""
 
@@ -77,7 +81,7 @@ class FsspecStore(Store):
             raise self._error(exc, f"looking for bucket {self.bucket}") from None
         if not exists:
             raise self._no_bucket()
-        await self._put(CHECK_KEY, b"wanbatch", None)
+        await self._prove_writes()
 
     async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:  # no metadata through fsspec
         md5, sha256 = digests(data)
@@ -135,7 +139,17 @@ class FsspecStore(Store):
         )
 
     def _mismatch(self, key: str, theirs: str, ours: str) -> StoreError:
-        return StoreError(f"{self.url_for(key)}: the store answered {theirs} for {ours} sent; not counted as saved")
+        return _Unproved(f"{self.url_for(key)}: the store answered {theirs} for {ours} sent; not counted as saved")
+
+    async def _prove_writes(self) -> None:
+        """Write the check object: a store that answers it without proof will answer every image so."""
+        try:
+            await self._put(CHECK_KEY, b"wanbatch", None)
+        except _Unproved as exc:
+            raise StoreConfigError(
+                f"{exc}. A store whose ETag is not the MD5 of what it took (a bucket encrypted with SSE-KMS or SSE-C, "
+                f"say) cannot prove it holds an image: give --out a bucket without such encryption"
+            ) from None
 
     def _credential_hint(self) -> str:
         return "OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, or fsspec's oss config"
@@ -157,7 +171,7 @@ class S3Store(FsspecStore):
 
     async def _check(self) -> None:
         await self._call("head_bucket", f"looking for bucket {self.bucket}")
-        await self._put(CHECK_KEY, b"wanbatch", None)
+        await self._prove_writes()
 
     async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:
         md5, sha256 = digests(data)
