@@ -172,6 +172,18 @@ async def test_wrong_credentials_at_check(
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no traceback shows the original
 
 
+async def test_no_credentials_at_all_is_a_configuration_error(
+    s3_env: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No credentials anywhere (the S3 client finds none to sign with): a configuration error saying which variables
+    to set, not a store that is down for a while (a run would be told to try again once the store answers)."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    async with open_store(f"s3://{bucket}/run") as store:
+        with pytest.raises(StoreConfigError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+            await store.check()
+
+
 async def test_check_passes_and_proves_a_write(s3_store: S3Store, seaweed: SeaweedServer) -> None:
     """check() on a good bucket passes by writing its small proof object under the prefix."""
     await s3_store.check()

@@ -55,6 +55,10 @@ SECRET_VARIABLES = (
 CHECK_KEY = ".wanbatch/write-check"
 
 
+#: botocore's errors for credentials it cannot find or read: the user must act, as for refused ones.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
 class _Unproved(StoreError):
     """The store answered an upload with a size or ETag that does not prove it holds what was sent."""
 
@@ -121,7 +125,7 @@ class FsspecStore(Store):
     def _error(self, exc: BaseException, action: str) -> StoreError:
         """The store's exception ``exc`` while ``action``, as ours, with no credential in its text."""
         reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), self._secrets())
-        if isinstance(exc, PermissionError):
+        if isinstance(exc, PermissionError) or type(exc).__name__ in _NO_CREDENTIALS:
             return StoreConfigError(
                 f"{self.location} (endpoint {self.endpoint}) refused us {action} ({reason}): check the credentials "
                 f"({self._credential_hint()}) and that they may read and write bucket {self.bucket}"
