@@ -24,7 +24,7 @@ from pathlib import Path
 
 from wanbatch import __version__, catalog
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
-from wanbatch.outputs.progress import JsonFormatter
+from wanbatch.outputs.progress import setup_logging
 from wanbatch.outputs.summary import plan_summary, run_summary, status_summary
 from wanbatch.stages.track import POLICIES
 
@@ -270,27 +270,9 @@ def _global_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    """A live display in a terminal (events under it only with -v); one line per event anywhere else."""
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO
-    args.console = None
-    if args.log_format == "json":
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-    elif sys.stderr.isatty() and not args.quiet and getattr(args, "func", None) is cmd_run:
-        from rich.console import Console
-        from rich.logging import RichHandler
-
-        args.console = Console(stderr=True)
-        handler = RichHandler(console=args.console, show_time=False, show_path=False, markup=False)
-        level = logging.INFO if args.verbose else logging.WARNING
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("wanbatch")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    """A live display in a terminal for ``run`` (events under it only with -v); one line per event elsewhere."""
+    live = sys.stderr.isatty() and getattr(args, "func", None) is cmd_run
+    args.console = setup_logging(verbose=args.verbose, quiet=args.quiet, log_format=args.log_format, live=live)
 
 
 # ── plan ────────────────────────────────────────────────────────────────────────────────────────

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ __all__ = [
     "log_progress",
     "progress_line",
     "render",
+    "setup_logging",
 ]
 
 log = logging.getLogger("wanbatch")
@@ -233,3 +235,28 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def setup_logging(*, verbose: int, quiet: bool, log_format: str, live: bool) -> Console | None:
+    """The ``wanbatch`` logger's one handler: JSON lines, a live display's console (``live``, unless ``quiet``;
+    events under it only when ``verbose``), or plain lines. The console of a live display, or None."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    console = None
+    if log_format == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    elif live and not quiet:
+        from rich.logging import RichHandler
+
+        console = Console(stderr=True)
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+        level = logging.INFO if verbose else logging.WARNING
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("wanbatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    return console

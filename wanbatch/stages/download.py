@@ -27,7 +27,7 @@ import contextlib
 import heapq
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,6 +44,7 @@ from wanbatch.manifest import naming
 from wanbatch.outputs.stores import Store
 from wanbatch.stages.fetch import fetch_body
 from wanbatch.stages.imagefiles import place, reopen_damaged
+from wanbatch.stages.retries import Job, Waiting
 from wanbatch.stages.upload import Uploader
 
 __all__ = ["DownloadConfig", "Downloader"]
@@ -62,17 +63,6 @@ class DownloadConfig:
     #: Bytes of images kept in memory while the store refuses them, so a retry does not fetch them again;
     #: past it an image's bytes are let go and fetched again from its URL (which costs nothing) when retried.
     max_held_bytes: int = 512 * 1024 * 1024
-
-
-@dataclass(order=True, slots=True)
-class _Job:
-    deadline_ms: int
-    item_id: str
-    index: int
-    image: ImageRow = field(compare=False)  #: as the ledger had it when queued: pending, with its URL
-    failures: int = field(default=0, compare=False)
-    last_error: str = field(default="", compare=False)
-    body: bytes | None = field(default=None, compare=False)  #: fetched, kept while a store refuses it
 
 
 class Downloader:
@@ -95,16 +85,14 @@ class Downloader:
         self.run_dir = run_dir
         #: With a store, images go there instead of into ``run_dir``; each big image's thumbnail beside it.
         self._uploader = Uploader(store, thumbnails=thumbnails) if store is not None else None
-        self._held_bytes = 0  #: bytes of failed jobs' images kept for their next try
         self._refused: str | None = None  #: the store refused us (credentials, bucket): nothing more is saved
         self._partial = run_dir / "images" / ".partial"
         self._on_item_done = on_item_done
         self.config = config
-        self._heap: list[_Job] = []  #: ready to be tried, soonest deadline first
-        #: (when, tie-break, job): failed jobs waiting for their next try, off the heap so that one image
-        #: the storage keeps refusing does not hold back the images behind it
-        self._waiting: list[tuple[float, int, _Job]] = []
-        self._waits = 0
+        self._heap: list[Job] = []  #: ready to be tried, soonest deadline first
+        #: failed jobs waiting for their next try, off the heap so that one image the storage keeps refusing does
+        #: not hold back the images behind it (:mod:`wanbatch.stages.retries`)
+        self._waiting = Waiting(max_held_bytes=config.max_held_bytes)
         self._interrupted = False
         self._wake = asyncio.Event()
         self._busy = 0
@@ -152,15 +140,15 @@ class Downloader:
         self._queued.add(key)
         row, open_images = self._items.get(image.item_id) or (item, 0)
         self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
-        heapq.heappush(self._heap, _Job(image.deadline_ms, image.item_id, image.image_index, image))
+        heapq.heappush(self._heap, Job(image.deadline_ms, image.item_id, image.image_index, image))
 
-    def _last(self, job: _Job) -> bool:
+    def _last(self, job: Job) -> bool:
         """Whether ``job`` is its item's last open image: only that one can settle the item, so the others
         spare the ledger the look at the item's images. Asked with no await before the job's commit and
         ``_done``, so two images of one item ending together cannot both think the other is last."""
         return self._items[job.item_id][1] == 1
 
-    def _done(self, job: _Job) -> None:
+    def _done(self, job: Job) -> None:
         """The job's image is saved, final or left for a later run: forget it and, with its last, its item."""
         self._queued.discard((job.item_id, job.index))
         row, open_images = self._items[job.item_id]
@@ -224,46 +212,31 @@ class Downloader:
                     job.body = None
                     self._done(job)
                 else:
-                    self._wait(job, again_s)
+                    self._waiting.put(job, again_s)
             finally:
                 self._busy -= 1
 
-    def _wait(self, job: _Job, again_s: float) -> None:
-        """Set ``job`` aside until ``again_s``, its image's bytes with it while the cap on held bytes allows."""
-        if job.body is not None:
-            if self._held_bytes + len(job.body) > self.config.max_held_bytes:
-                job.body = None  # fetched again when its turn comes: the URL costs nothing, memory does
-            else:
-                self._held_bytes += len(job.body)
-        self._waits += 1
-        heapq.heappush(self._waiting, (again_s, self._waits, job))
-
     def _release_due(self) -> None:
         """Move the jobs whose wait is over back onto the deadline heap."""
-        now = self._clock.now()
-        while self._waiting and self._waiting[0][0] <= now:
-            job = heapq.heappop(self._waiting)[2]
-            self._held_bytes -= len(job.body or b"")
+        for job in self._waiting.due(self._clock.now()):
             heapq.heappush(self._heap, job)
 
     async def _idle(self) -> None:
         """Wait for work: until the next retry is due, and never long (new work wakes us)."""
-        if not self._waiting:
+        next_s = self._waiting.next_s()
+        if next_s is None:
             await wait_event(self._wake, 0.2)
             return
-        await self._clock.wait_event(self._wake, self._waiting[0][0] - self._clock.now(), at_most_wall_s=0.2)
+        await self._clock.wait_event(self._wake, next_s - self._clock.now(), at_most_wall_s=0.2)
 
     def _leave_waiting(self) -> None:
         """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
-        while self._waiting:
-            job = heapq.heappop(self._waiting)[2]
-            self._held_bytes -= len(job.body or b"")
-            job.body = None
+        for job in self._waiting.drain():
             self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error)
             log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
             self._done(job)
 
-    async def _save(self, job: _Job) -> float | None:
+    async def _save(self, job: Job) -> float | None:
         """Fetch, check and place one image, then record it (settling its item in the same commit).
 
         Returns when to try it again (clock seconds), or None when it is done with in this run.
@@ -307,7 +280,7 @@ class Downloader:
             self._on_item_done(settled)
         return None
 
-    def _saved(self, job: _Job, name: str, digest: str, size_bytes: int) -> None:
+    def _saved(self, job: Job, name: str, digest: str, size_bytes: int) -> None:
         """Record ``job``'s image saved as ``name`` (settling its item with its last image)."""
         try:
             settled = self._ledger.image_saved(
@@ -321,7 +294,7 @@ class Downloader:
             self._on_item_done(settled)
         return None
 
-    def _store_refused(self, job: _Job, exc: StoreConfigError) -> None:
+    def _store_refused(self, job: Job, exc: StoreConfigError) -> None:
         """The store refuses us (credentials withdrawn, bucket gone): waiting will not mend it, and every image
         would meet the same. Saving stops; the images stay pending, for a run after the user has acted."""
         if self._refused is None:
@@ -329,7 +302,7 @@ class Downloader:
             log.error("✗ saving stopped: %s; the images stay pending while their URLs live", exc)
         return self._not_saved(job, str(exc), code="StoreRefused")
 
-    def _not_saved(self, job: _Job, reason: str, *, code: str = "DownloadFailed") -> None:
+    def _not_saved(self, job: Job, reason: str, *, code: str = "DownloadFailed") -> None:
         """Leave ``job``'s image pending with ``reason``: a later run tries again while its URL lives."""
         self._ledger.update_image(job.item_id, job.index, error_code=code, error_message=reason)
         log.warning(
@@ -341,7 +314,7 @@ class Downloader:
         )
         return None
 
-    def _failed(self, job: _Job, exc: DownloadError | StoreError | OSError) -> float | None:
+    def _failed(self, job: Job, exc: DownloadError | StoreError | OSError) -> float | None:
         """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
         final for this run). Raises UrlExpired once the deadline has passed."""
         if isinstance(exc, OSError):
@@ -363,7 +336,7 @@ class Downloader:
         if settled is not None:
             self._on_item_done(settled)
 
-    async def _fetch(self, item: ItemRow, job: _Job) -> tuple[str, str, int]:
+    async def _fetch(self, item: ItemRow, job: Job) -> tuple[str, str, int]:
         """Fetch (unless its bytes are held from a try before), check and store ``job``'s image:
         (its name, sha256, size)."""
         image = job.image
@@ -397,7 +370,7 @@ class Downloader:
         )
         return (name if placed.own_name else other_name), placed.sha256, len(body)
 
-    async def _stored_already(self, job: _Job) -> tuple[str, str, int] | None:
+    async def _stored_already(self, job: Job) -> tuple[str, str, int] | None:
         """With a store, when ``job``'s URL has died: the image, if a run before stored it; else None."""
         if self._uploader is None:
             return None
