@@ -33,7 +33,7 @@ from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked, StoreConfigE
 from wanbatch.ledger import backend
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
-from wanbatch.outputs.location import check_outputs, locate
+from wanbatch.outputs.location import check_outputs, check_state_marker, locate
 from wanbatch.outputs.progress import live_progress, log_progress
 from wanbatch.outputs.stores import Store
 from wanbatch.service.client import keys_from_env
@@ -131,6 +131,7 @@ async def run(
         if where.store is not None:
             stack.push_async_callback(where.store.aclose)
             await _check_store(where.store, folder)
+            await check_state_marker(where, force=force)
         if simulate:
             keys, config, clock = await _simulators(
                 stack, folder, plan["regions"], speed=speed, submit=submit, config_file=sim_config

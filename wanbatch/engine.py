@@ -33,7 +33,7 @@ from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
-from wanbatch.outputs.location import HERE, record_outputs
+from wanbatch.outputs.location import HERE, mark_state, record_outputs
 from wanbatch.outputs.stores import Store
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer, even_limiter
@@ -157,6 +157,8 @@ class Engine:
             if self.config.backend is not None:
                 claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
             record_outputs(ledger, HERE if self.store is None else self.store.location)
+            if self.store is not None:
+                await mark_state(ledger, self.store, self.run_dir)
             started, started_at = time.monotonic(), _iso_now()
             self._continue_clock(ledger)
             run = ledger.begin_run()

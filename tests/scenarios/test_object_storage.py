@@ -299,3 +299,23 @@ async def test_ctrl_c_while_the_store_refuses_leaves_images_pending_and_resumabl
     s3_env.download(bucket, "harps", mirror)
     result = audit(state, billing_of(state), outputs=mirror)
     assert result.clean and result.saved == len(billing_of(state)) == 3, result.summary()
+
+
+def test_a_second_state_folder_for_a_filled_bucket_is_refused_before_anything_is_sent(
+    s3_env: SeaweedServer, bucket: str, tmp_path: Path
+) -> None:
+    """A bucket filled from one state folder, run again from a new one (a cleared cache, another machine): exit 2
+    naming the folder that fills it, nothing sent, since the new ledger knows no item and would pay for all again;
+    the first folder goes on; --force fills the bucket from the new one, and the first is then refused in turn."""
+    manifest = write_manifest(tmp_path, prompts=numbered(2, "a bowl"))
+    out, first, second = f"s3://{bucket}/bowls", tmp_path / "first", tmp_path / "second"
+    assert s3_run(manifest, out, first, s3_env).returncode == 0
+    refused = s3_run(manifest, out, second, s3_env)
+    assert refused.returncode == 2, refused.stderr
+    assert "another state folder" in refused.stderr and str(first.resolve()) in refused.stderr
+    assert billing_of(second) == [] and not (second / SIM_DIR).exists()
+    again = s3_run(manifest, out, first, s3_env)
+    assert again.returncode == 0 and len(billing_of(first)) == 2, again.stderr
+    forced = s3_run(manifest, out, second, s3_env, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert s3_run(manifest, out, first, s3_env).returncode == 2

@@ -15,29 +15,40 @@ location, so that the same ``--out`` finds the same state again on resume.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanbatch.errors import ConfigError
+from wanbatch.errors import ConfigError, StoreConfigError, StoreError
 from wanbatch.ledger import RunLedger, read_meta
 from wanbatch.outputs.stores import LocalStore, Store, StoreConfig, open_store
 
 __all__ = [
     "HERE",
+    "MARKER_KEY",
     "OUTPUTS_META",
+    "STATE_META",
     "Location",
     "OtherOutputs",
     "check_outputs",
+    "check_state_marker",
     "default_state_dir",
     "locate",
+    "mark_state",
     "record_outputs",
 ]
 
 #: The ledger's meta key for where the run's outputs are: a store's location, or HERE for the state folder itself.
 OUTPUTS_META = "outputs"
 HERE = "."
+#: The ledger's meta key for the state folder's own id, which the bucket's marker names.
+STATE_META = "state_id"
+#: The object in a bucket that names the state folder (ledger) of the runs that fill it.
+MARKER_KEY = ".wanbatch/state.json"
 
 
 class OtherOutputs(ConfigError):
@@ -77,6 +88,44 @@ def check_outputs(where: Location, *, force: bool) -> None:
         f"{where.state_dir} holds the state of a run with {made_for}, not --out {where.out}: its saved images are "
         f"there. Allowed: that --out, another --state, or --force once the outputs have been moved. Nothing was sent."
     )
+
+
+async def check_state_marker(where: Location, *, force: bool) -> None:
+    """Refuse a bucket another state folder fills, unless ``force``: a new state folder for a bucket whose ledger
+    is elsewhere (a cleared cache, another machine) knows none of its items and would make and pay for every one
+    again. The bucket's marker (:func:`mark_state`) names the state folder that fills it."""
+    if where.store is None or force:
+        return
+    try:
+        marker = json.loads(await where.store.read(MARKER_KEY))
+    except FileNotFoundError:
+        return  # a bucket no run has filled yet, or filled before markers
+    except ValueError:
+        marker = {}
+    except StoreError as exc:
+        raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
+    if marker.get("state") == read_meta(where.state_dir, STATE_META):
+        return
+    raise OtherOutputs(
+        f"{where.out} is filled by the runs of another state folder ({marker.get('state_dir', '?')} on "
+        f"{marker.get('host', '?')}), not {where.state_dir}: a new state folder would make and pay for its items "
+        f"again. Allowed: --state pointing at that folder, or --force to fill the bucket from this one. "
+        f"Nothing was sent."
+    )
+
+
+async def mark_state(ledger: RunLedger, store: Store, state_dir: Path) -> None:
+    """Name this state folder in ``store`` (:func:`check_state_marker`), its id kept in the ledger first, so that
+    a stop between the two leaves a folder that the next run marks again, never a marker without its folder."""
+    state_id = ledger.meta(STATE_META)
+    if state_id is None:
+        state_id = uuid.uuid4().hex
+        ledger.set_meta(STATE_META, state_id)
+    marker = {"state": state_id, "state_dir": str(Path(state_dir).resolve()), "host": socket.gethostname()}
+    try:
+        await store.put_verified(MARKER_KEY, json.dumps(marker).encode())
+    except StoreError as exc:
+        raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
 
 
 def record_outputs(ledger: RunLedger, outputs: str) -> None:
