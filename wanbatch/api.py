@@ -29,11 +29,11 @@ from rich.console import Console
 
 from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig
-from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked, StoreConfigError, StoreError
+from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
 from wanbatch.ledger import backend
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
-from wanbatch.outputs.location import check_outputs, check_state_marker, locate
+from wanbatch.outputs.location import before_sending, check_outputs, check_state_marker, locate
 from wanbatch.outputs.progress import live_progress, log_progress
 from wanbatch.outputs.stores import Store
 from wanbatch.service.client import keys_from_env
@@ -174,12 +174,8 @@ async def run(
 async def _check_store(store: Store, state_dir: Path) -> None:
     """Prove the store exists and takes writes, before anything is sent: a run that could not save its images
     would pay for them and lose them."""
-    try:
+    with before_sending():
         await store.check()
-    except StoreConfigError:
-        raise
-    except StoreError as exc:
-        raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
     log.info("outputs: %s; the run's state (ledger): %s", store.location, state_dir)
 
 

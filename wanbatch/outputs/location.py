@@ -14,12 +14,14 @@ location, so that the same ``--out`` finds the same state again on resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ __all__ = [
     "STATE_META",
     "Location",
     "OtherOutputs",
+    "before_sending",
     "check_outputs",
     "check_state_marker",
     "default_state_dir",
@@ -97,13 +100,12 @@ async def check_state_marker(where: Location, *, force: bool) -> None:
     if where.store is None or force:
         return
     try:
-        marker = json.loads(await where.store.read(MARKER_KEY))
+        with before_sending():
+            marker = json.loads(await where.store.read(MARKER_KEY))
     except FileNotFoundError:
         return  # a bucket no run has filled yet, or filled before markers
     except ValueError:
         marker = {}
-    except StoreError as exc:
-        raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
     if marker.get("state") == read_meta(where.state_dir, STATE_META):
         return
     raise OtherOutputs(
@@ -122,8 +124,18 @@ async def mark_state(ledger: RunLedger, store: Store, state_dir: Path) -> None:
         state_id = uuid.uuid4().hex
         ledger.set_meta(STATE_META, state_id)
     marker = {"state": state_id, "state_dir": str(Path(state_dir).resolve()), "host": socket.gethostname()}
-    try:
+    with before_sending():
         await store.put_verified(MARKER_KEY, json.dumps(marker).encode())
+
+
+@contextlib.contextmanager
+def before_sending() -> Iterator[None]:
+    """A store's failure while a run starts, before anything is sent to the service: a usage error (exit 2) that
+    says nothing was sent, a store that is down included (a run that cannot save would pay and lose)."""
+    try:
+        yield
+    except StoreConfigError:
+        raise
     except StoreError as exc:
         raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
 

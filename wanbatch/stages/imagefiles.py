@@ -32,6 +32,7 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow
 from wanbatch.ledger.states import ImageState
 from wanbatch.outputs.gallery.thumbs import thumbnail_bytes
+from wanbatch.outputs.stores.base import Hashes, digests
 
 __all__ = ["Placed", "checked", "damaged_files", "place", "reopen_damaged", "verify_png"]
 
@@ -72,11 +73,11 @@ def place(body: bytes, size: str, partial: Path, final: Path, other: Path) -> Pl
     return Placed(own_name=own, sha256=digest)
 
 
-def checked(body: bytes, size: str, *, thumbnail: bool = False) -> tuple[str, bytes | None]:
-    """Check ``body`` is a PNG of ``size``: its sha256, and its thumbnail's JPEG bytes when asked for (None for an
-    image that is its own); runs in a worker thread, for an image that goes to a store rather than a folder."""
+def checked(body: bytes, size: str, *, thumbnail: bool = False) -> tuple[Hashes, bytes | None]:
+    """Check ``body`` is a PNG of ``size``: its (md5, sha256), and its thumbnail's JPEG bytes when asked for (None
+    for an image that is its own); runs in a worker thread, for an image that goes to a store, not a folder."""
     verify_png(io.BytesIO(body), size)
-    return hashlib.sha256(body).hexdigest(), thumbnail_bytes(body, size) if thumbnail else None
+    return digests(body), thumbnail_bytes(body, size) if thumbnail else None
 
 
 async def reopen_damaged(ledger: RunLedger, run_dir: Path, *, now_ms: int) -> list[str]:

@@ -43,18 +43,18 @@ class Uploader:
     async def save(self, item: ItemRow, index: int, name: str, other_name: str, body: bytes) -> tuple[str, str, int]:
         """Check ``body`` and put it in the store under ``name`` (``other_name`` if ``name`` holds another image);
         returns (key, sha256, size) once the store proves it holds all of it, or already held it whole."""
-        digest, thumb = await asyncio.to_thread(checked, body, item.request["size"], thumbnail=self.thumbnails)
+        hashes, thumb = await asyncio.to_thread(checked, body, item.request["size"], thumbnail=self.thumbnails)
         for key in (name, other_name):
             held = await self.store.stat(key)
             if held is None:
-                await self.store.put_verified(key, body, owner=owner_of(item, index))
-            elif not held.matches(body):
+                await self.store.put_verified(key, body, owner=owner_of(item, index), hashes=hashes)
+            elif not held.holds(len(body), hashes):
                 continue  # another image of this run holds the name: it is left alone
             else:
                 log.info("↺ %s is stored already, whole: recorded without a second upload", key)
             if thumb is not None:
                 await self._put_thumbnail(key, thumb)
-            return key, digest, len(body)
+            return key, hashes[1], len(body)
         raise DownloadError(f"{name} and {other_name} both hold other images in {self.store.location}", retryable=False)
 
     async def stored_already(self, item: ItemRow, index: int, name: str) -> tuple[str, str, int] | None:

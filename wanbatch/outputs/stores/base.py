@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
-__all__ = ["Store", "StoreConfig", "Stored", "check_key", "digests"]
+__all__ = ["Hashes", "Store", "StoreConfig", "Stored", "check_key", "digests"]
 
 AddressingStyle = Literal["auto", "path", "virtual"]
 
@@ -55,16 +55,24 @@ class Stored:
 
     def matches(self, data: bytes) -> bool:
         """Whether this object is ``data``: same size, and every checksum the store gave agrees."""
-        md5, sha256 = digests(data)
-        known = [(self.md5, md5), (self.sha256, sha256)]
+        return self.holds(len(data), digests(data))
+
+    def holds(self, size_bytes: int, hashes: Hashes) -> bool:
+        """Whether this object is the bytes of ``size_bytes`` with ``hashes``: :meth:`matches` with the hashing
+        done already (off the event loop, once per image)."""
+        known = [(self.md5, hashes[0]), (self.sha256, hashes[1])]
         return (
-            self.size_bytes == len(data)
+            self.size_bytes == size_bytes
             and any(ours is not None for ours, _ in known)
             and all(ours in (None, theirs) for ours, theirs in known)
         )
 
 
-def digests(data: bytes) -> tuple[str, str]:
+#: (md5, sha256) of some bytes, hex.
+Hashes = tuple[str, str]
+
+
+def digests(data: bytes) -> Hashes:
     """(md5, sha256) of ``data``, hex: MD5 is what S3 stores check, sha256 what the ledger records."""
     return hashlib.md5(data, usedforsecurity=False).hexdigest(), hashlib.sha256(data).hexdigest()
 
@@ -96,12 +104,16 @@ class Store(abc.ABC):
         async with self._slots:
             await self._check()
 
-    async def put_verified(self, key: str, data: bytes, *, owner: str | None = None) -> Stored:
+    async def put_verified(
+        self, key: str, data: bytes, *, owner: str | None = None, hashes: Hashes | None = None
+    ) -> Stored:
         """Store ``data`` under ``key`` and return only once the store has proved it holds all of it. ``owner``
-        goes with the object where the store keeps metadata, so that ``stat`` can say whose it is."""
+        goes with the object where the store keeps metadata, so that ``stat`` can say whose it is; ``hashes``
+        are ``digests(data)`` when the caller has them already (hashing is done once, off the event loop)."""
         check_key(key)
+        md5, sha256 = hashes or await asyncio.to_thread(digests, data)
         async with self._slots:
-            return await self._put(key, data, owner)
+            return await self._put(key, data, owner, md5, sha256)
 
     async def stat(self, key: str) -> Stored | None:
         """What the store holds under ``key``, or None: to heal a crash between upload and commit without a
@@ -140,7 +152,7 @@ class Store(abc.ABC):
     async def _check(self) -> None: ...
 
     @abc.abstractmethod
-    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored: ...
+    async def _put(self, key: str, data: bytes, owner: str | None, md5: str, sha256: str) -> Stored: ...
 
     @abc.abstractmethod
     async def _stat(self, key: str) -> Stored | None: ...

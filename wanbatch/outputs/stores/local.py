@@ -39,8 +39,8 @@ class LocalStore(Store):
     async def _check(self) -> None:
         await asyncio.to_thread(self._probe)
 
-    async def _put(self, key: str, data: bytes, owner: str | None) -> Stored:  # a file keeps no owner
-        return await asyncio.to_thread(self._write, key, data)
+    async def _put(self, key: str, data: bytes, owner: str | None, md5: str, sha256: str) -> Stored:  # no owner
+        return await asyncio.to_thread(self._write, key, data, md5, sha256)
 
     async def _stat(self, key: str) -> Stored | None:
         return await asyncio.to_thread(self._read_stat, key)
@@ -62,8 +62,7 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._error(exc, "cannot write to the output folder") from None
 
-    def _write(self, key: str, data: bytes) -> Stored:
-        md5, sha256 = digests(data)
+    def _write(self, key: str, data: bytes, md5: str, sha256: str) -> Stored:
         final = self.root / key
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
