@@ -21,10 +21,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wanbatch import __version__, catalog
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
 from wanbatch.outputs.progress import setup_logging
+
+if TYPE_CHECKING:
+    from wanbatch.outputs.location import Location
 from wanbatch.outputs.summary import plan_summary, run_summary, status_summary
 from wanbatch.stages.track import POLICIES
 
@@ -212,9 +216,14 @@ def _state_flag(parser: argparse.ArgumentParser) -> None:
 
 def _run_folder(args: argparse.Namespace) -> Path:
     """The folder holding the ledger of the run ``args.run`` names (with ``args.state``)."""
+    return _located(args, out=args.run).state_dir
+
+
+def _located(args: argparse.Namespace, *, out: str | None = None) -> Location:
+    """Where the run of ``out`` (default ``args.out``) and ``args.state`` lives."""
     from wanbatch.outputs.location import locate
 
-    return locate(args.run, state=args.state).state_dir
+    return locate(out or args.out, state=args.state)
 
 
 def _service_flags(parser: argparse.ArgumentParser, *, simulate: str, otherwise: str) -> None:
@@ -294,6 +303,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from wanbatch.api import run
 
+    if args.console is not None:  # the live display hides the log's start lines: where the state is, said here
+        where = _located(args)
+        if where.store is not None:
+            args.console.print(
+                f"outputs: {where.store.location}; the run's state (ledger): {where.state_dir}",
+                markup=False,
+                highlight=False,
+            )
     try:
         report = asyncio.run(
             run(

@@ -130,6 +130,11 @@ class Engine:
         if self._tracker is not None and self._cancel_pending:
             self._tracker.cancel_pending()
 
+    def _stop_submitting(self) -> None:
+        """Nothing more is sent (the store refuses what would be paid for); what is paid for is still tracked."""
+        if self._submitter is not None:
+            self._submitter.stop.set()
+
     def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
         """Counts per state, this run's progress and the counts it started from, for a live display; None before
         the stages start."""
@@ -297,6 +302,7 @@ class Engine:
             run_dir=self.run_dir,
             config=self.config.download,
             on_item_done=thumbs.item_done if thumbs else lambda settled: None,
+            on_refused=self._stop_submitting,
             store=self.store,
             thumbnails=self.config.gallery,
         )

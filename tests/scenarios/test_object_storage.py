@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import signal
 import subprocess
 import sys
@@ -319,3 +321,28 @@ def test_a_second_state_folder_for_a_filled_bucket_is_refused_before_anything_is
     forced = s3_run(manifest, out, second, s3_env, "--force")
     assert forced.returncode == 0, forced.stderr
     assert s3_run(manifest, out, first, s3_env).returncode == 2
+
+
+def test_a_terminal_is_told_where_the_state_folder_is(s3_env: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """In a terminal the live display hides the log's start lines; the state folder of a run into a bucket, whose
+    ledger a resume needs, is still said at start."""
+    manifest = write_manifest(tmp_path, prompts=numbered(1, "a lamp"))
+    main, child = pty.openpty()
+    argv = [*WANBATCH, "run", str(manifest), "--out", f"s3://{bucket}/lamp", "--simulate", "--speed", "100"]
+    env = cli_env(PYTHONPATH=str(REPO), COLUMNS="400", TERM="xterm", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env={**env, **s3_env.env()})
+    os.close(child)
+    output = b""
+    while chunk := _read(main):
+        output += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(main)
+    (state,) = (tmp_path / "cache" / "wanbatch" / "runs").iterdir()
+    assert f"the run's state (ledger): {state}" in output.decode("utf-8", "replace")
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the terminal's other side closed
+        return b""

@@ -77,6 +77,7 @@ class Downloader:
         session: aiohttp.ClientSession,
         run_dir: Path,
         on_item_done: Callable[[Recorded], None] = lambda settled: None,
+        on_refused: Callable[[], None] = lambda: None,
         config: DownloadConfig = DownloadConfig(),
         store: Store | None = None,
         thumbnails: bool = False,
@@ -88,6 +89,7 @@ class Downloader:
         self._refused: str | None = None  #: the store refused us (credentials, bucket): nothing more is saved
         self._partial = run_dir / "images" / ".partial"
         self._on_item_done = on_item_done
+        self._on_refused = on_refused  #: the store refused us: nothing more should be paid for this run
         self.config = config
         self._heap: list[Job] = []  #: ready to be tried, soonest deadline first
         #: failed jobs waiting for their next try, off the heap so that one image the storage keeps refusing does
@@ -296,10 +298,14 @@ class Downloader:
 
     def _store_refused(self, job: Job, exc: StoreConfigError) -> None:
         """The store refuses us (credentials withdrawn, bucket gone): waiting will not mend it, and every image
-        would meet the same. Saving stops; the images stay pending, for a run after the user has acted."""
+        would meet the same. Saving stops, and so does submitting (``on_refused``): an image paid for now could only
+        wait. The images stay pending, for a run after the user has acted."""
         if self._refused is None:
             self._refused = str(exc)
-            log.error("✗ saving stopped: %s; the images stay pending while their URLs live", exc)
+            log.error(
+                "✗ saving stopped: %s; nothing more is submitted; the images stay pending while their URLs live", exc
+            )
+            self._on_refused()
         return self._not_saved(job, str(exc), code="StoreRefused")
 
     def _not_saved(self, job: Job, reason: str, *, code: str = "DownloadFailed") -> None:

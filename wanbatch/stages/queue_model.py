@@ -190,9 +190,10 @@ class QueueModel:
         return due
 
     def put(self, tasks: Iterable[OpenTask]) -> None:
-        """Put tasks taken out for a look back in line (their due times already set)."""
-        self._heap.extend(tasks)
-        heapq.heapify(self._heap)
+        """Put tasks taken out for a look back in line (their due times already set). The tasks still in line are
+        in heap order: a change to their due times (a list's sweep) is followed by :meth:`remove`, which heapifies."""
+        for task in tasks:
+            heapq.heappush(self._heap, task)
 
     def remove(self, tasks: Iterable[OpenTask]) -> None:
         """Take ``tasks`` out of line for good (by identity: tasks compare by due time only)."""

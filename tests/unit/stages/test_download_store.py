@@ -76,26 +76,29 @@ async def test_an_image_the_store_refuses_for_a_while_is_saved_without_fetching_
 async def test_a_store_that_refuses_our_credentials_stops_saving_and_a_later_run_saves_everything(
     via_proxy: Proxy, bucket: str, tmp_path: Path
 ) -> None:
-    """Image uploads answered 403 AccessDenied (credentials withdrawn mid-run): saving stops with the reason, the
-    images stay pending while their URLs live, nothing is written off; the next run, the store working again,
-    saves them all without a second payment."""
+    """Image uploads answered 403 AccessDenied (credentials withdrawn mid-run): saving stops with the reason and so
+    does submitting (nothing more is paid for only to wait), the images paid for stay pending while their URLs
+    live, nothing is written off; the next run, the store working again, makes the rest and saves them all, each
+    paid once."""
     via_proxy.refuse = lambda method, path: 403 if image_put(method, path) else None
-    manifest = load_manifest(tmp_path, prompts=numbered(4, "a lamp"))
+    manifest = load_manifest(tmp_path, prompts=numbered(12, "a lamp"))
     async with sim_with([], speed=SPEED, durations=2.0) as sim:
         async with open_store(f"s3://{bucket}/r") as store:
             first = await engine_for(sim, tmp_path / "state", store=store, gallery=False).run(manifest)
-        assert first["images"] == {"pending": 4, "saved": 0, "failed": 0, "expired": 0}
+        billed = len(sim.billing)
+        assert 0 < billed < 12 and first["items_in_manifest"].get("planned", 0) > 0, first["items_in_manifest"]
+        assert first["images"] == {"pending": billed, "saved": 0, "failed": 0, "expired": 0}
         with Ledger.open(tmp_path / "state", clock=sim.clock, create=False) as ledger:
             pending = list(ledger.iter_images([ImageState.pending]))
         assert {image.error_code for image in pending} == {"StoreRefused"}
         assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in pending[0].error_message
         assert set(puts_by_status(via_proxy)) == {403}
-        billed = len(sim.billing)
 
         via_proxy.refuse = lambda method, path: None
         async with open_store(f"s3://{bucket}/r") as store:
             second = await engine_for(sim, tmp_path / "state", store=store, gallery=False).run(manifest)
-    assert second["images"]["saved"] == 4 and len(sim.billing) == billed == 4
+    assert second["images"]["saved"] == 12 and len(sim.billing) == 12
+    assert len({record["fingerprint"] for record in sim.billing}) == 12
 
 
 async def test_an_object_the_store_took_is_recorded_from_it_even_after_the_url_died(
