@@ -34,7 +34,7 @@ from typing import Any
 from PIL import Image
 
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import LEDGER_FILE, Ledger, Recorded
+from wanbatch.ledger import LEDGER_FILE, Ledger, Recorded, SqliteLedger
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMBS_DIR, Thumbnailer, thumb_name, write_gallery
 from wanbatch.outputs.gallery.thumbs import DEFAULT_WORKERS
@@ -151,10 +151,10 @@ def measure(workdir: Path, *, images: int, thumb_sample: int = 1000, log=print) 
     with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
         while_saving_s = _thumbs_while_saving(run_dir, ledger, sample)
         _link_thumbnails(run_dir)
-        _, end_s = _timed(lambda: write_gallery(run_dir, ledger))
+        _, end_s = _timed(lambda: asyncio.run(write_gallery(run_dir, SqliteLedger(ledger))))
         for thumb in itertools.islice(sorted((run_dir / THUMBS_DIR).rglob("*.jpg")), sample):
             thumb.unlink()
-        _, end_sample_s = _timed(lambda: write_gallery(run_dir, ledger))
+        _, end_sample_s = _timed(lambda: asyncio.run(write_gallery(run_dir, SqliteLedger(ledger))))
     at_end_ms = max(end_sample_s - end_s, 0.0) / sample * 1000
     first_ms = asyncio.run(_first_cards(run_dir, workdir / f"chromium-{images}"))
     return {

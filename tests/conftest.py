@@ -14,8 +14,9 @@ import pytest
 from wanbatch.clock import ManualClock
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
-#: The S3 server's fixtures (``seaweed``, ``bucket``, ``s3_env``), for the tests of stores and of runs into them.
-pytest_plugins = ["helpers.seaweed"]
+#: The S3 server's fixtures (``seaweed``, ``bucket``, ``s3_env``), for the tests of stores and of runs into them;
+#: ``run_ledger``, an opened ledger of each implementation, for the tests of the ledger's protocol.
+pytest_plugins = ["helpers.seaweed", "helpers.run_ledger"]
 
 # --- the simulator (wanbatch.sim) -------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wanbatch import __version__, catalog
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
@@ -408,14 +408,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts, cost and failures of a run folder, read from its ledger (safe while a run is going)."""
     from wanbatch.clock import ScaledClock
-    from wanbatch.ledger import Ledger
+    from wanbatch.ledger import open_ledger
     from wanbatch.outputs.metadata import build_report
 
     folder = _run_folder(args)
     last = folder / "report.json"
-    with Ledger.open(folder, clock=ScaledClock(), create=False) as ledger:
-        runs = ledger.summary()["runs"]
-        report = build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
+
+    async def read() -> dict[str, Any]:
+        async with open_ledger(folder, clock=ScaledClock(), create=False) as ledger:
+            runs = (await ledger.summary())["runs"]
+            return await build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
+
+    report = asyncio.run(read())
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return EXIT_OK

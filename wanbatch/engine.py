@@ -27,10 +27,10 @@ import aiohttp
 from wanbatch import catalog
 from wanbatch.clock import Clock, ScaledClock
 from wanbatch.errors import HALTING_CODES, MODERATION_CODES, ConfigError
-from wanbatch.ledger import Ledger, RunLedger, RunLock
+from wanbatch.ledger import RunLedger, RunLock, open_ledger
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.states import ItemState
-from wanbatch.manifest import Manifest
+from wanbatch.manifest import Manifest, naming
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
 from wanbatch.outputs.location import HERE, mark_state, record_outputs
@@ -135,7 +135,7 @@ class Engine:
         if self._submitter is not None:
             self._submitter.stop.set()
 
-    def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
+    async def snapshot(self, *, final: bool = False) -> dict[str, Any] | None:
         """Counts per state, this run's progress and the counts it started from, for a live display; None before
         the stages start."""
         if self._live is None:
@@ -143,7 +143,7 @@ class Engine:
         ledger, downloader, budget, started, at_start = self._live
         return {
             "at_start": at_start,
-            "counts": {str(state): n for state, n in ledger.counts().items()},
+            "counts": {str(state): n for state, n in (await ledger.counts()).items()},
             "running": self._tracker.running if self._tracker and not final else 0,
             "images_saved": downloader.saved,
             "cost": budget.spent,
@@ -158,94 +158,103 @@ class Engine:
         resume of the same manifest can take it from there (:func:`stored_plan`) instead of expanding again.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.run_dir), Ledger.open(self.run_dir, clock=self.clock) as ledger:
-            if self.config.backend is not None:
-                claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
-            record_outputs(ledger, HERE if self.store is None else self.store.location)
-            if self.store is not None:
-                await mark_state(ledger, self.store, self.run_dir)
-            started, started_at = time.monotonic(), _iso_now()
-            self._continue_clock(ledger)
-            run = ledger.begin_run()
-            held = plan_into(ledger, manifest, run, plan)
-            seen, added, stale = held.run, held.added, held.stale
-            log.info(
-                "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
-                added.added,
-                added.existing,
-                stale,
-            )
-            try:
-                stages = await self._run_stages(ledger, seen, held.lanes)
-            finally:
-                if self._live is not None:
-                    self._final_snapshot = self.snapshot(final=True)
-                self._live = None  # the ledger closes with this block
-            report = await write_outputs(
-                self.run_dir,
-                ledger,
-                run=run,
-                gallery=self.config.gallery,
-                store=self.store,
-                extra={
-                    "manifest": str(manifest.path),
-                    "name": manifest.name,
-                    "items_added": added.added,
-                    "items_existing": added.existing,
-                    "items_no_longer_in_manifest": stale,
-                    "items_in_manifest": {str(k): v for k, v in ledger.counts(run=seen).items()},
-                    "interrupted": self.interrupted,
-                    "started_at": started_at,
-                    "ended_at": _iso_now(),
-                    "wall_s": round(time.monotonic() - started, 3),
-                    "images_per_min": round(
-                        stages["images_saved_this_run"] / max(time.monotonic() - started, 1e-9) * 60, 2
-                    ),
-                    **stages,
-                },
-            )
+        with RunLock(self.run_dir):
+            async with open_ledger(self.run_dir, clock=self.clock) as ledger:
+                return await self._run_in(ledger, manifest, plan)
+
+    async def _run_in(self, ledger: RunLedger, manifest: Manifest, plan: Mapping[str, Any] | None) -> dict[str, Any]:
+        """:meth:`run`, in the folder's locked and opened ``ledger``."""
+        if self.config.backend is not None:
+            await claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
+        await record_outputs(ledger, HERE if self.store is None else self.store.location)
+        if self.store is not None:
+            await mark_state(ledger, self.store, self.run_dir)
+        started, started_at = time.monotonic(), _iso_now()
+        await self._continue_clock(ledger)
+        run = await ledger.begin_run()
+        held = await plan_into(ledger, manifest, run, plan)
+        seen, added, stale = held.run, held.added, held.stale
+        log.info(
+            "plan: %d new item(s), %d already in the ledger, %d no longer in the manifest",
+            added.added,
+            added.existing,
+            stale,
+        )
+        try:
+            stages = await self._run_stages(ledger, seen, held.lanes)
+        finally:
+            if self._live is not None:
+                self._final_snapshot = await self.snapshot(final=True)
+            self._live = None  # the ledger closes as run() returns
+        report = await write_outputs(
+            self.run_dir,
+            ledger,
+            run=run,
+            gallery=self.config.gallery,
+            store=self.store,
+            extra={
+                "manifest": str(manifest.path),
+                "name": manifest.name,
+                "items_added": added.added,
+                "items_existing": added.existing,
+                "items_no_longer_in_manifest": stale,
+                "items_in_manifest": {str(k): v for k, v in (await ledger.counts(run=seen)).items()},
+                "interrupted": self.interrupted,
+                "started_at": started_at,
+                "ended_at": _iso_now(),
+                "wall_s": round(time.monotonic() - started, 3),
+                "images_per_min": round(
+                    stages["images_saved_this_run"] / max(time.monotonic() - started, 1e-9) * 60, 2
+                ),
+                **stages,
+            },
+        )
         return report
 
-    def _continue_clock(self, ledger: RunLedger) -> None:
+    async def _continue_clock(self, ledger: RunLedger) -> None:
         """Keep one timeline per run folder: a resumed run continues the clock of the runs before it."""
         if not self._own_clock or not isinstance(self.clock, ScaledClock):
             return
-        saved = ledger.meta("clock")
+        saved = await ledger.meta("clock")
         if saved:
             speed, reading_s, wall_s = (float(part) for part in saved.split())
             if speed == self.clock.speed:
                 self.clock.continue_from(reading_s, wall_s)
                 return
         reading_s, wall_s = self.clock.anchor()
-        ledger.set_meta("clock", f"{self.clock.speed!r} {reading_s!r} {wall_s!r}")
+        await ledger.set_meta("clock", f"{self.clock.speed!r} {reading_s!r} {wall_s!r}")
 
-    def _prepare(self, ledger: RunLedger, run: int) -> None:
+    async def _prepare(self, ledger: RunLedger, run: int) -> None:
         """Settle what a stop left half done, and put back the items the user asked to try again."""
-        for row in ledger.iter_items([ItemState.submitting, ItemState.unknown]):
+        async for row in ledger.iter_items([ItemState.submitting, ItemState.unknown]):
             if row.endpoint == "sync":  # no list shows a sync call: its answer is lost, never to be sent again
-                sync_answer_lost(ledger, row, "stopped while the sync call was under way")
+                await sync_answer_lost(ledger, row, "stopped while the sync call was under way")
             elif row.state is ItemState.submitting:
                 # A crash between the commit and the reply: the POST may have gone out.
-                ledger.transition(row.item_id, ItemState.unknown, note="found submitting on start: outcome unknown")
-        for row in ledger.iter_items([ItemState.canceled], run=run):
+                note = "found submitting on start: outcome unknown"
+                await ledger.transition(row.item_id, ItemState.unknown, note=note)
+        async for row in ledger.iter_items([ItemState.canceled], run=run):
             # Canceled before it was made, so nothing was paid: the manifest still asks for it.
-            ledger.transition(row.item_id, ItemState.planned, note="canceled earlier; made on this run")
+            await ledger.transition(row.item_id, ItemState.planned, note="canceled earlier; made on this run")
         if not (self.retry_failed or self.retry_moderated):
             return
-        for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):
+        async for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):
             moderated = row.error_code in MODERATION_CODES
             wanted = self.retry_moderated if moderated else self.retry_failed and row.state is ItemState.failed
             if wanted:
-                ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
+                await ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
 
     async def _run_stages(self, ledger: RunLedger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
         """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
         ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
-        self._prepare(ledger, run)
-        budget = Budget(self.budget_limit, spent=ledger.spent_cost())
+        await self._prepare(ledger, run)
+        budget = Budget(self.budget_limit, spent=await ledger.spent_cost())
         # Only the manifest's items are sent, so its plan names the lanes of what is planned; the other open
         # states are few and read from their index (planned would read every row of a big manifest).
-        lanes_wanted = ledger.lanes(_RESUMABLE) if manifest_lanes is None else ledger.lanes(_OPEN) | manifest_lanes
+        if manifest_lanes is None:
+            lanes_wanted = await ledger.lanes(_RESUMABLE)
+        else:
+            lanes_wanted = await ledger.lanes(_OPEN) | manifest_lanes
         missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
         if missing:
             raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
@@ -253,14 +262,14 @@ class Engine:
         # With a store, the downloader makes each thumbnail from the image's bytes and stores it beside the image.
         thumbs = Thumbnailer(self.run_dir) if self.config.gallery and self.store is None else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
-            stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs)
+            stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs, await naming.sharded(ledger))
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
             # Where the runs before this one left the folder: the display's "this run" figures are the rest.
-            summary = ledger.summary()
+            summary = await ledger.summary()
             at_start = {"counts": summary["items"], "images_saved": summary["images"]["saved"], "cost": budget.spent}
-            self._refill(ledger, stages)
+            await self._refill(ledger, stages)
             self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
             await _in_order(
                 stages.submitter.run,
@@ -269,7 +278,7 @@ class Engine:
                 stages.downloader.run,
             )
         stats = stages.stats(budget)
-        stats["halted"] = bool(stats["blocked"]) and _halted(ledger, stats["blocked"], run)
+        stats["halted"] = bool(stats["blocked"]) and await _halted(ledger, stats["blocked"], run)
         return stats
 
     def _build(
@@ -280,6 +289,7 @@ class Engine:
         budget: Budget,
         run: int,
         thumbs: Thumbnailer | None,
+        sharded: bool,
     ) -> _Stages:
         """One client and query limiter per region, one lane per (region, model), and the four stages."""
         regions = {region for region, _ in lanes_wanted}
@@ -305,6 +315,7 @@ class Engine:
             on_refused=self._stop_submitting,
             store=self.store,
             thumbnails=self.config.gallery,
+            sharded=sharded,
         )
         tracker = Tracker(
             ledger=ledger,
@@ -347,20 +358,20 @@ class Engine:
             claims=Claims(offer.concurrency + self.config.submit.backlog, budget),
         )
 
-    def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
+    async def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
-            for row in ledger.iter_items([state]):
+            async for row in ledger.iter_items([state]):
                 lane = stages.lanes[(row.region, row.model)]
-                if state is ItemState.queued and not row.task_id and ledger.images_of(row.item_id):
-                    ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
+                if state is ItemState.queued and not row.task_id and await ledger.images_of(row.item_id):
+                    await ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
                     continue
                 # Its task holds a place on the service already, and may have been billed.
                 claim = lane.claims.resume(row)
                 if state is ItemState.queued and not row.task_id:
                     # A sync answer whose images were not recorded before a stop: nothing to ask for again.
-                    sync_answer_lost(ledger, row, "stopped before the sync answer was recorded", claim)
+                    await sync_answer_lost(ledger, row, "stopped before the sync answer was recorded", claim)
                     continue
                 if state is ItemState.unknown:
                     lane.doubt[row.item_id] = lane.doubt_key(row)
@@ -371,7 +382,7 @@ class Engine:
                     stages.tracker.add(
                         task_id=row.task_id, row=row, claim=claim, lane=lane, submitted_s=submitted_s, resumed=True
                     )
-        stages.downloader.load_pending()
+        await stages.downloader.load_pending()
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +414,11 @@ class _Stages:
         }
 
 
-def _halted(ledger: RunLedger, blocked: Mapping[str, str], run: int) -> bool:
+async def _halted(ledger: RunLedger, blocked: Mapping[str, str], run: int) -> bool:
     """Whether every lane that still has items of this manifest (seen in ``run``) to send was stopped by the key,
     the account or the network (``blocked``: lane -> "code: message"); a model refused alone is not that."""
     halting = {lane for lane, why in blocked.items() if why.split(":", 1)[0] in HALTING_CODES}
-    left = {f"{region}/{model}" for region, model in ledger.lanes([ItemState.planned], run=run)}
+    left = {f"{region}/{model}" for region, model in await ledger.lanes([ItemState.planned], run=run)}
     return bool(left) and left <= halting
 
 

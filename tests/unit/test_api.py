@@ -112,7 +112,7 @@ async def test_cancel_queued_cancels_what_waits_and_keeps_what_runs(start_sim, t
     )
     engine = engine_for(sim, tmp_path / "run")
     run = asyncio.create_task(engine.run(job))
-    while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:  # 2 running, a backlog of 2
+    while ((await engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:  # 2 running, a backlog of 2
         await asyncio.sleep(0.005)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):

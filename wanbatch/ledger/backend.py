@@ -63,14 +63,14 @@ def check(
     raise BackendMismatch(message)
 
 
-def claim(ledger: RunLedger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:
+async def claim(ledger: RunLedger, run_dir: Path, wanted: Mapping[str, str], *, force: bool) -> None:
     """Check ``wanted`` (the endpoints of the regions this run uses) against the ledger's record (read under the
     run's lock) and merge it in.
 
     A region the run does not use keeps its record: the folder may hold its tasks and images still, and a later
     run or ``wanbatch cancel`` that reaches it must meet the same service. So a manifest that drops a region
     neither forgets where its tasks are nor counts as a switch; only a region whose endpoint changes does."""
-    value = ledger.meta(BACKEND_META)
+    value = await ledger.meta(BACKEND_META)
     known = json.loads(value) if value else None
     check(run_dir, known, wanted, force=force)
     merged = {**(known or {}), **wanted}
@@ -80,7 +80,7 @@ def claim(ledger: RunLedger, run_dir: Path, wanted: Mapping[str, str], *, force:
     if switched:
         before = {region: known[region] for region in switched}
         log.warning("%s: switching from %s to %s (--force-backend)", run_dir, _phrase(before), _phrase(switched))
-    ledger.set_meta(BACKEND_META, json.dumps(merged, sort_keys=True))
+    await ledger.set_meta(BACKEND_META, json.dumps(merged, sort_keys=True))
 
 
 def base_url_of(endpoints: Mapping[str, str]) -> str | None:

@@ -1,9 +1,15 @@
-"""What the stages need of the ledger, as a protocol: the seam where another database plugs in.
+"""What the stages need of the ledger, as an async protocol: the seam where another database plugs in.
 
 The stages (submit, track, reconcile, results, download, cancel), the engine, the outputs and the command
-line hold a :class:`RunLedger`, never the SQLite class: :class:`wanbatch.ledger.sqlite.Ledger` is one
+line hold a :class:`RunLedger`, never a class: :class:`wanbatch.ledger.sqlite_async.SqliteLedger` is one
 implementation (one file, one process, under the run folder's lock); a ledger shared by several machines is
-another. Opening one is the implementation's own business (``Ledger.open``), as is closing it.
+another. One is opened and closed by :func:`wanbatch.ledger.opener.open_ledger`, an async context manager.
+
+Every method is a coroutine and every iterator an async iterator (``async for``): a database across the
+network answers in milliseconds, and the event loop must go on tracking and saving meanwhile, so its calls
+suspend. SQLite answers in microseconds from a local file, so its adapter runs each call at once and never
+suspends; to the caller both look alike. A caller must still write as if any call may suspend: state read
+before an ``await`` of the ledger may have moved by the time it returns.
 
 The contract every implementation keeps:
 
@@ -22,7 +28,7 @@ The contract every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,13 +44,16 @@ class RunLedger(Protocol):
     #: Where the ledger lives, for messages (a file, or a database's address).
     path: Path
 
+    # Iterators are declared with ``def ... -> AsyncIterator[...]``: an implementation writes them as async
+    # generators (``async def`` with ``yield``), which is what a caller gets by calling them.
+
     # ── runs and planning ───────────────────────────────────────────────────────────────────────────
 
-    def begin_run(self) -> int:
+    async def begin_run(self) -> int:
         """Record a new run of the folder (committed) and return its number: 1, 2, ..."""
         ...
 
-    def add_items(
+    async def add_items(
         self,
         items: Iterable[ItemLike],
         *,
@@ -59,51 +68,51 @@ class RunLedger(Protocol):
         nothing): the next run plans it again."""
         ...
 
-    def stale_count(self, run: int) -> int:
+    async def stale_count(self, run: int) -> int:
         """Items the manifest of ``run`` no longer has (not seen in it)."""
         ...
 
-    def meta(self, key: str) -> str | None:
+    async def meta(self, key: str) -> str | None:
         """A value the folder keeps (its clock, backend, manifest record, layout), or None."""
         ...
 
-    def set_meta(self, key: str, value: str) -> None:
+    async def set_meta(self, key: str, value: str) -> None:
         """Keep ``value`` under ``key`` (committed)."""
         ...
 
-    def delete_meta(self, key: str) -> None:
+    async def delete_meta(self, key: str) -> None:
         """Forget ``key`` (committed)."""
         ...
 
     # ── items ───────────────────────────────────────────────────────────────────────────────────────
 
-    def get(self, item_id: str) -> ItemRow:
+    async def get(self, item_id: str) -> ItemRow:
         """The item's row; :class:`~wanbatch.errors.LedgerError` when there is none."""
         ...
 
-    def get_many(self, item_ids: Collection[str]) -> list[ItemRow]:
+    async def get_many(self, item_ids: Collection[str]) -> list[ItemRow]:
         """The rows of ``item_ids``, in no set order, read together; :class:`~wanbatch.errors.LedgerError` when
         one has none."""
         ...
 
-    def state_of(self, item_id: str) -> ItemState:
+    async def state_of(self, item_id: str) -> ItemState:
         """The item's state alone."""
         ...
 
-    def known_tasks(self, task_ids: Collection[str]) -> set[str]:
+    async def known_tasks(self, task_ids: Collection[str]) -> set[str]:
         """Which of the service's tasks ``task_ids`` an item holds."""
         ...
 
-    def times_unknown(self, item_id: str) -> int:
+    async def times_unknown(self, item_id: str) -> int:
         """How many of the item's attempts ended with their outcome unknown (from its audit)."""
         ...
 
-    def run_spans(self, at_ms: Collection[int]) -> dict[int, tuple[int, int]]:
+    async def run_spans(self, at_ms: Collection[int]) -> dict[int, tuple[int, int]]:
         """For each of the times ``at_ms`` (our clock), when the run going on then began, and when the next one
         did (or the end of time)."""
         ...
 
-    def recent_tasks(
+    async def recent_tasks(
         self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62
     ) -> list[tuple[str, int]]:
         """Up to ``limit`` task ids of ``region`` whose attempts began in [``since_ms``, ``until_ms``), with when
@@ -120,32 +129,32 @@ class RunLedger(Protocol):
         after_seq: int = 0,
         order_by: str = "seq",
         limit: int | None = None,
-    ) -> Iterator[ItemRow]:
+    ) -> AsyncIterator[ItemRow]:
         """Items in ``states`` (seen in ``run``, of ``region`` and ``model``, after manifest position
         ``after_seq``, if given), ordered by ``order_by``: ``seq`` (manifest order) or a time column, then seq."""
         ...
 
-    def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
+    async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         """The (region, model) pairs with items in ``states`` (seen in ``run``, if given)."""
         ...
 
-    def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
+    async def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
         """Items per state, every state present; only those seen in ``run`` if given."""
         ...
 
-    def spent_cost(self) -> float:
+    async def spent_cost(self) -> float:
         """What the service has billed so far: every image generated, at its item's stored price."""
         ...
 
-    def planned_images(self) -> int:
+    async def planned_images(self) -> int:
         """How many images the items ask for, at n each."""
         ...
 
-    def summary(self) -> dict[str, Any]:
+    async def summary(self) -> dict[str, Any]:
         """Items and images per state, images billed, cost spent and planned per currency, and runs made."""
         ...
 
-    def transition(
+    async def transition(
         self,
         item_id: str,
         to: ItemState,
@@ -161,7 +170,7 @@ class RunLedger(Protocol):
         planned, the item forgets its task and that task's images."""
         ...
 
-    def finish_task(
+    async def finish_task(
         self,
         item_id: str,
         to: ItemState,
@@ -177,46 +186,48 @@ class RunLedger(Protocol):
         the new row and every image of the item, by index."""
         ...
 
-    def update(self, item_id: str, **item_fields: Any) -> ItemRow:
+    async def update(self, item_id: str, **item_fields: Any) -> ItemRow:
         """Set fields other than the state (as :meth:`transition` takes them), committed; returns the row."""
         ...
 
     # ── images ──────────────────────────────────────────────────────────────────────────────────────
 
-    def images_of(self, item_id: str) -> list[ImageRow]:
+    async def images_of(self, item_id: str) -> list[ImageRow]:
         """The item's images, by index."""
         ...
 
-    def iter_images(self, states: Collection[ImageState], *, order_by_deadline: bool = True) -> Iterator[ImageRow]:
+    def iter_images(self, states: Collection[ImageState], *, order_by_deadline: bool = True) -> AsyncIterator[ImageRow]:
         """Images in ``states``: soonest URL death first (none last), else by item and index."""
         ...
 
-    def iter_saved(self) -> Iterator[tuple[ImageRow, ItemRow]]:
+    def iter_saved(self) -> AsyncIterator[tuple[ImageRow, ItemRow]]:
         """Every saved image with its item, by item and image index."""
         ...
 
-    def image_saved(
+    async def image_saved(
         self, item_id: str, index: int, *, file_name: str, sha256: str, size_bytes: int, settle: bool = False
     ) -> Recorded | None:
         """Record a pending image saved (its file is on disk, fsynced, before this is called), committed; with
         ``settle``, :meth:`settle` in the same commit, returning its answer."""
         ...
 
-    def image_final(
+    async def image_final(
         self, item_id: str, index: int, state: ImageState, *, code: str = "", message: str = "", settle: bool = False
     ) -> Recorded | None:
         """Record a pending image failed or expired, with why; ``settle`` as for :meth:`image_saved`."""
         ...
 
-    def reopen_image(self, item_id: str, index: int, *, reason: str) -> None:
+    async def reopen_image(self, item_id: str, index: int, *, reason: str) -> None:
         """A saved image whose file is gone: pending again, and its saved item generated again, in one commit."""
         ...
 
-    def update_image(self, item_id: str, index: int, *, error_code: str | None, error_message: str | None) -> None:
+    async def update_image(
+        self, item_id: str, index: int, *, error_code: str | None, error_message: str | None
+    ) -> None:
         """Note why a pending image is not saved yet; its state stays."""
         ...
 
-    def settle(self, item_id: str) -> Recorded | None:
+    async def settle(self, item_id: str) -> Recorded | None:
         """Move a generated item whose images are all final to saved or expired (committed) and return its new
         row and images; None when an image is still pending or the item is not generated."""
         ...

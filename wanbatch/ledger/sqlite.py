@@ -5,13 +5,16 @@ Every state transition is one committed transaction, made *before* the network a
 so that a run killed at any instant can be resumed from here with nothing lost and nothing paid twice (see
 the money rules in shared/DESIGN.md).
 
-The stages see it through :class:`wanbatch.ledger.interface.RunLedger`, so that a database shared by
-several machines can stand behind them later. A commit that a request is sent on the strength of
-(``durable=True``: the ``submitting`` move before a POST, a sync answer's results) is fsynced before it
-returns (WAL with ``synchronous=FULL`` for that commit), so it survives a power loss too; the others survive
-a crash of the process (WAL, ``synchronous=NORMAL``), and a power loss can only undo them back to a state a
-resume heals (a task found again in the list, an image fetched again). Calls are short, so the engine makes
-them from the event loop directly, from one thread.
+The stages see it through the async :class:`wanbatch.ledger.interface.RunLedger`, as
+:class:`wanbatch.ledger.sqlite_async.SqliteLedger`, so that a database shared by several machines can stand
+behind them instead; this class stays synchronous, for what reads a SQLite file as such.
+
+A commit that a request is sent on the strength of (``durable=True``: the ``submitting`` move before a POST,
+a sync answer's results) is fsynced before it returns (WAL with ``synchronous=FULL`` for that commit), so it
+survives a power loss too; the others survive a crash of the process (WAL, ``synchronous=NORMAL``), and a
+power loss can only undo them back to a state a resume heals (a task found again in the list, an image
+fetched again). Calls are short, so the engine makes
+them from the event loop directly, from one thread (see :mod:`wanbatch.ledger.sqlite_async`).
 
 The class is built in layers, each a module: :mod:`~wanbatch.ledger.reads` (queries),
 :mod:`~wanbatch.ledger.moves` (item transitions), :mod:`~wanbatch.ledger.images` (image moves), and here

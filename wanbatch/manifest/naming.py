@@ -1,7 +1,7 @@
 """The file name of every image, from the manifest's ``output`` pattern: one function for the checks and the saving.
 
     file_name(pattern, variables, *, item_id, index, ...)  the name of one image relative to ``images/``
-    sharded(ledger)                     whether the run folder spreads its images over subfolders (decided once)
+    await sharded(ledger)               whether the run folder spreads its images over subfolders (decided once)
     saved_name(item, index, sharded=...)  the path, under the run folder, the downloader writes
 
 :func:`file_name` is the only maker of a name: the manifest's checks compare
@@ -90,17 +90,18 @@ def file_name(
     return "/".join(parts)
 
 
-def sharded(ledger: RunLedger) -> bool:
+async def sharded(ledger: RunLedger) -> bool:
     """Whether the run folder's images go to subfolders: decided by its first run that saves, then kept.
 
     A folder planning more than :data:`SHARD_ABOVE` images is sharded; one that holds saved images from
     before this decision was made stays flat, as it began.
     """
-    kept = ledger.meta(LAYOUT_META)
+    kept = await ledger.meta(LAYOUT_META)
     if kept is None:
-        began_flat = next(iter(ledger.iter_images([ImageState.saved], order_by_deadline=False)), None) is not None
-        kept = "flat" if began_flat or ledger.planned_images() <= SHARD_ABOVE else "sharded"
-        ledger.set_meta(LAYOUT_META, kept)
+        saved = ledger.iter_images([ImageState.saved], order_by_deadline=False)
+        began_flat = await anext(saved, None) is not None  # only whether there is one
+        kept = "flat" if began_flat or await ledger.planned_images() <= SHARD_ABOVE else "sharded"
+        await ledger.set_meta(LAYOUT_META, kept)
     return kept == "sharded"
 
 

@@ -41,15 +41,15 @@ async def write_outputs(
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Write what a run leaves for people and tools into ``run_dir`` (and ``store``); the report."""
-    extra = {**extra, "images_in_metadata": write_metadata(run_dir, ledger)}
+    extra = {**extra, "images_in_metadata": await write_metadata(run_dir, ledger)}
     if gallery:
-        write_gallery(run_dir, ledger, images_here=store is None, title=None if store is None else _title(store))
+        await write_gallery(run_dir, ledger, images_here=store is None, title=None if store is None else _title(store))
     if store is None:
-        return write_report(run_dir, ledger, run=run, extra=extra)
+        return await write_report(run_dir, ledger, run=run, extra=extra)
     names = [METADATA_FILE, *([DATA_FILE, GALLERY_FILE] if gallery else [])]
     not_stored = await store_files(store, run_dir, names)
     extra["outputs"] = {"location": store.location, "state": str(run_dir), "gallery": gallery, "not_stored": not_stored}
-    report = write_report(run_dir, ledger, run=run, extra=extra)
+    report = await write_report(run_dir, ledger, run=run, extra=extra)
     # The report cannot list itself; what the run returns (and prints) does.
     report["outputs"]["not_stored"] += await store_files(store, run_dir, [REPORT_FILE])
     return report

@@ -119,10 +119,10 @@ async def check_state_marker(where: Location, *, force: bool) -> None:
 async def mark_state(ledger: RunLedger, store: Store, state_dir: Path) -> None:
     """Name this state folder in ``store`` (:func:`check_state_marker`), its id kept in the ledger first, so that
     a stop between the two leaves a folder that the next run marks again, never a marker without its folder."""
-    state_id = ledger.meta(STATE_META)
+    state_id = await ledger.meta(STATE_META)
     if state_id is None:
         state_id = uuid.uuid4().hex
-        ledger.set_meta(STATE_META, state_id)
+        await ledger.set_meta(STATE_META, state_id)
     marker = {"state": state_id, "state_dir": str(Path(state_dir).resolve()), "host": socket.gethostname()}
     with before_sending():
         await store.put_verified(MARKER_KEY, json.dumps(marker).encode())
@@ -140,10 +140,10 @@ def before_sending() -> Iterator[None]:
         raise StoreConfigError(f"{exc}; nothing was sent: run again once the store answers") from None
 
 
-def record_outputs(ledger: RunLedger, outputs: str) -> None:
+async def record_outputs(ledger: RunLedger, outputs: str) -> None:
     """Keep in the ledger where its run's outputs are (:func:`check_outputs`), under the run's lock."""
-    if ledger.meta(OUTPUTS_META) != outputs:
-        ledger.set_meta(OUTPUTS_META, outputs)
+    if await ledger.meta(OUTPUTS_META) != outputs:
+        await ledger.set_meta(OUTPUTS_META, outputs)
 
 
 def locate(out: str | Path, *, state: str | Path | None = None, config: StoreConfig | None = None) -> Location:

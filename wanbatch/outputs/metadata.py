@@ -29,17 +29,17 @@ REPORT_FILE = "report.json"
 FAILURE_STATES = (ItemState.rejected, ItemState.failed, ItemState.expired, ItemState.unknown, ItemState.canceled)
 
 
-def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
+async def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
     """One line per saved image; returns how many.
 
     Every row has the same columns with the same types: a dataset loader infers them from the first part of
     the file only, so a variable some items lack is "" there, not absent, and so is a missing text value.
     """
     names: set[str] = set()
-    for _, item in ledger.iter_saved():
+    async for _, item in ledger.iter_saved():
         names.update(item.variables)
     lines = []
-    for image, item in ledger.iter_saved():
+    async for image, item in ledger.iter_saved():
         request = item.request
         row = {
             "file_name": image.file_name,
@@ -66,10 +66,10 @@ def write_metadata(run_dir: Path, ledger: RunLedger) -> int:
     return len(lines)
 
 
-def write_report(run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+async def write_report(run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Write and return ``report.json``: the ledger's summary, failures grouped by code (each with the
     message of every state it ended items in), and ``extra``."""
-    report = build_report(ledger, run=run, extra=extra)
+    report = await build_report(ledger, run=run, extra=extra)
     write_atomic(run_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -85,22 +85,22 @@ def _count_failure(group: dict[str, Any], row: ItemRow) -> None:
         group["sources"].append({"item_id": row.item_id, "state": state, "source": row.source, "entry": row.entry})
 
 
-def build_report(ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
+async def build_report(ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[str, Any]:
     """The report as it stands now; ``wanbatch status`` builds it too, while a run goes on."""
     failures: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "states": {}, "sources": []})
     lost_cost = defaultdict(float)
-    for row in ledger.iter_items(FAILURE_STATES):
+    async for row in ledger.iter_items(FAILURE_STATES):
         if row.error_code in WRITE_OFF_CODES:  # possibly billed, images never had: counted as paid and lost
             lost_cost[row.currency] += row.cost
         _count_failure(failures[row.error_code or str(row.state)], row)
     lost = []
-    for image in ledger.iter_images([ImageState.expired]):
-        item = ledger.get(image.item_id)
+    async for image in ledger.iter_images([ImageState.expired]):
+        item = await ledger.get(image.item_id)
         lost_cost[item.currency] += item.price_per_image
         if len(lost) < 50:
             lost.append({"item_id": image.item_id, "image_index": image.image_index, "error": image.error_message})
     waiting = []
-    for image in ledger.iter_images([ImageState.pending]):
+    async for image in ledger.iter_images([ImageState.pending]):
         # Generated and paid, not on disk yet (a download error, a full disk): a later run saves it.
         waiting.append(
             {
@@ -111,7 +111,7 @@ def build_report(ledger: RunLedger, *, run: int, extra: dict[str, Any]) -> dict[
             }
         )
     report = {
-        **ledger.summary(),
+        **(await ledger.summary()),
         "run": run,
         "failures": dict(failures),
         "images_expired": lost,

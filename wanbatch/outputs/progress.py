@@ -30,7 +30,7 @@ from rich.table import Table
 class Snapshots(Protocol):
     """What the progress line reads of a run: the engine's snapshot of its counts (None before it starts)."""
 
-    def snapshot(self, *, final: bool = False) -> dict[str, Any] | None: ...
+    async def snapshot(self, *, final: bool = False) -> dict[str, Any] | None: ...
 
 
 __all__ = [
@@ -192,7 +192,7 @@ async def log_progress(engine: Snapshots, *, interval_s: float = 30.0):
     async def report() -> None:
         while True:
             await asyncio.sleep(interval_s)
-            snapshot = engine.snapshot()
+            snapshot = await engine.snapshot()
             if snapshot is not None:
                 log.info("%s", progress_line(snapshot))
 
@@ -213,7 +213,7 @@ async def live_progress(engine: Snapshots, console: Console, *, interval_s: floa
         async def refresh() -> None:
             while True:
                 started = time.perf_counter()
-                snapshot = engine.snapshot()
+                snapshot = await engine.snapshot()
                 if snapshot is not None:
                     live.update(render(snapshot), refresh=True)
                 # Counting a very large ledger takes a while: never spend more than a few percent of the loop on it.
@@ -226,7 +226,7 @@ async def live_progress(engine: Snapshots, console: Console, *, interval_s: floa
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            snapshot = engine.snapshot(final=True)
+            snapshot = await engine.snapshot(final=True)
             if snapshot is not None:
                 live.update(render(snapshot), refresh=True)
 

@@ -21,7 +21,7 @@ import aiohttp
 from wanbatch import catalog
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import NOT_CANCELABLE, ApiError, ConfigError, RunLocked, TransportError
-from wanbatch.ledger import Ledger, RunLedger, RunLock, backend
+from wanbatch.ledger import RunLedger, RunLock, backend, open_ledger
 from wanbatch.ledger.states import ItemState
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import even_limiter
@@ -57,7 +57,7 @@ async def cancel_on_service(
     except TransportError as exc:
         log.warning("cancel %s: %s", task_id, exc)
         return CancelOutcome.failed
-    ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, task_status="CANCELED", note=note)
+    await ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, task_status="CANCELED", note=note)
     return CancelOutcome.canceled
 
 
@@ -68,8 +68,8 @@ async def cancel_in_folder(
     name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
     from wanbatch.service.client import keys_from_env
 
-    with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
-        regions = sorted({region for region, _ in ledger.lanes([ItemState.queued])})
+    async with open_ledger(run_dir, clock=ScaledClock(), create=False) as ledger:
+        regions = sorted({region for region, _ in await ledger.lanes([ItemState.queued])})
     # Cancel reaches every region with a task of the folder waiting, whether or not the folder's latest manifest
     # still uses it (the record keeps every region a run used), and only those: a region with nothing to cancel
     # is not reached, so what its record says is no reason to refuse, nor to choose the service.
@@ -110,20 +110,23 @@ async def cancel_queued(
     """Cancel every queued task of the run folder that has not started; how many came to each outcome."""
     counts = dict.fromkeys(CancelOutcome, 0)
     clock = ScaledClock()
-    with RunLock(run_dir), Ledger.open(run_dir, clock=clock, create=False) as ledger:
-        missing = sorted({region for region, _ in ledger.lanes([ItemState.queued])} - set(keys))
-        if missing:
-            raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
-        async with aiohttp.ClientSession() as session:
-            limiter = even_limiter(query_qps, clock=clock)
-            clients: dict[str, WanClient] = {}
-            for row in ledger.iter_items([ItemState.queued]):
-                if not row.task_id:
-                    continue
-                if row.region not in clients:
-                    url = catalog.endpoint(row.region, base_url=base_url, base_urls=base_urls)
-                    clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
-                await limiter.acquire()
-                client = clients[row.region]
-                counts[await cancel_on_service(ledger, client, row.item_id, row.task_id, note="wanbatch cancel")] += 1
+    with RunLock(run_dir):
+        async with open_ledger(run_dir, clock=clock, create=False) as ledger:
+            missing = sorted({region for region, _ in await ledger.lanes([ItemState.queued])} - set(keys))
+            if missing:
+                raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
+            async with aiohttp.ClientSession() as session:
+                limiter = even_limiter(query_qps, clock=clock)
+                clients: dict[str, WanClient] = {}
+                async for row in ledger.iter_items([ItemState.queued]):
+                    if not row.task_id:
+                        continue
+                    if row.region not in clients:
+                        url = catalog.endpoint(row.region, base_url=base_url, base_urls=base_urls)
+                        clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
+                    await limiter.acquire()
+                    outcome = await cancel_on_service(
+                        ledger, clients[row.region], row.item_id, row.task_id, note="wanbatch cancel"
+                    )
+                    counts[outcome] += 1
     return counts

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -81,6 +82,7 @@ class Downloader:
         config: DownloadConfig = DownloadConfig(),
         store: Store | None = None,
         thumbnails: bool = False,
+        sharded: bool = False,
     ) -> None:
         self._ledger, self._clock, self._session = ledger, clock, session
         self.run_dir = run_dir
@@ -107,7 +109,9 @@ class Downloader:
         #: Held on a name while an image is placed under it: two items whose patterns meet must not both find
         #: their name free and both write it (the second would replace the first, both recorded saved).
         self._names = KeyedLock()
-        self._sharded = naming.sharded(ledger)
+        #: Held on an item while one of its images is recorded final: the last to be recorded settles the item.
+        self._finals = KeyedLock()
+        self._sharded = sharded  #: the folder's images go to subfolders (:func:`wanbatch.manifest.naming.sharded`)
         self.saved = 0
         self.bytes = 0
 
@@ -117,41 +121,60 @@ class Downloader:
         self._interrupted = True
         self._wake.set()
 
-    def add_recorded(self, recorded: Recorded) -> None:
+    async def add_recorded(self, recorded: Recorded) -> None:
         """Queue the images of a task just recorded, as the ledger wrote them: no read of its own."""
         pending = recorded.pending
         for image in pending:
             self._push(image, recorded.row)
         if not pending:
-            self._close_item(recorded.row.item_id)
+            await self._close_item(recorded.row.item_id)
         self._wake.set()
 
-    def add_item(self, item_id: str) -> None:
+    async def add_item(self, item_id: str) -> None:
         """Queue the pending images of an item the ledger holds (one reopened on resume)."""
-        pending = [image for image in self._ledger.images_of(item_id) if image.state is ImageState.pending]
-        for image in pending:
-            self._push(image)
+        pending = [image for image in await self._ledger.images_of(item_id) if image.state is ImageState.pending]
         if not pending:
-            self._close_item(item_id)  # saved already (queued again after a stop): settle it now
+            await self._close_item(item_id)  # saved already (queued again after a stop): settle it now
+        else:
+            item = await self._row(item_id)
+            for image in pending:
+                self._push(image, item)
         self._wake.set()
 
-    def _push(self, image: ImageRow, item: ItemRow | None = None) -> None:
+    async def _row(self, item_id: str) -> ItemRow:
+        """The item's row: the one kept while it has open images, else read."""
+        return self._items[item_id][0] if item_id in self._items else await self._ledger.get(item_id)
+
+    def _push(self, image: ImageRow, item: ItemRow) -> None:
+        """Queue ``image`` of ``item`` (its row, read before: from here to the heap nothing awaits, so that two
+        images of one item queued at once count each other)."""
         key = (image.item_id, image.image_index)
         if key in self._queued:
             return
         self._queued.add(key)
         row, open_images = self._items.get(image.item_id) or (item, 0)
-        self._items[image.item_id] = (row or self._ledger.get(image.item_id), open_images + 1)
+        self._items[image.item_id] = (row, open_images + 1)
         heapq.heappush(self._heap, Job(image.deadline_ms, image.item_id, image.image_index, image))
 
     def _last(self, job: Job) -> bool:
         """Whether ``job`` is its item's last open image: only that one can settle the item, so the others
-        spare the ledger the look at the item's images. Asked with no await before the job's commit and
-        ``_done``, so two images of one item ending together cannot both think the other is last."""
+        spare the ledger the look at the item's images. Asked under the item's hold in :meth:`_record_final`."""
         return self._items[job.item_id][1] == 1
 
+    async def _record_final(self, job: Job, write: Callable[..., Awaitable[Recorded | None]]) -> Recorded | None:
+        """Make ``write`` (the image's commit, told by ``settle`` whether to settle its item too) and forget the
+        job, holding the item: a ledger call may suspend, and two images of one item ending together must not
+        both ask :meth:`_last` before either is done (neither would then settle the item)."""
+        async with self._finals.hold(job.item_id):
+            settled = await write(settle=self._last(job))
+            self._done(job)
+        return settled
+
     def _done(self, job: Job) -> None:
-        """The job's image is saved, final or left for a later run: forget it and, with its last, its item."""
+        """The job's image is saved, final or left for a later run: forget it and, with its last, its item. Once
+        per job: a job done already (in :meth:`_record_final`) is not counted again."""
+        if (job.item_id, job.index) not in self._queued:
+            return
         self._queued.discard((job.item_id, job.index))
         row, open_images = self._items[job.item_id]
         if open_images > 1:
@@ -159,16 +182,16 @@ class Downloader:
         else:
             del self._items[job.item_id]
 
-    def load_pending(self) -> int:
+    async def load_pending(self) -> int:
         """Queue every image the ledger says is still to be saved (on start and resume). Those it says are saved
         but whose file is gone or damaged are looked for as the stage runs (:meth:`_check_saved`), so that a big
         folder's resume does not wait for a stat of every file before its first request."""
-        for row in self._ledger.iter_items([ItemState.generated]):
+        async for row in self._ledger.iter_items([ItemState.generated]):
             # A stop between an item's last image and its own move leaves it generated with nothing pending.
-            self._ledger.settle(row.item_id)
+            await self._ledger.settle(row.item_id)
         count = 0
-        for image in self._ledger.iter_images([ImageState.pending]):
-            self._push(image)
+        async for image in self._ledger.iter_images([ImageState.pending]):
+            self._push(image, await self._row(image.item_id))
             count += 1
         self._wake.set()
         return count
@@ -177,7 +200,7 @@ class Downloader:
         """Saved images whose file is missing or damaged go back to pending, and are queued again."""
         try:
             for item_id in await reopen_damaged(self._ledger, self.run_dir, now_ms=self._clock.now_ms()):
-                self.add_item(item_id)
+                await self.add_item(item_id)
         finally:
             self._checking = False
             self._wake.set()
@@ -201,7 +224,7 @@ class Downloader:
                 self._release_due()
             if not self._heap:
                 if stop.is_set() and not self._busy and not self._checking and (self._interrupted or not self._waiting):
-                    self._leave_waiting()
+                    await self._leave_waiting()
                     self._wake.set()  # let the other workers see the end too
                     return
                 await self._idle()
@@ -231,10 +254,12 @@ class Downloader:
             return
         await self._clock.wait_event(self._wake, next_s - self._clock.now(), at_most_wall_s=0.2)
 
-    def _leave_waiting(self) -> None:
+    async def _leave_waiting(self) -> None:
         """The run ends with these still to retry (the user stopped it): pending, with why, for a later run."""
-        for job in self._waiting.drain():
-            self._ledger.update_image(job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error)
+        for job in list(self._waiting.drain()):  # taken out first: the other workers see none left meanwhile
+            await self._ledger.update_image(
+                job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error
+            )
             log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
             self._done(job)
 
@@ -245,30 +270,32 @@ class Downloader:
         """
         item_id, index = job.item_id, job.index
         if self._refused is not None:
-            return self._not_saved(job, self._refused, code="StoreRefused")
+            return await self._not_saved(job, self._refused, code="StoreRefused")
         try:
             try:
                 name, digest, size_bytes = await self._fetch(self._items[item_id][0], job)
             except StoreConfigError as exc:
-                return self._store_refused(job, exc)
+                return await self._store_refused(job, exc)
             except DownloadError as exc:
                 job.body = None  # the fetch or the body failed: the next try fetches again
-                return self._failed(job, exc)
+                return await self._failed(job, exc)
             except (StoreError, OSError) as exc:  # the body was good; saving it failed: it is kept for the retry
-                return self._failed(job, exc)
+                return await self._failed(job, exc)
         except UrlExpired as exc:
             try:
                 healed = await self._stored_already(job)
             except StoreConfigError as unsure:
-                return self._store_refused(job, unsure)
+                return await self._store_refused(job, unsure)
             except StoreError as unsure:  # the store may hold it: written off only once the store says it does not
-                return self._not_saved(job, f"{exc}; the store could not say whether it holds it: {unsure}")
+                return await self._not_saved(job, f"{exc}; the store could not say whether it holds it: {unsure}")
             if healed is not None:
                 name, digest, size_bytes = healed
-                return self._saved(job, name, digest, size_bytes)
-            settled = self._ledger.image_final(
-                item_id, index, ImageState.expired, code="UrlExpired", message=str(exc), settle=self._last(job)
+                return await self._saved(job, name, digest, size_bytes)
+
+            expired = functools.partial(
+                self._ledger.image_final, item_id, index, ImageState.expired, code="UrlExpired", message=str(exc)
             )
+            settled = await self._record_final(job, expired)
             log.warning(
                 "✗ %s image %d expired: %s",
                 item_id,
@@ -277,17 +304,18 @@ class Downloader:
                 extra={"event": "expired", "item": item_id, "image": index, "state": "expired", "code": "UrlExpired"},
             )
         else:
-            return self._saved(job, name, digest, size_bytes)
+            return await self._saved(job, name, digest, size_bytes)
         if settled is not None:
             self._on_item_done(settled)
         return None
 
-    def _saved(self, job: Job, name: str, digest: str, size_bytes: int) -> None:
+    async def _saved(self, job: Job, name: str, digest: str, size_bytes: int) -> None:
         """Record ``job``'s image saved as ``name`` (settling its item with its last image)."""
+        saved = functools.partial(
+            self._ledger.image_saved, job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes
+        )
         try:
-            settled = self._ledger.image_saved(
-                job.item_id, job.index, file_name=name, sha256=digest, size_bytes=size_bytes, settle=self._last(job)
-            )
+            settled = await self._record_final(job, saved)
         except IllegalTransition:
             return None  # no longer pending: recorded already, nothing more to do
         self.saved += 1
@@ -296,7 +324,7 @@ class Downloader:
             self._on_item_done(settled)
         return None
 
-    def _store_refused(self, job: Job, exc: StoreConfigError) -> None:
+    async def _store_refused(self, job: Job, exc: StoreConfigError) -> None:
         """The store refuses us (credentials withdrawn, bucket gone): waiting will not mend it, and every image
         would meet the same. Saving stops, and so does submitting (``on_refused``): an image paid for now could only
         wait. The images stay pending, for a run after the user has acted."""
@@ -306,11 +334,11 @@ class Downloader:
                 "✗ saving stopped: %s; nothing more is submitted; the images stay pending while their URLs live", exc
             )
             self._on_refused()
-        return self._not_saved(job, str(exc), code="StoreRefused")
+        return await self._not_saved(job, str(exc), code="StoreRefused")
 
-    def _not_saved(self, job: Job, reason: str, *, code: str = "DownloadFailed") -> None:
+    async def _not_saved(self, job: Job, reason: str, *, code: str = "DownloadFailed") -> None:
         """Leave ``job``'s image pending with ``reason``: a later run tries again while its URL lives."""
-        self._ledger.update_image(job.item_id, job.index, error_code=code, error_message=reason)
+        await self._ledger.update_image(job.item_id, job.index, error_code=code, error_message=reason)
         log.warning(
             "✗ %s image %d not saved: %s",
             job.item_id,
@@ -320,14 +348,14 @@ class Downloader:
         )
         return None
 
-    def _failed(self, job: Job, exc: DownloadError | StoreError | OSError) -> float | None:
+    async def _failed(self, job: Job, exc: DownloadError | StoreError | OSError) -> float | None:
         """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
         final for this run). Raises UrlExpired once the deadline has passed."""
         if isinstance(exc, OSError):
             self._folders.clear()  # a folder may have gone since it was made: make them again
         if not getattr(exc, "retryable", True):
             # Left pending: a later run tries again while the URL lives; the report shows it.
-            return self._not_saved(job, str(exc), code="DownloadFailed")
+            return await self._not_saved(job, str(exc), code="DownloadFailed")
         now, deadline_s = self._clock.now(), (job.deadline_ms or 0) / 1000
         if now >= deadline_s:
             raise UrlExpired(f"{exc}; the URL's deadline has passed") from None
@@ -337,8 +365,8 @@ class Downloader:
         wait_s = min(self.config.retry_base_s * 2 ** min(job.failures - 1, 30), self.config.retry_max_s)
         return min(now + wait_s, deadline_s)  # one last try as the deadline comes
 
-    def _close_item(self, item_id: str) -> None:
-        settled = self._ledger.settle(item_id)
+    async def _close_item(self, item_id: str) -> None:
+        settled = await self._ledger.settle(item_id)
         if settled is not None:
             self._on_item_done(settled)
 

@@ -86,7 +86,7 @@ async def reopen_damaged(ledger: RunLedger, run_dir: Path, *, now_ms: int) -> li
     reopened are returned, to be queued again."""
     damaged: list[tuple[ImageRow, Path, int | None]] = []
     page: list[ImageRow] = []
-    for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
+    async for image in ledger.iter_images([ImageState.saved], order_by_deadline=False):
         page.append(image)
         if len(page) >= CHECK_PAGE:
             damaged += await asyncio.to_thread(damaged_files, run_dir, page)
@@ -110,7 +110,7 @@ async def reopen_damaged(ledger: RunLedger, run_dir: Path, *, now_ms: int) -> li
         if size_bytes is not None:
             with contextlib.suppress(OSError):  # kept beside, not deleted: the bytes are the user's
                 path.replace(path.with_name(path.name + ".damaged"))
-        ledger.reopen_image(image.item_id, image.image_index, reason=reason)
+        await ledger.reopen_image(image.item_id, image.image_index, reason=reason)
         log.warning("↻ %s image %d saved before, fetched again: %s", image.item_id, image.image_index, reason)
         reopened.append(image.item_id)
     return reopened

@@ -85,26 +85,26 @@ class Held:
     lanes: frozenset[tuple[str, str]] | None  #: the manifest's (region, model) pairs, when its plan is known
 
 
-def plan_into(ledger: RunLedger, manifest: Manifest, run: int, plan: Mapping[str, Any] | None) -> Held:
+async def plan_into(ledger: RunLedger, manifest: Manifest, run: int, plan: Mapping[str, Any] | None) -> Held:
     """Put the manifest's items into the ledger, unless it holds them all already.
 
     An unchanged manifest (same digest: same text, same prompts files, same wanbatch) makes the same items,
     so a resume skips expanding it, and its items keep the marks of the run that planned them (only
     planning moves the marks, so the count of stale items kept with them holds too).
     """
-    known = known_manifest(ledger.meta(MANIFEST_META), manifest)
+    known = known_manifest(await ledger.meta(MANIFEST_META), manifest)
     if known is not None:
         log.info("manifest unchanged since run %d: its %d item(s) are in the ledger", known["run"], known["items"])
         added = AddResult(added=0, existing=known["items"])
         return Held(known["run"], added, known["stale"], lanes_of(known["plan"]))
     # Forgotten first: a plan stopped halfway leaves no record, so the next run plans again.
-    ledger.delete_meta(MANIFEST_META)
-    added = ledger.add_items(manifest.items(), run=run, price_of=price_of)
-    stale = ledger.stale_count(run)
+    await ledger.delete_meta(MANIFEST_META)
+    added = await ledger.add_items(manifest.items(), run=run, price_of=price_of)
+    stale = await ledger.stale_count(run)
     record = {"digest": getattr(manifest, "digest", ""), "run": run, "items": added.added + added.existing}
     record |= {"path": str(Path(manifest.path).resolve()), "name": manifest.name}  # see refuse_other_manifest
     record |= {"stale": stale, "plan": dict(plan) if plan is not None else None}
-    ledger.set_meta(MANIFEST_META, json.dumps(record))
+    await ledger.set_meta(MANIFEST_META, json.dumps(record))
     return Held(run, added, stale, lanes_of(plan))
 
 

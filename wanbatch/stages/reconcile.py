@@ -147,7 +147,7 @@ class Reconciler:
                     await self._sweep(lane)
                 except (ApiError, TransportError) as exc:
                     log.info("↻ reconcile %s %s: %s", lane.region, lane.model, exc)
-                    self._hold_overdue(lane)
+                    await self._hold_overdue(lane)
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
             else:
@@ -156,17 +156,17 @@ class Reconciler:
                 # looked for at least five times a wall second, whatever the clock's speed.
                 await self._clock.wait_event(self._changed, math.inf, at_most_wall_s=0.2)
 
-    def _rows(self, lane: Lane) -> list[ItemRow]:
+    async def _rows(self, lane: Lane) -> list[ItemRow]:
         """The lane's items in doubt, oldest attempt first: read together, once a sweep."""
         return sorted(
-            self._ledger.get_many([i for i, pending in self._pending.items() if pending.lane is lane]),
+            await self._ledger.get_many([i for i, pending in self._pending.items() if pending.lane is lane]),
             key=lambda row: (row.submit_started_ms or 0, row.seq),
         )
 
     async def _sweep(self, lane: Lane) -> None:
         """One listing of the lane's unclaimed tasks against all its unknown items, oldest attempt first."""
-        rows = self._rows(lane)
-        spans = self._ledger.run_spans({row.submit_started_ms or 0 for row in rows})
+        rows = await self._rows(lane)
+        spans = await self._ledger.run_spans({row.submit_started_ms or 0 for row in rows})
         # What one run's tasks tell is learned once a sweep, however many of its attempts are in doubt.
         learned = {span: await self._facts(lane, span) for span in set(spans.values())}
         facts = {row.item_id: learned[spans[row.submit_started_ms or 0]] for row in rows}
@@ -181,7 +181,7 @@ class Reconciler:
         for row in rows:
             # Not one adopted by an earlier row of this sweep.
             found = [(entry, verdict) for entry, verdict in verdicts[row.item_id] if entry in listing.entries]
-            if self._decide(lane, row, listing, facts[row.item_id], found, shared):
+            if await self._decide(lane, row, listing, facts[row.item_id], found, shared):
                 self._leave(lane, row)
 
     def _claim(self, row: ItemRow) -> Claim:
@@ -202,7 +202,7 @@ class Reconciler:
                     found.append((entry, verdict))
         return found
 
-    def _decide(
+    async def _decide(
         self, lane: Lane, row: ItemRow, listing: _Listing, facts: _KeyFacts, found: list, shared: set[str]
     ) -> bool:
         """Settle ``row`` if the listing allows (``shared``: tasks that fit other attempts too); True once it has
@@ -210,7 +210,7 @@ class Reconciler:
         cfg, now = self.config, self._clock.now()
         started_s = (row.submit_started_ms or 0) / 1000
         if now - started_s > cfg.task_lifetime_s and row.error_code != "HeldUnknownTwice":  # that one made no task
-            self._write_off(row)
+            await self._write_off(row)
             return True
         fits_all = [(entry, verdict) for entry, verdict in found if verdict is not Verdict.MAYBE]
         maybe_all = [entry for entry, verdict in found if verdict is Verdict.MAYBE]
@@ -227,32 +227,32 @@ class Reconciler:
         if ambiguous:
             if not closed:
                 return False  # more may show; decide once none can
-            return self._hold(row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
+            return await self._hold(row, "HeldAmbiguous", "more than one task could be this attempt's", fits, maybe)
         if len(fits) == 1 and not maybe:
             entry, verdict = fits[0]
             proven = verdict is Verdict.FITS_BY_PROMPT and facts.key_id is not None
             if proven or closed:
                 listing.entries.remove(entry)
-                self._adopt(lane, row, entry.task_id)
+                await self._adopt(lane, row, entry.task_id)
                 return True
             return False
         if closed and not fits_all and not maybe_all:
-            return self._no_task(lane, row)
+            return await self._no_task(lane, row)
         if listing.at_s >= closed_s + cfg.undecided_max_s:
             reason = "tasks that could be this attempt's did not finish in time to tell"
-            return self._hold(row, "HeldUndecided", reason, fits, maybe)
+            return await self._hold(row, "HeldUndecided", reason, fits, maybe)
         return False
 
     def _closed_s(self, row: ItemRow) -> float:
         """When no task of the attempt can be made any more nor be missing from the list (our clock)."""
         return (row.submit_started_ms or 0) / 1000 + self.config.request_window_s + self.config.list_lag_s
 
-    def _hold_overdue(self, lane: Lane) -> None:
+    async def _hold_overdue(self, lane: Lane) -> None:
         """The list cannot be read: items past their time to decide are held rather than kept open for ever."""
         now = self._clock.now()
-        for row in self._rows(lane):
+        for row in await self._rows(lane):
             if now >= self._closed_s(row) + self.config.undecided_max_s:
-                self._hold(row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
+                await self._hold(row, "HeldUndecided", "the task list could not be read in time to tell", [], [])
                 self._leave(lane, row)
 
     # -- what the list says -----------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class Reconciler:
         if facts.offset_ms is not None and now - facts.learned_s < self.config.facts_ttl_s:
             return facts
         offsets = []
-        for task_id, started_ms in self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
+        for task_id, started_ms in await self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
             page = await self._list_page(lane, 1, task_id=task_id)
             entry = page.by_id.get(task_id)
             if entry is None or entry.created_ms is None:
@@ -301,7 +301,7 @@ class Reconciler:
             entries = [entry for entry in found.rows if entry.created_ms is not None]  # else no window holds it
             if not found.whole or len(entries) < len(found.rows):
                 listing.complete = False  # a row or the page count could not be read: nothing is proven absent
-            known = self._ledger.known_tasks([entry.task_id for entry in entries if entry.task_id not in seen])
+            known = await self._ledger.known_tasks([entry.task_id for entry in entries if entry.task_id not in seen])
             for entry in entries:
                 if entry.task_id not in seen and entry.task_id not in known:
                     listing.entries.append(entry)
@@ -333,8 +333,8 @@ class Reconciler:
 
     # -- decisions --------------------------------------------------------------------------------------------
 
-    def _adopt(self, lane: Lane, row: ItemRow, task_id: str) -> None:
-        queued = self._ledger.transition(
+    async def _adopt(self, lane: Lane, row: ItemRow, task_id: str) -> None:
+        queued = await self._ledger.transition(
             row.item_id,
             ItemState.queued,
             expect=ItemState.unknown,
@@ -348,29 +348,31 @@ class Reconciler:
         claim.confirm()
         self._tracker.add(task_id=task_id, row=queued, claim=claim, lane=lane, submitted_s=submitted_s, resumed=True)
 
-    def _no_task(self, lane: Lane, row: ItemRow) -> bool:
+    async def _no_task(self, lane: Lane, row: ItemRow) -> bool:
         """The list proves that the attempt made no task: send again, unless the item has been unknown too often."""
         if row.endpoint is None and lane.offer.model.protocol is not Protocol.LEGACY:
             # Recorded before attempts noted their endpoint: it may have been a sync call, which no list shows.
             reason = "the attempt may have been a sync call (its endpoint was not recorded), which no list shows"
-            return self._hold(row, "HeldUndecided", reason, [], [])
+            return await self._hold(row, "HeldUndecided", reason, [], [])
         released = self.retry_held and row.error_code == "HeldUnknownTwice"
-        if self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
+        if await self._ledger.times_unknown(row.item_id) >= self.config.max_unknowns and not released:
             reason = f"no task was found, but the item has gone unknown {self.config.max_unknowns} times"
-            return self._hold(row, "HeldUnknownTwice", reason, [], [])
-        self._ledger.transition(row.item_id, ItemState.planned, note="the task list shows no task for this attempt")
+            return await self._hold(row, "HeldUnknownTwice", reason, [], [])
+        await self._ledger.transition(
+            row.item_id, ItemState.planned, note="the task list shows no task for this attempt"
+        )
         self.resent += 1
         log.info("↻ %s: no task was created; it will be sent again", row.item_id)
         self._claim(row).release()
         return True
 
-    def _hold(self, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
+    async def _hold(self, row: ItemRow, code: str, reason: str, fits: list, maybe: list) -> bool:
         """Leave the item unknown for the user, with the evidence; True (it has left the reconciler)."""
         named = [entry.task_id for entry, _ in fits] + [entry.task_id for entry in maybe]
         evidence = f"; candidate tasks: {', '.join(named)}" if named else ""
         advice = "--retry-held sends it once more" if code == "HeldUnknownTwice" else "a later run looks again"
         message = f"{reason}{evidence}. Not sent again; {advice} (see the README's money rules)"
-        self._ledger.update(row.item_id, error_code=code, error_message=message)
+        await self._ledger.update(row.item_id, error_code=code, error_message=message)
         self._contested.update(entry.task_id for entry, verdict in fits if verdict is Verdict.FITS)
         claim = self._claim(row)
         if code == "HeldUnknownTwice":
@@ -381,9 +383,9 @@ class Reconciler:
         log.warning("? %s held: %s%s", row.item_id, reason, evidence)
         return True
 
-    def _write_off(self, row: ItemRow) -> None:
+    async def _write_off(self, row: ItemRow) -> None:
         claim = self._claim(row)
-        write_off(
+        await write_off(
             self._ledger,
             row.item_id,
             paid=claim.price,

@@ -21,7 +21,7 @@ __all__ = ["record_results", "sync_answer_lost", "write_off"]
 log = logging.getLogger("wanbatch")
 
 
-def write_off(
+async def write_off(
     ledger: RunLedger,
     item_id: str,
     *,
@@ -38,18 +38,20 @@ def write_off(
     have cost at most."""
     if code not in WRITE_OFF_CODES:
         raise ValueError(f"write-off code {code!r}: allowed {', '.join(sorted(WRITE_OFF_CODES))}")
-    row = ledger.transition(item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields)
+    row = await ledger.transition(
+        item_id, ItemState.expired, error_code=code, error_message=message, cost=paid, **fields
+    )
     if claim is not None:
         claim.settle(paid)
     return row
 
 
-def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim | None = None) -> None:
+async def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim | None = None) -> None:
     """A sync call whose answer was lost (a fault, or a stop before it was recorded): it has no task id to find
     again and may have been billed, so sending it again could pay twice. It ends expired, counted as paid."""
     if row.state is ItemState.submitting:
-        ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
-    write_off(
+        await ledger.transition(row.item_id, ItemState.unknown, error_code="OutcomeUnknown", error_message=reason)
+    await write_off(
         ledger,
         row.item_id,
         # The price its claim reserved, as every write-off counts it; one found on start has no claim yet, and its
@@ -61,7 +63,7 @@ def sync_answer_lost(ledger: RunLedger, row: ItemRow, reason: str, claim: Claim 
     )
 
 
-def record_results(
+async def record_results(
     ledger: RunLedger,
     row: ItemRow,
     view: TaskView,
@@ -102,7 +104,7 @@ def record_results(
     # The images are recorded in the item's own move: one commit per task. The ledger counts the cost from
     # them, at the price stored when the item was planned (the catalog may have moved since).
     if good:
-        recorded = ledger.finish_task(
+        recorded = await ledger.finish_task(
             item_id, ItemState.generated, expect=ItemState.queued, images=images, durable=durable, **common
         )
         log.info(
@@ -114,7 +116,7 @@ def record_results(
         )
     else:
         first = next((r for r in images if r.error_code), None)
-        recorded = ledger.finish_task(
+        recorded = await ledger.finish_task(
             item_id,
             ItemState.failed,
             expect=ItemState.queued,

@@ -17,7 +17,7 @@ import asyncio
 import enum
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from wanbatch.catalog import Protocol
@@ -82,7 +82,7 @@ class Submitter:
         lanes: list[Lane],
         tracker: Tracker,
         reconciler: Reconciler,
-        on_sync_images: Callable[[ItemRow, Claim, dict], None],
+        on_sync_images: Callable[[ItemRow, Claim, dict], Awaitable[None]],
         config: SubmitConfig,
         run: int | None = None,
     ) -> None:
@@ -135,16 +135,15 @@ class Submitter:
         while not (self.stop.is_set() or lane.blocked):
             if lane.one_at_a_time and lane.async_in_doubt:
                 return sent, held + 1
-            rows = list(
-                self._ledger.iter_items(
-                    [ItemState.planned],
-                    run=self.manifest_run,
-                    region=lane.region,
-                    model=lane.model,
-                    after_seq=after_seq,
-                    limit=limit,
-                )
+            planned = self._ledger.iter_items(
+                [ItemState.planned],
+                run=self.manifest_run,
+                region=lane.region,
+                model=lane.model,
+                after_seq=after_seq,
+                limit=limit,
             )
+            rows = [row async for row in planned]
             if not rows:
                 break
             # Only this lane's submits move a planned item (the folder is locked to this process), so a row read
@@ -159,7 +158,7 @@ class Submitter:
                 after_seq = row.seq
                 if row.item_id in lane.skipped or row.item_id in lane.doubt:
                     continue
-                if row.item_id in moving and self._ledger.state_of(row.item_id) is not ItemState.planned:
+                if row.item_id in moving and await self._ledger.state_of(row.item_id) is not ItemState.planned:
                     continue  # its submit ended after the read: it has moved on
                 if lane.doubt_key(row) in lane.doubt.values():
                     # The service's task list tells tasks apart by prompt only: while one create with this
@@ -198,9 +197,9 @@ class Submitter:
         group.create_task(self._submit(lane, row, claim))
         return True
 
-    def _refused(self, item_id: str, state: ItemState, exc: ApiError) -> None:
+    async def _refused(self, item_id: str, state: ItemState, exc: ApiError) -> None:
         """Record the service's refusal of a create (no task was made) and where it leaves the item."""
-        self._ledger.transition(
+        await self._ledger.transition(
             item_id,
             state,
             expect=ItemState.submitting,
@@ -265,7 +264,7 @@ class Submitter:
         body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
         try:
             # Where it goes is committed with it: a lost sync answer has no task to find, and must never be re-sent.
-            row = ledger.transition(
+            row = await ledger.transition(
                 item_id,
                 ItemState.submitting,
                 expect=ItemState.planned,
@@ -284,8 +283,8 @@ class Submitter:
                 created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
         except OutcomeUnknown as exc:
             if sync:
-                return self._sync_lost(row, claim, str(exc))
-            ledger.transition(
+                return await self._sync_lost(row, claim, str(exc))
+            await ledger.transition(
                 item_id,
                 ItemState.unknown,
                 expect=ItemState.submitting,
@@ -302,13 +301,14 @@ class Submitter:
             return Sent.in_doubt  # a task may exist and occupy the service: its claim is kept until reconciled
         except ThrottledError as exc:
             lane.pacer.throttled()
-            return self._again(item_id, exc)
+            return await self._again(item_id, exc)
         except AccountError as exc:
-            self._refused(item_id, ItemState.planned, exc)  # planned again: the run after the fix sends it
+            # The lane stops first: no other create of it may go out on a refused key while the write is made.
             self.block(lane, exc)
+            await self._refused(item_id, ItemState.planned, exc)  # planned again: the run after the fix sends it
             return Sent.done
         except RejectedError as exc:
-            self._refused(item_id, ItemState.rejected, exc)
+            await self._refused(item_id, ItemState.rejected, exc)
             log.warning(
                 "✗ %s rejected: %s %s",
                 item_id,
@@ -319,21 +319,21 @@ class Submitter:
             return Sent.done
         except (ApiError, TransportError) as exc:
             self._count_unreachable(lane, exc)
-            return self._again(item_id, exc)
+            return await self._again(item_id, exc)
         lane.unreachable = 0
         lane.pacer.succeeded()
         self.submitted += 1
         if sync:
-            queued = ledger.transition(
+            queued = await ledger.transition(
                 item_id,
                 ItemState.queued,
                 expect=ItemState.submitting,
                 request_id=data.get("request_id", ""),
                 submitted_ms=self._clock.now_ms(),
             )
-            self._on_sync_images(queued, claim, data)
+            await self._on_sync_images(queued, claim, data)
             return Sent.done
-        queued = ledger.transition(
+        queued = await ledger.transition(
             item_id,
             ItemState.queued,
             expect=ItemState.submitting,
@@ -358,9 +358,9 @@ class Submitter:
         self._tracker.add(task_id=created.task_id, row=queued, claim=claim, lane=lane, submitted_s=self._clock.now())
         return Sent.tracked
 
-    def _sync_lost(self, row: ItemRow, claim: Claim, reason: str) -> Sent:
+    async def _sync_lost(self, row: ItemRow, claim: Claim, reason: str) -> Sent:
         """``row``: the item as its submitting move wrote it."""
-        sync_answer_lost(self._ledger, row, reason, claim)
+        await sync_answer_lost(self._ledger, row, reason, claim)
         log.warning(
             "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
         )
@@ -375,10 +375,10 @@ class Submitter:
         if lane.unreachable >= self.config.unreachable_after:
             self.block(lane, ApiError(0, UNREACHABLE, f"{lane.unreachable} connections failed in a row: {exc}"))
 
-    def _again(self, item_id: str, exc: Exception) -> None:
+    async def _again(self, item_id: str, exc: Exception) -> None:
         fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
         if isinstance(exc, ApiError):
             fields["request_id"] = exc.request_id
-        self._ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, **fields)
+        await self._ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, **fields)
         log.info("↻ %s: %s", item_id, exc)
         return None

@@ -44,7 +44,7 @@ class Tracker:
         ledger: RunLedger,
         clock: Clock,
         limiters: dict[str, Any],
-        on_images: Callable[[Recorded], None],
+        on_images: Callable[[Recorded], Awaitable[None]],
         config: TrackerConfig = TrackerConfig(),
     ) -> None:
         self._ledger, self._clock, self._limiters, self._on_images = ledger, clock, limiters, on_images
@@ -99,7 +99,7 @@ class Tracker:
             wait_s = self.config.idle_tick_s if next_due_s is None else min(next_due_s - now, 5.0)
             await self._clock.wait_event(self._wake, wait_s)
 
-    def record_sync(self, row: ItemRow, claim: Claim, data: dict) -> None:
+    async def record_sync(self, row: ItemRow, claim: Claim, data: dict) -> None:
         """A sync call's answer holds the finished task of the queued item ``row``: record it as if a poll had
         found it, and settle its ``claim``."""
         item_id, now = row.item_id, self._clock.now()
@@ -110,12 +110,12 @@ class Tracker:
         except MalformedAnswer as exc:
             # A sync answer cannot be asked for again (it has no task id): paid, as far as anyone can tell, and lost,
             # at the price stored when it was planned (the catalog may have moved).
-            write_off(
+            await write_off(
                 self._ledger, item_id, paid=claim.price, code="MalformedAnswer", message=str(exc), claim=claim, **common
             )
             log.warning("✗ %s: the sync answer could not be read: %s", item_id, exc)
             return
-        recorded = record_results(
+        recorded = await record_results(
             self._ledger,
             row,
             view,
@@ -126,7 +126,7 @@ class Tracker:
             durable=True,  # its URLs are nowhere else: a power loss must not take them
         )
         if recorded.row.state is ItemState.generated:
-            self._on_images(recorded)
+            await self._on_images(recorded)
 
     # -- looking --------------------------------------------------------------------------------------------
 
@@ -227,24 +227,24 @@ class Tracker:
             task.due_s = model.next_due(task, looked_due, self._clock.now())
             model.put([task])
             return
-        self._finish(task, view)
+        await self._finish(task, view)
         model.ended(task, view.ended_s)
 
-    def _finish(self, task: OpenTask, view: TaskView) -> None:
+    async def _finish(self, task: OpenTask, view: TaskView) -> None:
         """Record how ``task`` ended, as ``view`` says."""
         status, now = view.status, self._clock.now()
         ledger, item_id = self._ledger, task.item_id
         common = {"task_status": status.value, "ended_ms": int(now * 1000), "request_id": view.request_id}
         if status is TaskStatus.SUCCEEDED:
             self._model.learn(task.lane, view.running_s)
-            recorded = record_results(
+            recorded = await record_results(
                 ledger, task.row, view, now_s=now, config=self.config, common=common, claim=task.claim
             )
             if recorded.row.state is ItemState.generated:
-                self._on_images(recorded)
+                await self._on_images(recorded)
         elif status is TaskStatus.FAILED:
             code, message = view.code or "TaskFailed", view.message
-            ledger.transition(
+            await ledger.transition(
                 item_id, ItemState.failed, expect=ItemState.queued, error_code=code, error_message=message, **common
             )
             task.claim.settle(0.0)  # a FAILED task is not billed
@@ -257,11 +257,11 @@ class Tracker:
                 extra={"event": "failed", "item": item_id, "task": task.task_id, "state": "failed", "code": code},
             )
         elif status is TaskStatus.CANCELED:
-            ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, **common)
+            await ledger.transition(item_id, ItemState.canceled, expect=ItemState.queued, **common)
             task.claim.settle(0.0)
         else:  # UNKNOWN past the task's lifetime: the task id is gone; whether it was billed cannot be known
             # now: count it as paid (and lost), at the price stored when it was planned.
-            write_off(
+            await write_off(
                 ledger,
                 item_id,
                 paid=task.claim.price,

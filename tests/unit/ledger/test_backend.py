@@ -3,6 +3,7 @@ different regions, and a switch of one refused unless forced."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import Ledger, backend
+from wanbatch.ledger import Ledger, SqliteLedger, backend
 from wanbatch.ledger.backend import BACKEND_META, BackendMismatch
 
 HERE, THERE = "http://127.0.0.1:8001", "http://127.0.0.1:8002"
@@ -23,7 +24,7 @@ def record(run_dir: Path) -> dict[str, str]:
 
 def claim(run_dir: Path, wanted: dict[str, str], *, force: bool = False) -> None:
     with Ledger.open(run_dir, clock=ScaledClock()) as ledger:
-        backend.claim(ledger, run_dir, wanted, force=force)
+        asyncio.run(backend.claim(SqliteLedger(ledger), run_dir, wanted, force=force))
 
 
 def test_a_manifest_that_drops_a_region_keeps_its_record_and_switches_nothing(tmp_path, caplog):

@@ -12,7 +12,7 @@ import wanbatch
 from helpers.manifest import load_manifest
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import ManifestInvalid
-from wanbatch.ledger import Ledger
+from wanbatch.ledger import Ledger, SqliteLedger
 from wanbatch.manifest import Manifest, naming
 
 
@@ -133,17 +133,17 @@ def _ledger_with(run_dir: Path, items: int) -> Ledger:
     return ledger
 
 
-def test_a_large_run_spreads_its_images_over_subfolders_in_manifest_order(tmp_path: Path) -> None:
+async def test_a_large_run_spreads_its_images_over_subfolders_in_manifest_order(tmp_path: Path) -> None:
     """Past SHARD_ABOVE images a flat pattern saves to images/00000/, images/00001/... by item order, and stays so."""
     with _ledger_with(tmp_path / "big", naming.SHARD_ABOVE + 1) as ledger:
-        assert naming.sharded(ledger)
+        assert await naming.sharded(SqliteLedger(ledger))
         first, later = ledger.get(f"{0:020x}"), ledger.get(f"{naming.SHARD_ITEMS + 5:020x}")
         assert naming.saved_name(first, 0, sharded=True) == f"images/00000/{first.item_id}-0.png"
         assert naming.saved_name(later, 0, sharded=True) == f"images/00001/{later.item_id}-0.png"
     with Ledger.open(tmp_path / "big", clock=ScaledClock()) as ledger:
-        assert naming.sharded(ledger)  # a resume writes where the first run did
+        assert await naming.sharded(SqliteLedger(ledger))  # a resume writes where the first run did
     with _ledger_with(tmp_path / "small", naming.SHARD_ABOVE) as ledger:
-        assert not naming.sharded(ledger)
+        assert not await naming.sharded(SqliteLedger(ledger))
 
 
 def test_names_that_differ_only_in_case_or_accent_form_collide_at_plan_time(tmp_path: Path) -> None:

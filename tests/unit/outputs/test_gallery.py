@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from benchmarks.gallery import synthetic_run
 from helpers.engine import run_batch
 from helpers.outputs import metadata
 from wanbatch.clock import ScaledClock
-from wanbatch.ledger import Ledger, Recorded
+from wanbatch.ledger import Ledger, Recorded, SqliteLedger
 from wanbatch.ledger.states import ItemState
 from wanbatch.outputs.gallery import DATA_FILE, GALLERY_FILE, THUMB_SIDE_PX, Thumbnailer, thumb_name, write_gallery
 from wanbatch.outputs.gallery.data import MAX_SELECT_VALUES, Card, gallery_data
@@ -52,7 +53,7 @@ SAVED = 2 * 2 * 2 * 2 + 1  # style × model × size × n, and the escaping item
 
 def gallery_of(run_dir: Path) -> Path:
     with Ledger.open(run_dir, clock=ScaledClock(), create=False) as ledger:
-        return write_gallery(run_dir, ledger)
+        return asyncio.run(write_gallery(run_dir, SqliteLedger(ledger)))
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +299,7 @@ def test_values_are_given_back_exactly_by_the_data_file(matrix_run):
 def test_an_empty_run_gets_a_page_that_says_so(tmp_path):
     """A run folder with nothing saved yet gets a gallery that says so rather than failing."""
     with Ledger.open(tmp_path, clock=ScaledClock()) as ledger:
-        path = write_gallery(tmp_path, ledger)
+        path = asyncio.run(write_gallery(tmp_path, SqliteLedger(ledger)))
     assert gallery_cards(tmp_path) == [] and "No saved images yet." in path.read_text()
 
 
@@ -349,7 +350,7 @@ def test_a_full_thumbnail_queue_leaves_the_rest_to_the_end_of_the_run(tmp_path):
             for row in ledger.iter_items([ItemState.saved]):
                 thumbs.item_done(Recorded(row=row, images=tuple(ledger.images_of(row.item_id))))
         assert thumbs.made == 0 and thumbs.left == 6 and not (run_dir / "thumbs").exists()
-        write_gallery(run_dir, ledger)
+        asyncio.run(write_gallery(run_dir, SqliteLedger(ledger)))
     assert len(list((run_dir / "thumbs").rglob("*.jpg"))) == 6
     assert all(card["thumb"] == 1 for card in gallery_cards(run_dir))
 

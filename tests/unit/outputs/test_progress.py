@@ -124,7 +124,7 @@ async def test_the_engine_reports_what_a_resume_started_from(start_sim, tmp_path
     with caplog.at_level(logging.INFO, logger="wanbatch"):
         async with log_progress(engine, interval_s=0.01):
             await engine.run(manifest)
-    f = figures(engine.snapshot())
+    f = figures(await engine.snapshot())
     assert (f.total, f.done, f.done_this_run, f.saved_this_run) == (6, 6, 3, 3)
     assert (f.images, f.images_this_run) == (6, 3) and f.eta_s is None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]

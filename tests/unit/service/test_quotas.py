@@ -61,7 +61,7 @@ async def test_simulate_takes_a_simulator_config_and_a_quota_file(tmp_path):
     async def watch() -> None:
         nonlocal peak
         while True:
-            snapshot = engines[0].snapshot() if engines else None
+            snapshot = await engines[0].snapshot() if engines else None
             if snapshot:
                 peak = max(peak, snapshot["counts"].get("queued", 0))
             await asyncio.sleep(0.005)

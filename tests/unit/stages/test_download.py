@@ -19,7 +19,7 @@ from pathlib import Path
 from helpers.engine import engine_for
 from helpers.manifest import load_manifest
 from helpers.unkind import StorageRefusals, sim_with
-from wanbatch.ledger import LEDGER_FILE, Ledger
+from wanbatch.ledger import LEDGER_FILE, Ledger, SqliteLedger
 from wanbatch.ledger.states import ImageState, ItemState
 from wanbatch.manifest import Manifest
 from wanbatch.stages.download import DownloadConfig
@@ -167,7 +167,7 @@ async def test_a_resume_that_cannot_look_at_the_saved_files_goes_on(tmp_path):
     assert again["items"]["saved"] == 2 and sim.requests["create"] == 2
 
 
-def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
+async def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
     """A signed URL may say it lives a week (the service purges results after a day): the image's deadline is
     the task's end plus a day, not the URL's Expires."""
     from datetime import datetime
@@ -194,7 +194,9 @@ def test_a_deadline_is_never_later_than_a_day_after_the_task_ended(tmp_path):
             "results": [{"orig_prompt": "a tui", "url": f"https://example.invalid/a.png?Expires={week}"}],
         }
         view = task_view({"output": output}, sent_s=now, now_s=now)
-        recorded = record_results(ledger, queued, view, now_s=now, config=TrackerConfig(), common={})
+        recorded = await record_results(
+            SqliteLedger(ledger), queued, view, now_s=now, config=TrackerConfig(), common={}
+        )
         assert recorded.images == tuple(ledger.images_of(row.item_id))
     (image,) = recorded.images
     assert image.deadline_ms <= (now + 86400) * 1000

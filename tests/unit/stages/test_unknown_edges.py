@@ -71,7 +71,7 @@ async def test_cancel_pending_on_resume_cancels_only_the_waiting_tasks(start_sim
     manifest = load_manifest(tmp_path, prompts=numbered(8, "a tin robot"))
     engine = engine_for(sim, tmp_path / "run")
     run = asyncio.create_task(engine.run(manifest))
-    while ((engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:
+    while ((await engine.snapshot() or {}).get("counts") or {}).get("queued", 0) < 4:
         await asyncio.sleep(0.005)
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)

@@ -20,13 +20,15 @@ from wanbatch.outputs.gallery.thumbs import THUMB_SIDE_PX, THUMBS_DIR, Thumbnail
 __all__ = ["DATA_FILE", "GALLERY_FILE", "THUMBS_DIR", "THUMB_SIDE_PX", "Thumbnailer", "thumb_name", "write_gallery"]
 
 
-def write_gallery(run_dir: Path, ledger: RunLedger, *, images_here: bool = True, title: str | None = None) -> Path:
+async def write_gallery(
+    run_dir: Path, ledger: RunLedger, *, images_here: bool = True, title: str | None = None
+) -> Path:
     """Write ``gallery.html`` and ``gallery-data.js`` for every saved image (missing thumbnails made); the page.
 
     ``images_here`` False: the images are in a store, not in ``run_dir``; the page names each image's thumbnail
     (stored beside it as it was saved) and is written to ``run_dir`` to be stored with them."""
     run_dir = Path(run_dir)
-    cards = cards_of(run_dir, ledger, images_here=images_here)
+    cards = await cards_of(run_dir, ledger, images_here=images_here)
     title = title or run_dir.name
     data = gallery_data(title, cards)
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))

@@ -58,13 +58,13 @@ class Card:
         return "" if value is None else str(value)
 
 
-def cards_of(run_dir: Path, ledger: RunLedger, *, images_here: bool = True) -> list[Card]:
+async def cards_of(run_dir: Path, ledger: RunLedger, *, images_here: bool = True) -> list[Card]:
     """A card for every saved image, its thumbnail made if missing, in the order the page shows them
     (``images_here`` False: the images are in a store, with the thumbnails made as they were saved)."""
-    # The few thumbnails a run left are made on every core; the ledger is read in this thread only
-    # (map takes the rows here, as it submits them).
+    # The ledger is read first, here: the few thumbnails a run left are then made on every core.
+    saved = [pair async for pair in ledger.iter_saved()]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        cards = list(pool.map(lambda pair: _card(run_dir, *pair, images_here=images_here), ledger.iter_saved()))
+        cards = list(pool.map(lambda pair: _card(run_dir, *pair, images_here=images_here), saved))
     names = _facet_names(cards)
     cards.sort(key=lambda card: _order(card, names))
     return cards
