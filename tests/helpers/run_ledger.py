@@ -4,14 +4,19 @@ The tests of the protocol's contract (tests/unit/ledger/test_run_ledger.py) take
 implementation named in :data:`IMPLEMENTATIONS`: a new ledger is held to the same contract by adding its
 name there and its opening to :func:`run_ledger`. ``ledger_clock`` is the clock it stamps rows with, still
 unless a test moves it. Registered in tests/conftest.py (``pytest_plugins``). Beside them, what those tests
-and the synchronous ledger's plan and move items with: :class:`FakeItem`, :func:`items`, :data:`PATHS`.
+and the synchronous ledger's plan and move items with: :class:`FakeItem`, :func:`items`, :data:`PATHS`; and
+:class:`SuspendingLedger`, a ledger that gives the event loop away around every call, as one across a network
+does, for the tests of what the stages keep in order while a ledger call is under way.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +29,7 @@ __all__ = [
     "LEDGER_T0_S",
     "PATHS",
     "FakeItem",
+    "SuspendingLedger",
     "items",
     "ledger_clock",
     "run_ledger",
@@ -96,3 +102,36 @@ async def run_ledger(
             yield ledger
     else:  # pragma: no cover - a name in IMPLEMENTATIONS without its opening here
         raise AssertionError(f"no opening for the ledger {request.param!r}")
+
+
+class SuspendingLedger:
+    """A :class:`RunLedger` around ``inner`` that suspends (gives the event loop to every other task) before and
+    after each call and between the rows of an iterator, as a database across a network does; SQLite never
+    does, so only this shows a caller that reads state before an ``await`` of the ledger and trusts it after."""
+
+    def __init__(self, inner: RunLedger) -> None:
+        self._inner = inner
+        self.path = inner.path
+        self.calls = 0  #: the calls made through it, so that a test knows it was used
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._inner, name)
+        if inspect.isasyncgenfunction(method):
+
+            async def rows(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+                self.calls += 1
+                async for row in method(*args, **kwargs):
+                    await asyncio.sleep(0)
+                    yield row
+
+            return rows
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            await asyncio.sleep(0)
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                await asyncio.sleep(0)
+
+        return call
