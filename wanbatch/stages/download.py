@@ -45,6 +45,7 @@ from wanbatch.manifest import naming
 from wanbatch.outputs.stores import Store
 from wanbatch.stages.fetch import fetch_body
 from wanbatch.stages.imagefiles import place, reopen_damaged
+from wanbatch.stages.openimages import OpenImages
 from wanbatch.stages.retries import Job, Waiting
 from wanbatch.stages.upload import Uploader
 
@@ -101,10 +102,7 @@ class Downloader:
         self._wake = asyncio.Event()
         self._busy = 0
         self._checking = False  #: the saved files are being looked at: the stage does not end before
-        # Each image is queued once while it is open (a resume and a late result may both offer it); the item
-        # rows of open images are kept, so an image costs no ledger read of its own.
-        self._queued: set[tuple[str, int]] = set()
-        self._items: dict[str, tuple[ItemRow, int]] = {}  # item_id -> (row, open images)
+        self._open = OpenImages()  #: each image queued once while open; its item's row kept meanwhile
         self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
         #: Held on a name while an image is placed under it: two items whose patterns meet must not both find
         #: their name free and both write it (the second would replace the first, both recorded saved).
@@ -143,44 +141,22 @@ class Downloader:
 
     async def _row(self, item_id: str) -> ItemRow:
         """The item's row: the one kept while it has open images, else read."""
-        return self._items[item_id][0] if item_id in self._items else await self._ledger.get(item_id)
+        return self._open.get(item_id) or await self._ledger.get(item_id)
 
     def _push(self, image: ImageRow, item: ItemRow) -> None:
         """Queue ``image`` of ``item`` (its row, read before: from here to the heap nothing awaits, so that two
         images of one item queued at once count each other)."""
-        key = (image.item_id, image.image_index)
-        if key in self._queued:
-            return
-        self._queued.add(key)
-        row, open_images = self._items.get(image.item_id) or (item, 0)
-        self._items[image.item_id] = (row, open_images + 1)
-        heapq.heappush(self._heap, Job(image.deadline_ms, image.item_id, image.image_index, image))
-
-    def _last(self, job: Job) -> bool:
-        """Whether ``job`` is its item's last open image: only that one can settle the item, so the others
-        spare the ledger the look at the item's images. Asked under the item's hold in :meth:`_record_final`."""
-        return self._items[job.item_id][1] == 1
+        if self._open.add(image, item):
+            heapq.heappush(self._heap, Job(image.deadline_ms, image.item_id, image.image_index, image))
 
     async def _record_final(self, job: Job, write: Callable[..., Awaitable[Recorded | None]]) -> Recorded | None:
-        """Make ``write`` (the image's commit, told by ``settle`` whether to settle its item too) and forget the
-        job, holding the item: a ledger call may suspend, and two images of one item ending together must not
-        both ask :meth:`_last` before either is done (neither would then settle the item)."""
+        """Make ``write`` (the image's commit, told by ``settle`` whether it is its item's last open image, which
+        settles the item too) and close the image, holding the item: a ledger call may suspend, and two images of
+        one item ending together must not both ask before either is closed (neither would then settle the item)."""
         async with self._finals.hold(job.item_id):
-            settled = await write(settle=self._last(job))
-            self._done(job)
+            settled = await write(settle=self._open.last(job.item_id))
+            self._open.close(job.item_id, job.index)
         return settled
-
-    def _done(self, job: Job) -> None:
-        """The job's image is saved, final or left for a later run: forget it and, with its last, its item. Once
-        per job: a job done already (in :meth:`_record_final`) is not counted again."""
-        if (job.item_id, job.index) not in self._queued:
-            return
-        self._queued.discard((job.item_id, job.index))
-        row, open_images = self._items[job.item_id]
-        if open_images > 1:
-            self._items[job.item_id] = (row, open_images - 1)
-        else:
-            del self._items[job.item_id]
 
     async def load_pending(self) -> int:
         """Queue every image the ledger says is still to be saved (on start and resume). Those it says are saved
@@ -235,7 +211,7 @@ class Downloader:
                 again_s = await self._save(job)
                 if again_s is None:
                     job.body = None
-                    self._done(job)
+                    self._open.close(job.item_id, job.index)
                 else:
                     self._waiting.put(job, again_s)
             finally:
@@ -261,7 +237,7 @@ class Downloader:
                 job.item_id, job.index, error_code="DownloadFailed", error_message=job.last_error
             )
             log.warning("✗ %s image %d not saved yet: %s", job.item_id, job.index, job.last_error)
-            self._done(job)
+            self._open.close(job.item_id, job.index)
 
     async def _save(self, job: Job) -> float | None:
         """Fetch, check and place one image, then record it (settling its item in the same commit).
@@ -273,7 +249,7 @@ class Downloader:
             return await self._not_saved(job, self._refused, code="StoreRefused")
         try:
             try:
-                name, digest, size_bytes = await self._fetch(self._items[item_id][0], job)
+                name, digest, size_bytes = await self._fetch(self._open.held(item_id), job)
             except StoreConfigError as exc:
                 return await self._store_refused(job, exc)
             except DownloadError as exc:
@@ -408,7 +384,7 @@ class Downloader:
         """With a store, when ``job``'s URL has died: the image, if a run before stored it; else None."""
         if self._uploader is None:
             return None
-        item = self._items[job.item_id][0]
+        item = self._open.held(job.item_id)
         name = naming.saved_name(item, job.index, sharded=self._sharded)
         return await self._uploader.stored_already(item, job.index, name)
 
