@@ -15,8 +15,9 @@ from wanbatch.clock import ManualClock
 from wanbatch.sim import SimConfig, SimHandle, running_sim
 
 #: The S3 server's fixtures (``seaweed``, ``bucket``, ``s3_env``), for the tests of stores and of runs into them;
-#: ``run_ledger``, an opened ledger of each implementation, for the tests of the ledger's protocol.
-pytest_plugins = ["helpers.seaweed", "helpers.run_ledger"]
+#: ``run_ledger``, an opened ledger of each implementation, for the tests of the ledger's protocol; the PostgreSQL
+#: server's (``postgres_server``, ``pg_url``), for the tests of the PostgreSQL ledger.
+pytest_plugins = ["helpers.seaweed", "helpers.run_ledger", "helpers.postgres"]
 
 # --- the simulator (wanbatch.sim) -------------------------------------------------------------------
 

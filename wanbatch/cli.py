@@ -195,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cancel.set_defaults(func=cmd_cancel)
 
+    ledger = sub.add_parser("ledger", parents=[common], help="make or upgrade the tables of a PostgreSQL ledger")
+    from wanbatch.ledger import pgcli
+
+    pgcli.add_arguments(ledger)
+    ledger.set_defaults(func=pgcli.run)
+
     sim = sub.add_parser("sim", parents=[common], help="serve the simulated service on loopback until Ctrl-C")
     from wanbatch.sim import cli as sim_cli
 
