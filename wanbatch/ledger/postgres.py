@@ -15,10 +15,10 @@ The ledger is never given an API key and has no column that could hold one.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ _UPSERT_ITEM = f"""INSERT INTO items (batch_id, seq, item_id, replica, region, m
         source = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.source ELSE items.source END,
         entry = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.entry ELSE items.entry END,
         last_seen_run = excluded.last_seen_run"""
+_SEQ, _ID = 1, 2  #: where the manifest position and the item id are in a row of ``_UPSERT_ITEM``
 _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
 
 
@@ -165,35 +166,36 @@ class PgLedger(PgImageMoves):
                 cur = await conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items WHERE batch_id = %s", (self._batch,))
                 (last,) = await cur.fetchone()
                 while taken < ROWS_PER_COMMIT:
-                    chunk = list(itertools.islice(source, batch_size))
-                    if not chunk:
+                    now = self._clock.now_ms()
+                    # Each item is converted as it is read and dropped: the ledger never holds the manifest's items.
+                    rows = [
+                        _item_params(self._batch, item, run, now, price_of, currency)
+                        for item in islice(source, batch_size)
+                    ]
+                    if not rows:
                         more = False
                         break
-                    positions = await self._new_positions(conn, chunk, last)
-                    now = self._clock.now_ms()
-                    rows = [
-                        _item_params(self._batch, positions.get(i), item, run, now, price_of, currency)
-                        for i, item in enumerate(chunk)
-                    ]
+                    placed = await self._place_new(conn, rows, last)
                     await conn.cursor().executemany(_UPSERT_ITEM, rows)
-                    taken, new, last = taken + len(chunk), new + len(positions), last + len(positions)
+                    taken, new, last = taken + len(rows), new + placed, last + placed
             added, existing = added + new, existing + taken - new
         return AddResult(added=added, existing=existing)
 
-    async def _new_positions(self, conn: psycopg.AsyncConnection, chunk: list[ItemLike], last: int) -> dict[int, int]:
-        """For each item of ``chunk`` new to the batch (its first place in the chunk), its manifest position."""
-        ids = list(dict.fromkeys(item.item_id for item in chunk))
+    async def _place_new(self, conn: psycopg.AsyncConnection, rows: list[list[Any]], last: int) -> int:
+        """Give the rows of items new to the batch (their first row here) the manifest positions after ``last``
+        (the rows of held items keep 0, which their update ignores); returns how many were new."""
+        ids = list(dict.fromkeys(row[_ID] for row in rows))
         cur = await conn.execute(
             "SELECT item_id FROM items WHERE batch_id = %s AND item_id = ANY(%s)", (self._batch, ids)
         )
         held = {item_id for (item_id,) in await cur.fetchall()}
-        positions: dict[int, int] = {}
-        for place, item in enumerate(chunk):
-            if item.item_id not in held:
-                held.add(item.item_id)
-                last += 1
-                positions[place] = last
-        return positions
+        placed = 0
+        for row in rows:
+            if row[_ID] not in held:
+                held.add(row[_ID])
+                placed += 1
+                row[_SEQ] = last + placed
+        return placed
 
     async def set_meta(self, key: str, value: str) -> None:
         await self._all(
@@ -207,24 +209,20 @@ class PgLedger(PgImageMoves):
 
 
 def _item_params(
-    batch: int,
-    seq: int | None,
-    item: ItemLike,
-    run: int,
-    now: int,
-    price_of: Callable[[ItemLike], float] | None,
-    currency: str,
-) -> tuple[Any, ...]:
-    """The values of ``_UPSERT_ITEM``, in its column order; ``seq`` None for an item the batch holds."""
-    return (
+    batch: int, item: ItemLike, run: int, now: int, price_of: Callable[[ItemLike], float] | None, currency: str
+) -> list[Any]:
+    """The values of ``_UPSERT_ITEM``, in its column order (positional: planning a million items is hot). The
+    manifest position (``_SEQ``) is 0 until :meth:`PgLedger._place_new` gives one: NOT NULL is checked before
+    ON CONFLICT is, and an item the batch holds keeps its own."""
+    return [
         batch,
-        # NOT NULL is checked before ON CONFLICT is: an item the batch holds is given 0, which its update ignores.
-        seq or 0,
+        0,
         item.item_id,
         item.replica,
         item.region,
         item.model,
         item.n,
+        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
         getattr(item, "request_json", "") or canonical_json(item.request()),
         item.source or "",
         item.entry or "",
@@ -236,4 +234,4 @@ def _item_params(
         now,
         run,
         run,
-    )
+    ]

@@ -4,6 +4,7 @@ of the table is made or refused as there, paging neither repeats rows nor holds 
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,9 +173,9 @@ async def pg(pg_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Opens batches of the test's schema (``out`` names the batch); all are closed after the test."""
     opened: list[PgLedger] = []
 
-    async def open_batch(out: str = "/runs/a", clock: Any = None, **options: Any) -> PgLedger:
+    async def open_batch(out: str = "/runs/a", clock: Any = None, url_options: str = "", **options: Any) -> PgLedger:
         clock = clock or ScaledClock(start_s=T0_S, monotonic=lambda: 0.0)
-        opened.append(await PgLedger.open(pg_url, batch=out, clock=clock, **options))
+        opened.append(await PgLedger.open(pg_url + url_options, batch=out, clock=clock, **options))
         return opened[-1]
 
     yield open_batch
@@ -225,7 +226,8 @@ async def test_paging_repeats_no_moved_row_and_holds_no_transaction(
 ) -> None:
     """Items moved while a stream is read are not met again, and between pages no transaction is left open."""
     monkeypatch.setattr(pg_reads_module, "PAGE_SIZE", 7)
-    ledger = await pg()
+    name = f"paging-{uuid.uuid4().hex[:8]}"  # the ledger's connections among the server's others
+    ledger = await pg(url_options=f"&application_name={name}")
     run = await ledger.begin_run()
     await ledger.add_items(items(50), run=run)
     seen: list[str] = []
@@ -235,10 +237,13 @@ async def test_paging_repeats_no_moved_row_and_holds_no_transaction(
             # The caller moves what it reads (and one further on): neither comes back in the other state's stream.
             await ledger.transition(row.item_id, S.submitting, expect=S.planned)
             cur = await watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND state LIKE 'idle in transaction%%' AND pid <> pg_backend_pid()"
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                " AND state LIKE 'idle in transaction%%'",
+                (name,),
             )
             assert (await cur.fetchone())[0] == 0
+        cur = await watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,))
+        assert (await cur.fetchone())[0] >= 2  # the watcher and the ledger's pool: the filter finds them
     assert seen == [f"item-{i:06d}" for i in range(50)]
     images = [ImageRecord(index=i, url=f"https://img/{i}", deadline_ms=1000 - i) for i in range(20)]
     for step in (S.queued,):
