@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import islice
 from pathlib import Path
@@ -43,11 +44,17 @@ CONNECT_TIMEOUT_S = 10
 #: in order there); a part of a plan lost to a crash costs nothing, the next run plans it again.
 ROWS_PER_COMMIT = 50_000
 
-# Items met again stay as they are, only marked seen in this run (the SQLite ledger's rule, row by row).
-_UPSERT_ITEM = f"""INSERT INTO items (batch_id, seq, item_id, replica, region, model, n_images, request, source,
+# Items met again stay as they are, only marked seen in this run (the SQLite ledger's rule). A part of a plan
+# is one statement over arrays, one per column (``unnest``): a row per item would be a statement per item. The
+# arrays go in binary (``%b``): as text each string is escaped in Python, which took most of planning's time.
+_UPSERT_ITEMS = f"""INSERT INTO items (batch_id, seq, item_id, replica, region, model, n_images, request, source,
         entry, variables, output, price_per_image, currency, planned_ms, updated_ms, first_seen_run, last_seen_run,
         state)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, 'planned')
+    SELECT %s, u.seq, u.item_id, u.replica, u.region, u.model, u.n_images, u.request::jsonb, u.source, u.entry,
+        u.variables::jsonb, u.output, u.price, u.currency, %s, %s, %s, %s, 'planned'
+    FROM unnest(%b::bigint[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::integer[], %b::text[],
+        %b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], %b::text[])
+        AS u(seq, item_id, replica, region, model, n_images, request, source, entry, variables, output, price, currency)
     ON CONFLICT (batch_id, item_id) DO UPDATE SET
         more_sources = CASE
             WHEN items.last_seen_run < excluded.last_seen_run THEN '[]'::jsonb
@@ -57,7 +64,7 @@ _UPSERT_ITEM = f"""INSERT INTO items (batch_id, seq, item_id, replica, region, m
         source = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.source ELSE items.source END,
         entry = CASE WHEN items.last_seen_run < excluded.last_seen_run THEN excluded.entry ELSE items.entry END,
         last_seen_run = excluded.last_seen_run"""
-_SEQ, _ID = 1, 2  #: where the manifest position and the item id are in a row of ``_UPSERT_ITEM``
+_SEQ, _ID = 0, 1  #: where the manifest position and the item id are in an item's values (``_item_values``)
 _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
 
 
@@ -155,7 +162,7 @@ class PgLedger(PgImageMoves):
         ``batch_size`` at a time; an item already there keeps its state (only its source and entry follow).
 
         Each commit locks the batch's row, reads which of its ids the batch holds, gives the new ones the next
-        manifest positions and sends the upserts as one pipeline (``executemany``)."""
+        manifest positions and sends them as one statement (a second for an id met twice in one part)."""
         source = iter(items)
         added = existing = 0
         more = True
@@ -166,17 +173,17 @@ class PgLedger(PgImageMoves):
                 cur = await conn.execute("SELECT COALESCE(MAX(seq), 0) FROM items WHERE batch_id = %s", (self._batch,))
                 (last,) = await cur.fetchone()
                 while taken < ROWS_PER_COMMIT:
-                    now = self._clock.now_ms()
                     # Each item is converted as it is read and dropped: the ledger never holds the manifest's items.
-                    rows = [
-                        _item_params(self._batch, item, run, now, price_of, currency)
-                        for item in islice(source, batch_size)
-                    ]
+                    rows = [_item_values(item, price_of, currency) for item in islice(source, batch_size)]
                     if not rows:
                         more = False
                         break
                     placed = await self._place_new(conn, rows, last)
-                    await conn.cursor().executemany(_UPSERT_ITEM, rows)
+                    scalars = (self._batch, self._clock.now_ms(), self._clock.now_ms(), run, run)
+                    for part in _rounds(rows):
+                        await conn.execute(
+                            _UPSERT_ITEMS, (*scalars, *(list(column) for column in zip(*part, strict=True)))
+                        )
                     taken, new, last = taken + len(rows), new + placed, last + placed
             added, existing = added + new, existing + taken - new
         return AddResult(added=added, existing=existing)
@@ -208,14 +215,25 @@ class PgLedger(PgImageMoves):
         await self._all("DELETE FROM meta WHERE batch_id = %(batch)s AND key = %(key)s RETURNING key", {"key": key})
 
 
-def _item_params(
-    batch: int, item: ItemLike, run: int, now: int, price_of: Callable[[ItemLike], float] | None, currency: str
-) -> list[Any]:
-    """The values of ``_UPSERT_ITEM``, in its column order (positional: planning a million items is hot). The
-    manifest position (``_SEQ``) is 0 until :meth:`PgLedger._place_new` gives one: NOT NULL is checked before
-    ON CONFLICT is, and an item the batch holds keeps its own."""
+def _rounds(rows: list[list[Any]]) -> list[list[list[Any]]]:
+    """``rows`` in parts that each hold an item id once (one statement cannot upsert a row twice): the first
+    place of each id, then the second, ...; in order within each, so an item's places are met in order."""
+    met: Counter[str] = Counter()
+    rounds: list[list[list[Any]]] = []
+    for row in rows:
+        number = met[row[_ID]]
+        met[row[_ID]] += 1
+        if number == len(rounds):
+            rounds.append([])
+        rounds[number].append(row)
+    return rounds
+
+
+def _item_values(item: ItemLike, price_of: Callable[[ItemLike], float] | None, currency: str) -> list[Any]:
+    """An item's values, in the order of ``_UPSERT_ITEMS``'s arrays. The manifest position (``_SEQ``) is 0 until
+    :meth:`PgLedger._place_new` gives one: NOT NULL is checked before ON CONFLICT is, and an item the batch holds
+    keeps its own."""
     return [
-        batch,
         0,
         item.item_id,
         item.replica,
@@ -230,8 +248,4 @@ def _item_params(
         item.output,
         float(price_of(item)) if price_of else 0.0,
         currency,
-        now,
-        now,
-        run,
-        run,
     ]
