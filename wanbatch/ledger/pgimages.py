@@ -1,8 +1,11 @@
 """The PostgreSQL ledger's image moves: an image saved, lost or reopened, and its item settled with the last.
 
 The third layer of :class:`wanbatch.ledger.postgres.PgLedger`. An image move alone is one statement; with
-``settle`` it is one transaction sent as a pipeline: the image's update and the read of the item's images go
-together, then the item's move if the images call for one, then the commit.
+``settle`` it is one transaction sent as a pipeline: the item's lock, the image's update and the read of the
+item's images go together, then the item's move if the images call for one, then the commit. The item is locked
+first because two images of one item are saved side by side on two connections: without the lock each reads the
+other still pending and neither settles the item; with it the second reads the first's image as committed.
+Every transaction that touches an item and its images locks the item's row before the images' rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState
 
 __all__ = ["PgImageMoves"]
 
+_LOCK_ITEM = "SELECT 1 FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s FOR UPDATE"
 _WHERE_IMAGE = "WHERE batch_id = %(batch)s AND item_id = %(id)s AND image_index = %(index)s"
 _SAVED = (
     "UPDATE images SET state = 'saved', file_name = %(file_name)s, sha256 = %(sha256)s, size_bytes = %(size)s,"
@@ -67,6 +71,7 @@ class PgImageMoves(PgMoves):
         key = {"batch": self._batch, "id": item_id, "index": index, "now": self._clock.now_ms(), "reason": reason}
         try:
             async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                await conn.execute(_LOCK_ITEM, key)
                 reopened = await conn.execute(_REOPEN, key)
                 await self._move_in(conn, item_id, ItemState.saved, ItemState.generated, note=reason)
                 if await reopened.fetchone() is None:
@@ -89,7 +94,8 @@ class PgImageMoves(PgMoves):
     async def settle(self, item_id: str) -> Recorded | None:
         """Finish a generated item whose images are all final (saved, or expired when any died first), in one
         transaction; returns its new row and images, or None when it stays as it is."""
-        async with self._pool.connection() as conn, conn.transaction():
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            await conn.execute(_LOCK_ITEM, {"batch": self._batch, "id": item_id})
             return await self._settle(conn, item_id)
 
     async def _image_move(
@@ -102,6 +108,7 @@ class PgImageMoves(PgMoves):
                     raise _Refused
                 return None
             async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                await conn.execute(_LOCK_ITEM, key)
                 moved = await conn.execute(sql, key)
                 images = await conn.execute(_IMAGES_OF, key)
                 if await moved.fetchone() is None:

@@ -3,6 +3,7 @@ of the table is made or refused as there, paging neither repeats rows nor holds 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -85,6 +86,9 @@ async def scenario(ledger: Any, ticking: Ticking) -> list[tuple[str, Any]]:
     await ask("update", "item-000000", colour="red")
     await ask("update", "item-404", task_status="RUNNING")
     await ask("transition", "item-404", S.submitting)
+    await ask("transition", "item-404", S.submitting, expect=S.planned)
+    await ask("finish_task", "item-404", S.generated, images=[ImageRecord(index=0, url="https://img/404")])
+    await ask("image_saved", "item-404", 0, file_name="images/x.png", sha256="xx", size_bytes=1, settle=True)
     await ask("transition", "item-000001", S.queued)
     await ask("transition", "item-000001", S.saved, expect=S.planned)
     images = [
@@ -304,3 +308,24 @@ async def test_a_search_path_naming_no_schema_is_refused_saying_so(postgres_serv
     url = f"{postgres_server}?options=-csearch_path%3Dno_such_schema_here"
     with pytest.raises(LedgerError, match="names no schema that exists; create it first"):
         await PgLedger.open(url, batch="/x", clock=ScaledClock(start_s=T0_S))
+
+
+async def test_images_of_one_item_saved_at_once_settle_it(pg: Callable[..., Any]) -> None:
+    """Two images of one item saved at the same moment on two connections (the downloader saves side by side):
+    the item ends saved, not left generated with every image saved because each saw the other pending."""
+    ledger = await pg()
+    ids = [f"item-{i:06d}" for i in range(30)]
+    await ledger.add_items(items(30, n=2), run=await ledger.begin_run())
+    for item_id in ids:
+        await ledger.transition(item_id, S.submitting)
+        await ledger.transition(item_id, S.queued, task_id=f"task-{item_id}")
+        two = [ImageRecord(index=i, url=f"https://img/{item_id}/{i}") for i in range(2)]
+        await ledger.finish_task(item_id, S.generated, images=two)
+    for item_id in ids:
+        await asyncio.gather(
+            *(
+                ledger.image_saved(item_id, i, file_name=f"{item_id}-{i}.png", sha256="ab", size_bytes=1, settle=True)
+                for i in range(2)
+            )
+        )
+    assert (await ledger.counts())[S.saved] == 30
