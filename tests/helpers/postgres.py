@@ -5,6 +5,8 @@ The server is not started here: it is the one at ``$WANBATCH_TEST_POSTGRES`` (de
 when it does not, every test that needs it is skipped with one reason, or fails when
 ``WANBATCH_REQUIRE_POSTGRES=1`` (CI sets it, so that a missing server cannot pass unseen). ``pg_url`` (per test)
 is a URL whose ``search_path`` is a fresh schema ``t_<random>``, dropped with everything in it after the test.
+Its connections commit without waiting for the WAL's flush (``synchronous_commit=off``): a third less time a
+write, and nothing a test checks depends on a commit surviving the server's machine losing power.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-__all__ = ["DEFAULT_URL", "pg_url", "postgres_server", "pytest_runtest_makereport", "schema_url"]
+__all__ = ["DEFAULT_URL", "pg_url", "postgres_admin", "postgres_server", "pytest_runtest_makereport", "schema_url"]
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 _NO_SERVER = "no PostgreSQL at "
 
 
 def schema_url(url: str, schema: str) -> str:
-    """``url`` with its connections' ``search_path`` set to ``schema`` (a libpq option)."""
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    """``url`` with its connections' ``search_path`` set to ``schema`` and commits not waiting for the flush (libpq
+    options)."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}%20-csynchronous_commit%3Doff"
 
 
 @pytest.fixture(scope="session")
@@ -56,14 +59,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.longrepr = (__file__, _check_server.__code__.co_firstlineno, report.longrepr[2])
 
 
+@pytest.fixture(scope="session")
+def postgres_admin(postgres_server: str) -> Iterator[psycopg.Connection]:
+    """One connection of the session that makes and drops the tests' schemas (a connection each time is slower)."""
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        yield conn
+
+
 @pytest.fixture
-def pg_url(postgres_server: str) -> Iterator[str]:
+def pg_url(postgres_server: str, postgres_admin: psycopg.Connection) -> Iterator[str]:
     """A URL of the test server whose connections work in a schema of their own, dropped after the test."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
+    postgres_admin.execute(f"CREATE SCHEMA {schema}")
     try:
         yield schema_url(postgres_server, schema)
     finally:
-        with psycopg.connect(postgres_server, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        postgres_admin.execute(f"DROP SCHEMA {schema} CASCADE")

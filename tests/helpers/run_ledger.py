@@ -38,7 +38,7 @@ __all__ = [
 S = ItemState
 
 #: The ledgers held to the protocol's contract, by name.
-IMPLEMENTATIONS = ("sqlite",)
+IMPLEMENTATIONS = ("sqlite", "postgres")
 LEDGER_T0_S = 1_800_000_000.0  #: when ``ledger_clock`` reads, unless a test moves it
 
 #: From planned, the moves that bring an item to each state.
@@ -99,6 +99,10 @@ async def run_ledger(
     """A new, empty ledger of the implementation the test is run for, opened, and closed after it."""
     if request.param == "sqlite":
         async with open_ledger(tmp_path / "run", clock=ledger_clock) as ledger:
+            yield ledger
+    elif request.param == "postgres":  # a schema of its own on the test server (helpers.postgres), or skipped
+        url = request.getfixturevalue("pg_url")
+        async with open_ledger(tmp_path / "run", clock=ledger_clock, url=url) as ledger:
             yield ledger
     else:  # pragma: no cover - a name in IMPLEMENTATIONS without its opening here
         raise AssertionError(f"no opening for the ledger {request.param!r}")

@@ -1,6 +1,6 @@
 """The ledger in PostgreSQL, for batches that several processes (on several machines) may share.
 
-The same contract as the SQLite ledger (:mod:`wanbatch.ledger.interface`), written with psycopg 3's async
+The same contract as the SQLite ledger (:class:`~wanbatch.ledger.interface.RunLedger`), written with psycopg 3's async
 connections from a small pool: each call takes a free connection for one statement or one transaction, so the
 stages' calls overlap on the network instead of queueing behind one another. The tables and their versions are
 :mod:`wanbatch.ledger.pgschema`'s; one database holds many batches, each named by its output location.
@@ -29,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from wanbatch.clock import Clock
 from wanbatch.errors import LedgerError
+from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.moves import canonical_json
 from wanbatch.ledger.pgimages import PgImageMoves
 from wanbatch.ledger.pgschema import batch_key, prepare
@@ -88,7 +89,7 @@ async def connect(url: str) -> psycopg.AsyncConnection:
         raise LedgerError(f"cannot reach the ledger database {address(url)}: {str(exc).strip()}") from None
 
 
-class PgLedger(PgImageMoves):
+class PgLedger(PgImageMoves, RunLedger):
     """One batch of a PostgreSQL ledger. Open with :meth:`open`; use as an async context manager."""
 
     @classmethod

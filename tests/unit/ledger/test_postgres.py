@@ -12,16 +12,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from test_ledger import ILLEGAL, LEGAL, PATHS, T0_S, FakeItem, items
+from test_run_ledger import unlike_the_interface
 
+from helpers.run_ledger import LEDGER_T0_S as T0_S
+from helpers.run_ledger import PATHS, FakeItem, items
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import IllegalTransition, LedgerError
-from wanbatch.ledger import ImageRecord, Ledger
+from wanbatch.ledger import ImageRecord, RunLedger, open_ledger
 from wanbatch.ledger import pgreads as pg_reads_module
 from wanbatch.ledger.postgres import PgLedger
-from wanbatch.ledger.states import ImageState, ItemState
+from wanbatch.ledger.states import TRANSITIONS, ImageState, ItemState
 
 S = ItemState
+LEGAL = [(a, b) for a, targets in TRANSITIONS.items() for b in sorted(targets)]
+ILLEGAL = [(a, b) for a in ItemState for b in ItemState if b not in TRANSITIONS[a]]
 
 
 class Ticking:
@@ -190,7 +194,7 @@ async def pg(pg_url: str) -> AsyncIterator[Callable[..., Any]]:
 async def test_every_call_answers_as_the_sqlite_ledger_does(tmp_path: Path, pg: Callable[..., Any]) -> None:
     """The same calls, errors included, give the same rows, images, counts, costs, streams and messages."""
     sqlite_ticks, pg_ticks = Ticking(), Ticking()
-    with Ledger.open(tmp_path, clock=sqlite_ticks.clock) as sqlite:
+    async with open_ledger(tmp_path, clock=sqlite_ticks.clock) as sqlite:
         expected = await scenario(sqlite, sqlite_ticks)
     got = await scenario(await pg(clock=pg_ticks.clock), pg_ticks)
     assert len(got) == len(expected)
@@ -201,6 +205,11 @@ async def test_every_call_answers_as_the_sqlite_ledger_does(tmp_path: Path, pg: 
     assert {"ItemRow", "Recorded", "tuple", "list", "dict", "AddResult"} <= kinds
     refusals = [answer for _, answer in expected if isinstance(answer, tuple) and answer[:1] == ("IllegalTransition",)]
     assert len(refusals) >= 5
+
+
+def test_the_postgres_ledger_has_every_member_of_the_interface_alike() -> None:
+    """Every method of RunLedger is on the PostgreSQL ledger with the same parameters, async as the protocol's."""
+    assert unlike_the_interface(RunLedger, PgLedger) == []
 
 
 async def test_every_legal_move_is_made_and_every_illegal_one_refused(pg: Callable[..., Any]) -> None:
