@@ -17,7 +17,7 @@ from test_run_ledger import unlike_the_interface
 from helpers.run_ledger import LEDGER_T0_S as T0_S
 from helpers.run_ledger import PATHS, FakeItem, items
 from wanbatch.clock import ScaledClock
-from wanbatch.errors import IllegalTransition, LedgerError
+from wanbatch.errors import ConfigError, IllegalTransition, LedgerError
 from wanbatch.ledger import ImageRecord, RunLedger, open_ledger
 from wanbatch.ledger import pgreads as pg_reads_module
 from wanbatch.ledger.postgres import PgLedger
@@ -338,3 +338,11 @@ async def test_images_of_one_item_saved_at_once_settle_it(pg: Callable[..., Any]
             )
         )
     assert (await ledger.counts())[S.saved] == 30
+
+
+async def test_the_opener_refuses_a_ledger_url_it_does_not_know(tmp_path: Path) -> None:
+    """A --ledger that is no PostgreSQL URL is refused saying what is taken, and nothing is made."""
+    with pytest.raises(ConfigError, match="give a postgresql:// URL"):
+        async with open_ledger(tmp_path / "run", clock=ScaledClock(start_s=T0_S), url="mysql://db/x"):
+            pass
+    assert not (tmp_path / "run").exists()
