@@ -23,7 +23,7 @@ from wanbatch import catalog
 from wanbatch.errors import ManifestError, ManifestInvalid
 from wanbatch.manifest.yamlsrc import Node, Origin, kind_of, load_yaml
 
-__all__ = ["QUOTA_FIELDS", "QuotaTable", "apply_quotas", "check_quotas", "load_quotas"]
+__all__ = ["QUOTA_FIELDS", "QuotaTable", "apply_quotas", "check_quotas", "load_quotas", "quota_table"]
 
 #: Per model (canonical name, or ``"*"`` for every model): ``{"submit_rps": x, "concurrency": y}``.
 QuotaTable = Mapping[str, Mapping[str, float]]
@@ -40,7 +40,7 @@ def load_quotas(path: str | Path) -> dict[str, dict[str, float]]:
     if not path.read_text(encoding="utf-8", errors="replace").strip():
         raise ManifestError("the file is empty; allowed: a mapping of model to {submit_rps, concurrency}", path=display)
     root, errors = load_yaml(path, display)
-    table = _table(root, errors) if root is not None else {}
+    table = quota_table(root, errors) if root is not None else {}
     if errors:
         raise ManifestInvalid(errors, manifest=display)
     return table
@@ -49,7 +49,7 @@ def load_quotas(path: str | Path) -> dict[str, dict[str, float]]:
 def check_quotas(quotas: QuotaTable, *, where: str = "quotas") -> dict[str, dict[str, float]]:
     """A quota table given in code, checked as a file would be; model names made canonical."""
     errors: list[ManifestError] = []
-    table = _table(_node(quotas, Origin(where, 0, "")), errors, line=False)
+    table = quota_table(_node(quotas, Origin(where, 0, "")), errors, line=False)
     if errors:
         raise ManifestInvalid(errors, manifest=where)
     return table
@@ -67,7 +67,10 @@ def apply_quotas(offer: catalog.Offer, quotas: QuotaTable) -> catalog.Offer:
     )
 
 
-def _table(root: Node, errors: list[ManifestError], *, line: bool = True) -> dict[str, dict[str, float]]:
+def quota_table(root: Node, errors: list[ManifestError], *, line: bool = True) -> dict[str, dict[str, float]]:
+    """The quota table a loaded YAML node holds (an accounts file's ``quotas:`` too); its errors appended to
+    ``errors``, each naming file:line (``line``) and field."""
+
     def error(origin: Origin, message: str) -> None:
         errors.append(ManifestError(message, path=origin.file, line=origin.line if line else None, field=origin.field))
 
