@@ -8,7 +8,9 @@ Example::
     print(report["images"]["saved"], report["cost"])
 
 The key comes from the environment (``DASHSCOPE_API_KEY``, or a region's own
-``DASHSCOPE_API_KEY_SINGAPORE``...) unless ``keys`` is given; ``simulate``
+``DASHSCOPE_API_KEY_SINGAPORE``...) unless ``keys`` is given; ``accounts`` (an
+accounts file, see :mod:`wanbatch.service.accounts`) runs the batch over a pool
+of accounts instead, each key from the variable the file names; ``simulate``
 runs against the embedded simulator instead, with demo keys and a fast clock.
 """
 
@@ -36,6 +38,7 @@ from wanbatch.manifest.plan import make_plan
 from wanbatch.outputs.location import before_sending, check_outputs, check_state_marker, locate
 from wanbatch.outputs.progress import live_progress, log_progress
 from wanbatch.outputs.stores import Store
+from wanbatch.service.accounts import Pool, check_pool_serves, load_accounts
 from wanbatch.service.client import keys_from_env
 from wanbatch.service.quotas import QuotaTable, check_quotas, load_quotas
 from wanbatch.stages.intake import refuse_other_manifest, stored_plan
@@ -68,6 +71,7 @@ async def run(
     gallery: bool = True,
     tracking: str = "prompt",
     quotas: str | Path | QuotaTable | None = None,
+    accounts: str | Path | Pool | None = None,
     sim_config: str | Path | None = None,
     force_backend: bool = False,
     force: bool = False,
@@ -87,15 +91,21 @@ async def run(
     ``gallery.html`` with thumbnails at the end. ``tracking`` is ``"prompt"`` (a task's end is seen within
     about two seconds, a few queries per task) or ``"frugal"`` (about one query per task, ends seen later).
     ``quotas`` are the account's quotas where they differ from the catalog's (a YAML file or a mapping, see
-    :mod:`wanbatch.service.quotas`); ``sim_config`` configures the embedded simulator (``wanbatch sim
-    --config``'s file).
+    :mod:`wanbatch.service.quotas`). ``accounts`` is a pool of accounts (a YAML file or a
+    :class:`~wanbatch.service.accounts.Pool`): each (account, model) is a lane with the account's own quotas,
+    and the planned items go to the account with free quota; each account's key comes from the variable the
+    file names (with ``simulate``, each has a demo key of its own). ``sim_config`` configures the embedded
+    simulator (``wanbatch sim --config``'s file).
     A run folder resumes only against the service it was made against (``simulate``, ``base_url``): another
     is refused (:class:`wanbatch.ledger.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
     A folder filled from another manifest is refused (:class:`~wanbatch.stages.intake.OtherManifest`) unless
     ``force``: the two would mix in one ``metadata.jsonl``.
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
+    if accounts is not None and quotas is not None:
+        raise ConfigError("quotas are for one account; with an accounts file, give each account its quotas there")
     account_quotas = _quotas(quotas)
+    pool = load_accounts(accounts) if isinstance(accounts, str | Path) else accounts
     if not isinstance(manifest, Manifest):
         manifest = Manifest.from_yaml(manifest)
     where = locate(out, state=state)
@@ -110,6 +120,8 @@ async def run(
         for warning in survey.warnings:
             log.warning("warning: %s", warning)
         plan = make_plan(manifest, survey)
+    if pool is not None:
+        check_pool_serves(pool, plan)
     limit = budget if budget is not None else manifest.budget
     planned_cost = sum(plan["cost"].values())
     if limit is not None and planned_cost > limit + 1e-9:
@@ -132,11 +144,18 @@ async def run(
             stack.push_async_callback(where.store.aclose)
             await _check_store(where.store, folder)
             await check_state_marker(where, force=force)
+        pooled = None
         if simulate:
             keys, config, clock = await _simulators(
-                stack, folder, plan["regions"], speed=speed, submit=submit, config_file=sim_config
+                stack, folder, plan["regions"], speed=speed, submit=submit, config_file=sim_config, pool=pool
             )
             config = replace(config, gallery=gallery, track=track, quotas=account_quotas)
+            if pool is not None:
+                pooled = pool.resolve({}, keys=keys)
+        elif pool is not None:
+            pooled = pool.resolve(os.environ, keys=keys)
+            config = EngineConfig(base_url=base_url, speed=speed or 1.0, submit=submit, track=track, gallery=gallery)
+            clock = None
         else:
             keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
             config = EngineConfig(
@@ -152,7 +171,8 @@ async def run(
         engine = Engine(
             run_dir=folder,
             store=where.store,
-            keys=keys,
+            keys=keys if pooled is None else None,
+            accounts=pooled,
             config=config,
             clock=clock,
             budget=limit,
@@ -220,13 +240,18 @@ async def _simulators(
     speed: float | None,
     submit: SubmitConfig,
     config_file: str | Path | None = None,
+    pool: Pool | None = None,
 ):
     """One embedded simulator per region the manifest uses, with its demo key; they stop with ``stack``.
-    ``speed`` None: the config file's, else the folder's earlier speed, else 60 (a simulated minute per second)."""
-    from wanbatch.sim.embedded import demo_key, start_embedded
+    ``speed`` None: the config file's, else the folder's earlier speed, else 60 (a simulated minute per second).
+    With a ``pool`` each simulator knows the pool's accounts of its region, each with a demo key of its own and
+    the file's quotas; the keys returned are then per account (name -> key)."""
+    from wanbatch.sim.embedded import demo_key, pool_accounts, start_embedded
     from wanbatch.sim.persist import SimInUse
 
     bases, file_speed = _sim_configs(regions, config_file)
+    if pool is not None:
+        bases = pool_accounts(pool, regions, bases)
     try:
         sims = await start_embedded(stack, Path(out), regions, speed=speed or file_speed, bases=bases)
     except SimInUse as exc:
@@ -234,6 +259,8 @@ async def _simulators(
     speed = next(iter(sims.values())).clock.speed if sims else 1.0
     log.info("simulating %s at %gx speed", ", ".join(sims), speed)
     keys = {region: demo_key(region) for region in sims}
+    if pool is not None:
+        keys = {spec.name: demo_key(spec.region, account=spec.name) for spec in pool.accounts}
     config = EngineConfig(base_urls={r: s.base_url for r, s in sims.items()}, speed=speed, submit=submit)
     return keys, config, next(iter(sims.values())).clock if sims else None
 

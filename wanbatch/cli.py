@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("manifest", type=Path)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _accounts_flag(plan, "show the split of items and cost over the pool's accounts (an estimate)")
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", parents=[common], help="run or resume a manifest into a run folder")
@@ -144,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="YAML of the account's raised quotas, {model: {submit_rps: X, concurrency: N}}; default: the catalog's",
     )
+    _accounts_flag(run, "run over a pool of accounts: YAML naming each account, its region and key_env (README)")
     run.add_argument(
         "--sim-config",
         type=Path,
@@ -169,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run", metavar="DIR|URL", help="the run's --out")
     _state_flag(status)
     status.add_argument("--json", action="store_true")
+    _accounts_flag(status, "the pool the folder runs with: its accounts are listed even before they sent anything")
     status.set_defaults(func=cmd_status)
 
     export = sub.add_parser(
@@ -193,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         simulate="cancel on the folder's embedded simulator (the default for a folder made with --simulate)",
         otherwise="the folder's own service",
     )
+    _accounts_flag(cancel, "the pool the folder ran with: each task is canceled with its own account's key")
     cancel.set_defaults(func=cmd_cancel)
 
     ledger = sub.add_parser("ledger", parents=[common], help="make or upgrade the tables of a PostgreSQL ledger")
@@ -218,6 +222,17 @@ def _state_flag(parser: argparse.ArgumentParser) -> None:
         help="with an --out in object storage: the folder of the run's ledger "
         "(default: one under ~/.cache/wanbatch/runs named after the --out)",
     )
+
+
+def _accounts_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--accounts", type=Path, default=None, metavar="FILE", help=text)
+
+
+def _pool(args: argparse.Namespace):
+    """The accounts file of ``--accounts``, checked (None without one)."""
+    from wanbatch.service.accounts import load_accounts
+
+    return None if args.accounts is None else load_accounts(args.accounts)
 
 
 def _run_folder(args: argparse.Namespace) -> Path:
@@ -297,8 +312,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from wanbatch.manifest import Manifest
     from wanbatch.manifest.plan import make_plan
 
+    pool = _pool(args)  # its errors before the manifest's work
     manifest = Manifest.from_yaml(args.manifest)
     plan = make_plan(manifest)
+    if pool is not None:
+        from wanbatch.service.accounts import check_pool_serves, split_plan
+
+        check_pool_serves(pool, plan)
+        plan = split_plan(plan, pool)
     print(json.dumps(plan, indent=2) if args.json else plan_summary(manifest.name, plan, budget=manifest.budget))
     return EXIT_OK
 
@@ -337,6 +358,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 gallery=args.gallery,
                 tracking=args.tracking,
                 quotas=args.quotas,
+                accounts=args.accounts,
                 sim_config=args.sim_config,
                 force_backend=args.force_backend,
                 force=args.force,
@@ -372,7 +394,7 @@ def resume_command(args: argparse.Namespace) -> str:
         argv += ["--budget", _exact(args.budget)]
     if args.tracking != "prompt":
         argv += ["--tracking", args.tracking]
-    for option in ("quotas", "sim_config"):
+    for option in ("quotas", "accounts", "sim_config"):
         if getattr(args, option, None) is not None:
             argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     argv += [flag for flag in RESUMED_SWITCHES if getattr(args, flag[2:].replace("-", "_"))]
@@ -399,7 +421,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from wanbatch.stages.cancel import cancel_in_folder
 
     counts = asyncio.run(
-        cancel_in_folder(_run_folder(args), environ=os.environ, simulate=args.simulate, base_url=args.base_url)
+        cancel_in_folder(
+            _run_folder(args), environ=os.environ, simulate=args.simulate, base_url=args.base_url, pool=_pool(args)
+        )
     )
     print(
         f"canceled {counts['canceled']}; {counts['running']} already running (saved by the next run); "
@@ -417,6 +441,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wanbatch.ledger import open_ledger
     from wanbatch.outputs.metadata import build_report
 
+    pool = _pool(args)
     folder = _run_folder(args)
     last = folder / "report.json"
 
@@ -426,6 +451,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             return await build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
 
     report = asyncio.run(read())
+    if pool is not None:  # the file's accounts first, in its order, those that sent nothing yet too
+        empty = {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}, "items_submitted": 0}
+        known = report.get("accounts") or {}
+        report["accounts"] = {**{name: known.get(name, empty) for name in pool.names}, **known}
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return EXIT_OK

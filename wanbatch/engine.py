@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,9 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from wanbatch import catalog
 from wanbatch.clock import Clock, ScaledClock
-from wanbatch.errors import HALTING_CODES, MODERATION_CODES, ConfigError
+from wanbatch.errors import HALTING_CODES, MODERATION_CODES
 from wanbatch.ledger import RunLedger, RunLock, open_ledger
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.states import ItemState
@@ -34,15 +33,15 @@ from wanbatch.manifest import Manifest, naming
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
 from wanbatch.outputs.location import HERE, mark_state, record_outputs
+from wanbatch.outputs.metadata import POOL_META
 from wanbatch.outputs.stores import Store
-from wanbatch.service.client import WanClient
-from wanbatch.service.pacing import Pacer, even_limiter
-from wanbatch.service.quotas import QuotaTable, apply_quotas
+from wanbatch.service.accounts import Account
+from wanbatch.service.quotas import QuotaTable
 from wanbatch.stages.budget import Budget
-from wanbatch.stages.claims import Claims
 from wanbatch.stages.download import DownloadConfig, Downloader
 from wanbatch.stages.intake import plan_into
 from wanbatch.stages.lane import Lane
+from wanbatch.stages.pool import LaneKey, account_figures, build_lanes, check_in_flight, plan_lanes
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
 from wanbatch.stages.results import sync_answer_lost
 from wanbatch.stages.submit import SubmitConfig, Submitter
@@ -87,7 +86,8 @@ class Engine:
         self,
         *,
         run_dir: Path,
-        keys: Mapping[str, str],
+        keys: Mapping[str, str] | None = None,
+        accounts: Sequence[Account] | None = None,
         config: EngineConfig = EngineConfig(),
         clock: Clock | None = None,
         budget: float | None = None,
@@ -99,7 +99,9 @@ class Engine:
         self.run_dir = Path(run_dir)
         #: Where the outputs go when not into ``run_dir`` (which then holds only the run's state).
         self.store = store
-        self._keys = dict(keys)
+        #: Without a pool: one key per region (region -> key); with one, ``accounts`` (``keys`` is not used).
+        self._keys = dict(keys or {})
+        self._pool = tuple(accounts) if accounts is not None else None
         self.config = config
         self._own_clock = clock is None
         self.clock = clock or ScaledClock(speed=config.speed)
@@ -172,6 +174,9 @@ class Engine:
         started, started_at = time.monotonic(), _iso_now()
         await self._continue_clock(ledger)
         run = await ledger.begin_run()
+        if self._pool is not None:  # status and the report show figures per account of every pool used here
+            known = [name for name in (await ledger.meta(POOL_META) or "").split(",") if name]
+            await ledger.set_meta(POOL_META, ",".join(dict.fromkeys([*known, *(a.name for a in self._pool)])))
         held = await plan_into(ledger, manifest, run, plan)
         seen, added, stale = held.run, held.added, held.stale
         log.info(
@@ -247,6 +252,9 @@ class Engine:
     async def _run_stages(self, ledger: RunLedger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
         """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
         ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
+        # Checked before anything moves: an item in flight on an account this run has no key of is not followed.
+        in_flight = await ledger.account_lanes(_OPEN)
+        check_in_flight(self._pool, in_flight)
         await self._prepare(ledger, run)
         budget = Budget(self.budget_limit, spent=await ledger.spent_cost())
         # Only the manifest's items are sent, so its plan names the lanes of what is planned; the other open
@@ -255,14 +263,16 @@ class Engine:
             lanes_wanted = await ledger.lanes(_RESUMABLE)
         else:
             lanes_wanted = await ledger.lanes(_OPEN) | manifest_lanes
-        missing = sorted({region for region, _ in lanes_wanted} - set(self._keys))
-        if missing:
-            raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
+        accounts, lane_keys = plan_lanes(
+            pool=self._pool, keys=self._keys, quotas=self.config.quotas, in_flight=in_flight, wanted=lanes_wanted
+        )
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
         # With a store, the downloader makes each thumbnail from the image's bytes and stores it beside the image.
         thumbs = Thumbnailer(self.run_dir) if self.config.gallery and self.store is None else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
-            stages = self._build(ledger, session, lanes_wanted, budget, run, thumbs, await naming.sharded(ledger))
+            stages = self._build(
+                ledger, session, accounts, lane_keys, budget, run, thumbs, await naming.sharded(ledger)
+            )
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
                 self.interrupt(cancel_pending=self._cancel_pending)
@@ -278,33 +288,35 @@ class Engine:
                 stages.downloader.run,
             )
         stats = stages.stats(budget)
-        stats["halted"] = bool(stats["blocked"]) and await _halted(ledger, stats["blocked"], run)
+        stats["halted"] = bool(stats["blocked"]) and await _halted(ledger, stages.lanes.values(), run)
         return stats
 
     def _build(
         self,
         ledger: RunLedger,
         session: aiohttp.ClientSession,
-        lanes_wanted: AbstractSet[tuple[str, str]],
+        accounts: Mapping[str, Account],
+        lane_keys: AbstractSet[LaneKey],
         budget: Budget,
         run: int,
         thumbs: Thumbnailer | None,
         sharded: bool,
     ) -> _Stages:
-        """One client and query limiter per region, one lane per (region, model), and the four stages."""
-        regions = {region for region, _ in lanes_wanted}
-        limiters = {region: even_limiter(self.config.query_qps, clock=self.clock) for region in regions}
-        clients = {
-            region: WanClient(
-                session,
-                base_url=catalog.endpoint(region, base_url=self.config.base_url, base_urls=self.config.base_urls),
-                api_key=self._keys[region],
-                request_timeout_s=self.config.request_timeout_s,
-                sync_timeout_s=self.config.sync_timeout_s,
-            )
-            for region in regions
-        }
-        lanes = {key: self._lane(key, clients[key[0]], budget) for key in lanes_wanted}
+        """One client and query limiter per account (its key: without a pool, each region's), one lane per
+        (account, model), and the four stages."""
+        lanes, limiters = build_lanes(
+            session,
+            accounts,
+            lane_keys,
+            budget,
+            clock=self.clock,
+            base_url=self.config.base_url,
+            base_urls=self.config.base_urls,
+            query_qps=self.config.query_qps,
+            request_timeout_s=self.config.request_timeout_s,
+            sync_timeout_s=self.config.sync_timeout_s,
+            backlog=self.config.submit.backlog,
+        )
         downloader = Downloader(
             ledger=ledger,
             clock=self.clock,
@@ -344,26 +356,12 @@ class Engine:
         )
         return _Stages(lanes, submitter, tracker, reconciler, downloader)
 
-    def _lane(self, key: tuple[str, str], client: WanClient, budget: Budget) -> Lane:
-        region, model = key
-        offer = catalog.offer(region, model)
-        if offer is None:
-            raise ConfigError(f"{model} is not offered in {region}")
-        offer = apply_quotas(offer, self.config.quotas)
-        return Lane(
-            region=region,
-            offer=offer,
-            client=client,
-            pacer=Pacer(offer.submit_rps, clock=self.clock),
-            claims=Claims(offer.concurrency + self.config.submit.backlog, budget),
-        )
-
     async def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
             async for row in ledger.iter_items([state]):
-                lane = stages.lanes[(row.region, row.model)]
+                lane = stages.lanes[(row.region, row.account, row.model)]
                 if state is ItemState.queued and not row.task_id and await ledger.images_of(row.item_id):
                     await ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
                     continue
@@ -387,7 +385,7 @@ class Engine:
 
 @dataclass(frozen=True, slots=True)
 class _Stages:
-    lanes: dict[tuple[str, str], Lane]
+    lanes: dict[LaneKey, Lane]
     submitter: Submitter
     tracker: Tracker
     reconciler: Reconciler
@@ -406,20 +404,25 @@ class _Stages:
             "images_saved_this_run": self.downloader.saved,
             "bytes_saved_this_run": self.downloader.bytes,
             "blocked": {
-                f"{lane.region}/{lane.model}": f"{lane.blocked.code}: {lane.blocked.message}"
+                lane.label: f"{lane.blocked.code}: {lane.blocked.message}"
                 for lane in self.lanes.values()
                 if lane.blocked
             },
+            **account_figures(self.lanes.values()),
             "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
         }
 
 
-async def _halted(ledger: RunLedger, blocked: Mapping[str, str], run: int) -> bool:
-    """Whether every lane that still has items of this manifest (seen in ``run``) to send was stopped by the key,
-    the account or the network (``blocked``: lane -> "code: message"); a model refused alone is not that."""
-    halting = {lane for lane, why in blocked.items() if why.split(":", 1)[0] in HALTING_CODES}
-    left = {f"{region}/{model}" for region, model in await ledger.lanes([ItemState.planned], run=run)}
-    return bool(left) and left <= halting
+async def _halted(ledger: RunLedger, lanes: Iterable[Lane], run: int) -> bool:
+    """Whether every (region, model) that still has items of this manifest (seen in ``run``) to send had each of
+    its lanes (one per account) stopped by the key, the account or the network; a model refused alone is not."""
+    open_pairs = {
+        (lane.region, lane.model)
+        for lane in lanes
+        if not (lane.blocked is not None and lane.blocked.code in HALTING_CODES)
+    }
+    left = await ledger.lanes([ItemState.planned], run=run)
+    return bool(left) and not (left & open_pairs)
 
 
 def _iso_now() -> str:

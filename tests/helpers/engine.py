@@ -11,6 +11,7 @@ from helpers.manifest import write_manifest
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.manifest import Manifest
 from wanbatch.outputs.stores import Store
+from wanbatch.service.accounts import Account
 from wanbatch.sim import SimConfig, running_sim
 
 
@@ -38,6 +39,22 @@ def engine_for(
         retry_moderated=retry_moderated,
         retry_held=retry_held,
         store=store,
+    )
+
+
+def pool_engine_for(sim, run_dir: Path, accounts, *, clock=None, budget: float | None = None, **config) -> Engine:
+    """An engine over a pool of the Beijing simulator ``sim``'s accounts: ``accounts`` are names (each with the
+    key ``sk-<name>`` and the catalog's quotas) or :class:`Account` objects; ``config`` are EngineConfig fields."""
+    pool = [
+        account if isinstance(account, Account) else Account(name=account, region="beijing", key=f"sk-{account}")
+        for account in accounts
+    ]
+    return Engine(
+        run_dir=run_dir,
+        accounts=pool,
+        config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=sim.clock.speed, **config),
+        clock=clock or sim.clock,
+        budget=budget,
     )
 
 

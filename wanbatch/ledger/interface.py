@@ -113,10 +113,10 @@ class RunLedger(Protocol):
         ...
 
     async def recent_tasks(
-        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62
+        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62, account: str | None = None
     ) -> list[tuple[str, int]]:
-        """Up to ``limit`` task ids of ``region`` whose attempts began in [``since_ms``, ``until_ms``), with when
-        they began: newest first."""
+        """Up to ``limit`` task ids of ``region`` (made by ``account``'s key, if given) whose attempts began in
+        [``since_ms``, ``until_ms``), with when they began: newest first."""
         ...
 
     def iter_items(
@@ -136,6 +136,15 @@ class RunLedger(Protocol):
 
     async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         """The (region, model) pairs with items in ``states`` (seen in ``run``, if given)."""
+        ...
+
+    async def account_lanes(self, states: Collection[ItemState]) -> set[tuple[str, str, str]]:
+        """The (region, account, model) of items in ``states`` (the few open ones): whose key made what is in
+        flight ('' for the environment's key)."""
+        ...
+
+    async def account_summary(self) -> dict[str, dict[str, Any]]:
+        """Per named account: items per state, images generated and saved, cost per currency."""
         ...
 
     async def counts(self, *, run: int | None = None) -> dict[ItemState, int]:

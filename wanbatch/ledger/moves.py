@@ -43,7 +43,7 @@ _ON_ENTRY |= {state: ("ended_ms = COALESCE(ended_ms, :now)",) for state in ItemS
 #: Columns a caller may set with ``transition`` or ``update``; ``request_id`` is appended to ``request_ids``.
 #: The times and ``attempts`` are set on entering a state (``_ON_ENTRY``); a caller may give its own.
 _SETTABLE = frozenset(
-    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint"}
+    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 

@@ -126,17 +126,24 @@ class LedgerReads:
         return spans
 
     def recent_tasks(
-        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = _END_OF_TIME_MS
+        self,
+        region: str,
+        limit: int,
+        *,
+        since_ms: int = 0,
+        until_ms: int = _END_OF_TIME_MS,
+        account: str | None = None,
     ) -> list[tuple[str, int]]:
-        """The newest tasks the ledger knows in ``region`` whose attempts began in [``since_ms``, ``until_ms``),
-        with when they began (our clock, ms)."""
+        """The newest tasks the ledger knows in ``region`` (made by ``account``'s key, if given) whose attempts
+        began in [``since_ms``, ``until_ms``), with when they began (our clock, ms)."""
         # From the audit's end, not the items: in a big run the items with tasks are few among the planned.
         rows = self._conn.execute(
             """SELECT items.task_id, items.submit_started_ms FROM transitions JOIN items USING (item_id)
                WHERE transitions.to_state = 'queued' AND items.region = ? AND items.task_id IS NOT NULL
                  AND items.submit_started_ms >= ? AND items.submit_started_ms < ?
+                 AND (? IS NULL OR items.account = ?)
                ORDER BY transitions.id DESC LIMIT ?""",
-            (region, since_ms, until_ms, limit * 4),
+            (region, since_ms, until_ms, account, account, limit * 4),
         ).fetchall()
         return list(dict.fromkeys((task_id, started) for task_id, started in rows))[:limit]
 
@@ -250,6 +257,36 @@ class LedgerReads:
             f"SELECT DISTINCT region, model FROM items WHERE state IN ({marks}){seen}", params
         ).fetchall()
         return {(region, model) for region, model in rows}
+
+    def account_lanes(self, states: Collection[ItemState]) -> set[tuple[str, str, str]]:
+        """The (region, account, model) of items in ``states`` (meant for the few open ones): whose key made
+        what is in flight, so that a resume follows and reconciles each with its own account."""
+        marks = ", ".join("?" for _ in states)
+        rows = self._conn.execute(
+            f"SELECT DISTINCT region, account, model FROM items WHERE state IN ({marks})",
+            [ItemState(s) for s in states],
+        ).fetchall()
+        return {(region, account, model) for region, account, model in rows}
+
+    def account_summary(self) -> dict[str, dict[str, Any]]:
+        """Per account of a pool (items whose latest attempt was made by a named account): items per state,
+        images generated and saved, cost per currency. Reads every item: for reports, not for a loop."""
+        found: dict[str, dict[str, Any]] = {}
+        for account, state, count, generated, cost, currency in self._conn.execute(
+            "SELECT account, state, count(*), SUM(images_generated), SUM(cost), currency FROM items"
+            " WHERE account != '' GROUP BY account, state, currency"
+        ):
+            entry = found.setdefault(account, {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}})
+            entry["items"][state] = entry["items"].get(state, 0) + count
+            entry["images_generated"] += generated or 0
+            entry["cost"][currency] = round(entry["cost"].get(currency, 0.0) + (cost or 0.0), 6)
+        for account, saved in self._conn.execute(
+            "SELECT items.account, count(*) FROM images JOIN items USING (item_id)"
+            " WHERE images.state = 'saved' AND items.account != '' GROUP BY items.account"
+        ):
+            found.setdefault(account, {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}})
+            found[account]["images_saved"] = saved
+        return found
 
     def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
         """Items per state, every state present (zeros included); only those seen in ``run`` if given."""

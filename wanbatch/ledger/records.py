@@ -86,6 +86,9 @@ class ItemRow:
     endpoint: str | None = None  #: where the latest attempt went: "async" (a task) or "sync" (no task to find)
     #: where else the manifest asks for this very request (``file:line``, up to ``MORE_SOURCES_KEPT``)
     more_sources: tuple[str, ...] = ()
+    #: the account (of a pool) whose key made the latest attempt, set with the move to submitting; '' for the
+    #: environment's key of the region (a run without a pool)
+    account: str = ""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ItemRow:

@@ -30,9 +30,14 @@ __all__ = [
 ]
 
 LEDGER_FILE = "ledger.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Columns added to ``items`` since version 1, with their definitions: an older ledger gains them when opened.
-ADDED_COLUMNS = {"endpoint": "TEXT", "more_sources": "TEXT NOT NULL DEFAULT '[]'"}
+#: ``account`` (version 3): the pool's account whose key made the latest attempt; '' for the environment's key.
+ADDED_COLUMNS = {
+    "endpoint": "TEXT",
+    "more_sources": "TEXT NOT NULL DEFAULT '[]'",
+    "account": "TEXT NOT NULL DEFAULT ''",
+}
 #: How long a writer waits for another connection's write lock (``wanbatch status`` reads while a run writes).
 BUSY_TIMEOUT_S = 10.0
 CACHE_KIB = 64 * 1024
@@ -59,7 +64,7 @@ SCHEMA = (
         cost REAL NOT NULL DEFAULT 0,
         planned_ms INTEGER NOT NULL, submit_started_ms INTEGER, submitted_ms INTEGER, ended_ms INTEGER,
         updated_ms INTEGER NOT NULL, first_seen_run INTEGER NOT NULL, last_seen_run INTEGER NOT NULL,
-        endpoint TEXT, more_sources TEXT NOT NULL DEFAULT '[]')""",
+        endpoint TEXT, more_sources TEXT NOT NULL DEFAULT '[]', account TEXT NOT NULL DEFAULT '')""",
     # (state, seq) serves "the next planned items in manifest order" and counts per state from the index alone.
     "CREATE INDEX IF NOT EXISTS items_state_seq ON items (state, seq)",
     "CREATE INDEX IF NOT EXISTS items_task_id ON items (task_id) WHERE task_id IS NOT NULL",

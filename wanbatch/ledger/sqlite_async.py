@@ -84,9 +84,9 @@ class SqliteLedger(RunLedger):
         return self.sync.run_spans(at_ms)
 
     async def recent_tasks(
-        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62
+        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = 2**62, account: str | None = None
     ) -> list[tuple[str, int]]:
-        return self.sync.recent_tasks(region, limit, since_ms=since_ms, until_ms=until_ms)
+        return self.sync.recent_tasks(region, limit, since_ms=since_ms, until_ms=until_ms, account=account)
 
     async def iter_items(
         self,
@@ -107,6 +107,12 @@ class SqliteLedger(RunLedger):
 
     async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         return self.sync.lanes(states, run=run)
+
+    async def account_lanes(self, states: Collection[ItemState]) -> set[tuple[str, str, str]]:
+        return self.sync.account_lanes(states)
+
+    async def account_summary(self) -> dict[str, dict[str, Any]]:
+        return self.sync.account_summary()
 
     async def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
         return self.sync.counts(run=run)

@@ -21,7 +21,7 @@ from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["METADATA_FILE", "REPORT_FILE", "build_report", "write_metadata", "write_report"]
+__all__ = ["METADATA_FILE", "POOL_META", "REPORT_FILE", "build_report", "write_metadata", "write_report"]
 
 METADATA_FILE = "metadata.jsonl"
 REPORT_FILE = "report.json"
@@ -119,4 +119,28 @@ async def build_report(ledger: RunLedger, *, run: int, extra: dict[str, Any]) ->
         "images_not_saved_yet": waiting[:50],
         **extra,
     }
+    if await ledger.meta(POOL_META):  # a folder run with an account pool: the figures of each account
+        report["accounts"] = await _per_account(ledger, extra.get("accounts_this_run") or {})
     return report
+
+
+#: The ledger's meta key that names the accounts of the pools a folder was run with (comma-separated).
+POOL_META = "accounts"
+
+
+async def _per_account(ledger: RunLedger, this_run: dict[str, Any]) -> dict[str, Any]:
+    """Per account: items per state (where its key made the latest attempt), images generated and saved, cost,
+    and this run's creates and stopped lanes."""
+    found = await ledger.account_summary()
+    names = [name for name in (await ledger.meta(POOL_META) or "").split(",") if name]
+    figures = {}
+    for name in dict.fromkeys([*names, *found, *this_run]):
+        entry = found.get(name) or {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}}
+        run = this_run.get(name) or {}
+        figures[name] = {
+            **entry,
+            "items_submitted": sum(n for state, n in entry["items"].items() if state != "planned"),
+            "submitted_this_run": run.get("submitted", 0),
+            "blocked": run.get("blocked", {}),
+        }
+    return figures

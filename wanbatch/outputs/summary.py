@@ -25,10 +25,29 @@ def plan_summary(name: str, plan: dict[str, Any], *, budget: float | None) -> st
         for row in plan["lanes"]
     ]
     lines += [f"total: {cost:.2f} {currency} at {catalog.PRICE_TABLE}" for currency, cost in plan["cost"].items()]
-    lines.append(f"time the account's quota allows: {format_duration(plan['quota_time_s'])} (models run in parallel)")
+    if plan.get("accounts") is not None:
+        lines += _split_lines(plan)
+    else:
+        whose = "the account's quota allows"
+        lines.append(f"time {whose}: {format_duration(plan['quota_time_s'])} (models run in parallel)")
     if budget is not None:
         lines.append(f"budget: {budget:.2f} CNY")
     return "\n".join(lines)
+
+
+def _split_lines(plan: dict[str, Any]) -> list[str]:
+    """The plan's split over a pool's accounts (see :func:`wanbatch.service.accounts.split_plan`)."""
+    lines = [f"per account ({plan['accounts_note']}):"]
+    lines.append(f"{'account':<16} {'model':<20} {'items':>8} {'images':>8} {'cost':>12}  items/s")
+    lines += [
+        f"{row['account']:<16} {row['model']:<20} {row['items']:>8g} {row['images']:>8g} "
+        f"{row['cost']:>8.2f} {row['currency']}  {row['items_per_s']:g}"
+        for row in plan["accounts"]
+    ]
+    lines.append(
+        f"time the pool's quotas allow: {format_duration(plan['quota_time_s'])} (accounts and models in parallel)"
+    )
+    return lines
 
 
 def run_summary(report: dict[str, Any], run_dir: Path | str) -> str:
@@ -40,6 +59,7 @@ def run_summary(report: dict[str, Any], run_dir: Path | str) -> str:
         *_failure_lines(report),
     ]
     lines += [f"  submitting stopped for {lane}: {reason}" for lane, reason in report.get("blocked", {}).items()]
+    lines += _account_lines(report)
     left = report.get("items_in_manifest", {}).get("planned", 0)
     if left:
         lines.append(f"  {left} item(s) left unsubmitted: {_why_left(report)}")
@@ -71,8 +91,23 @@ def status_summary(report: dict[str, Any]) -> str:
         f"images: {_counts(report['images']) or 'none'}",
         f"cost:   {_money(report['cost'])}",
         *_failure_lines(report),
+        *_account_lines(report),
     ]
     return "\n".join(lines)
+
+
+def _account_lines(report: dict[str, Any]) -> list[str]:
+    """Per account of a pool: its items by state, images saved, cost, and its stopped lanes."""
+    if not report.get("accounts"):
+        return []
+    lines = ["per account:"]
+    for name, figures in report["accounts"].items():
+        lines.append(
+            f"  {name:<16} items: {_counts(figures['items']) or 'none'}; images saved: {figures['images_saved']};"
+            f" cost: {_money(figures['cost'])}"
+        )
+        lines += [f"    stopped for {model}: {why}" for model, why in figures.get("blocked", {}).items()]
+    return lines
 
 
 def _failure_lines(report: dict[str, Any]) -> list[str]:

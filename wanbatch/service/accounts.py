@@ -21,13 +21,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wanbatch import catalog
 from wanbatch.errors import ConfigError, ManifestError, ManifestInvalid
 from wanbatch.manifest.yamlsrc import Node, load_yaml
-from wanbatch.service.quotas import QuotaTable, quota_table
+from wanbatch.service.quotas import QuotaTable, apply_quotas, quota_table
 
-__all__ = ["Account", "AccountSpec", "Pool", "load_accounts"]
+__all__ = ["Account", "AccountSpec", "Pool", "check_pool_serves", "load_accounts", "split_plan"]
 
 ACCOUNT_FIELDS = ("name", "region", "key_env", "quotas")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -105,12 +106,71 @@ class Pool:
         return accounts
 
 
+def check_pool_serves(pool: Pool, plan: Mapping[str, Any]) -> None:
+    """Refuse a manifest whose items go to a region where the pool has no account (``plan``: make_plan's)."""
+    lacking = sorted(
+        {(lane["region"], lane["model"]) for lane in plan["lanes"] if not pool.serving(lane["region"], lane["model"])}
+    )
+    if lacking:
+        named = ", ".join(f"{model} in {region}" for region, model in lacking)
+        raise ConfigError(
+            f"{pool.path or 'the accounts'}: no account of the pool serves {named}; add an account of that region "
+            "to the file, or send those items elsewhere"
+        )
+
+
+#: Said wherever the split is shown: the pool's reader sends each item to the account free at that moment.
+SPLIT_NOTE = (
+    "an estimate: items go to whichever account has free quota when each is sent, here in proportion to each "
+    "account's throughput for the model (min of its submit rate and concurrency / typical task time)"
+)
+
+
+def split_plan(plan: Mapping[str, Any], pool: Pool) -> dict[str, Any]:
+    """``plan`` (make_plan's) with its split over the pool's accounts: per account and model the items, images
+    and cost it is expected to take (in proportion to its throughput for the model), and the time the pool's
+    quotas allow (each (region, model) over the sum of its accounts' throughputs)."""
+    rows = []
+    bound_s = 0.0
+    for lane in plan["lanes"]:
+        serving = pool.serving(lane["region"], lane["model"])
+        rates = {spec.name: _throughput(spec, lane["region"], lane["model"]) for spec in serving}
+        total = sum(rates.values())
+        if not total:
+            continue
+        bound_s = max(bound_s, lane["items"] / total)
+        for spec in serving:
+            share = rates[spec.name] / total
+            rows.append(
+                {
+                    "account": spec.name,
+                    "region": lane["region"],
+                    "model": lane["model"],
+                    "items": round(lane["items"] * share, 1),
+                    "images": round(lane["images"] * share, 1),
+                    "cost": round(lane["cost"] * share, 6),
+                    "currency": lane["currency"],
+                    "items_per_s": round(rates[spec.name], 4),
+                }
+            )
+    return {**plan, "accounts": rows, "accounts_note": SPLIT_NOTE, "quota_time_s": bound_s}
+
+
+def _throughput(spec: AccountSpec, region: str, model: str) -> float:
+    """Items per second ``spec``'s quotas allow for ``model``: its submit rate, or its concurrency over the
+    model's typical task time, whichever is lower."""
+    offer = apply_quotas(catalog.offer(region, model), spec.quotas)
+    return min(offer.submit_rps, offer.concurrency / offer.model.typical_duration_s)
+
+
 def load_accounts(path: str | Path) -> Pool:
     """The pool in ``path``; raises :class:`ManifestInvalid` naming file:line and field of every error."""
     path = Path(path)
     display = path.as_posix()
     if not path.is_file():
         raise ManifestError(f"no such file; allowed: a YAML file of {_SHAPE}", path=display)
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ManifestError(f"the file is empty; allowed: {_SHAPE}", path=display)
     root, errors = load_yaml(path, display)
     accounts: list[AccountSpec] = []
     if root is not None:

@@ -52,6 +52,7 @@ class Pacer:
         self._limiter = AsyncLimiter(1, self.interval_s)
         # Retrying submits wait here too: one at a time, so the slowed spacing holds between all of them.
         self._turn = asyncio.Lock()
+        self._next_wall_s = 0.0  #: the event loop's time at which the next request may go at the earliest
 
     @property
     def rate_per_s(self) -> float:
@@ -61,10 +62,18 @@ class Pacer:
         """Return when the next request may go."""
         async with self._turn:
             await self._limiter.acquire()
+            extra_s = 0.0
             if self.factor < 1.0:
                 # Slowed down: stretch the spacing beyond the limiter's full-quota interval.
                 extra_s = 1.0 / self.rate_per_s - 1.0 / (self.quota_per_s * self._margin)
+            self._next_wall_s = asyncio.get_running_loop().time() + self.interval_s + self._clock.to_wall_s(extra_s)
+            if extra_s:
                 await self._clock.sleep(extra_s)
+
+    def ready_in_wall_s(self) -> float:
+        """About how long (wall seconds) until :meth:`wait` would let a request go: where lanes of several
+        accounts could take an item, it goes to the one whose pace frees soonest."""
+        return max(0.0, self._next_wall_s - asyncio.get_running_loop().time())
 
     def throttled(self) -> None:
         """A 429 came back: halve the rate (down to the floor)."""

@@ -15,6 +15,7 @@ import enum
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -62,10 +63,17 @@ async def cancel_on_service(
 
 
 async def cancel_in_folder(
-    run_dir: Path, *, environ: Mapping[str, str], simulate: bool = False, base_url: str | None = None
+    run_dir: Path,
+    *,
+    environ: Mapping[str, str],
+    simulate: bool = False,
+    base_url: str | None = None,
+    pool: Any = None,
 ) -> dict[CancelOutcome, int]:
     """Cancel the folder's PENDING tasks on the service it was made against, unless ``simulate``/``base_url``
-    name one (which must be that service: another is refused, since it does not know the folder's tasks)."""
+    name one (which must be that service: another is refused, since it does not know the folder's tasks).
+    ``pool``: the accounts file the folder ran with (a :class:`wanbatch.service.accounts.Pool`): each task is
+    canceled with the key of the account that made it."""
     from wanbatch.service.client import keys_from_env
 
     async with open_ledger(run_dir, clock=ScaledClock(), create=False) as ledger:
@@ -86,16 +94,23 @@ async def cancel_in_folder(
     }
     backend.check(run_dir, known, wanted, force=False, command="cancel")
     if not simulate:
-        return await cancel_queued(run_dir, keys=keys_from_env(regions, environ), base_url=base_url)
-    from wanbatch.sim.embedded import demo_key, start_embedded
+        if pool is not None:
+            keys = {account.scope: account.key for account in pool.resolve(environ)}
+        else:
+            keys = keys_from_env(regions, environ)
+        return await cancel_queued(run_dir, keys=keys, base_url=base_url)
+    from wanbatch.sim.embedded import demo_key, pool_accounts, start_embedded
     from wanbatch.sim.persist import SimInUse
 
     async with contextlib.AsyncExitStack() as stack:
+        bases = {} if pool is None else pool_accounts(pool, regions, {})
         try:
-            sims = await start_embedded(stack, run_dir, regions, speed=None)
+            sims = await start_embedded(stack, run_dir, regions, speed=None, bases=bases)
         except SimInUse as exc:
             raise RunLocked(f"{run_dir} is in use by another run: {exc}") from None
         keys = {region: demo_key(region) for region in sims}
+        if pool is not None:
+            keys = {spec.name: demo_key(spec.region, account=spec.name) for spec in pool.accounts}
         return await cancel_queued(run_dir, keys=keys, base_urls={r: sim.base_url for r, sim in sims.items()})
 
 
@@ -107,26 +122,32 @@ async def cancel_queued(
     base_urls: Mapping[str, str] | None = None,
     query_qps: float = 18.0,
 ) -> dict[CancelOutcome, int]:
-    """Cancel every queued task of the run folder that has not started; how many came to each outcome."""
+    """Cancel every queued task of the run folder that has not started; how many came to each outcome.
+    ``keys``: per region (the environment's keys), or per account of a pool (its name) for the tasks it made."""
     counts = dict.fromkeys(CancelOutcome, 0)
     clock = ScaledClock()
     with RunLock(run_dir):
         async with open_ledger(run_dir, clock=clock, create=False) as ledger:
-            missing = sorted({region for region, _ in await ledger.lanes([ItemState.queued])} - set(keys))
+            queued = await ledger.account_lanes([ItemState.queued])
+            missing = sorted({account or region for region, account, _ in queued} - set(keys))
             if missing:
-                raise ConfigError(f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given")
+                raise ConfigError(
+                    f"{run_dir}: tasks wait in {', '.join(missing)}, but no key for it was given"
+                    " (tasks a pool's account made need --accounts with the file naming it)"
+                )
             async with aiohttp.ClientSession() as session:
                 limiter = even_limiter(query_qps, clock=clock)
                 clients: dict[str, WanClient] = {}
                 async for row in ledger.iter_items([ItemState.queued]):
                     if not row.task_id:
                         continue
-                    if row.region not in clients:
+                    scope = row.account or row.region  # the key that made the task: only it may cancel it
+                    if scope not in clients:
                         url = catalog.endpoint(row.region, base_url=base_url, base_urls=base_urls)
-                        clients[row.region] = WanClient(session, base_url=url, api_key=keys[row.region])
+                        clients[scope] = WanClient(session, base_url=url, api_key=keys[scope])
                     await limiter.acquire()
                     outcome = await cancel_on_service(
-                        ledger, clients[row.region], row.item_id, row.task_id, note="wanbatch cancel"
+                        ledger, clients[scope], row.item_id, row.task_id, note="wanbatch cancel"
                     )
                     counts[outcome] += 1
     return counts

@@ -102,7 +102,7 @@ class Judge:
         found = self._finished.get(task_id)
         if found is not None:
             return found
-        await self._limiters[lane.region].acquire()
+        await self._limiters[lane.scope].acquire()
         try:
             data = await lane.client.get_task(task_id)
             view = task_view(data, sent_s=(row.submit_started_ms or 0) / 1000, now_s=self._clock.now())

@@ -105,11 +105,18 @@ class Claims:
     a claim, and no new one opens until enough have ended.
     """
 
-    def __init__(self, capacity: int, budget: Budget) -> None:
+    def __init__(self, capacity: int, budget: Budget, *, freed: asyncio.Event | None = None) -> None:
+        """``freed``: an event set whenever a place comes free (shared by the lanes of one reader, which waits
+        for a place on any of them)."""
         self.capacity = capacity
         self.budget = budget
         self._live: dict[str, Claim] = {}  #: item_id -> its claim, while it has not ended
-        self._freed = asyncio.Event()
+        self._freed = freed or asyncio.Event()
+
+    @property
+    def free(self) -> bool:
+        """Whether a claim opened now would have a place at once."""
+        return self.taken < self.capacity
 
     @property
     def taken(self) -> int:

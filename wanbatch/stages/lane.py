@@ -1,8 +1,16 @@
-"""One lane per (region, model): what every stage that sends, follows or reconciles a create shares.
+"""One lane per (account, model): what every stage that sends, follows or reconciles a create shares.
 
-A lane carries the client for its region, the model's offer (quota, price,
-protocol), the pacing of its creates, its claims (places for open tasks, and
-the budget) and what tells its creates apart while their outcome is not known.
+A lane carries the client of its account's key (in the account's region), the
+model's offer with the account's quotas (rate, concurrency, price, protocol),
+the pacing of its creates, its claims (places for open tasks, and the budget)
+and what tells its creates apart while their outcome is not known: the
+service's task list is the account's, so every account has its own doubts.
+
+Without an account pool each region's key from the environment is one account
+(``account`` is '' and its ``scope`` is the region). The lanes of one (region,
+model) over several accounts share one reader of the planned rows (the
+submitter's), and one ``changed`` event, set when any of them frees a place or
+settles a doubt.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ SYNC_KEY = "sync "  #: the doubt keys of sync calls begin so: a lost sync answer
 
 @dataclass(eq=False)
 class Lane:
-    """One (region, model): the client for that region, its quota, pacing and claims."""
+    """One (account, model): the client of the account's key, its quota, pacing and claims."""
 
     region: str
     offer: Offer
     client: WanClient
     pacer: Pacer
     claims: Claims
+    account: str = ""  #: the pool's name for the account; '' for the environment's key of ``region``
     blocked: ApiError | None = None
     skipped: set[str] = field(default_factory=set)  #: left planned after transient errors, for a later run
     #: item_id -> prompt of every create whose outcome is not known yet (in flight, or unknown)
@@ -39,8 +48,20 @@ class Lane:
     prompts_hidden: bool = False  #: a result of this lane's model came without its prompt: tell creates apart by time
     unreachable: int = 0  #: connections that failed to open in a row
     probe_started_s: float | None = None  #: when this run's first create of the lane went out (our clock)
+    submitted: int = 0  #: creates this run that the service answered with a task (or a sync result)
     answered: bool = False  #: whether a create of the lane has ended this run (answered, refused or in doubt)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
+
+    @property
+    def scope(self) -> str:
+        """Whose quotas, query allowance and task list this lane's creates share: its account (or, without a
+        pool, the region's one key)."""
+        return self.account or self.region
+
+    @property
+    def label(self) -> str:
+        """The lane as reports and logs name it: account/model in a pool, region/model without."""
+        return f"{self.scope}/{self.model}"
 
     def doubt_key(self, row: ItemRow) -> str:
         """What tells this item's task apart in the service's list: its prompt, where results show it.

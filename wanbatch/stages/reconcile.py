@@ -126,7 +126,7 @@ class Reconciler:
         self.retry_held = retry_held  #: the user asks to send once more the items held as unknown twice
         self._pending: dict[str, _Doubt] = {}  # item_id -> its lane and claim
         self._judge = Judge(clock=clock, limiters=limiters, probe_timeout_s=config.probe_timeout_s)
-        #: (region, a run's span) -> what the tasks that run made tell of its key and clock there
+        #: (account, a run's span) -> what the tasks that run made tell of its key and clock there
         self._keys: dict[tuple[str, int, int], _KeyFacts] = {}
         #: tasks that fit an attempt held for the user: whose they are stays unproven for the other attempts too
         self._contested: set[str] = set()
@@ -146,7 +146,7 @@ class Reconciler:
                 try:
                     await self._sweep(lane)
                 except (ApiError, TransportError) as exc:
-                    log.info("↻ reconcile %s %s: %s", lane.region, lane.model, exc)
+                    log.info("↻ reconcile %s %s: %s", lane.scope, lane.model, exc)
                     await self._hold_overdue(lane)
             if self._pending:
                 await self._clock.sleep(self.config.retry_s)
@@ -269,12 +269,14 @@ class Reconciler:
 
     async def _learn(self, lane: Lane, span: tuple[int, int]) -> _KeyFacts:
         """What the newest tasks made in ``span`` (our clock, ms) tell of their key and the clocks' offset."""
-        facts = self._keys.setdefault((lane.region, *span), _KeyFacts())
+        facts = self._keys.setdefault((lane.scope, *span), _KeyFacts())
         now = self._clock.now()
         if facts.offset_ms is not None and now - facts.learned_s < self.config.facts_ttl_s:
             return facts
         offsets = []
-        for task_id, started_ms in await self._ledger.recent_tasks(lane.region, 5, since_ms=span[0], until_ms=span[1]):
+        for task_id, started_ms in await self._ledger.recent_tasks(
+            lane.region, 5, since_ms=span[0], until_ms=span[1], account=lane.account
+        ):
             page = await self._list_page(lane, 1, task_id=task_id)
             entry = page.by_id.get(task_id)
             if entry is None or entry.created_ms is None:
@@ -312,7 +314,7 @@ class Reconciler:
         return listing
 
     async def _list_page(self, lane: Lane, page: int, **params: str) -> ListPage:
-        await self._limiters[lane.region].acquire()
+        await self._limiters[lane.scope].acquire()
         return list_page(await lane.client.list_tasks(page_no=page, page_size=self.config.page_size, **params))
 
     def _in_window(self, entry: ListRow, row: ItemRow, facts: _KeyFacts) -> bool:

@@ -1,9 +1,12 @@
 """Creating tasks: paced to the quota, each item POSTed at most once.
 
-One lane per (region, model) pair carries the account's submit rate for that
+One lane per (account, model) carries the account's submit rate for that
 model and a bound on how many of its tasks we keep open on the service: the
 model's concurrency plus a small backlog, enough that a slot freed there is
-filled at once, few enough that a stop leaves little paid work queued.
+filled at once, few enough that a stop leaves little paid work queued. The
+lanes of one (region, model) share one reader of the planned rows
+(:mod:`wanbatch.stages.reader`), which gives each item to the account with a
+free place at the time it is sent.
 
 The money rule is in :meth:`Submitter._attempt`: the item is committed as
 ``submitting`` before the POST; an error response or a connection that never
@@ -16,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import build_body
 from wanbatch.stages.claims import Claim, Refusal
 from wanbatch.stages.lane import SYNC_KEY, Lane
+from wanbatch.stages.reader import HELD, Reader
 from wanbatch.stages.reconcile import Reconciler
 from wanbatch.stages.results import sync_answer_lost
 from wanbatch.stages.track import Tracker
@@ -95,76 +98,93 @@ class Submitter:
         self.submitted = 0
 
     async def run(self) -> None:
+        # One reader of the planned rows per (region, model), whatever the number of accounts serving it: two
+        # readers would race for the same rows (the ledger's compare-and-set would still stop a second POST).
+        readers: dict[tuple[str, str], list[Lane]] = {}
+        for lane in self.lanes:
+            readers.setdefault((lane.region, lane.model), []).append(lane)
         async with asyncio.TaskGroup() as group:
-            for lane in self.lanes:
-                group.create_task(self._lane_loop(lane, group))
+            for lanes in readers.values():
+                reader = Reader(lanes, clock=self._clock, probe_s=self.config.probe_s, stop=self.stop)
+                group.create_task(self._reader_loop(reader, group))
 
     def block(self, lane: Lane, error: ApiError) -> None:
-        """Stop submitting what ``error`` affects: the whole key for account errors, else this model."""
+        """Stop submitting what ``error`` affects: the whole key (its account) for account errors, else this
+        model on it. The same model's lanes on other accounts go on, and take the planned items."""
         for other in self.lanes:
-            affected = other is lane or (error.code in KEY_WIDE_CODES and other.region == lane.region)
+            affected = other is lane or (error.code in KEY_WIDE_CODES and other.scope == lane.scope)
             if affected and other.blocked is None:
                 other.blocked = error
                 log.error(
                     "■ %s %s: submitting stopped: %s. %s",
-                    other.region,
+                    other.scope,
                     other.model,
                     error,
                     error.advice,
-                    extra={"event": "lane_stopped", "region": other.region, "model": other.model, "code": error.code},
+                    extra={
+                        "event": "lane_stopped",
+                        "region": other.region,
+                        "account": other.account,
+                        "model": other.model,
+                        "code": error.code,
+                    },
                 )
 
-    async def _lane_loop(self, lane: Lane, group: asyncio.TaskGroup) -> None:
-        while not (self.stop.is_set() or lane.blocked):
-            sent, held = await self._pass(lane, group)
+    async def _reader_loop(self, reader: Reader, group: asyncio.TaskGroup) -> None:
+        """Send the planned items of one (region, model) through its lanes (one per account) until none is left."""
+        while not reader.stopped:
+            sent, held = await self._pass(reader, group)
             if sent and not held:
                 continue
-            if not held and not lane.doubt:
+            if not held and not reader.in_doubt():
                 return
             # Creates are in flight or in doubt (an item may come back to planned, or wait on one with its
-            # prompt): look again once one settles, or once the lane's first create stops holding the others
+            # prompt): look again once one settles, or once a lane's first create stops holding the others
             # back. A stop announces itself to no lane: it is looked for at least once a wall second.
-            await self._clock.wait_event(lane.changed, self._probe_left_s(lane), at_most_wall_s=1.0)
+            await self._clock.wait_event(reader.changed, reader.probe_left_s(), at_most_wall_s=1.0)
 
-    async def _pass(self, lane: Lane, group: asyncio.TaskGroup) -> tuple[int, int]:
-        """Send the lane's planned items in manifest order; returns (sent, held back)."""
+    async def _pass(self, reader: Reader, group: asyncio.TaskGroup) -> tuple[int, int]:
+        """Send the reader's planned items in manifest order, each through the lane (account) that can send it
+        now (see :class:`Reader`); returns (sent, held back)."""
         sent = held = after_seq = 0
         # A lane whose creates all share one doubt key reads no rows while one is in doubt, and then only a few:
         # it sends one and must wait for its answer before the next.
-        limit = 8 if lane.one_at_a_time else self.config.batch
-        while not (self.stop.is_set() or lane.blocked):
-            if lane.one_at_a_time and lane.async_in_doubt:
+        limit = 8 if reader.one_at_a_time else self.config.batch
+        while not reader.stopped:
+            if reader.waits_on_doubt:
                 return sent, held + 1
             planned = self._ledger.iter_items(
                 [ItemState.planned],
                 run=self.manifest_run,
-                region=lane.region,
-                model=lane.model,
+                region=reader.region,
+                model=reader.model,
                 after_seq=after_seq,
                 limit=limit,
             )
             rows = [row async for row in planned]
             if not rows:
                 break
-            # Only this lane's submits move a planned item (the folder is locked to this process), so a row read
+            # Only these lanes' submits move a planned item (the folder is locked to this process), so a row read
             # while its item had no submit under way is still planned when its turn comes. One whose submit (an
             # earlier pass's, retrying) was under way may have been sent since: its state is read again before it
             # takes a claim and a slot of the account's pace. The compare-and-set in _attempt would refuse it
             # anyway, but only after spending that slot, and with a warning that reads like a fault.
-            moving = {row.item_id for row in rows if row.item_id in lane.doubt}
+            in_doubt = reader.in_doubt()
+            moving = {row.item_id for row in rows if row.item_id in in_doubt}
             for row in rows:
-                if self._probing(lane):
-                    return sent, held + 1  # the lane's first create is out alone: look again once it is answered
+                if not reader.ready():
+                    return sent, held + 1  # each lane's first create is out alone: look again once answered
                 after_seq = row.seq
-                if row.item_id in lane.skipped or row.item_id in lane.doubt:
+                if reader.passed_over(row.item_id):
                     continue
                 if row.item_id in moving and await self._ledger.state_of(row.item_id) is not ItemState.planned:
                     continue  # its submit ended after the read: it has moved on
-                if lane.doubt_key(row) in lane.doubt.values():
-                    # The service's task list tells tasks apart by prompt only: while one create with this
-                    # prompt is unanswered, a second would make an unknown outcome ambiguous.
+                lane = await reader.lane_for(row)
+                if lane is None:
+                    return sent, held + 1  # every lane is probing, or stopped
+                if lane is HELD:
                     held += 1
-                    if lane.one_at_a_time:
+                    if all(other.one_at_a_time for other in reader.ready()):
                         return sent, held  # later rows wait too
                     continue
                 if not await self._dispatch(lane, row, group):
@@ -207,18 +227,6 @@ class Submitter:
             error_message=exc.message,
             request_id=exc.request_id,
         )
-
-    def _probing(self, lane: Lane) -> bool:
-        """Whether the lane's first create is still out alone (see ``SubmitConfig.probe_s``)."""
-        started_s = lane.probe_started_s
-        return not lane.answered and started_s is not None and self._clock.now() - started_s < self.config.probe_s
-
-    def _probe_left_s(self, lane: Lane) -> float:
-        """Our clock's seconds until the lane's first create stops holding the others back; inf when it does not."""
-        started_s = lane.probe_started_s
-        if started_s is None or not self._probing(lane):
-            return math.inf
-        return started_s + self.config.probe_s - self._clock.now()
 
     def _sync(self, lane: Lane, row: ItemRow) -> bool:
         """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
@@ -268,6 +276,7 @@ class Submitter:
                 item_id,
                 ItemState.submitting,
                 expect=ItemState.planned,
+                account=lane.account,  # whose key makes it: its task is in that account's list only
                 submit_started_ms=self._clock.now_ms(),
                 endpoint="sync" if sync else "async",
                 durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
@@ -323,6 +332,7 @@ class Submitter:
         lane.unreachable = 0
         lane.pacer.succeeded()
         self.submitted += 1
+        lane.submitted += 1
         if sync:
             queued = await ledger.transition(
                 item_id,

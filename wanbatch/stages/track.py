@@ -2,10 +2,10 @@
 
 When each open task is due a look is the queue model's business
 (:mod:`wanbatch.stages.queue_model`); this module does the looking. When
-several tasks of a region are due at once, one page of the account's task
+several tasks of an account are due at once, one page of the account's task
 list shows them all, and only the tasks it shows ended are queried for their
-results. All queries and lists of a region share one even limiter below the
-account's 20 QPS. What a finished task leaves is recorded through
+results. All queries and lists of an account (without a pool: of a region's
+key) share one even limiter below the account's 20 QPS. What a finished task leaves is recorded through
 :mod:`wanbatch.stages.results`.
 """
 
@@ -51,7 +51,7 @@ class Tracker:
         self.config = config
         self._model = QueueModel(clock=clock, config=config)
         self._wake = asyncio.Event()
-        self._lists_rest_until: dict[str, float] = {}  #: region -> until when it is looked at by queries only
+        self._lists_rest_until: dict[str, float] = {}  #: account (scope) -> until when it is looked at by queries only
         self._cancel_requested = self._canceling = False
         self.queries = 0
         self.lists = 0
@@ -131,31 +131,31 @@ class Tracker:
     # -- looking --------------------------------------------------------------------------------------------
 
     async def _look(self, due: list[OpenTask]) -> None:
-        """Look at every due task: one list per region where several are due, else a query each."""
-        by_region: dict[str, list[OpenTask]] = {}
+        """Look at every due task: one list per account (its task list) where several are due, else a query each."""
+        by_scope: dict[str, list[OpenTask]] = {}
         for task in due:
-            by_region.setdefault(task.lane.region, []).append(task)
+            by_scope.setdefault(task.lane.scope, []).append(task)
         async with asyncio.TaskGroup() as group:  # side by side: a slow answer does not hold up the others
-            for region, tasks in by_region.items():
-                group.create_task(self._look_in(region, tasks))
+            for scope, tasks in by_scope.items():
+                group.create_task(self._look_in(scope, tasks))
 
-    async def _look_in(self, region: str, due: list[OpenTask]) -> None:
-        resting = self._clock.now() < self._lists_rest_until.get(region, 0.0)
-        if not resting and self._model.list_saves(due) and await self._list(region, due):
+    async def _look_in(self, scope: str, due: list[OpenTask]) -> None:
+        resting = self._clock.now() < self._lists_rest_until.get(scope, 0.0)
+        if not resting and self._model.list_saves(due) and await self._list(scope, due):
             return
         await _each(self._poll, due)
 
-    async def _list(self, region: str, due: list[OpenTask]) -> bool:
-        """One page of the region's task list for ``due`` and every other open task of the region; the
+    async def _list(self, scope: str, due: list[OpenTask]) -> bool:
+        """One page of the account's task list for ``due`` and every other open task of the account; the
         tasks it shows ended are queried for their results. False if the list could not be had."""
-        open_tasks = due + [task for task in self._model if task.lane.region == region]
-        await self._limiters[region].acquire()
+        open_tasks = due + [task for task in self._model if task.lane.scope == scope]
+        await self._limiters[scope].acquire()
         self.lists += 1
         size = min(self.config.list_page_size, len(open_tasks) + 5)
         try:
             page = list_page(await due[0].lane.client.list_tasks(page_no=1, page_size=size))
         except (TransportError, ApiError) as exc:
-            log.info("↻ list %s: %s", region, exc)
+            log.info("↻ list %s: %s", scope, exc)
             return False
         due_ids, now = {id(task) for task in due}, self._clock.now()
         ended = []
@@ -179,7 +179,7 @@ class Tracker:
                 self._model.seen_early(task, now)
         if any(id(task) in due_ids and task.task_id not in page.by_id for task in open_tasks):
             # The page is the newest tasks of the whole account: others' tasks pushed ours off it.
-            self._lists_rest_until[region] = now + self.config.list_rest_s
+            self._lists_rest_until[scope] = now + self.config.list_rest_s
         ended_ids = {id(task) for task in ended}
         self._model.remove(task for task in ended if id(task) not in due_ids)
         self._model.put(task for task in due if id(task) not in ended_ids)
@@ -191,7 +191,7 @@ class Tracker:
         for task in list(self._model):
             if task.seen_running:
                 continue
-            await self._limiters[task.lane.region].acquire()
+            await self._limiters[task.lane.scope].acquire()
             note = "canceled on the service at the user's request"
             outcome = await cancel_on_service(self._ledger, task.lane.client, task.item_id, task.task_id, note=note)
             if outcome is not CancelOutcome.canceled:
@@ -204,7 +204,7 @@ class Tracker:
 
     async def _poll(self, task: OpenTask) -> None:
         lane, model = task.lane, self._model
-        await self._limiters[lane.region].acquire()
+        await self._limiters[lane.scope].acquire()
         self.queries += 1
         task.polls += 1
         try:

@@ -196,16 +196,18 @@ def test_a_run_folder_of_the_earlier_schema_is_brought_up_to_date(tmp_path):
     import sqlite3
 
     from wanbatch.clock import ScaledClock
+    from wanbatch.ledger import SCHEMA_VERSION
 
     clock = ScaledClock()
     manifest = load_manifest(tmp_path, prompts=["a clay pot"])
     crashed(tmp_path / "run", manifest, clock)
     with sqlite3.connect(tmp_path / "run" / "ledger.sqlite") as conn:
         conn.execute("ALTER TABLE items DROP COLUMN endpoint")
+        conn.execute("ALTER TABLE items DROP COLUMN account")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with Ledger.open(tmp_path / "run", clock=clock, create=False) as ledger:
         (row,) = ledger.iter_items([ItemState.submitting])
-        assert row.endpoint is None and ledger.meta("schema_version") == "2"
+        assert row.endpoint is None and row.account == "" and ledger.meta("schema_version") == str(SCHEMA_VERSION)
 
 
 def test_a_run_killed_during_a_sync_call_never_sends_it_again(tmp_path):
