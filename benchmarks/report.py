@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .diagnoses import DIAGNOSES
+from .pools import pool_lines
 
 __all__ = ["Row", "build_rows", "machine_facts", "render_markdown", "write"]
 
@@ -482,6 +483,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += [f"{number}. **{key}**: {DIAGNOSES[key]}" for number, key in enumerate(cited, start=1)]
     lines += ["", *_profile_lines(doc["results"].get("ceiling") or {})]
     lines += gallery_lines(doc["results"].get("gallery"))
+    lines += pool_lines(doc["results"].get("pools"))
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ show how much the fast clock weighs on each contender), ``cold_start``
 (429s when wan2.5-t2i-preview starts from idle),
 ``ceiling`` (5), ``scale`` (6), ``capacity`` (7), ``statements`` (8, the ledger's SQLite
 statements per task), ``gallery`` (its own section, also
-``python -m benchmarks.gallery``). Scratch files go to
+``python -m benchmarks.gallery``), ``pools`` (quota utilisation over 1, 2 and
+4 accounts, its own section). Scratch files go to
 ``--workdir`` (default runs/bench, emptied first). The benchmark asserts
 nothing about time: it measures and reports.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import capacity, ceiling, gallery, report, scale, statements, utilisation
+from . import capacity, ceiling, gallery, pools, report, scale, statements, utilisation
 from .contenders import CONTENDERS, Job
 from .procs import SimServer
 
@@ -46,6 +47,7 @@ SECTION_TITLES = {
     "capacity": "figure 7, simulator capacity",
     "statements": "figure 8, ledger statements per task",
     "gallery": "the gallery at scale",
+    "pools": "quota utilisation of account pools",
 }
 SECTIONS = tuple(SECTION_TITLES)
 CONTENDER_SECTIONS = ("utilisation", "slow_clock", "cold_start")
@@ -64,6 +66,7 @@ class Sizes:
     capacity_s: float  #: wall seconds of load per request kind
     statements_items: int  #: items of each run whose SQLite statements are counted
     gallery_images: tuple[int, ...]  #: images of each synthetic run whose gallery is measured
+    pool_items: int  #: items per account of the pools' runs (1, 2 and 4 accounts)
 
 
 #: The issue's sizes. Speed 100: a loopback round trip of 1-2 ms stands for 0.1-0.2 s, a plausible round
@@ -80,6 +83,7 @@ FULL = Sizes(
     capacity_s=3.0,
     statements_items=statements.ITEMS,
     gallery_images=gallery.SIZES,
+    pool_items=500,
 )
 QUICK = Sizes(
     speed=400.0,
@@ -93,6 +97,7 @@ QUICK = Sizes(
     capacity_s=0.3,
     statements_items=10,
     gallery_images=(50,),
+    pool_items=4,
 )
 
 #: model -> the size every contender asks for (the model's default size)
@@ -168,6 +173,10 @@ def run(
     if "gallery" in sections:
         log(f"{SECTION_TITLES['gallery']}: {', '.join(f'{n:,}' for n in sizes.gallery_images)} images")
         results["gallery"] = gallery.run(sizes.gallery_images, workdir=workdir / "gallery", log=log)
+    if "pools" in sections:
+        log(f"{SECTION_TITLES['pools']}: {sizes.pool_items} items per account, speed {sizes.speed:g}")
+        results["pools"] = pools.measure(workdir / "pools", per_account=sizes.pool_items, speed=sizes.speed, log=log)
+        settings["pools"] = f"{sizes.pool_items} items per account, speed {sizes.speed:g}"
     results["settings"] = settings
     return results
 
