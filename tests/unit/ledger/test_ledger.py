@@ -308,3 +308,22 @@ def test_the_api_key_is_never_written_to_the_ledger(
         written = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
     assert b"marker-prompt-93c1" in written  # the bytes searched are the ones the ledger wrote
     assert sentinel.encode() not in written
+
+
+def test_a_version_2_ledger_gains_the_account_column_and_keeps_its_items(tmp_path: Path, clock: ScaledClock) -> None:
+    """A ledger made before pools (schema 2, no items.account) opens, gains the column ('' for every item: the
+    environment's keys made them), and records an account with the next move to submitting."""
+    with Ledger.open(tmp_path, clock=clock) as ledger:
+        run = ledger.begin_run()
+        ledger.add_items([FakeItem(item_id="old"), FakeItem(item_id="new")], run=run, price_of=lambda it: 0.1)
+        ledger.transition("old", ItemState.submitting, expect=ItemState.planned)
+    with sqlite3.connect(tmp_path / LEDGER_FILE) as conn:
+        conn.execute("ALTER TABLE items DROP COLUMN account")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    with Ledger.open(tmp_path, clock=clock, create=False) as ledger:
+        assert ledger.meta("schema_version") == str(SCHEMA_VERSION) == "3"
+        assert ledger.get("old").account == "" and ledger.get("old").state is ItemState.submitting
+        assert ledger.account_lanes([ItemState.submitting]) == {("beijing", "", ledger.get("old").model)}
+        moved = ledger.transition("new", ItemState.submitting, expect=ItemState.planned, account="team-a")
+        assert moved.account == "team-a"
+        assert ledger.account_summary()["team-a"]["items"] == {"submitting": 1}
