@@ -123,8 +123,9 @@ def pool_lines(pools: dict[str, Any] | None) -> list[str]:
         ratio = row.get("utilisation")
         met = "–" if ratio is None else ("yes" if ratio <= 1.02 else "**no**")
         lines.append(
-            f"| {count} | {row['items']} | {_fmt(row['makespan_s'])} | {_fmt(row['bound_s'])} | {_fmt(ratio)} | {met}"
-            f" | {', '.join(str(n) for n in row['tasks_per_account'])} | {row['throttled']} | {row['wall_s']:.1f} |"
+            f"| **{count}** | {row['items']} | {_fmt(row['makespan_s'])} | {_fmt(row['bound_s'])} | {_fmt(ratio)}"
+            f" | {met} | {', '.join(str(n) for n in row['tasks_per_account'])} | {row['throttled']}"
+            f" | {row['wall_s']:.1f} |"
         )
     return [*lines, ""]
 

@@ -97,3 +97,17 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 0.99) == 99.0
     assert percentile([3.0], 0.99) == 3.0
     assert percentile([], 0.5) is None
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_pools_of_one_two_and_four_accounts(quick_run: tuple[dict, str]) -> None:
+    """The pools section ran 1, 2 and 4 accounts: every item saved, each account given work, its figures in the
+    markdown."""
+    doc, markdown = quick_run
+    pools = doc["results"]["pools"]
+    assert sorted(pools, key=int) == ["1", "2", "4"]
+    for count, row in pools.items():
+        assert row["exit_code"] == 0 and row["images_saved"] == row["items"], row
+        assert len(row["tasks_per_account"]) == int(count) and min(row["tasks_per_account"]) > 0
+        assert row["utilisation"] is not None
+    assert "## Account pools" in markdown
