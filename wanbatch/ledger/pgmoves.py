@@ -36,7 +36,7 @@ _ON_ENTRY: dict[ItemState, dict[str, str]] = {
 }
 _ON_ENTRY |= {s: {"ended_ms": "COALESCE(ended_ms, %(now)s)"} for s in ItemState if s not in _ON_ENTRY}
 _SETTABLE = frozenset(
-    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint"}
+    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 #: The states each state may be entered from: a move without ``expect`` locks the item only if it is in one.

@@ -161,15 +161,22 @@ class PgReads:
         return spans
 
     async def recent_tasks(
-        self, region: str, limit: int, *, since_ms: int = 0, until_ms: int = _END_OF_TIME_MS
+        self,
+        region: str,
+        limit: int,
+        *,
+        since_ms: int = 0,
+        until_ms: int = _END_OF_TIME_MS,
+        account: str | None = None,
     ) -> list[tuple[str, int]]:
         rows = await self._all(
             """SELECT items.task_id, items.submit_started_ms FROM transitions JOIN items USING (batch_id, item_id)
                WHERE transitions.batch_id = %(batch)s AND transitions.to_state = 'queued' AND items.region = %(region)s
                  AND items.task_id IS NOT NULL
                  AND items.submit_started_ms >= %(since)s AND items.submit_started_ms < %(until)s
+                 AND (%(account)s::text IS NULL OR items.account = %(account)s::text)
                ORDER BY transitions.id DESC LIMIT %(limit)s""",
-            {"region": region, "since": since_ms, "until": until_ms, "limit": limit * 4},
+            {"region": region, "since": since_ms, "until": until_ms, "limit": limit * 4, "account": account},
         )
         return list(dict.fromkeys((task_id, started) for task_id, started in rows))[:limit]
 
@@ -286,6 +293,34 @@ class PgReads:
             {"states": [str(ItemState(s)) for s in states], "run": run},
         )
         return {(region, model) for region, model in rows}
+
+    async def account_lanes(self, states: Collection[ItemState]) -> set[tuple[str, str, str]]:
+        rows = await self._all(
+            "SELECT DISTINCT region, account, model FROM items WHERE batch_id = %(batch)s AND state = ANY(%(states)s)",
+            {"states": [str(ItemState(s)) for s in states]},
+        )
+        return {(region, account, model) for region, account, model in rows}
+
+    async def account_summary(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        rows = await self._all(
+            "SELECT account, state, count(*), SUM(images_generated), SUM(cost), currency FROM items"
+            " WHERE batch_id = %(batch)s AND account != '' GROUP BY account, state, currency"
+        )
+        for account, state, count, generated, cost, currency in rows:
+            entry = found.setdefault(account, {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}})
+            entry["items"][state] = entry["items"].get(state, 0) + int(count)
+            entry["images_generated"] += int(generated or 0)
+            entry["cost"][currency] = round(entry["cost"].get(currency, 0.0) + float(cost or 0.0), 6)
+        saved = await self._all(
+            "SELECT items.account, count(*) FROM images JOIN items USING (batch_id, item_id)"
+            " WHERE images.batch_id = %(batch)s AND images.state = 'saved' AND items.account != ''"
+            " GROUP BY items.account"
+        )
+        for account, count in saved:
+            found.setdefault(account, {"items": {}, "images_generated": 0, "images_saved": 0, "cost": {}})
+            found[account]["images_saved"] = int(count)
+        return found
 
     async def counts(self, *, run: int | None = None) -> dict[ItemState, int]:
         seen = "" if run is None else " AND last_seen_run = %(run)s"

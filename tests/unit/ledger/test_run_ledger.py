@@ -182,6 +182,28 @@ async def test_known_tasks_are_the_task_ids_some_item_holds(run_ledger: RunLedge
     assert await run_ledger.known_tasks([*others, "task-1"]) == {"task-1"} and await run_ledger.known_tasks([]) == set()
 
 
+async def test_each_attempt_records_its_account_and_reads_go_by_account(run_ledger: RunLedger) -> None:
+    """The move to submitting records the pool's account whose key makes the create ('' for the environment's
+    key); the open items' (region, account, model), the newest tasks of one account, and the figures per named
+    account are read back by account."""
+    first, second, third = await planned(run_ledger, 3)
+    for item_id, account, task in ((first, "team-a", "task-a"), (second, "team-b", "task-b"), (third, "", "task-e")):
+        moved = await run_ledger.transition(item_id, S.submitting, expect=S.planned, account=account)
+        assert moved.account == account
+        await run_ledger.transition(item_id, S.queued, task_id=task)
+    assert await run_ledger.account_lanes([S.queued]) == {
+        ("beijing", "team-a", "wan2.2-t2i-flash"),
+        ("beijing", "team-b", "wan2.2-t2i-flash"),
+        ("beijing", "", "wan2.2-t2i-flash"),
+    }
+    assert [task for task, _ in await run_ledger.recent_tasks("beijing", 5, account="team-b")] == ["task-b"]
+    assert [task for task, _ in await run_ledger.recent_tasks("beijing", 5, account="")] == ["task-e"]
+    assert {task for task, _ in await run_ledger.recent_tasks("beijing", 5)} == {"task-a", "task-b", "task-e"}
+    summary = await run_ledger.account_summary()
+    assert set(summary) == {"team-a", "team-b"}
+    assert summary["team-a"] == {"items": {"queued": 1}, "images_generated": 0, "images_saved": 0, "cost": {"CNY": 0.0}}
+
+
 async def test_many_items_are_read_together_and_a_missing_one_is_named(run_ledger: RunLedger) -> None:
     """get_many gives the row of every id asked for, as get would (past the ids bound in one query), and names
     an id that has no item rather than leaving it out."""
