@@ -123,11 +123,15 @@ def pool_lines(pools: dict[str, Any] | None) -> list[str]:
         ratio = row.get("utilisation")
         met = "–" if ratio is None else ("yes" if ratio <= 1.02 else "**no**")
         lines.append(
-            f"| **{count}** | {row['items']} | {_fmt(row['makespan_s'])} | {_fmt(row['bound_s'])} | {_fmt(ratio)}"
-            f" | {met} | {', '.join(str(n) for n in row['tasks_per_account'])} | {row['throttled']}"
+            f"| **{count}** | {row['items']} | {_seconds(row['makespan_s'])} | {_seconds(row['bound_s'])}"
+            f" | {_fmt(ratio)} | {met} | {', '.join(str(n) for n in row['tasks_per_account'])} | {row['throttled']}"
             f" | {row['wall_s']:.1f} |"
         )
     return [*lines, ""]
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
 
 
 def _fmt(value: float | None) -> str:
