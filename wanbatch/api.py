@@ -157,7 +157,7 @@ async def run(
             config = EngineConfig(base_url=base_url, speed=speed or 1.0, submit=submit, track=track, gallery=gallery)
             clock = None
         else:
-            keys = dict(keys) if keys is not None else keys_from_env(plan["regions"], os.environ)
+            keys = dict(keys) if keys is not None else _env_keys(plan, os.environ)
             config = EngineConfig(
                 base_url=base_url,
                 speed=speed or 1.0,
@@ -189,6 +189,19 @@ async def run(
         else:
             await stack.enter_async_context(log_progress(engine))
         return await engine.run(manifest, plan=plan)
+
+
+def _env_keys(plan: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment's key of each region the plan needs: every region of an item allowed only one; for items
+    allowed several, the keys of those regions that have one, at least one of them."""
+    needed = sorted({lane["region"] for lane in plan["lanes"] if len(lane.get("regions", [lane["region"]])) == 1})
+    keys = keys_from_env(needed, environ)
+    keys |= keys_from_env(plan["regions"], environ, require=False)
+    for lane in plan["lanes"]:
+        if not set(lane.get("regions", [lane["region"]])) & set(keys):
+            # Said as for one region: the first of them is named, with the variables that serve it.
+            keys_from_env(lane["regions"], environ)
+    return keys
 
 
 async def _check_store(store: Store, state_dir: Path) -> None:

@@ -28,8 +28,10 @@ __all__ = [
     "SizeRule",
     "endpoint",
     "offer",
+    "offers_for",
     "offers_in",
     "parse_size",
+    "regions_of",
 ]
 
 SEED_MAX = 2**31 - 1
@@ -204,3 +206,22 @@ def offer(region: str, model_name: str) -> Offer | None:
     if found is None:
         found = next((o for o in offers_in(region) if o.model.name == model_name), None)
     return found
+
+
+#: A manifest's region that lets an item run in any region selling its model.
+ANY_REGION = "any"
+#: Joins the regions an item may run in, in catalog order ("beijing|singapore"): its stored region until sent.
+REGION_JOIN = "|"
+
+
+def regions_of(value: str, model_name: str | None = None) -> list[str]:
+    """The regions a manifest's region value allows, in catalog order: one region, several joined by ``|``, or
+    ``any`` (each region that sells ``model_name``; every region when no model is given)."""
+    if value == ANY_REGION:
+        return [r for r in REGIONS if model_name is None or offer(r, model_name) is not None]
+    return [r for r in REGIONS if r in value.split(REGION_JOIN)]
+
+
+def offers_for(value: str, model_name: str) -> list[Offer]:
+    """The offers of ``model_name`` in the regions ``value`` allows (see :func:`regions_of`), in catalog order."""
+    return [found for r in regions_of(value, model_name) if (found := offer(r, model_name)) is not None]

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from wanbatch.catalog import regions_of
 from wanbatch.clock import Clock, ScaledClock
 from wanbatch.errors import HALTING_CODES, MODERATION_CODES
 from wanbatch.ledger import RunLedger, RunLock, open_ledger
@@ -263,7 +264,7 @@ class Engine:
             lanes_wanted = await ledger.lanes(_RESUMABLE)
         else:
             lanes_wanted = await ledger.lanes(_OPEN) | manifest_lanes
-        accounts, lane_keys = plan_lanes(
+        accounts, lane_keys, readers = plan_lanes(
             pool=self._pool, keys=self._keys, quotas=self.config.quotas, in_flight=in_flight, wanted=lanes_wanted
         )
         connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300)
@@ -271,7 +272,7 @@ class Engine:
         thumbs = Thumbnailer(self.run_dir) if self.config.gallery and self.store is None else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
             stages = self._build(
-                ledger, session, accounts, lane_keys, budget, run, thumbs, await naming.sharded(ledger)
+                ledger, session, accounts, (lane_keys, readers), budget, run, thumbs, await naming.sharded(ledger)
             )
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
@@ -296,7 +297,7 @@ class Engine:
         ledger: RunLedger,
         session: aiohttp.ClientSession,
         accounts: Mapping[str, Account],
-        lane_keys: AbstractSet[LaneKey],
+        lane_plan: tuple[AbstractSet[LaneKey], Mapping[tuple[str, str], list[LaneKey]]],
         budget: Budget,
         run: int,
         thumbs: Thumbnailer | None,
@@ -307,7 +308,7 @@ class Engine:
         lanes, limiters = build_lanes(
             session,
             accounts,
-            lane_keys,
+            lane_plan[0],
             budget,
             clock=self.clock,
             base_url=self.config.base_url,
@@ -348,6 +349,7 @@ class Engine:
             ledger=ledger,
             clock=self.clock,
             lanes=list(lanes.values()),
+            readers={key: [lanes[lane] for lane in keyed] for key, keyed in lane_plan[1].items()},
             tracker=tracker,
             reconciler=reconciler,
             on_sync_images=tracker.record_sync,
@@ -422,7 +424,9 @@ async def _halted(ledger: RunLedger, lanes: Iterable[Lane], run: int) -> bool:
         if not (lane.blocked is not None and lane.blocked.code in HALTING_CODES)
     }
     left = await ledger.lanes([ItemState.planned], run=run)
-    return bool(left) and not (left & open_pairs)
+    # An item allowed several regions (its region value "beijing|singapore" or "any") waits on any of them.
+    alive = {(value, model) for value, model in left if any((r, model) in open_pairs for r in regions_of(value, model))}
+    return bool(left) and not alive
 
 
 def _iso_now() -> str:

@@ -31,8 +31,14 @@ _UPSERT_IMAGE = """INSERT INTO images (item_id, image_index, state, url, deadlin
 _CLEAR_ERROR = ("error_code = NULL", "error_message = NULL")
 #: What entering a state does besides setting it. Caller-given fields come later in the SET list, so they win.
 _ON_ENTRY: dict[ItemState, tuple[str, ...]] = {
-    # A planned item has no task: it is either new or known to have created none.
-    ItemState.planned: ("task_id = NULL", "task_status = NULL", "ended_ms = NULL"),
+    # A planned item has no task: it is either new or known to have created none. Its region is the request's
+    # again: an item allowed several regions ("beijing|singapore") had the one of its attempt.
+    ItemState.planned: (
+        "task_id = NULL",
+        "task_status = NULL",
+        "ended_ms = NULL",
+        "region = COALESCE(json_extract(request, '$.region'), region)",
+    ),
     # A new attempt, or a task at last: the error that held the item back is history (the audit keeps it).
     ItemState.submitting: ("submit_started_ms = :now", "attempts = attempts + 1", *_CLEAR_ERROR),
     ItemState.queued: ("submitted_ms = :now", *_CLEAR_ERROR),
@@ -44,6 +50,7 @@ _ON_ENTRY |= {state: ("ended_ms = COALESCE(ended_ms, :now)",) for state in ItemS
 #: The times and ``attempts`` are set on entering a state (``_ON_ENTRY``); a caller may give its own.
 _SETTABLE = frozenset(
     {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
+    | {"region", "price_per_image"}  # where an item allowed several regions is sent, and its price there
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 

@@ -29,7 +29,13 @@ __all__ = ["PgMoves", "image_params", "move_sql", "set_fields"]
 _CLEAR_ERROR = {"error_code": "NULL", "error_message": "NULL"}
 #: What entering a state does besides setting it (SQL per column); caller-given fields replace these.
 _ON_ENTRY: dict[ItemState, dict[str, str]] = {
-    ItemState.planned: {"task_id": "NULL", "task_status": "NULL", "ended_ms": "NULL"},
+    # An item allowed several regions has the request's joined list again (its attempt's region was set).
+    ItemState.planned: {
+        "task_id": "NULL",
+        "task_status": "NULL",
+        "ended_ms": "NULL",
+        "region": "COALESCE(request->>'region', region)",
+    },
     ItemState.submitting: {"submit_started_ms": "%(now)s", "attempts": "attempts + 1", **_CLEAR_ERROR},
     ItemState.queued: {"submitted_ms": "%(now)s", **_CLEAR_ERROR},
     ItemState.unknown: {},
@@ -37,6 +43,7 @@ _ON_ENTRY: dict[ItemState, dict[str, str]] = {
 _ON_ENTRY |= {s: {"ended_ms": "COALESCE(ended_ms, %(now)s)"} for s in ItemState if s not in _ON_ENTRY}
 _SETTABLE = frozenset(
     {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
+    | {"region", "price_per_image"}  # where an item allowed several regions is sent, and its price there
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
 )
 #: The states each state may be entered from: a move without ``expect`` locks the item only if it is in one.

@@ -58,17 +58,34 @@ class Checks:
             return None
         key = (region_val.value, model_val.value)
         if key not in self._offers:
-            self._offers[key] = catalog.offer(*key)
+            self._offers[key] = self._offer(*key)
         if self._offers[key] is None:
-            offered = [o.model.name for o in catalog.offers_in(region_val.value)]
+            lacking = self._lacking(region_val.value, model_val.value)
+            offered = [o.model.name for o in catalog.offers_in(lacking)]
             named = "the default" if region_val.origin.field == DEFAULT_REGION else region_val.origin.where()
             self.error(
                 model_val.origin,
-                f"found {model_val.value!r}, which region {region_val.value!r} ({named}) does not offer;"
+                f"found {model_val.value!r}, which region {lacking!r} ({named}) does not offer;"
                 f" allowed there: {', '.join(offered)}{did_you_mean_model(model_val.value, offered)}",
             )
             return None
         return self._offers[key].model
+
+    @staticmethod
+    def _offer(region: str, model: str) -> catalog.Offer | None:
+        """The offer that vouches for (region, model): one region's; for several, the first, once each of
+        them sells the model (a region listed by name that does not is a mistake); for ``any``, one must."""
+        offers = catalog.offers_for(region, model)
+        listed = catalog.regions_of(region, model)
+        if not offers or (region != catalog.ANY_REGION and len(offers) < len(listed)):
+            return None
+        return offers[0]
+
+    @staticmethod
+    def _lacking(region: str, model: str) -> str:
+        """The (first) region of ``region`` that does not sell ``model``."""
+        regions = catalog.regions_of(region) if region == catalog.ANY_REGION else catalog.regions_of(region, None)
+        return next((r for r in regions if catalog.offer(r, model) is None), regions[0] if regions else region)
 
     def size(self, model: catalog.Model, size_val: Val | None) -> str | None:
         if size_val is None:

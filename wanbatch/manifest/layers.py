@@ -106,7 +106,7 @@ def read_params(node: Node, allowed: tuple[str, ...], layer: Layer, problems: Pr
             continue
         elif key == "seed":
             _read_seed(child, layer, problems)
-        elif isinstance(child.value, list):
+        elif isinstance(child.value, list) and key != "region":  # a list of regions: any one of them
             hint = f"to try several, write matrix: {{{key}: [...]}}"
             problems.error(child.origin, f"found a list; allowed: one value ({hint})")
         elif (val := _param_value(key, child, problems)) is not None:

@@ -18,6 +18,10 @@ __all__ = ["make_plan", "repeats_line"]
 def make_plan(manifest: Manifest, survey: Survey | None = None) -> dict[str, Any]:
     """Items, images and cost per (region, model), and the quota bound max(N/RPS, N·duration/concurrency).
 
+    Items allowed several regions (``region: [beijing, singapore]`` or ``any``) are one row, their region the
+    joined list: priced at the dearest of their regions (an upper bound: each is priced where it is sent), their
+    bound the items over the regions' rates added up.
+
     ``manifest`` is a :class:`wanbatch.Manifest` or the path of one, as :func:`wanbatch.run` takes.
     Items are distinct requests: rows that ask for one already asked are counted once (the ledger keeps
     one item for them, sent and paid once) and reported under ``repeats``.
@@ -31,23 +35,27 @@ def make_plan(manifest: Manifest, survey: Survey | None = None) -> dict[str, Any
     rows, cost = [], defaultdict(float)
     for (region, model), (items, images) in sorted(survey.lanes.items()):
         lane = {"items": items, "images": images}
-        offer = catalog.offer(region, model)
-        bound_s = max(
-            lane["items"] / offer.submit_rps, lane["items"] * offer.model.typical_duration_s / offer.concurrency
-        )
-        lane_cost = lane["images"] * offer.price
+        offers = catalog.offers_for(region, model)
+        offer = offers[0]
+        if len(offers) == 1:
+            bound_s = max(items / offer.submit_rps, items * offer.model.typical_duration_s / offer.concurrency)
+        else:  # items that may run in several regions go to each at its pace: the regions' rates add up
+            bound_s = items / sum(min(o.submit_rps, o.concurrency / o.model.typical_duration_s) for o in offers)
+        # Where it runs is decided when it is sent: priced at the dearest of its regions, an upper bound.
+        price = max(o.price for o in offers)
         rows.append(
             {
                 "region": region,
                 "model": model,
                 **lane,
-                "price": offer.price,
-                "cost": round(lane_cost, 6),
+                "price": price,
+                "cost": round(images * price, 6),
                 "currency": offer.currency,
                 "quota_time_s": bound_s,
+                "regions": [o.region for o in offers],
             }
         )
-        cost[offer.currency] += lane_cost
+        cost[offer.currency] += images * price
     return {
         "name": manifest.name,
         "items": sum(r["items"] for r in rows),
@@ -55,7 +63,7 @@ def make_plan(manifest: Manifest, survey: Survey | None = None) -> dict[str, Any
         "cost": {currency: round(value, 6) for currency, value in cost.items()},
         "price_table": catalog.PRICE_TABLE,
         "quota_time_s": max((r["quota_time_s"] for r in rows), default=0.0),
-        "regions": sorted({r["region"] for r in rows}),
+        "regions": sorted({region for r in rows for region in r["regions"]}),
         "budget": manifest.budget,
         "lanes": rows,
         "repeats": dataclasses.asdict(survey.repeats),

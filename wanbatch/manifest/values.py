@@ -247,10 +247,26 @@ def _bool(raw: Any, from_text: bool) -> tuple[Any, str | None]:
     return _found(raw, "true or false")
 
 
+_REGIONS_ALLOWED = (
+    "one of " + ", ".join(catalog.REGIONS) + f", a list of them ([beijing, singapore]) or {catalog.ANY_REGION}"
+)
+
+
 def _region(raw: Any, from_text: bool) -> tuple[Any, str | None]:
-    if isinstance(raw, str) and raw.strip() in catalog.REGIONS:
+    """One region; several (a list, or ``a|b`` in a text source) as their canonical ``a|b`` in catalog order, a
+    list of one as that region; or ``any``."""
+    if isinstance(raw, str) and raw.strip() in (*catalog.REGIONS, catalog.ANY_REGION):
         return raw.strip(), None
-    return _found(raw, "one of " + ", ".join(catalog.REGIONS), did_you_mean(raw, catalog.REGIONS))
+    parts = raw.split(catalog.REGION_JOIN) if from_text and isinstance(raw, str) else raw
+    if isinstance(parts, list):  # a YAML list holds its loaded nodes
+        parts = [getattr(part, "value", part) for part in parts]
+    if isinstance(parts, list) and parts and all(isinstance(p, str) and p.strip() in catalog.REGIONS for p in parts):
+        wanted = {p.strip() for p in parts}
+        return catalog.REGION_JOIN.join(r for r in catalog.REGIONS if r in wanted), None
+    if isinstance(parts, list) and parts:
+        unknown = next((p for p in parts if not (isinstance(p, str) and p.strip() in catalog.REGIONS)), None)
+        return _found(unknown, _REGIONS_ALLOWED, did_you_mean(unknown, catalog.REGIONS))
+    return _found(raw, _REGIONS_ALLOWED, did_you_mean(raw, catalog.REGIONS))
 
 
 _COERCE = {

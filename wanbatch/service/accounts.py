@@ -80,10 +80,10 @@ class Pool:
         return sorted({spec.region for spec in self.accounts})
 
     def serving(self, region: str, model: str) -> list[AccountSpec]:
-        """The accounts of ``region``, which offers ``model`` (every account of a region sells its models)."""
-        if catalog.offer(region, model) is None:
-            return []
-        return [spec for spec in self.accounts if spec.region == region]
+        """The accounts that can make ``model`` for items of ``region`` (a manifest's region value: one region,
+        several joined by ``|``, or ``any``): those of each allowed region that sells the model."""
+        regions = {offer.region for offer in catalog.offers_for(region, model)}
+        return [spec for spec in self.accounts if spec.region in regions]
 
     def resolve(self, environ: Mapping[str, str], *, keys: Mapping[str, str] | None = None) -> list[Account]:
         """Every account with its key: ``keys`` (name -> key) where given, else its ``key_env`` in ``environ``;
@@ -134,26 +134,30 @@ def split_plan(plan: Mapping[str, Any], pool: Pool) -> dict[str, Any]:
     bound_s = 0.0
     for lane in plan["lanes"]:
         serving = pool.serving(lane["region"], lane["model"])
-        rates = {spec.name: _throughput(spec, lane["region"], lane["model"]) for spec in serving}
+        rates = {spec.name: _throughput(spec, spec.region, lane["model"]) for spec in serving}
         total = sum(rates.values())
         if not total:
             continue
         bound_s = max(bound_s, lane["items"] / total)
         for spec in serving:
             share = rates[spec.name] / total
+            price = catalog.offer(spec.region, lane["model"]).price  # items are priced where they are sent
             rows.append(
                 {
                     "account": spec.name,
-                    "region": lane["region"],
+                    "region": spec.region,
                     "model": lane["model"],
                     "items": round(lane["items"] * share, 1),
                     "images": round(lane["images"] * share, 1),
-                    "cost": round(lane["cost"] * share, 6),
+                    "cost": round(lane["images"] * share * price, 6),
                     "currency": lane["currency"],
                     "items_per_s": round(rates[spec.name], 4),
                 }
             )
-    return {**plan, "accounts": rows, "accounts_note": SPLIT_NOTE, "quota_time_s": bound_s}
+    cost: dict[str, float] = {}
+    for row in rows:
+        cost[row["currency"]] = round(cost.get(row["currency"], 0.0) + row["cost"], 6)
+    return {**plan, "accounts": rows, "accounts_note": SPLIT_NOTE, "quota_time_s": bound_s, "cost_by_split": cost}
 
 
 def _throughput(spec: AccountSpec, region: str, model: str) -> float:

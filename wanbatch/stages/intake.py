@@ -113,5 +113,7 @@ def lanes_of(plan: Mapping[str, Any] | None) -> frozenset[tuple[str, str]] | Non
 
 
 def price_of(item: Item) -> float:
-    offer = catalog.offer(item.region, item.model)
-    return offer.price if offer else 0.0
+    """The item's price per image: its region's; for an item allowed several, the dearest (what the budget
+    holds for it until it is sent, when its region's price is recorded)."""
+    offers = catalog.offers_for(item.region, item.model)
+    return max((offer.price for offer in offers), default=0.0)

@@ -72,23 +72,34 @@ def plan_lanes(
     quotas: QuotaTable,
     in_flight: AbstractSet[LaneKey],
     wanted: AbstractSet[tuple[str, str]],
-) -> tuple[dict[str, Account], set[LaneKey]]:
-    """The accounts a run sends with (scope -> account) and its lanes: each account of a region for each
-    (region, model) of ``wanted``, and the lane of every item in flight. Without a ``pool``, ``keys`` (region ->
-    key) are the accounts, with ``quotas`` (the ``--quotas`` file's) as theirs."""
+) -> tuple[dict[str, Account], set[LaneKey], dict[tuple[str, str], list[LaneKey]]]:
+    """The accounts a run sends with (scope -> account), its lanes, and its readers: for each (region, model) of
+    ``wanted`` (a region value: one region, several joined by ``|``, or ``any``), the lanes of every account of
+    every region it allows that sells the model; and the lane of every item in flight. Without a ``pool``,
+    ``keys`` (region -> key) are the accounts, with ``quotas`` (the ``--quotas`` file's) as theirs."""
     if pool is None:
-        missing = sorted({region for region, _ in wanted} - set(keys))
-        if missing:
-            raise ConfigError(f"no API key for region(s) {', '.join(missing)}")
         accounts = {region: Account(name="", region=region, key=key, quotas=quotas) for region, key in keys.items()}
-        return accounts, {(region, "", model) for region, model in wanted} | set(in_flight)
+    else:
+        accounts = {account.scope: account for account in pool}
     lanes = set(in_flight)
-    for region, model in wanted:
-        serving = [a for a in pool if a.region == region and catalog.offer(region, model) is not None]
-        if not serving and not any(key[0] == region and key[2] == model for key in lanes):
-            raise ConfigError(f"no account of the pool is in {region}, where the manifest's {model} items go")
-        lanes |= {(region, account.name, model) for account in serving}
-    return {account.scope: account for account in pool}, lanes
+    readers: dict[tuple[str, str], list[LaneKey]] = {}
+    for value, model in sorted(wanted):
+        allowed = [offer.region for offer in catalog.offers_for(value, model)]
+        serving = [a for a in accounts.values() if a.region in allowed]
+        if not serving and not any(key[0] in allowed and key[2] == model for key in lanes):
+            if pool is not None:
+                raise ConfigError(f"no account of the pool is in {value}, where the manifest's {model} items go")
+            raise ConfigError(f"no API key for region(s) {', '.join(allowed)}")
+        if pool is None and len(allowed) == 1 and allowed[0] not in keys:
+            raise ConfigError(f"no API key for region(s) {allowed[0]}")
+        readers[(value, model)] = sorted({(a.region, a.name, model) for a in serving})
+        lanes |= set(readers[(value, model)])
+    # A lane of items in flight only (its account's lanes are not wanted for new work) still has a reader,
+    # which finds nothing planned and ends.
+    for key in sorted(lanes):
+        if not any(key in keyed for keyed in readers.values()):
+            readers.setdefault((key[0], key[2]), []).append(key)
+    return accounts, lanes, readers
 
 
 def build_lanes(
@@ -119,8 +130,9 @@ def build_lanes(
         )
         for scope in scopes
     }
-    # The lanes of one (region, model) share one event: their reader waits for a place or a doubt on any of them.
-    events: dict[tuple[str, str], asyncio.Event] = {}
+    # The lanes of one model share one event: a reader waits for a place or a doubt on any of its lanes, which
+    # may be of several regions (items allowed several).
+    events: dict[str, asyncio.Event] = {}
     lanes = {}
     for region, account, model in sorted(lane_keys):
         scope = account or region
@@ -128,7 +140,7 @@ def build_lanes(
         if offer is None:
             raise ConfigError(f"{model} is not offered in {region}")
         offer = apply_quotas(offer, accounts[scope].quotas)
-        changed = events.setdefault((region, model), asyncio.Event())
+        changed = events.setdefault(model, asyncio.Event())
         lanes[(region, account, model)] = Lane(
             region=region,
             account=account,

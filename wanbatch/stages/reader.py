@@ -32,9 +32,13 @@ HELD: Any = object()
 class Reader:
     """The lanes of one (region, model), one per account, and the choice of the lane that sends a row."""
 
-    def __init__(self, lanes: list[Lane], *, clock: Clock, probe_s: float, stop: asyncio.Event) -> None:
+    def __init__(
+        self, lanes: list[Lane], *, region: str | None = None, clock: Clock, probe_s: float, stop: asyncio.Event
+    ) -> None:
+        """``region``: the region value of the rows it reads (default: its lanes' region); for items allowed
+        several regions, their joined list or ``any``, its lanes in each of them."""
         self.lanes, self._clock, self._probe_s, self._stop = lanes, clock, probe_s, stop
-        self.region, self.model = lanes[0].region, lanes[0].model
+        self.region, self.model = region or lanes[0].region, lanes[0].model
         #: set when any lane frees a place, settles a doubt or has its first create answered (the lanes share it)
         self.changed = lanes[0].changed
 

@@ -17,9 +17,10 @@ leaves it ``unknown`` for the reconciler.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from wanbatch.catalog import Protocol
@@ -88,7 +89,11 @@ class Submitter:
         on_sync_images: Callable[[ItemRow, Claim, dict], Awaitable[None]],
         config: SubmitConfig,
         run: int | None = None,
+        readers: Mapping[tuple[str, str], list[Lane]] | None = None,
     ) -> None:
+        """``readers``: the lanes each reader of planned rows sends through, by the (region, model) of the rows
+        it reads (a region value: one region, ``beijing|singapore`` or ``any``); by default each (region,
+        model) of ``lanes`` reads its own."""
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
         self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
         self.config: SubmitConfig = config
@@ -96,16 +101,20 @@ class Submitter:
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
         self.in_flight = 0
         self.submitted = 0
+        self._readers = readers
 
     async def run(self) -> None:
         # One reader of the planned rows per (region, model), whatever the number of accounts serving it: two
         # readers would race for the same rows (the ledger's compare-and-set would still stop a second POST).
-        readers: dict[tuple[str, str], list[Lane]] = {}
-        for lane in self.lanes:
-            readers.setdefault((lane.region, lane.model), []).append(lane)
+        readers: dict[tuple[str, str], list[Lane]] = dict(self._readers or {})
+        if self._readers is None:
+            for lane in self.lanes:
+                readers.setdefault((lane.region, lane.model), []).append(lane)
         async with asyncio.TaskGroup() as group:
-            for lanes in readers.values():
-                reader = Reader(lanes, clock=self._clock, probe_s=self.config.probe_s, stop=self.stop)
+            for (region, _), lanes in readers.items():
+                if not lanes:
+                    continue
+                reader = Reader(lanes, region=region, clock=self._clock, probe_s=self.config.probe_s, stop=self.stop)
                 group.create_task(self._reader_loop(reader, group))
 
     def block(self, lane: Lane, error: ApiError) -> None:
@@ -195,6 +204,9 @@ class Submitter:
     async def _dispatch(self, lane: Lane, row: ItemRow, group: asyncio.TaskGroup) -> bool:
         """Open the item's claim (its price and a place), wait for the pace, start the submit; False when
         submitting must stop."""
+        if row.request.get("region", lane.region) != lane.region:
+            # Allowed several regions: it goes to this lane's, at its price there (what its claim reserves).
+            row = dataclasses.replace(row, region=lane.region, price_per_image=lane.offer.price)
         claim = await lane.claims.open(row, self.stop)
         if claim is Refusal.budget:
             log.warning(
@@ -227,6 +239,14 @@ class Submitter:
             error_message=exc.message,
             request_id=exc.request_id,
         )
+
+    @staticmethod
+    def _placed(lane: Lane, row: ItemRow) -> dict[str, object]:
+        """For an item allowed several regions, the region it is sent to and its price there (recorded with the
+        move to submitting: the tracker, reconciler and report read them from the row)."""
+        if row.request.get("region", lane.region) == lane.region:
+            return {}
+        return {"region": lane.region, "price_per_image": lane.offer.price}
 
     def _sync(self, lane: Lane, row: ItemRow) -> bool:
         """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
@@ -277,6 +297,7 @@ class Submitter:
                 ItemState.submitting,
                 expect=ItemState.planned,
                 account=lane.account,  # whose key makes it: its task is in that account's list only
+                **self._placed(lane, row),
                 submit_started_ms=self._clock.now_ms(),
                 endpoint="sync" if sync else "async",
                 durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
