@@ -204,6 +204,29 @@ async def test_each_attempt_records_its_account_and_reads_go_by_account(run_ledg
     assert summary["team-a"] == {"items": {"queued": 1}, "images_generated": 0, "images_saved": 0, "cost": {"CNY": 0.0}}
 
 
+class AnyRegionItem(FakeItem):
+    """An item allowed two regions, as the manifest makes one: its request holds the joined regions."""
+
+    def request(self) -> dict[str, object]:
+        return {**super().request(), "region": self.region}
+
+
+async def test_an_item_allowed_several_regions_takes_its_attempt_s_and_gets_them_back(run_ledger: RunLedger) -> None:
+    """The move to submitting records the region an item allowed several was sent to and its price there; a move
+    back to planned gives it its joined regions again (its price stays for the next attempt to set)."""
+    run = await run_ledger.begin_run()
+    item = AnyRegionItem(item_id="multi", region="beijing|singapore")
+    await run_ledger.add_items([item], run=run, price_of=lambda it: 0.183481)
+    assert (await run_ledger.get("multi")).region == "beijing|singapore"
+    sent = await run_ledger.transition(
+        "multi", S.submitting, expect=S.planned, region="beijing", price_per_image=0.14, account="team-a"
+    )
+    assert (sent.region, sent.price_per_image, sent.account) == ("beijing", 0.14, "team-a")
+    back = await run_ledger.transition("multi", S.planned, expect=S.submitting, error_code="Throttling")
+    assert back.region == "beijing|singapore"
+    assert [row.item_id async for row in run_ledger.iter_items([S.planned], region="beijing|singapore")] == ["multi"]
+
+
 async def test_many_items_are_read_together_and_a_missing_one_is_named(run_ledger: RunLedger) -> None:
     """get_many gives the row of every id asked for, as get would (past the ids bound in one query), and names
     an id that has no item rather than leaving it out."""
