@@ -142,13 +142,15 @@ def start_run(
     extra: tuple[str, ...] = (),
     key: str = "sk-sim-beijing",
     tag: str = "run",
+    env: Mapping[str, str] | None = None,
 ) -> RunProcess:
-    """Start ``wanbatch run MANIFEST --out OUT`` against ``sim`` (same speed), or with only ``extra`` flags."""
+    """Start ``wanbatch run MANIFEST --out OUT`` against ``sim`` (same speed), or with only ``extra`` flags;
+    ``env``: more variables (an accounts file's keys)."""
     argv = [*WANBATCH, "run", str(manifest), "--out", str(out)]
     if sim is not None:
         argv += ["--base-url", sim.base_url, "--speed", f"{sim.speed:g}"]
     argv += list(extra)
-    env = cli_env(DASHSCOPE_API_KEY=key)
+    env = cli_env(DASHSCOPE_API_KEY=key, **(env or {}))
     logs = out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     number = len(list(logs.glob(f"{tag}-*.stderr")))

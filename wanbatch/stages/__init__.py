@@ -2,7 +2,8 @@
 once per manifest), ``submit`` (a create, paid for once),
 ``track`` (polls tasks to their end), ``reconcile`` (settles creates whose answer was lost),
 ``results`` (what a finished task leaves), ``download`` (saves every image before its URL dies);
-``lane`` is what these share for one (region, model); ``claims`` holds an item's place among the lane's open
-tasks and its price in the ``budget`` (the spending limit) while its create may cost; ``cancel`` stops tasks on
-the service.
+``lane`` is what these share for one (account, model), ``pool`` which accounts a run has and its lanes,
+``reader`` the one reader of planned rows per (region, model) that picks each item's lane; ``claims`` holds
+an item's place among the lane's open tasks and its price in the ``budget`` (the spending limit) while its
+create may cost; ``cancel`` stops tasks on the service.
 """

@@ -17,6 +17,7 @@ start (:func:`check_in_flight`), before anything is sent or moved.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -26,7 +27,7 @@ from aiolimiter import AsyncLimiter
 
 from wanbatch import catalog
 from wanbatch.clock import Clock
-from wanbatch.errors import ConfigError
+from wanbatch.errors import KEY_WIDE_CODES, ApiError, ConfigError
 from wanbatch.service.accounts import Account
 from wanbatch.service.client import WanClient
 from wanbatch.service.pacing import Pacer, even_limiter
@@ -35,7 +36,9 @@ from wanbatch.stages.budget import Budget
 from wanbatch.stages.claims import Claims
 from wanbatch.stages.lane import Lane
 
-__all__ = ["LaneKey", "account_figures", "build_lanes", "check_in_flight", "plan_lanes"]
+__all__ = ["LaneKey", "account_figures", "block_lanes", "build_lanes", "check_in_flight", "plan_lanes"]
+
+log = logging.getLogger("wanbatch")
 
 #: (region, account, model); account '' for the environment's key of the region.
 LaneKey = tuple[str, str, str]
@@ -164,3 +167,26 @@ def account_figures(lanes: Iterable[Lane]) -> dict[str, Any]:
         if lane.blocked:
             entry["blocked"][lane.model] = f"{lane.blocked.code}: {lane.blocked.message}"
     return {"accounts_this_run": figures} if figures else {}
+
+
+def block_lanes(lanes: Iterable[Lane], lane: Lane, error: ApiError) -> None:
+    """Stop ``lane`` for ``error``, and with it every lane of its account (its key) when the error is the
+    account's (arrears, an invalid key: :data:`KEY_WIDE_CODES`); other accounts' lanes go on."""
+    for other in lanes:
+        affected = other is lane or (error.code in KEY_WIDE_CODES and other.scope == lane.scope)
+        if affected and other.blocked is None:
+            other.blocked = error
+            log.error(
+                "■ %s %s: submitting stopped: %s. %s",
+                other.scope,
+                other.model,
+                error,
+                error.advice,
+                extra={
+                    "event": "lane_stopped",
+                    "region": other.region,
+                    "account": other.account,
+                    "model": other.model,
+                    "code": error.code,
+                },
+            )

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from wanbatch.catalog import Protocol
 from wanbatch.clock import Clock
 from wanbatch.errors import (
-    KEY_WIDE_CODES,
     UNREACHABLE,
     AccountError,
     ApiError,
@@ -42,6 +41,7 @@ from wanbatch.ledger.states import ItemState
 from wanbatch.service.wire import build_body
 from wanbatch.stages.claims import Claim, Refusal
 from wanbatch.stages.lane import SYNC_KEY, Lane
+from wanbatch.stages.pool import block_lanes
 from wanbatch.stages.reader import HELD, Reader
 from wanbatch.stages.reconcile import Reconciler
 from wanbatch.stages.results import sync_answer_lost
@@ -120,24 +120,7 @@ class Submitter:
     def block(self, lane: Lane, error: ApiError) -> None:
         """Stop submitting what ``error`` affects: the whole key (its account) for account errors, else this
         model on it. The same model's lanes on other accounts go on, and take the planned items."""
-        for other in self.lanes:
-            affected = other is lane or (error.code in KEY_WIDE_CODES and other.scope == lane.scope)
-            if affected and other.blocked is None:
-                other.blocked = error
-                log.error(
-                    "■ %s %s: submitting stopped: %s. %s",
-                    other.scope,
-                    other.model,
-                    error,
-                    error.advice,
-                    extra={
-                        "event": "lane_stopped",
-                        "region": other.region,
-                        "account": other.account,
-                        "model": other.model,
-                        "code": error.code,
-                    },
-                )
+        block_lanes(self.lanes, lane, error)
 
     async def _reader_loop(self, reader: Reader, group: asyncio.TaskGroup) -> None:
         """Send the planned items of one (region, model) through its lanes (one per account) until none is left."""
@@ -374,15 +357,18 @@ class Submitter:
             submitted_ms=self._clock.now_ms(),
         )
         log.info(
-            "→ %s %s task %s",
+            "→ %s %s task %s%s",
             item_id,
             lane.model,
             created.task_id,
+            f" ({lane.account}, {lane.region})" if lane.account else "",
             extra={
                 "event": "submitted",
                 "item": item_id,
                 "task": created.task_id,
                 "model": lane.model,
+                "account": lane.account,
+                "region": lane.region,
                 "state": "queued",
             },
         )
