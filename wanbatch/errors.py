@@ -7,6 +7,7 @@
     │   └── BudgetExceeded     the plan costs more than the budget: nothing was sent
     ├── LedgerError
     │   ├── IllegalTransition  a state move the table does not allow
+    │   │   └── LeaseLost      a worker of a shared ledger moved an item another worker has taken over
     │   └── RunLocked          another run holds the run folder
     ├── ApiError               the service answered with an error (HTTP status, code, message, request_id)
     │   ├── ThrottledError     429 Throttling*: retry later, more slowly
@@ -47,6 +48,7 @@ __all__ = [
     "ConfigError",
     "DownloadError",
     "IllegalTransition",
+    "LeaseLost",
     "LedgerError",
     "MalformedAnswer",
     "ManifestError",
@@ -155,6 +157,10 @@ class LedgerError(WanbatchError):
 
 class IllegalTransition(LedgerError):
     """An item was asked to move between two states that the table does not join."""
+
+
+class LeaseLost(IllegalTransition):
+    """This worker of a shared ledger was silent past its lease and another took its items over: it must stop."""
 
 
 class RunLocked(LedgerError):

@@ -134,6 +134,20 @@ class RunLedger(Protocol):
         ``after_seq``, if given), ordered by ``order_by``: ``seq`` (manifest order) or a time column, then seq."""
         ...
 
+    async def take_planned(
+        self, *, run: int | None, region: str, model: str, after_seq: int, limit: int
+    ) -> list[ItemRow]:
+        """Up to ``limit`` planned items of ``region`` and ``model`` (seen in ``run``) after manifest position
+        ``after_seq``, in manifest order, for this process to send. A ledger that several workers share gives
+        each planned item to one of them at a time (the others are not given it until it lets it go); taking is
+        not sending: the move to submitting is still the compare-and-set that sends at most once."""
+        ...
+
+    async def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """Whether planned items of ``region`` and ``model`` (seen in ``run``) are held by other workers of a
+        shared ledger, to come back if their worker stops or dies; always False for a ledger of one process."""
+        ...
+
     async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         """The (region, model) pairs with items in ``states`` (seen in ``run``, if given)."""
         ...

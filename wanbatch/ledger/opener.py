@@ -27,11 +27,18 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 @contextlib.asynccontextmanager
 async def open_ledger(
-    run_dir: Path, *, clock: Clock, create: bool = True, url: str | None = None, batch: str | Path | None = None
+    run_dir: Path,
+    *,
+    clock: Clock,
+    create: bool = True,
+    url: str | None = None,
+    batch: str | Path | None = None,
+    worker: str | None = None,
 ) -> AsyncIterator[RunLedger]:
     """The ledger of ``run_dir`` (made there with ``create``, else :class:`~wanbatch.errors.LedgerError` when it
     has none), its schema checked, open for the block; ``clock`` stamps its rows. With ``url``, the batch
-    ``batch`` (default: ``run_dir``) of the PostgreSQL database there instead, made at first use with ``create``."""
+    ``batch`` (default: ``run_dir``) of the PostgreSQL database there instead, made at first use with ``create``,
+    for the worker named ``worker`` (:mod:`wanbatch.fleet`; None: a reader, which sees every item)."""
     if url is None:
         with Ledger.open(run_dir, clock=clock, create=create) as sync:
             yield SqliteLedger(sync)
@@ -44,5 +51,6 @@ async def open_ledger(
         raise ConfigError(
             f"a PostgreSQL ledger needs the postgres extra: pip install 'wanbatch[postgres]' ({exc})"
         ) from None
-    async with await PgLedger.open(url, batch=run_dir if batch is None else batch, clock=clock, create=create) as pg:
+    where = run_dir if batch is None else batch
+    async with await PgLedger.open(url, batch=where, clock=clock, create=create, worker=worker) as pg:
         yield pg

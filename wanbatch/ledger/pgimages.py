@@ -15,7 +15,7 @@ from collections import Counter
 import psycopg
 
 from wanbatch.errors import IllegalTransition, LedgerError
-from wanbatch.ledger.pgmoves import _IMAGES_OF, PgMoves, set_fields
+from wanbatch.ledger.pgmoves import _IMAGES_OF, OPEN_LIST, PgMoves, set_fields
 from wanbatch.ledger.pgreads import image_row
 from wanbatch.ledger.records import Recorded
 from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState
@@ -24,18 +24,23 @@ __all__ = ["PgImageMoves"]
 
 _LOCK_ITEM = "SELECT 1 FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s FOR UPDATE"
 _WHERE_IMAGE = "WHERE batch_id = %(batch)s AND item_id = %(id)s AND image_index = %(index)s"
+# A worker moves no image of an open item another worker holds (see pgmoves._FENCE); a reader is not fenced.
+_FENCED = (
+    f"{_WHERE_IMAGE} AND (%(me)s::text IS NULL OR NOT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s"
+    " AND item_id = %(id)s AND state = ANY(%(open)s) AND owner IS DISTINCT FROM %(me)s))"
+)
 _SAVED = (
     "UPDATE images SET state = 'saved', file_name = %(file_name)s, sha256 = %(sha256)s, size_bytes = %(size)s,"
-    f" saved_ms = %(now)s, error_code = NULL, error_message = NULL, updated_ms = %(now)s {_WHERE_IMAGE}"
+    f" saved_ms = %(now)s, error_code = NULL, error_message = NULL, updated_ms = %(now)s {_FENCED}"
     " AND state = 'pending' RETURNING image_index"
 )
 _FINAL = (
     "UPDATE images SET state = %(state)s, error_code = %(code)s, error_message = %(message)s, updated_ms = %(now)s"
-    f" {_WHERE_IMAGE} AND state = 'pending' RETURNING image_index"
+    f" {_FENCED} AND state = 'pending' RETURNING image_index"
 )
 _REOPEN = (
     "UPDATE images SET state = 'pending', file_name = NULL, sha256 = NULL, size_bytes = NULL, saved_ms = NULL,"
-    f" error_code = 'FileMissing', error_message = %(reason)s, updated_ms = %(now)s {_WHERE_IMAGE}"
+    f" error_code = 'FileMissing', error_message = %(reason)s, updated_ms = %(now)s {_FENCED}"
     " AND state = 'saved' RETURNING image_index"
 )
 
@@ -68,7 +73,9 @@ class PgImageMoves(PgMoves):
     async def reopen_image(self, item_id: str, index: int, *, reason: str) -> None:
         """A saved image whose file is gone or damaged: pending again and its item back to generated, in one
         transaction (one pipeline)."""
-        key = {"batch": self._batch, "id": item_id, "index": index, "now": self._clock.now_ms(), "reason": reason}
+        key = {"batch": self._batch, "me": self.worker, "open": OPEN_LIST, "id": item_id, "index": index}
+        key["now"] = self._clock.now_ms()
+        key["reason"] = reason
         try:
             async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
                 await conn.execute(_LOCK_ITEM, key)
@@ -84,9 +91,10 @@ class PgImageMoves(PgMoves):
     ) -> None:
         """Note why a pending image is not saved yet; its state stays."""
         row = await self._one(
-            f"UPDATE images SET error_code = %(code)s, error_message = %(message)s, updated_ms = %(now)s {_WHERE_IMAGE}"
+            f"UPDATE images SET error_code = %(code)s, error_message = %(message)s, updated_ms = %(now)s {_FENCED}"
             " RETURNING image_index",
-            {"id": item_id, "index": index, "code": error_code, "message": error_message, "now": self._clock.now_ms()},
+            {"id": item_id, "index": index, "code": error_code, "message": error_message, "now": self._clock.now_ms()}
+            | {"open": OPEN_LIST},
         )
         if row is None:
             raise LedgerError(f"no image {index} of item {item_id} in {self.path}")
@@ -101,7 +109,9 @@ class PgImageMoves(PgMoves):
     async def _image_move(
         self, sql: str, item_id: str, index: int, target: ImageState, params: dict, *, settle: bool
     ) -> Recorded | None:
-        key = {"batch": self._batch, "id": item_id, "index": index, "now": self._clock.now_ms(), **params}
+        key = {"batch": self._batch, "me": self.worker, "open": OPEN_LIST, "id": item_id, "index": index}
+        key["now"] = self._clock.now_ms()
+        key |= params
         try:
             if not settle:
                 if await self._one(sql, key) is None:
@@ -139,6 +149,7 @@ class PgImageMoves(PgMoves):
         return None if moved is None else Recorded(row=moved, images=tuple(images))
 
     async def _refuse_image_move(self, item_id: str, index: int, target: ImageState) -> None:
+        await self._check_owner(item_id)
         row = await self._one(f"SELECT state FROM images {_WHERE_IMAGE}", {"id": item_id, "index": index})
         if row is None:
             raise LedgerError(f"no image {index} of item {item_id} in {self.path}")

@@ -19,12 +19,12 @@ from typing import Any
 
 import psycopg
 
-from wanbatch.errors import IllegalTransition, LedgerError
-from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, PgReads, image_row, item_row
+from wanbatch.errors import IllegalTransition, LeaseLost, LedgerError
+from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, OPEN_STATES, PgReads, image_row, item_row
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import TRANSITIONS, ImageState, ItemState, check_transition
 
-__all__ = ["PgMoves", "image_params", "move_sql", "set_fields"]
+__all__ = ["OPEN_LIST", "PgMoves", "image_params", "move_sql", "set_fields"]
 
 _CLEAR_ERROR = {"error_code": "NULL", "error_message": "NULL"}
 #: What entering a state does besides setting it (SQL per column); caller-given fields replace these.
@@ -36,11 +36,21 @@ _ON_ENTRY: dict[ItemState, dict[str, str]] = {
         "ended_ms": "NULL",
         "region": "COALESCE(request->>'region', region)",
     },
-    ItemState.submitting: {"submit_started_ms": "%(now)s", "attempts": "attempts + 1", **_CLEAR_ERROR},
+    # A worker that sends an item holds it until it is final (or the worker is taken over).
+    ItemState.submitting: {
+        "submit_started_ms": "%(now)s",
+        "attempts": "attempts + 1",
+        "owner": "COALESCE(%(me)s::text, owner)",
+        **_CLEAR_ERROR,
+    },
     ItemState.queued: {"submitted_ms": "%(now)s", **_CLEAR_ERROR},
     ItemState.unknown: {},
 }
 _ON_ENTRY |= {s: {"ended_ms": "COALESCE(ended_ms, %(now)s)"} for s in ItemState if s not in _ON_ENTRY}
+# A saved item whose file is found gone is generated again: the worker that found it saves it again.
+_ON_ENTRY[ItemState.generated]["owner"] = "COALESCE(%(me)s::text, owner)"
+#: The open states as the statements take them.
+OPEN_LIST = sorted(str(s) for s in OPEN_STATES)
 _SETTABLE = frozenset(
     {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
     | {"region", "price_per_image"}  # where an item allowed several regions is sent, and its price there
@@ -92,6 +102,11 @@ def set_fields(item_fields: Mapping[str, Any]) -> tuple[dict[str, str], dict[str
     return sets, params
 
 
+#: A worker moves an open item only while it owns it: one taken over (its worker silent past its lease) is the
+#: taker's. A reader or a tool (no worker) is not fenced.
+_FENCE = "(%(me)s::text IS NULL OR state <> ALL(%(open)s) OR owner = %(me)s)"
+
+
 def move_sql(target: ItemState, fields: Mapping[str, str]) -> str:
     """The one statement of a move to ``target`` from any of ``%(sources)s``, setting ``fields`` (SQL per column,
     after what entering ``target`` sets): the new row, then the state it left."""
@@ -105,7 +120,7 @@ def move_sql(target: ItemState, fields: Mapping[str, str]) -> str:
     )
     return f"""WITH old AS (
             SELECT item_id AS old_id, state AS old_state FROM items
-            WHERE batch_id = %(batch)s AND item_id = %(id)s AND state = ANY(%(sources)s) FOR UPDATE),
+            WHERE batch_id = %(batch)s AND item_id = %(id)s AND state = ANY(%(sources)s) AND {_FENCE} FOR UPDATE),
         moved AS (
             UPDATE items SET {assignments} FROM old WHERE batch_id = %(batch)s AND item_id = old.old_id
             RETURNING {ITEM_COLUMNS}, old.old_state),
@@ -145,6 +160,8 @@ class PgMoves(PgReads):
         return {
             **params,
             "batch": self._batch,
+            "me": self.worker,
+            "open": OPEN_LIST,
             "id": item_id,
             "sources": sources,
             "target": str(target),
@@ -223,10 +240,12 @@ class PgMoves(PgReads):
             return await self.get(item_id)  # nothing to write (an empty request_id)
         sets = ", ".join(f"{column} = {value}" for column, value in {"updated_ms": "%(now)s", **fields}.items())
         row = await self._one(
-            f"UPDATE items SET {sets} WHERE batch_id = %(batch)s AND item_id = %(id)s RETURNING {ITEM_COLUMNS}",
-            {**params, "id": item_id, "now": self._clock.now_ms()},
+            f"UPDATE items SET {sets} WHERE batch_id = %(batch)s AND item_id = %(id)s AND {_FENCE}"
+            f" RETURNING {ITEM_COLUMNS}",
+            {**params, "id": item_id, "now": self._clock.now_ms(), "open": OPEN_LIST},
         )
         if row is None:
+            await self._check_owner(item_id)
             raise LedgerError(f"no item {item_id} in {self.path}")
         return item_row(row)
 
@@ -247,9 +266,23 @@ class PgMoves(PgReads):
         row = await cur.fetchone()
         return None if row is None else item_row(row)
 
+    async def _check_owner(self, item_id: str) -> None:
+        """:class:`LeaseLost` when the item is open and another worker owns it: this one was taken over."""
+        if self.worker is None:
+            return
+        row = await self._one(
+            "SELECT state, owner FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s", {"id": item_id}
+        )
+        if row is not None and ItemState(row[0]) in OPEN_STATES and row[1] != self.worker:
+            raise LeaseLost(
+                f"item {item_id} is {row[0]} and held by worker {row[1]}, not by this one ({self.worker}): this"
+                " worker was silent past its lease and its items were taken over"
+            )
+
     async def _refuse_move(self, item_id: str, target: ItemState, expect: ItemState | None) -> None:
         """Say why nothing moved: no such item (:class:`LedgerError`), or it is in another state
-        (:class:`IllegalTransition` naming both)."""
+        (:class:`IllegalTransition` naming both), or it is another worker's now (:class:`LeaseLost`)."""
+        await self._check_owner(item_id)
         actual = await self.state_of(item_id)
         if expect is not None:
             raise IllegalTransition(

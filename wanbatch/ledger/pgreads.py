@@ -21,13 +21,15 @@ from wanbatch.errors import LedgerError
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "PAGE_SIZE", "PgReads", "image_row", "item_row"]
+__all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "OPEN_STATES", "PAGE_SIZE", "PgReads", "image_row", "item_row"]
 
 #: Rows fetched per query by the streaming iterators.
 PAGE_SIZE = 1000
 _NO_DEADLINE_MS = 2**62  #: sorts an image without a deadline after every real one
 _END_OF_TIME_MS = 2**62
 _DONE = object()  #: the end of a stream, for ``anext``
+#: The states of an item that has (or may have) a task, or images to save: one worker's at a time.
+OPEN_STATES = frozenset({ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated})
 _ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
 
 _ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))
@@ -74,15 +76,30 @@ async def merged(streams: list[AsyncIterator[Any]], key: Callable[[Any], Any]) -
 class PgReads:
     """Reads of one batch of a PostgreSQL ledger; the layers above it write."""
 
-    def __init__(self, pool: AsyncConnectionPool, batch_id: int, path: str, clock: Clock) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool, batch_id: int, path: str, clock: Clock, *, worker: str | None = None
+    ) -> None:
         #: Where the ledger lives, for messages: the database (no password) and the batch's output location.
         self.path = path
         self._pool, self._batch, self._clock = pool, batch_id, clock
+        #: The worker this ledger is opened for (wanbatch.fleet): it sees and moves only the open items it owns,
+        #: and takes planned ones for itself. None: a reader (status, export) or a tool, which sees everything.
+        self.worker = worker
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The connections, for the fleet's tables beside the ledger's (wanbatch.fleet)."""
+        return self._pool
+
+    @property
+    def batch_id(self) -> int:
+        return self._batch
 
     async def _all(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """The rows of one statement on a free connection, with ``batch`` bound to this batch."""
+        """The rows of one statement on a free connection, with ``batch`` bound to this batch and ``me`` to its
+        worker."""
         async with self._pool.connection() as conn:
-            cur = await conn.execute(sql, {"batch": self._batch, **(params or {})})
+            cur = await conn.execute(sql, {"batch": self._batch, "me": self.worker, **(params or {})})
             return await cur.fetchall()
 
     async def _one(self, sql: str, params: dict[str, Any] | None = None) -> tuple[Any, ...] | None:
@@ -206,13 +223,65 @@ class PgReads:
         )
         params = {"last_seen_run": run, "region": region, "model": model, "after_seq": after_seq}
         page_size = min(PAGE_SIZE, limit) if limit else PAGE_SIZE
-        streams = [self._iter_state(ItemState(s), where, params, order_by, page_size) for s in set(states)]
+        # A worker's open items are its own: another's are that one's to follow (or to take over, if it died).
+        streams = [
+            self._iter_state(ItemState(s), where + self._owned(ItemState(s)), params, order_by, page_size)
+            for s in set(states)
+        ]
         given = 0
         async for row in merged(streams, key=lambda r: (getattr(r, order_by) or 0, r.seq)):
             if limit is not None and given >= limit:
                 return
             given += 1
             yield row
+
+    def _owned(self, state: ItemState) -> str:
+        """The condition that keeps a worker's reads of ``state`` to its own items (none for a reader)."""
+        return " AND owner = %(me)s" if self.worker is not None and state in OPEN_STATES else ""
+
+    async def take_planned(
+        self, *, run: int | None, region: str, model: str, after_seq: int, limit: int
+    ) -> list[ItemRow]:
+        """Up to ``limit`` planned items of ``region`` and ``model`` (seen in ``run``) after ``after_seq``, in
+        manifest order, that no other worker has taken; a worker takes them for itself in the same statement
+        (``FOR UPDATE SKIP LOCKED``: rows another worker is taking at that moment are passed over, not waited
+        for). Taking is not sending: the move to submitting is still the compare-and-set that sends once."""
+        seen = "" if run is None else " AND last_seen_run = %(run)s"
+        params = {"run": run, "region": region, "model": model, "after_seq": after_seq}
+        if self.worker is None:
+            rows = await self._all(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE batch_id = %(batch)s AND state = 'planned'{seen}"
+                f" AND region = %(region)s AND model = %(model)s AND seq > %(after_seq)s ORDER BY seq LIMIT {limit}",
+                params,
+            )
+        else:
+            rows = await self._all(
+                # The rows are picked in a CTE, which runs once: a subquery in the WHERE may run again for each
+                # row the UPDATE meets, and each run would skip other rows.
+                f"""WITH picked AS (
+                        SELECT item_id FROM items WHERE batch_id = %(batch)s AND state = 'planned'{seen}
+                        AND region = %(region)s AND model = %(model)s AND seq > %(after_seq)s
+                        AND (owner IS NULL OR owner = %(me)s) ORDER BY seq LIMIT {limit} FOR UPDATE SKIP LOCKED)
+                    UPDATE items SET owner = %(me)s FROM picked
+                    WHERE items.batch_id = %(batch)s AND items.item_id = picked.item_id
+                    RETURNING {_ITEM_COLUMNS_OF_JOIN}""",
+                params,
+            )
+        return sorted((item_row(values) for values in rows), key=lambda row: row.seq)
+
+    async def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """Whether planned items of ``region`` and ``model`` (seen in ``run``) are taken by other workers: they
+        may come back to everyone (their worker stops, or dies and is taken over), so a worker's submitting is
+        not over while there are any."""
+        if self.worker is None:
+            return False
+        seen = "" if run is None else " AND last_seen_run = %(run)s"
+        row = await self._one(
+            f"SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = 'planned'{seen}"
+            " AND region = %(region)s AND model = %(model)s AND owner IS NOT NULL AND owner <> %(me)s)",
+            {"run": run, "region": region, "model": model},
+        )
+        return bool(row and row[0])
 
     async def _iter_state(
         self, state: ItemState, where: str, params: dict[str, Any], order_by: str, page_size: int
@@ -245,8 +314,15 @@ class PgReads:
             order = (f"COALESCE(deadline_ms, {_NO_DEADLINE_MS})", *order)
         keys = ", ".join(order)
         after = ", ".join(f"%(k{i})s" for i in range(len(order)))
+        # A worker's images are those of the items it owns (an image waits only while its item is generated).
+        owned = (
+            ""
+            if self.worker is None
+            else " AND EXISTS (SELECT 1 FROM items WHERE items.batch_id = images.batch_id"
+            " AND items.item_id = images.item_id AND items.owner = %(me)s)"
+        )
         sql = (
-            f"SELECT {IMAGE_COLUMNS}, {keys} FROM images WHERE batch_id = %(batch)s AND state = %(state)s"
+            f"SELECT {IMAGE_COLUMNS}, {keys} FROM images WHERE batch_id = %(batch)s AND state = %(state)s{owned}"
             f" AND ({keys}) > ({after}) ORDER BY {keys} LIMIT {PAGE_SIZE}"
         )
         start = (-1, "", -1)[-len(order) :]

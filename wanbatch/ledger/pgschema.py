@@ -4,7 +4,8 @@ One database (and schema: the connection's ``search_path``, e.g. ``?options=-cse
 any number of batches. A batch is named by its output location (an absolute folder or a URL: see
 :func:`batch_key`) in ``batches``; every other table carries its ``batch_id``. The tables mirror the SQLite
 ledger's (:mod:`wanbatch.ledger.schema`) and add what several workers sharing one batch will need: who holds
-an item (``owner``, ``lease_until_ms``), which account made its current task (``account``), and ``workers``.
+an item (``owner``), which account made its current task (``account``), ``workers``, and an account's quota
+shared among them (``lanes``, ``places``).
 
 The version is one row, ``wanbatch_schema(version)``. :func:`prepare` makes the tables at first use, refuses a
 database of a later version (it names both) and one of an earlier version (``wanbatch ledger upgrade`` brings it
@@ -44,12 +45,24 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             batch_id integer NOT NULL REFERENCES batches ON DELETE CASCADE,
             run integer NOT NULL, started_ms bigint NOT NULL, pid integer NOT NULL, host text NOT NULL DEFAULT '',
             PRIMARY KEY (batch_id, run))""",
-        # The processes working on a batch; written by the fleet's leases, which come later.
+        # The processes working on a batch (wanbatch.fleet.members): heartbeat_ms and ended_ms on the database's
+        # clock; taken_by, the worker that took over its items once it was silent past its lease.
         """CREATE TABLE workers (
             batch_id integer NOT NULL REFERENCES batches ON DELETE CASCADE,
-            worker_id text NOT NULL, host text NOT NULL, pid integer NOT NULL,
-            started_ms bigint NOT NULL, heartbeat_ms bigint NOT NULL,
+            worker_id text NOT NULL, host text NOT NULL, pid integer NOT NULL, run integer,
+            started_ms bigint NOT NULL, heartbeat_ms bigint NOT NULL, ended_ms bigint, taken_by text,
             PRIMARY KEY (batch_id, worker_id))""",
+        # An account's quota shared by every worker (wanbatch.fleet.shared): the next send slot of each account
+        # and model (the database's clock), and a row per claim holding one of its places.
+        """CREATE TABLE lanes (
+            lane text NOT NULL, model text NOT NULL, next_ms bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (lane, model))""",
+        """CREATE TABLE places (
+            batch_id integer NOT NULL REFERENCES batches ON DELETE CASCADE,
+            item_id text COLLATE "C" NOT NULL, lane text NOT NULL, model text NOT NULL,
+            worker_id text NOT NULL, price double precision NOT NULL,
+            PRIMARY KEY (batch_id, item_id))""",
+        "CREATE INDEX places_lane ON places (lane, model)",
         # seq is the item's place in the batch's manifest, 1, 2, ... without gaps: a sharded folder names its
         # subfolders after it, so it is given by the planner (under the batch's lock), not by a sequence.
         f"""CREATE TABLE items (
@@ -67,7 +80,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             planned_ms bigint NOT NULL, submit_started_ms bigint, submitted_ms bigint, ended_ms bigint,
             updated_ms bigint NOT NULL, first_seen_run integer NOT NULL, last_seen_run integer NOT NULL,
             endpoint text, more_sources jsonb NOT NULL DEFAULT '[]',
-            owner text, lease_until_ms bigint, account text NOT NULL DEFAULT '',
+            owner text, account text NOT NULL DEFAULT '',
             PRIMARY KEY (batch_id, item_id),
             UNIQUE (batch_id, seq))""",
         # (batch, state, seq) serves "the next planned items in manifest order" and the counts per state.

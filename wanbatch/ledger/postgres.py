@@ -101,10 +101,12 @@ class PgLedger(PgImageMoves, RunLedger):
         clock: Clock,
         create: bool = True,
         pool_size: int = POOL_SIZE,
+        worker: str | None = None,
     ) -> PgLedger:
         """Open the batch named by its output location ``batch`` in the database at ``url`` (a libpq URL or
         conninfo). With ``create``, the tables are made at first use and the batch added; without it, a missing
-        batch is a :class:`LedgerError`. Tables of another version are refused (see ``pgschema``)."""
+        batch is a :class:`LedgerError`. Tables of another version are refused (see ``pgschema``). ``worker``: the
+        name of the worker it is opened for (see :mod:`wanbatch.fleet.members`), None for a reader."""
         key = batch_key(batch)
         async with await connect(url) as conn:
             await prepare(conn, address(url), create=create)
@@ -123,7 +125,7 @@ class PgLedger(PgImageMoves, RunLedger):
             url, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, open=False, name="wanbatch-ledger"
         )
         await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-        return cls(pool, found[0], f"{address(url)} batch {key}", clock)
+        return cls(pool, found[0], f"{address(url)} batch {key}", clock, worker=worker)
 
     async def close(self) -> None:
         await self._pool.close()

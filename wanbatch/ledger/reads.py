@@ -247,6 +247,18 @@ class LedgerReads:
 
     # ── counts ──────────────────────────────────────────────────────────────────────────────────────
 
+    def take_planned(self, *, run: int | None, region: str, model: str, after_seq: int, limit: int) -> list[ItemRow]:
+        """Up to ``limit`` planned items of ``region`` and ``model`` (seen in ``run``) after ``after_seq``, in
+        manifest order: all this process's to send, since it holds the folder's lock."""
+        planned = self.iter_items(
+            [ItemState.planned], run=run, region=region, model=model, after_seq=after_seq, limit=limit
+        )
+        return list(planned)
+
+    def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """No other process holds planned items of a folder this one has locked."""
+        return False
+
     def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         """The (region, model) pairs that have items in ``states`` (seen in ``run``, if given): the submit lanes a
         run needs."""

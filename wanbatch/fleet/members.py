@@ -1,0 +1,214 @@
+"""The workers of one batch in a PostgreSQL ledger: who is alive, which run they share, and the items of the dead.
+
+Every process that runs a batch through a database ledger is a worker: it is written into ``workers`` when it
+starts and beats there (its ``heartbeat_ms``, on the **database's** clock, so that hosts whose clocks differ
+agree on who is late). A worker not heard from for ``lease_s`` is dead: a live worker takes over every item it
+held in an open state (``submitting``, ``unknown``, ``queued``, ``generated``) by making itself their owner, and
+lets go of the planned items it had taken, in one transaction. It then treats them exactly as a resume treats
+the items a killed process left (see :mod:`wanbatch.engine`): a create under way is reconciled through the
+account's task list, never sent again on faith.
+
+A worker that is taken over is *fenced*: every move it makes of an item names it as the owner
+(:mod:`wanbatch.ledger.pgmoves`), so a worker that was only cut off, and comes back, finds its writes refused
+(:class:`~wanbatch.errors.LeaseLost`) and stops; its heartbeat, refused too, tells it the same.
+
+All workers of a batch started while one of them is alive share that one's run, so that "seen in this run"
+(which items the manifest has) means the same for all of them. The last worker to finish writes the outputs
+(:meth:`Membership.leave` says whether it is the last, under the batch's lock).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from wanbatch.clock import Clock
+from wanbatch.ledger.pgreads import ITEM_COLUMNS, item_row
+from wanbatch.ledger.records import ItemRow
+from wanbatch.ledger.states import ItemState
+
+__all__ = ["DB_NOW_MS", "OPEN_STATES", "FleetConfig", "Membership", "WorkerRow", "new_worker_id"]
+
+#: The database's clock in ms since the epoch: the one clock every host of a fleet reads alike.
+DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+#: The states of an item that has (or may have) a task, or images to save: held by one worker at a time.
+OPEN_STATES = tuple(str(s) for s in (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated))
+
+_LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
+
+
+def _alive(table: str = "") -> str:
+    """The condition of a worker at work: not ended, not taken over, heard from within its lease."""
+    prefix = f"{table}." if table else ""
+    return (
+        f"{prefix}ended_ms IS NULL AND {prefix}taken_by IS NULL AND {prefix}heartbeat_ms >= {DB_NOW_MS} - %(lease_ms)s"
+    )
+
+
+_ALIVE = _alive()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetConfig:
+    #: wall seconds without a heartbeat after which a worker is dead and its items are taken over; longer than
+    #: any request is held (the client's timeouts), so that a worker that is only slow is not taken for dead
+    lease_s: float = 30.0
+    heartbeat_s: float = 2.0  #: wall seconds between heartbeats, and between looks for dead workers
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A worker as ``wanbatch status`` shows it."""
+
+    worker_id: str
+    host: str
+    pid: int
+    run: int | None
+    started_ms: int  #: our clock's
+    heartbeat_age_s: float  #: since its last heartbeat, on the database's clock
+    alive: bool
+    ended: bool
+    taken_by: str | None
+    items_held: int  #: its items in an open state
+
+
+def new_worker_id() -> str:
+    """A worker's name: host, pid and a random part (a pid is reused; a host name may be shared)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Membership:
+    """This process's place among the workers of one batch."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool, batch_id: int, *, worker_id: str, clock: Clock, config: FleetConfig
+    ) -> None:
+        self._pool, self._batch, self.worker_id = pool, batch_id, worker_id
+        self._clock, self.config = clock, config
+
+    def _params(self, **more: Any) -> dict[str, Any]:
+        return {"batch": self._batch, "me": self.worker_id, "lease_ms": int(self.config.lease_s * 1000), **more}
+
+    async def join(self) -> int:
+        """Write this worker in, and return the run it works in: that of the live workers if there are any
+        (they share one), else a new run of the batch."""
+        params = self._params(now=self._clock.now_ms(), host=socket.gethostname(), pid=os.getpid())
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_LOCK_BATCH, params)
+            cur = await conn.execute(f"SELECT max(run) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
+            (run,) = await cur.fetchone()
+            if run is None:
+                cur = await conn.execute(
+                    "INSERT INTO runs (batch_id, run, started_ms, pid, host) SELECT %(batch)s,"
+                    " COALESCE(max(run), 0) + 1, %(now)s, %(pid)s, %(host)s FROM runs WHERE batch_id = %(batch)s"
+                    " RETURNING run",
+                    params,
+                )
+                (run,) = await cur.fetchone()
+            await conn.execute(
+                "INSERT INTO workers (batch_id, worker_id, host, pid, started_ms, heartbeat_ms, run)"
+                f" VALUES (%(batch)s, %(me)s, %(host)s, %(pid)s, %(now)s, {DB_NOW_MS}, %(run)s)",
+                {**params, "run": run},
+            )
+        return run
+
+    async def beat(self) -> bool:
+        """Say this worker is alive; False when it is not any more: another worker took it over (it was
+        silent too long), and every item it held is that one's."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"UPDATE workers SET heartbeat_ms = {DB_NOW_MS}"
+                " WHERE batch_id = %(batch)s AND worker_id = %(me)s AND taken_by IS NULL AND ended_ms IS NULL"
+                " RETURNING worker_id",
+                self._params(),
+            )
+            return await cur.fetchone() is not None
+
+    async def take_over(self) -> list[ItemRow]:
+        """Take over the workers found dead: their open items become this worker's (returned, to be resumed),
+        the planned items they had taken go back to everyone, their places on the accounts are given up (the
+        items' claims are opened again by whoever resumes them). One transaction; a dead worker another live
+        one is taking over at the same moment is skipped (``SKIP LOCKED``)."""
+        params = self._params(open=list(OPEN_STATES))
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND worker_id <> %(me)s"
+                f" AND ended_ms IS NULL AND taken_by IS NULL AND heartbeat_ms < {DB_NOW_MS} - %(lease_ms)s"
+                " FOR UPDATE SKIP LOCKED",
+                params,
+            )
+            dead = [worker for (worker,) in await cur.fetchall()]
+            if not dead:
+                return []
+            params["dead"] = dead
+            await conn.execute(
+                "UPDATE workers SET taken_by = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)", params
+            )
+            await conn.execute(
+                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(dead)s)"
+                " AND state = 'planned'",
+                params,
+            )
+            await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)", params)
+            cur = await conn.execute(
+                f"UPDATE items SET owner = %(me)s WHERE batch_id = %(batch)s AND owner = ANY(%(dead)s)"
+                f" AND state = ANY(%(open)s) RETURNING {ITEM_COLUMNS}",
+                params,
+            )
+            return [item_row(row) for row in await cur.fetchall()]
+
+    async def others_working(self, run: int) -> bool:
+        """Whether the batch has work that is not this worker's to finish: items of ``run`` still planned, or
+        open items another worker holds (alive, or dead and not yet taken over)."""
+        params = self._params(run=run, open=list(OPEN_STATES))
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = 'planned'"
+                " AND last_seen_run = %(run)s)"
+                " OR EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = ANY(%(open)s)"
+                " AND owner IS DISTINCT FROM %(me)s)",
+                params,
+            )
+            (busy,) = await cur.fetchone()
+            return bool(busy)
+
+    async def leave(self) -> bool:
+        """Write this worker out (its planned items go back to everyone); True when no other worker of the batch
+        is still at work: this one is the last, and writes the outputs."""
+        params = self._params()
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_LOCK_BATCH, params)
+            await conn.execute(
+                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = %(me)s AND state = 'planned'",
+                params,
+            )
+            await conn.execute(
+                f"UPDATE workers SET ended_ms = {DB_NOW_MS} WHERE batch_id = %(batch)s AND worker_id = %(me)s", params
+            )
+            cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
+            (others,) = await cur.fetchone()
+        return others == 0
+
+
+async def workers_of(pool: AsyncConnectionPool, batch_id: int, *, lease_s: float) -> list[WorkerRow]:
+    """Every worker the batch has had, newest first, with the items each holds."""
+    params = {"batch": batch_id, "lease_ms": int(lease_s * 1000), "open": list(OPEN_STATES)}
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            f"""SELECT w.worker_id, w.host, w.pid, w.run, w.started_ms,
+                    ({DB_NOW_MS} - w.heartbeat_ms) / 1000.0, ({_alive("w")}),
+                    w.ended_ms IS NOT NULL, w.taken_by,
+                    (SELECT count(*) FROM items i WHERE i.batch_id = w.batch_id AND i.owner = w.worker_id
+                        AND i.state = ANY(%(open)s))
+                FROM workers w WHERE w.batch_id = %(batch)s ORDER BY w.started_ms DESC, w.worker_id""",
+            params,
+        )
+        return [
+            WorkerRow(worker, host, pid, run, started, float(age), alive, ended, taken, held)
+            for worker, host, pid, run, started, age, alive, ended, taken, held in await cur.fetchall()
+        ]
