@@ -32,6 +32,7 @@ from rich.console import Console
 from wanbatch import catalog
 from wanbatch.engine import Engine, EngineConfig
 from wanbatch.errors import BudgetExceeded, ConfigError, RunLocked
+from wanbatch.fleet.config import FleetConfig
 from wanbatch.ledger import backend
 from wanbatch.manifest import Manifest
 from wanbatch.manifest.plan import make_plan
@@ -75,6 +76,8 @@ async def run(
     sim_config: str | Path | None = None,
     force_backend: bool = False,
     force: bool = False,
+    ledger_url: str | None = None,
+    lease_s: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``manifest`` into ``out`` and return the report.
 
@@ -100,8 +103,17 @@ async def run(
     is refused (:class:`wanbatch.ledger.backend.BackendMismatch`, a ConfigError) unless ``force_backend``.
     A folder filled from another manifest is refused (:class:`~wanbatch.stages.intake.OtherManifest`) unless
     ``force``: the two would mix in one ``metadata.jsonl``.
+    ``ledger_url`` (``postgresql://...``) keeps the run's ledger in that database instead of the folder, as one worker
+    of the batch named by ``out``: every worker started on the same manifest, ``out``, ledger and accounts shares
+    the batch, its accounts' quotas and its budget, and takes over the items of a worker silent for ``lease_s``
+    (default 90); the last to finish writes the outputs (docs/fleet.md).
     """
     _check_options(speed=speed, budget=budget, simulate=simulate, sim_config=sim_config)
+    if ledger_url is not None and simulate:
+        raise ConfigError(
+            "--simulate starts a simulator inside each process; the workers of a shared ledger must share one "
+            "service: start `wanbatch sim` once and give every worker its --base-url"
+        )
     if accounts is not None and quotas is not None:
         raise ConfigError("quotas are for one account; with an accounts file, give each account its quotas there")
     account_quotas = _quotas(quotas)
@@ -111,7 +123,7 @@ async def run(
     where = locate(out, state=state)
     folder = where.state_dir
     check_outputs(where, force=force)
-    if not force:
+    if not force and ledger_url is None:  # a shared ledger's batch is checked by the engine, in the database
         refuse_other_manifest(folder, manifest)
     # A run folder that holds this very manifest (same digest) was checked and planned when it was filled.
     plan = stored_plan(folder, manifest)
@@ -143,7 +155,8 @@ async def run(
         if where.store is not None:
             stack.push_async_callback(where.store.aclose)
             await _check_store(where.store, folder)
-            await check_state_marker(where, force=force)
+            if ledger_url is None:  # a shared ledger is no state folder: the bucket names none
+                await check_state_marker(where, force=force)
         pooled = None
         if simulate:
             keys, config, clock = await _simulators(
@@ -168,6 +181,9 @@ async def run(
             )
             clock = None
         config = replace(config, backend=endpoints, force_backend=force_backend)
+        if ledger_url is not None:
+            fleet = FleetConfig() if lease_s is None else FleetConfig.for_lease(lease_s)
+            config = replace(config, ledger_url=ledger_url, batch=str(where.out), fleet=fleet)
         engine = Engine(
             run_dir=folder,
             store=where.store,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -19,12 +20,14 @@ import os
 import shlex
 import signal
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wanbatch import __version__, catalog
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
+from wanbatch.fleet.config import FleetConfig
 from wanbatch.outputs.progress import setup_logging
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ EXIT_OK, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_HALTED, EXIT_INTERRUPTED = 0, 2, 3, 4
 #: The output's reader went away (``| head``): what a shell reports for any command a closed pipe stops.
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 #: The switches of ``run`` that its resume line repeats (what is sent, and how), with their help.
+LEDGER_ENV = "WANBATCH_LEDGER"  #: the shared ledger every worker's command takes when --ledger is not given
 RESUMED_SWITCHES = {
     "--sync": "use wan2.6's synchronous endpoint instead of tasks",
     "--retry-failed": "send again the items whose task failed (not those moderation refused)",
@@ -165,12 +169,22 @@ def _parser() -> argparse.ArgumentParser:
         help="run even if the folder holds another manifest's items (their images then share metadata.jsonl), or "
         "the state of another --out (moved outputs)",
     )
+    _ledger_flag(run)
+    run.add_argument(
+        "--lease",
+        dest="lease_s",
+        type=_above_zero,
+        default=None,
+        metavar="SECONDS",
+        help="with --ledger: how long a worker may be silent before another takes over its items (default 90)",
+    )
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", parents=[common], help="counts per state of a run folder, also while it runs")
     status.add_argument("run", metavar="DIR|URL", help="the run's --out")
     _state_flag(status)
     status.add_argument("--json", action="store_true")
+    _ledger_flag(status)
     _accounts_flag(status, "the pool the folder runs with: its accounts are listed even before they sent anything")
     status.set_defaults(func=cmd_status)
 
@@ -233,6 +247,16 @@ def _pool(args: argparse.Namespace):
     from wanbatch.service.accounts import load_accounts
 
     return None if args.accounts is None else load_accounts(args.accounts)
+
+
+def _ledger_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ledger",
+        default=os.environ.get(LEDGER_ENV) or None,
+        metavar="URL",
+        help=f"a PostgreSQL ledger (postgresql://USER@HOST/DB) that the workers of the batch named by --out share, "
+        f"instead of the folder's own (default: ${LEDGER_ENV}; see docs/fleet.md)",
+    )
 
 
 def _run_folder(args: argparse.Namespace) -> Path:
@@ -362,6 +386,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sim_config=args.sim_config,
                 force_backend=args.force_backend,
                 force=args.force,
+                ledger_url=args.ledger,
+                lease_s=args.lease_s,
             )
         )
     except asyncio.CancelledError:
@@ -394,6 +420,11 @@ def resume_command(args: argparse.Namespace) -> str:
         argv += ["--budget", _exact(args.budget)]
     if args.tracking != "prompt":
         argv += ["--tracking", args.tracking]
+    ledger, lease_s = getattr(args, "ledger", None), getattr(args, "lease_s", None)
+    if ledger and ledger != os.environ.get(LEDGER_ENV):  # given by the variable, it is there again
+        argv += ["--ledger", _without_password(ledger)]
+    if lease_s is not None:
+        argv += ["--lease", _exact(lease_s)]
     for option in ("quotas", "accounts", "sim_config"):
         if getattr(args, option, None) is not None:
             argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
@@ -401,6 +432,15 @@ def resume_command(args: argparse.Namespace) -> str:
     if not args.gallery:
         argv.append("--no-gallery")
     return shlex.join(argv)
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password (if it has one) replaced by PASSWORD: a command line is printed, a secret never."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":PASSWORD@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _exact(value: float) -> str:
@@ -444,11 +484,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     pool = _pool(args)
     folder = _run_folder(args)
     last = folder / "report.json"
+    shared = {"url": args.ledger, "batch": args.run} if args.ledger else {}
 
     async def read() -> dict[str, Any]:
-        async with open_ledger(folder, clock=ScaledClock(), create=False) as ledger:
+        async with open_ledger(folder, clock=ScaledClock(), create=False, **shared) as ledger:
             runs = (await ledger.summary())["runs"]
-            return await build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
+            report = await build_report(ledger, run=runs, extra={"last_report": str(last) if last.exists() else None})
+            if args.ledger:  # every worker the batch has had, with what each holds
+                from wanbatch.fleet.members import workers_of
+
+                rows = await workers_of(ledger.pool, ledger.batch_id, lease_s=FleetConfig().lease_s)
+                report["workers"] = [dataclasses.asdict(row) for row in rows]
+            return report
 
     report = asyncio.run(read())
     if pool is not None:  # the file's accounts first, in its order, those that sent nothing yet too

@@ -20,21 +20,23 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from wanbatch.catalog import regions_of
 from wanbatch.clock import Clock, ScaledClock
-from wanbatch.errors import HALTING_CODES, MODERATION_CODES
+from wanbatch.errors import HALTING_CODES, MODERATION_CODES, IllegalTransition
+from wanbatch.fleet.config import FleetConfig
 from wanbatch.ledger import RunLedger, RunLock, open_ledger
 from wanbatch.ledger.backend import claim as claim_backend
+from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
 from wanbatch.manifest import Manifest, naming
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
 from wanbatch.outputs.location import HERE, mark_state, record_outputs
-from wanbatch.outputs.metadata import POOL_META
+from wanbatch.outputs.metadata import POOL_META, build_report
 from wanbatch.outputs.stores import Store
 from wanbatch.service.accounts import Account
 from wanbatch.service.quotas import QuotaTable
@@ -45,8 +47,12 @@ from wanbatch.stages.lane import Lane
 from wanbatch.stages.pool import LaneKey, account_figures, build_lanes, check_in_flight, plan_lanes
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
 from wanbatch.stages.results import sync_answer_lost
+from wanbatch.stages.resume import resume_open
 from wanbatch.stages.submit import SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
+
+if TYPE_CHECKING:
+    from wanbatch.fleet.worker import FleetWorker
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -78,6 +84,10 @@ class EngineConfig:
     #: recorded in its ledger; None: neither (tests that point one folder at several simulators)
     backend: Mapping[str, str] | None = None
     force_backend: bool = False  #: resume even against other endpoints than the folder's record
+    #: a PostgreSQL ledger (postgresql://...) shared by the workers of the batch, instead of the folder's SQLite one
+    ledger_url: str | None = None
+    batch: str | None = None  #: the batch's name in that ledger: its output location (default: the run folder)
+    fleet: FleetConfig = field(default_factory=FleetConfig)  #: a worker's lease and heartbeat there
 
 
 class Engine:
@@ -116,6 +126,7 @@ class Engine:
         self._downloader: Downloader | None = None
         self._live: tuple | None = None  # (ledger, downloader, budget, started, at_start) while stages run
         self._final_snapshot: dict[str, Any] | None = None
+        self._fleet: FleetWorker | None = None  #: this process as a worker of a batch in a shared ledger
 
     def interrupt(self, *, cancel_pending: bool = False) -> None:
         """Stop submitting; what is already paid for is still tracked and saved, but an image whose download
@@ -161,20 +172,54 @@ class Engine:
         resume of the same manifest can take it from there (:func:`stored_plan`) instead of expanding again.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.ledger_url is not None:
+            return await self._run_as_worker(manifest, plan)
         with RunLock(self.run_dir):
             async with open_ledger(self.run_dir, clock=self.clock) as ledger:
                 return await self._run_in(ledger, manifest, plan)
+
+    async def _run_as_worker(self, manifest: Manifest, plan: Mapping[str, Any] | None) -> dict[str, Any]:
+        """:meth:`run` as one worker of a batch in a shared ledger: no folder lock (other workers, on this machine
+        or others, run the same batch); the fleet's membership, heartbeat and takeovers around the stages."""
+        from wanbatch.fleet.worker import FleetWorker, new_worker_id  # the database driver is an extra
+
+        where = self.config.batch or self.run_dir
+        opened = open_ledger(
+            self.run_dir, clock=self.clock, url=self.config.ledger_url, batch=where, worker=new_worker_id()
+        )
+        async with opened as ledger:
+            self._fleet = FleetWorker(ledger, clock=self.clock, config=self.config.fleet)  # type: ignore[arg-type]
+            return await self._run_in(ledger, manifest, plan)
 
     async def _run_in(self, ledger: RunLedger, manifest: Manifest, plan: Mapping[str, Any] | None) -> dict[str, Any]:
         """:meth:`run`, in the folder's locked and opened ``ledger``."""
         if self.config.backend is not None:
             await claim_backend(ledger, self.run_dir, self.config.backend, force=self.config.force_backend)
         await record_outputs(ledger, HERE if self.store is None else self.store.location)
-        if self.store is not None:
+        if self.store is not None and self._fleet is None:  # a shared ledger is no state folder to name
             await mark_state(ledger, self.store, self.run_dir)
         started, started_at = time.monotonic(), _iso_now()
         await self._continue_clock(ledger)
-        run = await ledger.begin_run()
+        if self._fleet is None:
+            run = await ledger.begin_run()
+            return await self._plan_and_run(ledger, manifest, plan, run, started, started_at)
+        run = await self._fleet.join()
+        beating = asyncio.create_task(self._fleet.heartbeat(on_lost=self.interrupt))
+        try:
+            return await self._plan_and_run(ledger, manifest, plan, run, started, started_at)
+        finally:
+            beating.cancel()
+
+    async def _plan_and_run(
+        self,
+        ledger: RunLedger,
+        manifest: Manifest,
+        plan: Mapping[str, Any] | None,
+        run: int,
+        started: float,
+        started_at: str,
+    ) -> dict[str, Any]:
+        """Plan the manifest into ``ledger`` as ``run``, run its stages, write the outputs; the report."""
         if self._pool is not None:  # status and the report show figures per account of every pool used here
             known = [name for name in (await ledger.meta(POOL_META) or "").split(",") if name]
             await ledger.set_meta(POOL_META, ",".join(dict.fromkeys([*known, *(a.name for a in self._pool)])))
@@ -192,7 +237,11 @@ class Engine:
             if self._live is not None:
                 self._final_snapshot = await self.snapshot(final=True)
             self._live = None  # the ledger closes as run() returns
-        report = await write_outputs(
+        if self._fleet is not None:
+            last = await self._fleet.leave()
+            stages["fleet"] = {"worker": self._fleet.worker_id, "taken_over": self._fleet.taken_over, "last": last}
+        written = self._fleet is None or stages["fleet"]["last"]  # a batch's outputs by its last worker alone
+        report = await (write_outputs if written else _report_only)(
             self.run_dir,
             ledger,
             run=run,
@@ -241,14 +290,14 @@ class Engine:
                 await ledger.transition(row.item_id, ItemState.unknown, note=note)
         async for row in ledger.iter_items([ItemState.canceled], run=run):
             # Canceled before it was made, so nothing was paid: the manifest still asks for it.
-            await ledger.transition(row.item_id, ItemState.planned, note="canceled earlier; made on this run")
+            await _again(ledger, row, "canceled earlier; made on this run")
         if not (self.retry_failed or self.retry_moderated):
             return
         async for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):
             moderated = row.error_code in MODERATION_CODES
             wanted = self.retry_moderated if moderated else self.retry_failed and row.state is ItemState.failed
             if wanted:
-                await ledger.transition(row.item_id, ItemState.planned, note=f"retry after {row.error_code}")
+                await _again(ledger, row, f"retry after {row.error_code}")
 
     async def _run_stages(self, ledger: RunLedger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
         """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
@@ -283,7 +332,7 @@ class Engine:
             await self._refill(ledger, stages)
             self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
             await _in_order(
-                stages.submitter.run,
+                stages.submitter.run if self._fleet is None else lambda: self._submit_and_watch(ledger, stages),
                 stages.reconciler.run,
                 stages.tracker.run,
                 stages.downloader.run,
@@ -291,6 +340,23 @@ class Engine:
         stats = stages.stats(budget)
         stats["halted"] = bool(stats["blocked"]) and await _halted(ledger, stages.lanes.values(), run)
         return stats
+
+    async def _submit_and_watch(self, ledger: RunLedger, stages: _Stages) -> None:
+        """A fleet worker's first stage: submit, and meanwhile take over workers that die, handing their items to
+        this worker's stages; it ends once this worker has nothing more to send and no other holds open work, so
+        that the later stages stay to finish whatever is taken over until then."""
+        assert self._fleet is not None
+        done = asyncio.Event()
+
+        async def resume(rows: list[ItemRow]) -> None:
+            await self._resume(ledger, stages, rows, "taken over from a worker silent past its lease")
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._fleet.watch(resume, done, stages.submitter.stop))
+            try:
+                await stages.submitter.run()
+            finally:
+                done.set()
 
     def _build(
         self,
@@ -317,6 +383,7 @@ class Engine:
             request_timeout_s=self.config.request_timeout_s,
             sync_timeout_s=self.config.sync_timeout_s,
             backlog=self.config.submit.backlog,
+            shared=None if self._fleet is None else self._fleet.lane_parts,
         )
         downloader = Downloader(
             ledger=ledger,
@@ -360,29 +427,22 @@ class Engine:
 
     async def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
-        now = self.clock.now()
         for state in (ItemState.queued, ItemState.unknown):
-            async for row in ledger.iter_items([state]):
-                lane = stages.lanes[(row.region, row.account, row.model)]
-                if state is ItemState.queued and not row.task_id and await ledger.images_of(row.item_id):
-                    await ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
-                    continue
-                # Its task holds a place on the service already, and may have been billed.
-                claim = lane.claims.resume(row)
-                if state is ItemState.queued and not row.task_id:
-                    # A sync answer whose images were not recorded before a stop: nothing to ask for again.
-                    await sync_answer_lost(ledger, row, "stopped before the sync answer was recorded", claim)
-                    continue
-                if state is ItemState.unknown:
-                    lane.doubt[row.item_id] = lane.doubt_key(row)
-                    stages.reconciler.add(lane, claim)
-                else:
-                    # The run folder's clock continues across runs, so the recorded submit time is on ours.
-                    submitted_s = row.submit_started_ms / 1000 if row.submit_started_ms else now
-                    stages.tracker.add(
-                        task_id=row.task_id, row=row, claim=claim, lane=lane, submitted_s=submitted_s, resumed=True
-                    )
+            await self._resume(ledger, stages, [row async for row in ledger.iter_items([state])], "found on start")
         await stages.downloader.load_pending()
+
+    async def _resume(self, ledger: RunLedger, stages: _Stages, rows: list[ItemRow], why: str) -> None:
+        """Hand open items (found on start, or a dead worker's taken over) to the stages that finish them."""
+        await resume_open(
+            ledger,
+            rows,
+            lanes=stages.lanes,
+            tracker=stages.tracker,
+            reconciler=stages.reconciler,
+            downloader=stages.downloader,
+            now_s=self.clock.now(),
+            why=why,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +475,14 @@ class _Stages:
         }
 
 
+async def _report_only(
+    run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str, Any], gallery: bool, store: Store | None = None
+) -> dict[str, Any]:
+    """What :func:`write_outputs` returns, written nowhere: a worker that is not its batch's last to leave leaves
+    the outputs to that one, which writes them once every other worker's work is in the ledger."""
+    return await build_report(ledger, run=run, extra=extra)
+
+
 async def _halted(ledger: RunLedger, lanes: Iterable[Lane], run: int) -> bool:
     """Whether every (region, model) that still has items of this manifest (seen in ``run``) to send had each of
     its lanes (one per account) stopped by the key, the account or the network; a model refused alone is not."""
@@ -427,6 +495,12 @@ async def _halted(ledger: RunLedger, lanes: Iterable[Lane], run: int) -> bool:
     # An item allowed several regions (its region value "beijing|singapore" or "any") waits on any of them.
     alive = {(value, model) for value, model in left if any((r, model) in open_pairs for r in regions_of(value, model))}
     return bool(left) and not alive
+
+
+async def _again(ledger: RunLedger, row: ItemRow, note: str) -> None:
+    """Plan a final item again; another worker of a shared ledger may have done so first, which is as good."""
+    with contextlib.suppress(IllegalTransition):
+        await ledger.transition(row.item_id, ItemState.planned, expect=row.state, note=note)
 
 
 def _iso_now() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,19 @@ class Audit:
         }
 
 
-def audit(run_dir: Path, billing: list[dict[str, Any]], *, outputs: Path | None = None) -> Audit:
+def audit(
+    run_dir: Path,
+    billing: list[dict[str, Any]],
+    *,
+    outputs: Path | None = None,
+    rows: list[Mapping[str, Any]] | None = None,
+) -> Audit:
     """Check every billed image of ours against metadata.jsonl and the disk, and every item against the ledger.
 
     ``outputs``: where metadata.jsonl and the images are when not in ``run_dir`` (a bucket's copy, for a run into
-    object storage; ``run_dir`` then is its state folder). The simulator's neighbours (other users of the account)
-    are billed too; their records are not ours.
+    object storage; ``run_dir`` then is its state folder). ``rows``: the items (item_id, state, error_code,
+    error_message) when the ledger is not the folder's (a shared database's). The simulator's neighbours (other
+    users of the account) are billed too; their records are not ours.
     """
     outputs = outputs or run_dir
     billing = [record for record in billing if not record.get("neighbour")]
@@ -123,7 +131,8 @@ def audit(run_dir: Path, billing: list[dict[str, Any]], *, outputs: Path | None 
             result.lost.append(f"task {key[0]} image {key[1]}: {problem}")
         else:
             result.saved += 1
-    rows = ledger_rows(run_dir, "SELECT item_id, state, error_code, error_message FROM items")
+    if rows is None:
+        rows = ledger_rows(run_dir, "SELECT item_id, state, error_code, error_message FROM items")
     for row in rows:
         result.items[row["state"]] += 1
         held = row["state"] == "unknown" and row["error_code"] in HELD_CODES  # left for the user, with the evidence

@@ -28,16 +28,15 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from wanbatch.clock import Clock
+from wanbatch.fleet.config import FleetConfig
+from wanbatch.ledger.pgmoves import OPEN_LIST
 from wanbatch.ledger.pgreads import ITEM_COLUMNS, item_row
 from wanbatch.ledger.records import ItemRow
-from wanbatch.ledger.states import ItemState
 
-__all__ = ["DB_NOW_MS", "OPEN_STATES", "FleetConfig", "Membership", "WorkerRow", "new_worker_id"]
+__all__ = ["DB_NOW_MS", "FleetConfig", "Membership", "WorkerRow", "new_worker_id"]
 
 #: The database's clock in ms since the epoch: the one clock every host of a fleet reads alike.
 DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
-#: The states of an item that has (or may have) a task, or images to save: held by one worker at a time.
-OPEN_STATES = tuple(str(s) for s in (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated))
 
 _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
 
@@ -51,14 +50,6 @@ def _alive(table: str = "") -> str:
 
 
 _ALIVE = _alive()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FleetConfig:
-    #: wall seconds without a heartbeat after which a worker is dead and its items are taken over; longer than
-    #: any request is held (the client's timeouts), so that a worker that is only slow is not taken for dead
-    lease_s: float = 30.0
-    heartbeat_s: float = 2.0  #: wall seconds between heartbeats, and between looks for dead workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +125,7 @@ class Membership:
         the planned items they had taken go back to everyone, their places on the accounts are given up (the
         items' claims are opened again by whoever resumes them). One transaction; a dead worker another live
         one is taking over at the same moment is skipped (``SKIP LOCKED``)."""
-        params = self._params(open=list(OPEN_STATES))
+        params = self._params(open=OPEN_LIST)
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND worker_id <> %(me)s"
@@ -163,15 +154,14 @@ class Membership:
             return [item_row(row) for row in await cur.fetchall()]
 
     async def others_working(self, run: int) -> bool:
-        """Whether the batch has work that is not this worker's to finish: items of ``run`` still planned, or
-        open items another worker holds (alive, or dead and not yet taken over)."""
-        params = self._params(run=run, open=list(OPEN_STATES))
+        """Whether another worker (alive, or dead and not yet taken over) holds work of the batch: open items, or
+        planned items of ``run`` it has taken. Planned items nobody holds are not waited for: a worker whose
+        submitting has ended left them (its lanes stopped, or their sends failed too often), as a lone run does."""
+        params = self._params(run=run, open=[*OPEN_LIST, "planned"])
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = 'planned'"
-                " AND last_seen_run = %(run)s)"
-                " OR EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = ANY(%(open)s)"
-                " AND owner IS DISTINCT FROM %(me)s)",
+                "SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = ANY(%(open)s)"
+                " AND owner IS NOT NULL AND owner <> %(me)s AND (state <> 'planned' OR last_seen_run = %(run)s))",
                 params,
             )
             (busy,) = await cur.fetchone()
@@ -197,7 +187,7 @@ class Membership:
 
 async def workers_of(pool: AsyncConnectionPool, batch_id: int, *, lease_s: float) -> list[WorkerRow]:
     """Every worker the batch has had, newest first, with the items each holds."""
-    params = {"batch": batch_id, "lease_ms": int(lease_s * 1000), "open": list(OPEN_STATES)}
+    params = {"batch": batch_id, "lease_ms": int(lease_s * 1000), "open": OPEN_LIST}
     async with pool.connection() as conn:
         cur = await conn.execute(
             f"""SELECT w.worker_id, w.host, w.pid, w.run, w.started_ms,

@@ -113,6 +113,7 @@ class SharedClaims(Claims):
         capacity: int,
         budget: Budget,
         *,
+        freed: asyncio.Event | None = None,
         pool: AsyncConnectionPool,
         writer: PlaceWriter,
         batch_id: int,
@@ -120,7 +121,7 @@ class SharedClaims(Claims):
         lane: str,
         model: str,
     ) -> None:
-        super().__init__(capacity, budget)
+        super().__init__(capacity, budget, freed=freed)
         self._pool, self._writer = pool, writer
         self._key = {"batch": batch_id, "me": worker_id, "lane": lane, "model": model}
 

@@ -143,9 +143,11 @@ class RunLedger(Protocol):
         not sending: the move to submitting is still the compare-and-set that sends at most once."""
         ...
 
-    async def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
-        """Whether planned items of ``region`` and ``model`` (seen in ``run``) are held by other workers of a
-        shared ledger, to come back if their worker stops or dies; always False for a ledger of one process."""
+    async def held_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """Whether other workers of a shared ledger hold items of ``region`` and ``model`` (seen in ``run``) that
+        may still come to this one to send: planned ones (back to everyone if their worker stops or dies) and
+        creates under way or in doubt (a taker's reconciler may find them never made). Always False for a ledger
+        of one process."""
         ...
 
     async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:

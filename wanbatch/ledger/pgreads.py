@@ -269,16 +269,18 @@ class PgReads:
             )
         return sorted((item_row(values) for values in rows), key=lambda row: row.seq)
 
-    async def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
-        """Whether planned items of ``region`` and ``model`` (seen in ``run``) are taken by other workers: they
-        may come back to everyone (their worker stops, or dies and is taken over), so a worker's submitting is
-        not over while there are any."""
+    async def held_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """Whether other workers hold items of ``region`` and ``model`` (seen in ``run``) that may still come to
+        this one to send: planned ones, which come back to everyone if their worker stops or dies, and creates
+        under way or in doubt, which a taker's reconciler may find never made; so a worker's submitting is not
+        over while there are any."""
         if self.worker is None:
             return False
         seen = "" if run is None else " AND last_seen_run = %(run)s"
         row = await self._one(
-            f"SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s AND state = 'planned'{seen}"
-            " AND region = %(region)s AND model = %(model)s AND owner IS NOT NULL AND owner <> %(me)s)",
+            f"SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s{seen}"
+            " AND state IN ('planned', 'submitting', 'unknown') AND region = %(region)s AND model = %(model)s"
+            " AND owner IS NOT NULL AND owner <> %(me)s)",
             {"run": run, "region": region, "model": model},
         )
         return bool(row and row[0])
@@ -314,19 +316,22 @@ class PgReads:
             order = (f"COALESCE(deadline_ms, {_NO_DEADLINE_MS})", *order)
         keys = ", ".join(order)
         after = ", ".join(f"%(k{i})s" for i in range(len(order)))
-        # A worker's images are those of the items it owns (an image waits only while its item is generated).
+        # A worker's pending images are those of the items it owns (an image is pending only while its item is
+        # generated, an open state); the final ones are the batch's.
         owned = (
-            ""
-            if self.worker is None
-            else " AND EXISTS (SELECT 1 FROM items WHERE items.batch_id = images.batch_id"
+            " AND EXISTS (SELECT 1 FROM items WHERE items.batch_id = images.batch_id"
             " AND items.item_id = images.item_id AND items.owner = %(me)s)"
         )
-        sql = (
-            f"SELECT {IMAGE_COLUMNS}, {keys} FROM images WHERE batch_id = %(batch)s AND state = %(state)s{owned}"
-            f" AND ({keys}) > ({after}) ORDER BY {keys} LIMIT {PAGE_SIZE}"
-        )
+
+        def sql(state: ImageState) -> str:
+            mine = owned if self.worker is not None and state is ImageState.pending else ""
+            return (
+                f"SELECT {IMAGE_COLUMNS}, {keys} FROM images WHERE batch_id = %(batch)s AND state = %(state)s{mine}"
+                f" AND ({keys}) > ({after}) ORDER BY {keys} LIMIT {PAGE_SIZE}"
+            )
+
         start = (-1, "", -1)[-len(order) :]
-        streams = [self._image_pages(sql, ImageState(state), start) for state in set(states)]
+        streams = [self._image_pages(sql(ImageState(state)), ImageState(state), start) for state in set(states)]
         async for _, image in merged(streams, key=lambda pair: pair[0]):
             yield image
 

@@ -255,8 +255,8 @@ class LedgerReads:
         )
         return list(planned)
 
-    def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
-        """No other process holds planned items of a folder this one has locked."""
+    def held_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        """No other process holds items of a folder this one has locked."""
         return False
 
     def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:

@@ -110,8 +110,8 @@ class SqliteLedger(RunLedger):
     ) -> list[ItemRow]:
         return self.sync.take_planned(run=run, region=region, model=model, after_seq=after_seq, limit=limit)
 
-    async def planned_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
-        return self.sync.planned_elsewhere(run=run, region=region, model=model)
+    async def held_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
+        return self.sync.held_elsewhere(run=run, region=region, model=model)
 
     async def lanes(self, states: Collection[ItemState], *, run: int | None = None) -> set[tuple[str, str]]:
         return self.sync.lanes(states, run=run)

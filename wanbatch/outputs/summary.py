@@ -92,8 +92,30 @@ def status_summary(report: dict[str, Any]) -> str:
         f"cost:   {_money(report['cost'])}",
         *_failure_lines(report),
         *_account_lines(report),
+        *_worker_lines(report),
     ]
     return "\n".join(lines)
+
+
+def _worker_lines(report: dict[str, Any]) -> list[str]:
+    """The workers of a batch in a shared ledger: host, pid, heartbeat, items in hand, and how each ended."""
+    if not report.get("workers"):
+        return []
+    lines = ["workers:"]
+    for worker in report["workers"]:
+        if worker["alive"]:
+            how = "at work"
+        elif worker["taken_by"]:
+            how = f"taken over by {worker['taken_by']}"
+        elif worker["ended"]:
+            how = "finished"
+        else:
+            how = "silent (its items are taken over once its lease is past)"
+        lines.append(
+            f"  {worker['worker_id']}  host {worker['host']} pid {worker['pid']}  run {worker['run']}  last heartbeat"
+            f" {worker['heartbeat_age_s']:.1f} s ago  items in hand: {worker['items_held']}  {how}"
+        )
+    return lines
 
 
 def _account_lines(report: dict[str, Any]) -> list[str]:

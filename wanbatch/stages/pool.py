@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiolimiter import AsyncLimiter
@@ -36,12 +36,28 @@ from wanbatch.stages.budget import Budget
 from wanbatch.stages.claims import Claims
 from wanbatch.stages.lane import Lane
 
-__all__ = ["LaneKey", "account_figures", "block_lanes", "build_lanes", "check_in_flight", "plan_lanes"]
+__all__ = ["LaneKey", "SharedParts", "account_figures", "block_lanes", "build_lanes", "check_in_flight", "plan_lanes"]
 
 log = logging.getLogger("wanbatch")
 
 #: (region, account, model); account '' for the environment's key of the region.
 LaneKey = tuple[str, str, str]
+
+
+class SharedParts(Protocol):
+    """Makes a lane's pacer and claims whose quota other processes share (``FleetWorker.lane_parts``)."""
+
+    def __call__(
+        self,
+        *,
+        account: str,
+        region: str,
+        model: str,
+        rate_per_s: float,
+        capacity: int,
+        budget: Budget,
+        freed: asyncio.Event,
+    ) -> tuple[Pacer, Claims]: ...
 
 
 def check_in_flight(pool: Sequence[Account] | None, in_flight: AbstractSet[LaneKey]) -> None:
@@ -118,9 +134,11 @@ def build_lanes(
     request_timeout_s: float,
     sync_timeout_s: float,
     backlog: int,
+    shared: SharedParts | None = None,
 ) -> tuple[dict[LaneKey, Lane], dict[str, AsyncLimiter]]:
     """One client and one query limiter per account (scope), one lane per (account, model); the lanes by key,
-    and the limiters by scope (the read allowance, for query, list and cancel, is the account's)."""
+    and the limiters by scope (the read allowance, for query, list and cancel, is the account's). ``shared``: what
+    makes a lane's pacer and claims when its quota is shared with other workers (a fleet's), instead of its own."""
     scopes = {account or region for region, account, _ in lane_keys}
     limiters = {scope: even_limiter(query_qps, clock=clock) for scope in scopes}
     clients = {
@@ -144,13 +162,26 @@ def build_lanes(
             raise ConfigError(f"{model} is not offered in {region}")
         offer = apply_quotas(offer, accounts[scope].quotas)
         changed = events.setdefault(model, asyncio.Event())
+        capacity = offer.concurrency + backlog
+        if shared is None:
+            pacer, claims = Pacer(offer.submit_rps, clock=clock), Claims(capacity, budget, freed=changed)
+        else:
+            pacer, claims = shared(
+                account=account,
+                region=region,
+                model=model,
+                rate_per_s=offer.submit_rps,
+                capacity=capacity,
+                budget=budget,
+                freed=changed,
+            )
         lanes[(region, account, model)] = Lane(
             region=region,
             account=account,
             offer=offer,
             client=clients[scope],
-            pacer=Pacer(offer.submit_rps, clock=clock),
-            claims=Claims(offer.concurrency + backlog, budget, freed=changed),
+            pacer=pacer,
+            claims=claims,
             changed=changed,
         )
     return lanes, limiters

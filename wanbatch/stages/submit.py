@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -124,12 +125,23 @@ class Submitter:
 
     async def _reader_loop(self, reader: Reader, group: asyncio.TaskGroup) -> None:
         """Send the planned items of one (region, model) through its lanes (one per account) until none is left."""
+        held_before = False
         while not reader.stopped:
             sent, held = await self._pass(reader, group)
             if sent and not held:
                 continue
             if not held and not reader.in_doubt():
-                return
+                where = {"run": self.manifest_run, "region": reader.region, "model": reader.model}
+                held_now = await self._ledger.held_elsewhere(**where)
+                if not (held_now or held_before):
+                    return
+                # Other workers of a shared ledger hold items that may come to this one (their worker stops or
+                # dies, and is taken over): look again rather than end; and once they are given back, one pass
+                # more, since they may have been given back after this pass looked.
+                held_before = held_now
+                if held_now:
+                    await self._clock.wait_event(reader.changed, math.inf, at_most_wall_s=1.0)
+                continue
             # Creates are in flight or in doubt (an item may come back to planned, or wait on one with its
             # prompt): look again once one settles, or once a lane's first create stops holding the others
             # back. A stop announces itself to no lane: it is looked for at least once a wall second.
@@ -145,15 +157,9 @@ class Submitter:
         while not reader.stopped:
             if reader.waits_on_doubt:
                 return sent, held + 1
-            planned = self._ledger.iter_items(
-                [ItemState.planned],
-                run=self.manifest_run,
-                region=reader.region,
-                model=reader.model,
-                after_seq=after_seq,
-                limit=limit,
+            rows = await self._ledger.take_planned(
+                run=self.manifest_run, region=reader.region, model=reader.model, after_seq=after_seq, limit=limit
             )
-            rows = [row async for row in planned]
             if not rows:
                 break
             # Only these lanes' submits move a planned item (the folder is locked to this process), so a row read

@@ -62,7 +62,7 @@ async def test_workers_started_together_share_one_run_and_a_later_batch_gets_a_n
 
 async def test_planned_items_are_taken_by_one_worker_each(fleet) -> None:
     """Two workers asking for the same planned rows at once are each given other items; a worker asking again
-    is given its own back with the rest, and planned_elsewhere tells the other that some are held."""
+    is given its own back with the rest, and held_elsewhere tells the other that some are held."""
     a, b = await fleet("a"), await fleet("b")
     run = await a.membership.join()
     await b.membership.join()
@@ -75,9 +75,9 @@ async def test_planned_items_are_taken_by_one_worker_each(fleet) -> None:
     assert {row.item_id for row in first} <= {row.item_id for row in again}
     assert len(again) == 6  # its 4 and the 2 nobody held
     where = {"run": run, "region": "beijing", "model": "wan2.2-t2i-flash"}
-    assert await b.ledger.planned_elsewhere(**where)
+    assert await b.ledger.held_elsewhere(**where)
     await b.membership.leave()  # b's planned items go back to everyone
-    assert not await a.ledger.planned_elsewhere(**where)
+    assert not await a.ledger.held_elsewhere(**where)
     assert len(await a.ledger.take_planned(**{**take, "limit": 10})) == 10
 
 

@@ -1,0 +1,131 @@
+"""This process as one worker of a batch whose ledger is in PostgreSQL: what the engine asks of the fleet.
+
+The engine runs a fleet worker as it runs a lone process, with four differences, all here:
+
+- its run is the one the live workers share (:meth:`FleetWorker.join`), not a new one;
+- its lanes pace and count places through the database (:meth:`FleetWorker.lane_parts`), so the workers
+  together keep to each account's quota and the batch's budget;
+- while its stages run, it beats, and takes over the workers found dead, handing their items to its own
+  stages exactly as a resume hands a folder's open items (:meth:`FleetWorker.watch`); it stays until no
+  other worker holds open work (a worker that ended early could not take over one that dies later);
+- only the last worker to leave writes the outputs (:meth:`FleetWorker.leave`).
+
+A worker that finds it was taken over (its heartbeat refused: it was silent past its lease) stops at once:
+every item it held is another's, and its moves would be refused anyway (:class:`~wanbatch.errors.LeaseLost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from wanbatch.clock import Clock
+from wanbatch.errors import LeaseLost
+from wanbatch.fleet.members import FleetConfig, Membership, new_worker_id
+from wanbatch.fleet.shared import PlaceWriter, SharedClaims, SharedPacer, lane_name
+from wanbatch.ledger.postgres import PgLedger
+from wanbatch.ledger.records import ItemRow
+from wanbatch.service.pacing import Pacer
+from wanbatch.stages.budget import Budget
+from wanbatch.stages.claims import Claims
+
+__all__ = ["FleetWorker", "new_worker_id"]
+
+log = logging.getLogger("wanbatch")
+
+
+class FleetWorker:
+    """One worker's membership, shared lanes and watch over the others, around its :class:`PgLedger`."""
+
+    def __init__(self, database: PgLedger, *, clock: Clock, config: FleetConfig) -> None:
+        """``database``: the batch's PostgreSQL ledger, opened for this worker (its pool holds the fleet's tables
+        too, which no other ledger has)."""
+        if database.worker is None:
+            raise ValueError("a fleet worker's ledger is opened for it (open_ledger(..., worker=...))")
+        ledger = self.ledger = database
+        self.config, self._clock = config, clock
+        self.worker_id = ledger.worker
+        self.membership = Membership(ledger.pool, ledger.batch_id, worker_id=self.worker_id, clock=clock, config=config)
+        self.writer = PlaceWriter(ledger.pool)
+        self.run = 0
+        self.taken_over = 0  #: items this worker took over from dead ones
+        self.lost = False  #: this worker was taken over itself
+
+    async def join(self) -> int:
+        self.run = await self.membership.join()
+        log.info("⇄ fleet: worker %s joined run %d of %s", self.worker_id, self.run, self.ledger.path)
+        return self.run
+
+    def lane_parts(
+        self,
+        *,
+        account: str,
+        region: str,
+        model: str,
+        rate_per_s: float,
+        capacity: int,
+        budget: Budget,
+        freed: asyncio.Event,
+    ) -> tuple[Pacer, Claims]:
+        """The pacer and claims of a lane whose quota every worker of every batch on that account shares."""
+        name = lane_name(account, region)
+        pacer = SharedPacer(rate_per_s, clock=self._clock, pool=self.ledger.pool, lane=name, model=model)
+        claims = SharedClaims(
+            capacity,
+            budget,
+            freed=freed,
+            pool=self.ledger.pool,
+            writer=self.writer,
+            batch_id=self.ledger.batch_id,
+            worker_id=self.worker_id,
+            lane=name,
+            model=model,
+        )
+        return pacer, claims
+
+    async def heartbeat(self, on_lost: Callable[[], None]) -> None:
+        """Beat every ``heartbeat_s`` until cancelled; on finding this worker taken over, call ``on_lost`` and
+        stop beating. A beat that fails (the database away a moment) is tried again at the next one: the lease
+        is many beats long."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            try:
+                alive = await self.membership.beat()
+            except Exception as exc:  # the database unreachable: the next beat tries again
+                log.warning("! fleet: heartbeat failed: %s", exc)
+                continue
+            if not alive:
+                self.lost = True
+                log.error("■ fleet: this worker was silent past its lease and taken over: stopping")
+                on_lost()
+                return
+
+    async def watch(
+        self, resume: Callable[[list[ItemRow]], Awaitable[None]], submitting_done: asyncio.Event, stop: asyncio.Event
+    ) -> None:
+        """Take over dead workers (their items handed to ``resume``) until this worker's submitting is done and
+        no other worker holds open work, or ``stop`` is set (a user's stop: this worker's own work ends as a
+        lone run's does, and what others hold stays theirs)."""
+        while not stop.is_set():
+            taken = await self.membership.take_over()
+            if taken:
+                self.taken_over += len(taken)
+                log.warning("⇄ fleet: took over %d item(s) of worker(s) silent past their lease", len(taken))
+                await resume(taken)
+            elif submitting_done.is_set() and not await self.membership.others_working(self.run):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
+
+    async def leave(self) -> bool:
+        """Give back the places and planned items this worker holds and write it out; True when it is the last
+        of the batch's workers (it then writes the outputs)."""
+        await self.writer.drain()
+        if self.lost:
+            raise LeaseLost(
+                f"worker {self.worker_id} was taken over by another (silent past its {self.config.lease_s:g} s lease):"
+                " its items are that worker's; nothing it held was lost"
+            )
+        return await self.membership.leave()
