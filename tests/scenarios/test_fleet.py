@@ -12,9 +12,11 @@ quota (the service's 429s in steady state stay near 0).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from wanbatch.sim.config import AccountConfig
 ITEMS = 60
 SPEED = 30.0  # flash at 2 tasks of 4 s at a time per account: about 60 s simulated, 2 s of wall time
 DURATION_S = 4.0
-LEASE_S = 1.5  # wall seconds a worker may be silent before another takes over its items
+LEASE_S = 2.5  # wall seconds a worker may be silent before another takes over its items
 ACCOUNTS = {"team-a": "sk-fleet-team-a", "team-b": "sk-fleet-team-b"}
 #: (seed, the simulator's fault profile): the first two keep the service honest, so that its 429s measure the
 #: workers' pacing; the last adds lost answers and failed downloads, so that the takeovers meet unknown creates.
@@ -123,6 +125,21 @@ async def test_two_of_three_workers_killed_the_third_finishes_and_nothing_is_pai
     assert sum(result.items.values()) == ITEMS and (code == EXIT_OK) == (result.items["saved"] == ITEMS)
     assert {record["account"] for record in sim.billing if not record.get("neighbour")} == set(ACCOUNTS)
     assert sum(killed_holding) > 0 or faults != "none", "no kill caught a worker holding work: nothing was taken over"
+    # The last worker wrote the outputs; status reads the batch from the database, with every worker it had.
+    assert (out / "report.json").exists() and (out / "metadata.jsonl").exists()
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "wanbatch", "status", str(out), "--ledger", pg_url, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert sum(shown["items"].values()) == ITEMS
+    ends = sorted("taken" if w["taken_by"] else "ended" if w["ended"] else "alive" for w in shown["workers"])
+    assert ends == ["ended", "taken", "taken"], shown["workers"]
     if faults == "none":
         refused = sim.statuses[("create", 429)]
         assert refused <= 2, f"{refused} creates refused for rate: the workers together went past an account's quota"

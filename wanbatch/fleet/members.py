@@ -114,17 +114,18 @@ class Membership:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 f"UPDATE workers SET heartbeat_ms = {DB_NOW_MS}"
-                " WHERE batch_id = %(batch)s AND worker_id = %(me)s AND taken_by IS NULL AND ended_ms IS NULL"
+                " WHERE batch_id = %(batch)s AND worker_id = %(me)s AND taken_by IS NULL"
                 " RETURNING worker_id",
                 self._params(),
             )
             return await cur.fetchone() is not None
 
     async def take_over(self) -> list[ItemRow]:
-        """Take over the workers found dead: their open items become this worker's (returned, to be resumed),
-        the planned items they had taken go back to everyone, their places on the accounts are given up (the
-        items' claims are opened again by whoever resumes them). One transaction; a dead worker another live
-        one is taking over at the same moment is skipped (``SKIP LOCKED``)."""
+        """Take over the workers found dead, and the open items of workers that ended with some (stopped by the
+        user with downloads pending): those items become this worker's (returned, to be resumed), the planned items
+        they had taken go back to everyone, their places on the accounts are given up (the items' claims are
+        opened again by whoever resumes them). One transaction; a dead worker another live one is taking over at
+        the same moment is skipped (``SKIP LOCKED``), and an item is moved to one taker only (its row's lock)."""
         params = self._params(open=OPEN_LIST)
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
@@ -134,24 +135,44 @@ class Membership:
                 params,
             )
             dead = [worker for (worker,) in await cur.fetchall()]
-            if not dead:
-                return []
-            params["dead"] = dead
-            await conn.execute(
-                "UPDATE workers SET taken_by = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)", params
+            if dead:
+                await conn.execute(
+                    "UPDATE workers SET taken_by = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)",
+                    {**params, "dead": dead},
+                )
+            cur = await conn.execute(
+                "SELECT DISTINCT owner FROM items WHERE batch_id = %(batch)s AND state = ANY(%(open)s) AND owner IN"
+                " (SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND ended_ms IS NOT NULL)",
+                params,
             )
+            gone = [*dead, *(owner for (owner,) in await cur.fetchall())]
+            if not gone:
+                return []
+            params["gone"] = gone
             await conn.execute(
-                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(dead)s)"
+                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
                 " AND state = 'planned'",
                 params,
             )
-            await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)", params)
+            await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)", params)
             cur = await conn.execute(
-                f"UPDATE items SET owner = %(me)s WHERE batch_id = %(batch)s AND owner = ANY(%(dead)s)"
+                f"UPDATE items SET owner = %(me)s WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
                 f" AND state = ANY(%(open)s) RETURNING {ITEM_COLUMNS}",
                 params,
             )
             return [item_row(row) for row in await cur.fetchall()]
+
+    async def others_unended(self) -> tuple[int, int]:
+        """The other workers of the batch that have not ended nor been taken over: (heard from within their
+        lease, silent past it)."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT count(*) FILTER (WHERE heartbeat_ms >= {DB_NOW_MS} - %(lease_ms)s), count(*) FROM workers"
+                " WHERE batch_id = %(batch)s AND worker_id <> %(me)s AND ended_ms IS NULL AND taken_by IS NULL",
+                self._params(),
+            )
+            alive, unended = await cur.fetchone()
+        return alive, unended - alive
 
     async def others_working(self, run: int) -> bool:
         """Whether another worker (alive, or dead and not yet taken over) holds work of the batch: open items, or

@@ -121,11 +121,25 @@ class FleetWorker:
 
     async def leave(self) -> bool:
         """Give back the places and planned items this worker holds and write it out; True when it is the last
-        of the batch's workers (it then writes the outputs)."""
+        of the batch's workers (it then writes the outputs).
+
+        Another worker not yet ended holds no open work by now (:meth:`watch` waited for that): it is about to
+        end, and then it is the last; or it died, and once its lease is past this worker takes it over and is the
+        last itself. So the outputs are written once, by the last, whatever the order of deaths."""
         await self.writer.drain()
         if self.lost:
             raise LeaseLost(
                 f"worker {self.worker_id} was taken over by another (silent past its {self.config.lease_s:g} s lease):"
                 " its items are that worker's; nothing it held was lost"
             )
-        return await self.membership.leave()
+        if await self.membership.leave():
+            return True
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            alive, silent = await self.membership.others_unended()
+            if not alive and not silent:
+                return False  # they ended after this one: the last of them writes the outputs
+            if not alive:
+                if await self.membership.take_over():  # pragma: no cover - watch() waited for their open work
+                    log.error("! fleet: items of a dead worker were found after this one's stages ended")
+                return True

@@ -272,15 +272,17 @@ class PgReads:
     async def held_elsewhere(self, *, run: int | None, region: str, model: str) -> bool:
         """Whether other workers hold items of ``region`` and ``model`` (seen in ``run``) that may still come to
         this one to send: planned ones, which come back to everyone if their worker stops or dies, and creates
-        under way or in doubt, which a taker's reconciler may find never made; so a worker's submitting is not
-        over while there are any."""
+        under way or in doubt, which a taker's reconciler may find never made; and planned ones no worker holds
+        (one may be taking them now). A worker's submitting is not over while there are any."""
         if self.worker is None:
             return False
         seen = "" if run is None else " AND last_seen_run = %(run)s"
         row = await self._one(
             f"SELECT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s{seen}"
             " AND state IN ('planned', 'submitting', 'unknown') AND region = %(region)s AND model = %(model)s"
-            " AND owner IS NOT NULL AND owner <> %(me)s)",
+            # A planned row no one holds is counted too: it may be one another worker was taking while this one
+            # asked (SKIP LOCKED passes it over without waiting), and is about to hold.
+            " AND (owner IS DISTINCT FROM %(me)s) AND (owner IS NOT NULL OR state = 'planned'))",
             {"run": run, "region": region, "model": model},
         )
         return bool(row and row[0])
