@@ -42,7 +42,7 @@ from wanbatch.service.accounts import Account
 from wanbatch.service.quotas import QuotaTable
 from wanbatch.stages.budget import Budget
 from wanbatch.stages.download import DownloadConfig, Downloader
-from wanbatch.stages.intake import plan_into
+from wanbatch.stages.intake import MANIFEST_META, check_manifest_record, plan_into
 from wanbatch.stages.lane import Lane
 from wanbatch.stages.pool import LaneKey, account_figures, build_lanes, check_in_flight, plan_lanes
 from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
@@ -220,6 +220,8 @@ class Engine:
         started_at: str,
     ) -> dict[str, Any]:
         """Plan the manifest into ``ledger`` as ``run``, run its stages, write the outputs; the report."""
+        if self._fleet is not None:  # no folder holds the batch: its record is read here, from the database
+            check_manifest_record(await ledger.meta(MANIFEST_META), ledger.path, manifest)
         if self._pool is not None:  # status and the report show figures per account of every pool used here
             known = [name for name in (await ledger.meta(POOL_META) or "").split(",") if name]
             await ledger.set_meta(POOL_META, ",".join(dict.fromkeys([*known, *(a.name for a in self._pool)])))

@@ -122,10 +122,11 @@ class Membership:
 
     async def take_over(self) -> list[ItemRow]:
         """Take over the workers found dead, and the open items of workers that ended with some (stopped by the
-        user with downloads pending): those items become this worker's (returned, to be resumed), the planned items
-        they had taken go back to everyone, their places on the accounts are given up (the items' claims are
-        opened again by whoever resumes them). One transaction; a dead worker another live one is taking over at
-        the same moment is skipped (``SKIP LOCKED``), and an item is moved to one taker only (its row's lock)."""
+        user with downloads pending): those items become this worker's (returned, to be resumed); the planned
+        items they had taken go back to everyone; the places of their open tasks on the accounts pass to this
+        worker (whose resumed claims hold them) and their other places are given up. One transaction; a dead
+        worker another live one is taking over at the same moment is skipped (``SKIP LOCKED``), and an item is
+        moved to one taker only (its row's lock)."""
         params = self._params(open=OPEN_LIST)
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
@@ -152,6 +153,15 @@ class Membership:
             await conn.execute(
                 "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
                 " AND state = 'planned'",
+                params,
+            )
+            # The places of their open tasks pass to the taker (those tasks still occupy the service: were they
+            # freed, another claim could take one before the taker's resumed claims hold them again); the rest
+            # (claims of items never sent) are given up.
+            await conn.execute(
+                "UPDATE places SET worker_id = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)"
+                " AND item_id IN (SELECT item_id FROM items WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
+                " AND state IN ('submitting', 'unknown', 'queued'))",
                 params,
             )
             await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)", params)

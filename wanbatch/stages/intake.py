@@ -19,7 +19,15 @@ from wanbatch.ledger.sqlite import read_meta
 if TYPE_CHECKING:
     from wanbatch.manifest import Item, Manifest
 
-__all__ = ["MANIFEST_META", "Held", "OtherManifest", "plan_into", "refuse_other_manifest", "stored_plan"]
+__all__ = [
+    "MANIFEST_META",
+    "Held",
+    "OtherManifest",
+    "check_manifest_record",
+    "plan_into",
+    "refuse_other_manifest",
+    "stored_plan",
+]
 
 log = logging.getLogger("wanbatch")
 
@@ -40,7 +48,12 @@ def refuse_other_manifest(run_dir: Path, manifest: Manifest) -> None:
     manifest. Another one would add its images to the same ``metadata.jsonl`` and call the first one's items
     "no longer in the manifest", so it takes ``--force``.
     """
-    value = read_meta(run_dir, MANIFEST_META)
+    check_manifest_record(read_meta(run_dir, MANIFEST_META), run_dir, manifest)
+
+
+def check_manifest_record(value: str | None, where: str | Path, manifest: Manifest) -> None:
+    """:func:`refuse_other_manifest` given the ledger's manifest record ``value`` (read from a database by a fleet's
+    worker, under no folder's lock) and ``where`` it is, for the message."""
     if not value:
         return
     known = json.loads(value)
@@ -50,7 +63,7 @@ def refuse_other_manifest(run_dir: Path, manifest: Manifest) -> None:
     if same_path or name == manifest.name or (path is None and name is None):
         return
     raise OtherManifest(
-        f"{run_dir}: found the items of another manifest ({path or 'a file'} named {name!r}), not of"
+        f"{where}: found the items of another manifest ({path or 'a file'} named {name!r}), not of"
         f" {manifest.path} named {manifest.name!r}; their images would mix in one metadata.jsonl."
         " Allowed: a new --out folder, the same manifest (edited or not), or --force to add to this folder."
         " Nothing was sent."
