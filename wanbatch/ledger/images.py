@@ -8,12 +8,11 @@ commit, so one saved image costs one commit.
 from __future__ import annotations
 
 import sqlite3
-from collections import Counter
 
 from wanbatch.errors import IllegalTransition, LedgerError
 from wanbatch.ledger.moves import ItemMoves, set_clauses
 from wanbatch.ledger.records import Recorded
-from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState
+from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState, settlement
 
 __all__ = ["ImageMoves"]
 
@@ -100,15 +99,10 @@ class ImageMoves(ItemMoves):
         """:meth:`settle` inside the caller's transaction; images first, as most calls end at a pending one.
         An item that is not generated (settled already) is left as it is by the move's compare-and-set."""
         images = self._images_of(conn, item_id)
-        per_state = Counter(image.state for image in images)
-        if per_state.get(ImageState.pending):
+        settled = settlement(image.state for image in images)
+        if settled is None:
             return None
-        if per_state.get(ImageState.expired):
-            target, note = ItemState.expired, f"{per_state[ImageState.expired]} image(s) expired before saving"
-        elif per_state.get(ImageState.saved):
-            target, note = ItemState.saved, f"{per_state[ImageState.saved]} image(s) saved"
-        else:
-            return None
+        target, note = settled
         # An item that lost images says why, like every other item that did not end saved.
         reason = {"error_code": "UrlExpired", "error_message": note} if target is ItemState.expired else {}
         extra, params = set_clauses(reason)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from wanbatch.errors import IllegalTransition, LedgerError
 from wanbatch.ledger.reads import ITEM_COLUMNS, LedgerReads
-from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
+from wanbatch.ledger.records import ImageRecord, ItemLike, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState, check_transition
 
-__all__ = ["ItemMoves", "canonical_json"]
+__all__ = ["ItemMoves", "canonical_json", "item_values"]
 
 _UPSERT_IMAGE = """INSERT INTO images (item_id, image_index, state, url, deadline_ms, seed, actual_prompt,
         error_code, error_message, updated_ms)
@@ -57,6 +57,26 @@ _SETTABLE = frozenset(
 #: Canonical JSON: the same value always gives the same text. One encoder, built once: planning is hot.
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 canonical_json = _ENCODER.encode
+
+
+def item_values(item: ItemLike, price_of: Callable[[ItemLike], float] | None, currency: str) -> tuple[Any, ...]:
+    """What every ledger stores of a planned item, in this order: item_id, replica, region, model, n, request,
+    source, entry, variables, output, price per image, currency (positional: planning a million items is hot)."""
+    return (
+        item.item_id,
+        item.replica,
+        item.region,
+        item.model,
+        item.n,
+        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
+        getattr(item, "request_json", "") or canonical_json(item.request()),
+        item.source or "",
+        item.entry or "",
+        canonical_json(dict(item.variables)) if item.variables else "{}",
+        item.output,
+        float(price_of(item)) if price_of else 0.0,
+        currency,
+    )
 
 
 class ItemMoves(LedgerReads):

@@ -10,15 +10,13 @@ Every transaction that touches an item and its images locks the item's row befor
 
 from __future__ import annotations
 
-from collections import Counter
-
 import psycopg
 
 from wanbatch.errors import IllegalTransition, LedgerError
 from wanbatch.ledger.pgmoves import _IMAGES_OF, OPEN_LIST, PgMoves, set_fields
 from wanbatch.ledger.pgreads import image_row
 from wanbatch.ledger.records import Recorded
-from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState
+from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState, settlement
 
 __all__ = ["PgImageMoves"]
 
@@ -134,15 +132,10 @@ class PgImageMoves(PgMoves):
         if images is None:
             cur = await conn.execute(_IMAGES_OF, {"batch": self._batch, "id": item_id})
             images = [image_row(row) for row in await cur.fetchall()]
-        per_state = Counter(image.state for image in images)
-        if per_state.get(ImageState.pending):
+        settled = settlement(image.state for image in images)
+        if settled is None:
             return None
-        if per_state.get(ImageState.expired):
-            target, note = ItemState.expired, f"{per_state[ImageState.expired]} image(s) expired before saving"
-        elif per_state.get(ImageState.saved):
-            target, note = ItemState.saved, f"{per_state[ImageState.saved]} image(s) saved"
-        else:
-            return None
+        target, note = settled
         reason = {"error_code": "UrlExpired", "error_message": note} if target is ItemState.expired else {}
         fields, params = set_fields(reason)
         moved = await self._move_in(conn, item_id, ItemState.generated, target, note=note, fields=fields, params=params)

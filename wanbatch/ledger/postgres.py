@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from wanbatch.clock import Clock
 from wanbatch.errors import LedgerError
 from wanbatch.ledger.interface import RunLedger
-from wanbatch.ledger.moves import canonical_json
+from wanbatch.ledger.moves import item_values
 from wanbatch.ledger.pgimages import PgImageMoves
 from wanbatch.ledger.pgschema import batch_key, prepare
 from wanbatch.ledger.records import AddResult, ItemLike
@@ -236,19 +236,4 @@ def _item_values(item: ItemLike, price_of: Callable[[ItemLike], float] | None, c
     """An item's values, in the order of ``_UPSERT_ITEMS``'s arrays. The manifest position (``_SEQ``) is 0 until
     :meth:`PgLedger._place_new` gives one: NOT NULL is checked before ON CONFLICT is, and an item the batch holds
     keeps its own."""
-    return [
-        0,
-        item.item_id,
-        item.replica,
-        item.region,
-        item.model,
-        item.n,
-        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
-        getattr(item, "request_json", "") or canonical_json(item.request()),
-        item.source or "",
-        item.entry or "",
-        canonical_json(dict(item.variables)) if item.variables else "{}",
-        item.output,
-        float(price_of(item)) if price_of else 0.0,
-        currency,
-    ]
+    return [0, *item_values(item, price_of, currency)]

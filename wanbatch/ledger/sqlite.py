@@ -35,7 +35,7 @@ from typing import Any
 from wanbatch.clock import Clock
 from wanbatch.errors import LedgerError
 from wanbatch.ledger.images import ImageMoves
-from wanbatch.ledger.moves import canonical_json
+from wanbatch.ledger.moves import item_values
 from wanbatch.ledger.records import AddResult, ItemLike
 from wanbatch.ledger.schema import BUSY_TIMEOUT_S, CHECKPOINT_PAGES, LEDGER_FILE, SCHEMA_VERSION, connect, migrate
 
@@ -190,22 +190,4 @@ def _item_params(
     item: ItemLike, run: int, now: int, price_of: Callable[[ItemLike], float] | None, currency: str
 ) -> tuple[Any, ...]:
     """The values of ``_UPSERT_ITEM``, in its column order (positional: planning a million items is hot)."""
-    return (
-        item.item_id,
-        item.replica,
-        item.region,
-        item.model,
-        item.n,
-        # The manifest's items carry their request's canonical JSON, made for the id: not encoded again.
-        getattr(item, "request_json", "") or canonical_json(item.request()),
-        item.source or "",
-        item.entry or "",
-        canonical_json(dict(item.variables)) if item.variables else "{}",
-        item.output,
-        float(price_of(item)) if price_of else 0.0,
-        currency,
-        now,
-        now,
-        run,
-        run,
-    )
+    return (*item_values(item, price_of, currency), now, now, run, run)

@@ -23,6 +23,8 @@ may have, it goes to ``unknown`` and is reconciled, never re-sent blindly.
 from __future__ import annotations
 
 import enum
+from collections import Counter
+from collections.abc import Iterable
 
 from wanbatch.errors import IllegalTransition
 
@@ -33,6 +35,7 @@ __all__ = [
     "ImageState",
     "ItemState",
     "check_transition",
+    "settlement",
 ]
 
 
@@ -98,6 +101,19 @@ IMAGE_TRANSITIONS: dict[ImageState, frozenset[ImageState]] = {
 
 #: Where an item's life ends: no move leads out of these, but for a saved item whose file went missing.
 FINAL_STATES = frozenset({ItemState.saved, ItemState.expired})
+
+
+def settlement(images: Iterable[ImageState]) -> tuple[ItemState, str] | None:
+    """Where a generated item goes once its images (their states) are all final, and the note that says why:
+    expired when any died before it was saved, else saved; None while one is pending (or it has none)."""
+    per_state = Counter(images)
+    if per_state.get(ImageState.pending):
+        return None
+    if per_state.get(ImageState.expired):
+        return ItemState.expired, f"{per_state[ImageState.expired]} image(s) expired before saving"
+    if per_state.get(ImageState.saved):
+        return ItemState.saved, f"{per_state[ImageState.saved]} image(s) saved"
+    return None
 
 
 def check_transition(item_id: str, source: ItemState, target: ItemState) -> None:
