@@ -424,6 +424,7 @@ class Engine:
             on_sync_images=tracker.record_sync,
             config=self.config.submit,
             run=run,
+            may_send=(lambda: True) if self._fleet is None else self._fleet.may_send,
         )
         return _Stages(lanes, submitter, tracker, reconciler, downloader)
 

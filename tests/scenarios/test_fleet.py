@@ -40,7 +40,9 @@ LEASE_S = 2.5  # wall seconds a worker may be silent before another takes over i
 ACCOUNTS = {"team-a": "sk-fleet-team-a", "team-b": "sk-fleet-team-b"}
 #: (seed, the simulator's fault profile): the first two keep the service honest, so that its 429s measure the
 #: workers' pacing; the last adds lost answers and failed downloads, so that the takeovers meet unknown creates.
-SCHEDULES = [(3, "none"), (8, "none"), (21, "chaos")]
+#: With "freeze", the first worker hit is not killed but stopped (SIGSTOP) for two leases and let go (SIGCONT): a
+#: worker that was only cut off comes back to find its items taken over, sends nothing more and stops.
+SCHEDULES = [(3, "none", "kill"), (8, "none", "freeze"), (21, "chaos", "kill")]
 
 
 def _accounts_file(tmp_path: Path) -> Path:
@@ -59,6 +61,14 @@ async def _start_worker(argv: list[str], env: dict[str, str], logs: Path, number
     return await asyncio.create_subprocess_exec(*argv, stdout=stdout, stderr=stderr, env=env)
 
 
+async def _thaw(worker: asyncio.subprocess.Process, *, after_s: float) -> asyncio.subprocess.Process:
+    """Let a stopped worker go on after ``after_s``, and wait for its end."""
+    await asyncio.sleep(after_s)
+    os.kill(worker.pid, signal.SIGCONT)
+    await worker.wait()
+    return worker
+
+
 def _saved(pg_url: str) -> int:
     """Images the batch has saved so far (none before the first worker has made the tables)."""
     with psycopg.connect(pg_url) as conn:
@@ -75,9 +85,9 @@ def _items(pg_url: str) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-@pytest.mark.parametrize(("seed", "faults"), SCHEDULES)
+@pytest.mark.parametrize(("seed", "faults", "first_hit"), SCHEDULES)
 async def test_two_of_three_workers_killed_the_third_finishes_and_nothing_is_paid_twice(
-    seed: int, faults: str, start_sim, pg_url: str, tmp_path: Path
+    seed: int, faults: str, first_hit: str, start_sim, pg_url: str, tmp_path: Path
 ) -> None:
     rng = random.Random(seed)
     sim = await start_sim(
@@ -99,7 +109,7 @@ async def test_two_of_three_workers_killed_the_third_finishes_and_nothing_is_pai
     workers = [await _start_worker(argv, env, logs, number) for number in range(3)]
     doomed = rng.sample(range(3), 2)
     kill_at = sorted(rng.randint(2, ITEMS // 2) for _ in doomed)  # images saved in the batch when each dies
-    killed_holding = []
+    killed_holding, thawed = [], None
     for victim, images in zip(doomed, kill_at, strict=True):
         deadline = time.monotonic() + 60
         while await asyncio.to_thread(_saved, pg_url) < images and workers[victim].returncode is None:
@@ -109,10 +119,18 @@ async def test_two_of_three_workers_killed_the_third_finishes_and_nothing_is_pai
         if workers[victim].returncode is None:
             held = [row for row in await asyncio.to_thread(_items, pg_url) if row["owner"] and row["state"] != "saved"]
             killed_holding.append(len(held))
+            if first_hit == "freeze" and thawed is None:
+                os.kill(workers[victim].pid, signal.SIGSTOP)
+                thawed = asyncio.create_task(_thaw(workers[victim], after_s=2 * LEASE_S))
+                continue
             os.kill(workers[victim].pid, signal.SIGKILL)
             await workers[victim].wait()
     survivor = workers[({0, 1, 2} - set(doomed)).pop()]
     code = await asyncio.wait_for(survivor.wait(), 120)
+    if thawed is not None:  # the worker that was cut off found itself taken over, and stopped
+        frozen = await asyncio.wait_for(thawed, 60)
+        said = (logs / f"worker-{workers.index(frozen)}.stderr").read_text(encoding="utf-8", errors="replace")
+        assert frozen.returncode != 0 and "taken over" in said, said[-2000:]
     await asyncio.sleep(3 * DURATION_S / SPEED)  # tasks made by creates whose answers were lost end and are billed
     stderr = (logs / f"worker-{workers.index(survivor)}.stderr").read_text(encoding="utf-8", errors="replace")
     # Under faults an item may be held (gone unknown twice with no task found): left for the user, exit 3.

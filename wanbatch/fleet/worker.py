@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from wanbatch.clock import Clock
@@ -52,9 +53,12 @@ class FleetWorker:
         self.run = 0
         self.taken_over = 0  #: items this worker took over from dead ones
         self.lost = False  #: this worker was taken over itself
+        self._beaten_s = time.monotonic()  #: when its last heartbeat was written (this host's monotonic clock)
 
     async def join(self) -> int:
+        asked_s = time.monotonic()
         self.run = await self.membership.join()
+        self._beaten_s = asked_s
         log.info("⇄ fleet: worker %s joined run %d of %s", self.worker_id, self.run, self.ledger.path)
         return self.run
 
@@ -91,16 +95,26 @@ class FleetWorker:
         is many beats long."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            asked_s = time.monotonic()  # the beat is written after this: its lease runs from no earlier
             try:
                 alive = await self.membership.beat()
             except Exception as exc:  # the database unreachable: the next beat tries again
                 log.warning("! fleet: heartbeat failed: %s", exc)
                 continue
-            if not alive:
-                self.lost = True
-                log.error("■ fleet: this worker was silent past its lease and taken over: stopping")
-                on_lost()
-                return
+            if alive:
+                self._beaten_s = asked_s
+                continue
+            self.lost = True
+            log.error("■ fleet: this worker was silent past its lease and taken over: stopping")
+            on_lost()
+            return
+
+    def may_send(self) -> bool:
+        """Whether this worker may send a create now: its last heartbeat is less than half a lease old, so no other
+        worker can have taken it over (that takes a whole lease of silence, on the database's clock) before the
+        request is out. A worker frozen between this answer and the request's first byte (a paused machine) is the
+        one gap a lease cannot close: the service takes no token that would refuse a fenced worker's request."""
+        return not self.lost and time.monotonic() - self._beaten_s < self.config.lease_s / 2
 
     async def watch(
         self, resume: Callable[[list[ItemRow]], Awaitable[None]], submitting_done: asyncio.Event, stop: asyncio.Event

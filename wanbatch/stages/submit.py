@@ -91,12 +91,15 @@ class Submitter:
         config: SubmitConfig,
         run: int | None = None,
         readers: Mapping[tuple[str, str], list[Lane]] | None = None,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> None:
         """``readers``: the lanes each reader of planned rows sends through, by the (region, model) of the rows
         it reads (a region value: one region, ``beijing|singapore`` or ``any``); by default each (region,
-        model) of ``lanes`` reads its own."""
+        model) of ``lanes`` reads its own. ``may_send``: asked just before each request that creates a task
+        (a fleet's worker answers whether its lease is surely still its own)."""
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
         self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
+        self._may_send = may_send
         self.config: SubmitConfig = config
         self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
@@ -294,6 +297,12 @@ class Submitter:
         except IllegalTransition as exc:
             # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
             log.warning("… %s not sent: %s", item_id, exc)
+            return Sent.done
+        if not self._may_send():
+            # A worker that cannot be sure its lease holds sends nothing: another may have taken its items over
+            # and be reconciling this one. Not sent, so planned again (refused if it is another's already).
+            self.stop.set()
+            await ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, note="not sent: lease")
             return Sent.done
         try:
             if sync:

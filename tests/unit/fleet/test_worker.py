@@ -1,14 +1,20 @@
-"""A fleet worker run in-process on PostgreSQL: a batch of one worker finishes and writes its outputs, and a
-worker started on the batch with another manifest is refused before anything is sent."""
+"""A fleet worker run in-process on PostgreSQL: a batch of one worker finishes and writes its outputs; a worker
+started on the batch with another manifest is refused before anything is sent; a worker unsure of its lease sends
+no create."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from helpers.engine import engine_for
 from helpers.manifest import load_manifest, numbered
+from wanbatch.clock import ScaledClock
+from wanbatch.fleet.config import FleetConfig
+from wanbatch.fleet.worker import FleetWorker
+from wanbatch.ledger.postgres import PgLedger
 from wanbatch.stages.intake import OtherManifest
 
 
@@ -27,3 +33,27 @@ async def test_a_worker_with_another_manifest_is_refused_before_anything_is_sent
     with pytest.raises(OtherManifest, match="another manifest"):
         await engine_for(sim, tmp_path / "out", gallery=False, ledger_url=pg_url).run(other)
     assert sim.requests["create"] == creates
+
+
+async def test_a_worker_unsure_of_its_lease_sends_nothing(
+    start_sim, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose last heartbeat is half a lease old may have been taken over already (another is then
+    reconciling its creates): it sends no create, puts the item it was about to send back to planned, and stops."""
+    monkeypatch.setattr(FleetWorker, "may_send", lambda self: False)
+    sim = await start_sim(speed=100.0, durations={"*": 2.0})
+    manifest = load_manifest(tmp_path, prompts=numbered(3, "a tin owl"))
+    report = await engine_for(sim, tmp_path / "out", gallery=False, ledger_url=pg_url).run(manifest)
+    assert sim.requests["create"] == 0 and report["submitted"] == 0
+    assert report["items_in_manifest"] == {**{state: 0 for state in report["items_in_manifest"]}, "planned": 3}
+
+
+async def test_may_send_holds_for_half_a_lease_after_a_heartbeat(pg_url: str) -> None:
+    """may_send is true while the last heartbeat is younger than half the lease, and false after."""
+    clock = ScaledClock()
+    async with await PgLedger.open(pg_url, batch="s3://fleet/lease", clock=clock, worker="w") as ledger:
+        worker = FleetWorker(ledger, clock=clock, config=FleetConfig.for_lease(0.4))
+        await worker.join()
+        assert worker.may_send()
+        await asyncio.sleep(0.25)
+        assert not worker.may_send()
