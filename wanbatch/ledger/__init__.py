@@ -5,10 +5,10 @@ another database plugs in) and ``opener`` opens one (:func:`open_ledger`); ``sta
 states and their transition table; ``records`` the rows the ledger takes and gives; ``schema`` the SQLite
 file's tables and pragmas; ``sqlite`` the embedded SQLite ledger, synchronous, built in layers (``reads``,
 ``moves``, ``images``), and ``sqlite_async`` the same behind the protocol; ``postgres`` the ledger in a
-PostgreSQL database that several processes share (layers ``pgreads``, ``pgmoves``, ``pgimages``; its tables and
-their versions in ``pgschema``, the ``wanbatch ledger`` command in ``pgcli``; psycopg is an extra, so none of them
-is imported here); ``runlock`` the one-process lock of a folder; ``backend`` the service a folder was made
-against.
+PostgreSQL database that several processes share (layers ``pgreads``, ``pgstreams``, ``pgmoves``, ``pgimages``;
+its tables and their versions in ``pgschema``, the ``wanbatch ledger`` command in ``pgcli``; psycopg is an extra,
+so none of them is imported here); ``runlock`` the one-process lock of a folder; ``backend`` the service a folder
+was made against.
 """
 
 from wanbatch.ledger.interface import RunLedger

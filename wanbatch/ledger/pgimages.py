@@ -1,6 +1,6 @@
 """The PostgreSQL ledger's image moves: an image saved, lost or reopened, and its item settled with the last.
 
-The third layer of :class:`wanbatch.ledger.postgres.PgLedger`. An image move alone is one statement; with
+The fourth layer of :class:`wanbatch.ledger.postgres.PgLedger`. An image move alone is one statement; with
 ``settle`` it is one transaction sent as a pipeline: the item's lock, the image's update and the read of the
 item's images go together, then the item's move if the images call for one, then the commit. The item is locked
 first because two images of one item are saved side by side on two connections: without the lock each reads the

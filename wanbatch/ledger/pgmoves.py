@@ -1,6 +1,6 @@
 """The PostgreSQL ledger's item moves: state transitions, checked by the table, each one committed transaction.
 
-The second layer of :class:`wanbatch.ledger.postgres.PgLedger`. A move is one statement (so one round trip and
+The third layer of :class:`wanbatch.ledger.postgres.PgLedger`. A move is one statement (so one round trip and
 its own transaction in autocommit mode): it locks the item if it is in a state the move may start from
 (``SELECT ... FOR UPDATE``: under READ COMMITTED a row another transaction moved meanwhile is read again as
 it is now, and left out if it is no longer there), updates it, writes its audit row and, back to planned,
@@ -20,7 +20,8 @@ from typing import Any
 import psycopg
 
 from wanbatch.errors import IllegalTransition, LeaseLost, LedgerError
-from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, OPEN_STATES, PgReads, image_row, item_row
+from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, OPEN_STATES, image_row, item_row
+from wanbatch.ledger.pgstreams import PgStreams
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
 from wanbatch.ledger.states import TRANSITIONS, ImageState, ItemState, check_transition
 
@@ -150,7 +151,7 @@ def image_params(batch: int, item_id: str, image: ImageRecord, now: int) -> dict
     }
 
 
-class PgMoves(PgReads):
+class PgMoves(PgStreams):
     """Item moves over the reads: one transaction each, returning what they wrote."""
 
     def _move_params(

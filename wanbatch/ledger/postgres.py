@@ -5,7 +5,8 @@ connections from a small pool: each call takes a free connection for one stateme
 stages' calls overlap on the network instead of queueing behind one another. The tables and their versions are
 :mod:`wanbatch.ledger.pgschema`'s; one database holds many batches, each named by its output location.
 
-The class is built in layers like the SQLite one: :mod:`~wanbatch.ledger.pgreads` (queries),
+The class is built in layers like the SQLite one: :mod:`~wanbatch.ledger.pgreads` (rows and totals),
+:mod:`~wanbatch.ledger.pgstreams` (streams, and a worker's taking of planned items),
 :mod:`~wanbatch.ledger.pgmoves` (item transitions), :mod:`~wanbatch.ledger.pgimages` (image moves), and here
 opening, runs, planning and meta values. Every commit is durable (``synchronous_commit`` on, the server's
 default), so ``durable=True`` costs nothing more here.

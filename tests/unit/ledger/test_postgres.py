@@ -19,7 +19,7 @@ from helpers.run_ledger import PATHS, FakeItem, items
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import ConfigError, IllegalTransition, LedgerError
 from wanbatch.ledger import ImageRecord, RunLedger, open_ledger
-from wanbatch.ledger import pgreads as pg_reads_module
+from wanbatch.ledger import pgstreams as pg_streams_module
 from wanbatch.ledger.postgres import PgLedger
 from wanbatch.ledger.states import TRANSITIONS, ImageState, ItemState
 
@@ -238,7 +238,7 @@ async def test_paging_repeats_no_moved_row_and_holds_no_transaction(
     pg: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Items moved while a stream is read are not met again, and between pages no transaction is left open."""
-    monkeypatch.setattr(pg_reads_module, "PAGE_SIZE", 7)
+    monkeypatch.setattr(pg_streams_module, "PAGE_SIZE", 7)
     name = f"paging-{uuid.uuid4().hex[:8]}"  # the ledger's connections among the server's others
     ledger = await pg(url_options=f"&application_name={name}")
     run = await ledger.begin_run()
