@@ -7,6 +7,10 @@ concurrently and writes the outputs. The stages end in order: submitting
 ends when nothing is left to send, tracking when no task is open, saving
 when no image it could still save is pending (once the user stopped the run,
 when none is ready to be tried).
+
+What a run settles in its ledger before its stages start is
+:mod:`wanbatch.stages.startup`'s; the stages are built, run in order and
+counted by :mod:`wanbatch.stages.assembly`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,9 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from wanbatch.catalog import regions_of
 from wanbatch.clock import Clock, ScaledClock
-from wanbatch.errors import HALTING_CODES, MODERATION_CODES, IllegalTransition
 from wanbatch.fleet.config import FleetConfig
 from wanbatch.ledger import RunLedger, RunLock, open_ledger
 from wanbatch.ledger.backend import claim as claim_backend
@@ -40,14 +41,14 @@ from wanbatch.outputs.metadata import POOL_META, build_report
 from wanbatch.outputs.stores import Store
 from wanbatch.service.accounts import Account
 from wanbatch.service.quotas import QuotaTable
+from wanbatch.stages.assembly import Stages, build_stages, halted, run_in_order
 from wanbatch.stages.budget import Budget
 from wanbatch.stages.download import DownloadConfig, Downloader
 from wanbatch.stages.intake import MANIFEST_META, check_manifest_record, plan_into
-from wanbatch.stages.lane import Lane
-from wanbatch.stages.pool import LaneKey, account_figures, build_lanes, check_in_flight, plan_lanes
-from wanbatch.stages.reconcile import ReconcileConfig, Reconciler
-from wanbatch.stages.results import sync_answer_lost
+from wanbatch.stages.pool import check_in_flight, plan_lanes
+from wanbatch.stages.reconcile import ReconcileConfig
 from wanbatch.stages.resume import resume_open
+from wanbatch.stages.startup import OPEN_STATES, RESUMABLE_STATES, continue_clock, settle_what_a_stop_left
 from wanbatch.stages.submit import SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
 
@@ -57,12 +58,6 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger("wanbatch")
-
-#: Where the items of a ledger stand when the engine starts.
-
-#: The states of items whose task is (or may be) open: few, bounded by the lanes' places (their claims).
-_OPEN = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
-_RESUMABLE = (ItemState.planned, *_OPEN)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,7 +194,8 @@ class Engine:
         if self.store is not None and self._fleet is None:  # a shared ledger is no state folder to name
             await mark_state(ledger, self.store, self.run_dir)
         started, started_at = time.monotonic(), _iso_now()
-        await self._continue_clock(ledger)
+        if self._own_clock and isinstance(self.clock, ScaledClock):
+            await continue_clock(ledger, self.clock)
         if self._fleet is None:
             run = await ledger.begin_run()
             return await self._plan_and_run(ledger, manifest, plan, run, started, started_at)
@@ -268,53 +264,20 @@ class Engine:
         )
         return report
 
-    async def _continue_clock(self, ledger: RunLedger) -> None:
-        """Keep one timeline per run folder: a resumed run continues the clock of the runs before it."""
-        if not self._own_clock or not isinstance(self.clock, ScaledClock):
-            return
-        saved = await ledger.meta("clock")
-        if saved:
-            speed, reading_s, wall_s = (float(part) for part in saved.split())
-            if speed == self.clock.speed:
-                self.clock.continue_from(reading_s, wall_s)
-                return
-        reading_s, wall_s = self.clock.anchor()
-        await ledger.set_meta("clock", f"{self.clock.speed!r} {reading_s!r} {wall_s!r}")
-
-    async def _prepare(self, ledger: RunLedger, run: int) -> None:
-        """Settle what a stop left half done, and put back the items the user asked to try again."""
-        async for row in ledger.iter_items([ItemState.submitting, ItemState.unknown]):
-            if row.endpoint == "sync":  # no list shows a sync call: its answer is lost, never to be sent again
-                await sync_answer_lost(ledger, row, "stopped while the sync call was under way")
-            elif row.state is ItemState.submitting:
-                # A crash between the commit and the reply: the POST may have gone out.
-                note = "found submitting on start: outcome unknown"
-                await ledger.transition(row.item_id, ItemState.unknown, note=note)
-        async for row in ledger.iter_items([ItemState.canceled], run=run):
-            # Canceled before it was made, so nothing was paid: the manifest still asks for it.
-            await _again(ledger, row, "canceled earlier; made on this run")
-        if not (self.retry_failed or self.retry_moderated):
-            return
-        async for row in ledger.iter_items([ItemState.failed, ItemState.rejected], run=run):
-            moderated = row.error_code in MODERATION_CODES
-            wanted = self.retry_moderated if moderated else self.retry_failed and row.state is ItemState.failed
-            if wanted:
-                await _again(ledger, row, f"retry after {row.error_code}")
-
     async def _run_stages(self, ledger: RunLedger, run: int, manifest_lanes: frozenset | None) -> dict[str, Any]:
         """``run``: the run whose marks say which items the manifest has (see :func:`_plan_into`);
         ``manifest_lanes``: the manifest's (region, model) pairs from its plan, when it is known."""
         # Checked before anything moves: an item in flight on an account this run has no key of is not followed.
-        in_flight = await ledger.account_lanes(_OPEN)
+        in_flight = await ledger.account_lanes(OPEN_STATES)
         check_in_flight(self._pool, in_flight)
-        await self._prepare(ledger, run)
+        await settle_what_a_stop_left(ledger, run, retry_failed=self.retry_failed, retry_moderated=self.retry_moderated)
         budget = Budget(self.budget_limit, spent=await ledger.spent_cost())
         # Only the manifest's items are sent, so its plan names the lanes of what is planned; the other open
         # states are few and read from their index (planned would read every row of a big manifest).
         if manifest_lanes is None:
-            lanes_wanted = await ledger.lanes(_RESUMABLE)
+            lanes_wanted = await ledger.lanes(RESUMABLE_STATES)
         else:
-            lanes_wanted = await ledger.lanes(_OPEN) | manifest_lanes
+            lanes_wanted = await ledger.lanes(OPEN_STATES) | manifest_lanes
         accounts, lane_keys, readers = plan_lanes(
             pool=self._pool, keys=self._keys, quotas=self.config.quotas, in_flight=in_flight, wanted=lanes_wanted
         )
@@ -322,8 +285,23 @@ class Engine:
         # With a store, the downloader makes each thumbnail from the image's bytes and stores it beside the image.
         thumbs = Thumbnailer(self.run_dir) if self.config.gallery and self.store is None else None
         async with aiohttp.ClientSession(connector=connector) as session, thumbs or contextlib.nullcontext():
-            stages = self._build(
-                ledger, session, accounts, (lane_keys, readers), budget, run, thumbs, await naming.sharded(ledger)
+            stages = build_stages(
+                ledger,
+                session,
+                accounts,
+                (lane_keys, readers),
+                budget,
+                run=run,
+                clock=self.clock,
+                config=self.config,
+                run_dir=self.run_dir,
+                store=self.store,
+                thumbs=thumbs,
+                sharded=await naming.sharded(ledger),
+                retry_held=self.retry_held,
+                shared=None if self._fleet is None else self._fleet.lane_parts,
+                on_refused=self._stop_submitting,
+                may_send=(lambda: True) if self._fleet is None else self._fleet.may_send,
             )
             self._submitter, self._tracker, self._downloader = stages.submitter, stages.tracker, stages.downloader
             if self.interrupted:
@@ -333,17 +311,17 @@ class Engine:
             at_start = {"counts": summary["items"], "images_saved": summary["images"]["saved"], "cost": budget.spent}
             await self._refill(ledger, stages)
             self._live = (ledger, stages.downloader, budget, time.monotonic(), at_start)
-            await _in_order(
+            await run_in_order(
                 stages.submitter.run if self._fleet is None else lambda: self._submit_and_watch(ledger, stages),
                 stages.reconciler.run,
                 stages.tracker.run,
                 stages.downloader.run,
             )
         stats = stages.stats(budget)
-        stats["halted"] = bool(stats["blocked"]) and await _halted(ledger, stages.lanes.values(), run)
+        stats["halted"] = bool(stats["blocked"]) and await halted(ledger, stages.lanes.values(), run)
         return stats
 
-    async def _submit_and_watch(self, ledger: RunLedger, stages: _Stages) -> None:
+    async def _submit_and_watch(self, ledger: RunLedger, stages: Stages) -> None:
         """A fleet worker's first stage: submit, and meanwhile take over workers that die, handing their items to
         this worker's stages; it ends once this worker has nothing more to send and no other holds open work, so
         that the later stages stay to finish whatever is taken over until then."""
@@ -360,81 +338,13 @@ class Engine:
             finally:
                 done.set()
 
-    def _build(
-        self,
-        ledger: RunLedger,
-        session: aiohttp.ClientSession,
-        accounts: Mapping[str, Account],
-        lane_plan: tuple[AbstractSet[LaneKey], Mapping[tuple[str, str], list[LaneKey]]],
-        budget: Budget,
-        run: int,
-        thumbs: Thumbnailer | None,
-        sharded: bool,
-    ) -> _Stages:
-        """One client and query limiter per account (its key: without a pool, each region's), one lane per
-        (account, model), and the four stages."""
-        lanes, limiters = build_lanes(
-            session,
-            accounts,
-            lane_plan[0],
-            budget,
-            clock=self.clock,
-            base_url=self.config.base_url,
-            base_urls=self.config.base_urls,
-            query_qps=self.config.query_qps,
-            request_timeout_s=self.config.request_timeout_s,
-            sync_timeout_s=self.config.sync_timeout_s,
-            backlog=self.config.submit.backlog,
-            shared=None if self._fleet is None else self._fleet.lane_parts,
-        )
-        downloader = Downloader(
-            ledger=ledger,
-            clock=self.clock,
-            session=session,
-            run_dir=self.run_dir,
-            config=self.config.download,
-            on_item_done=thumbs.item_done if thumbs else lambda settled: None,
-            on_refused=self._stop_submitting,
-            store=self.store,
-            thumbnails=self.config.gallery,
-            sharded=sharded,
-        )
-        tracker = Tracker(
-            ledger=ledger,
-            clock=self.clock,
-            limiters=limiters,
-            on_images=downloader.add_recorded,
-            config=self.config.track,
-        )
-        reconciler = Reconciler(
-            ledger=ledger,
-            clock=self.clock,
-            limiters=limiters,
-            tracker=tracker,
-            config=self.config.reconcile,
-            retry_held=self.retry_held,
-        )
-        submitter = Submitter(
-            ledger=ledger,
-            clock=self.clock,
-            lanes=list(lanes.values()),
-            readers={key: [lanes[lane] for lane in keyed] for key, keyed in lane_plan[1].items()},
-            tracker=tracker,
-            reconciler=reconciler,
-            on_sync_images=tracker.record_sync,
-            config=self.config.submit,
-            run=run,
-            may_send=(lambda: True) if self._fleet is None else self._fleet.may_send,
-        )
-        return _Stages(lanes, submitter, tracker, reconciler, downloader)
-
-    async def _refill(self, ledger: RunLedger, stages: _Stages) -> None:
+    async def _refill(self, ledger: RunLedger, stages: Stages) -> None:
         """Turn the ledger's open items into work: the same path for a fresh run and a resume."""
         for state in (ItemState.queued, ItemState.unknown):
             await self._resume(ledger, stages, [row async for row in ledger.iter_items([state])], "found on start")
         await stages.downloader.load_pending()
 
-    async def _resume(self, ledger: RunLedger, stages: _Stages, rows: list[ItemRow], why: str) -> None:
+    async def _resume(self, ledger: RunLedger, stages: Stages, rows: list[ItemRow], why: str) -> None:
         """Hand open items (found on start, or a dead worker's taken over) to the stages that finish them."""
         await resume_open(
             ledger,
@@ -448,36 +358,6 @@ class Engine:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Stages:
-    lanes: dict[LaneKey, Lane]
-    submitter: Submitter
-    tracker: Tracker
-    reconciler: Reconciler
-    downloader: Downloader
-
-    def stats(self, budget: Budget) -> dict[str, Any]:
-        """This run's figures for the report."""
-        return {
-            "submitted": self.submitter.submitted,
-            "queries": self.tracker.queries,
-            "lists": self.tracker.lists,
-            "canceled_on_service": self.tracker.canceled,
-            "reconciled_adopted": self.reconciler.adopted,
-            "reconciled_resent": self.reconciler.resent,
-            "reconciled_held": self.reconciler.held,
-            "images_saved_this_run": self.downloader.saved,
-            "bytes_saved_this_run": self.downloader.bytes,
-            "blocked": {
-                lane.label: f"{lane.blocked.code}: {lane.blocked.message}"
-                for lane in self.lanes.values()
-                if lane.blocked
-            },
-            **account_figures(self.lanes.values()),
-            "budget": {"limit": budget.limit, "committed": round(budget.committed, 6), "reached": budget.exhausted},
-        }
-
-
 async def _report_only(
     run_dir: Path, ledger: RunLedger, *, run: int, extra: dict[str, Any], gallery: bool, store: Store | None = None
 ) -> dict[str, Any]:
@@ -486,41 +366,5 @@ async def _report_only(
     return await build_report(ledger, run=run, extra=extra)
 
 
-async def _halted(ledger: RunLedger, lanes: Iterable[Lane], run: int) -> bool:
-    """Whether every (region, model) that still has items of this manifest (seen in ``run``) to send had each of
-    its lanes (one per account) stopped by the key, the account or the network; a model refused alone is not."""
-    open_pairs = {
-        (lane.region, lane.model)
-        for lane in lanes
-        if not (lane.blocked is not None and lane.blocked.code in HALTING_CODES)
-    }
-    left = await ledger.lanes([ItemState.planned], run=run)
-    # An item allowed several regions (its region value "beijing|singapore" or "any") waits on any of them.
-    alive = {(value, model) for value, model in left if any((r, model) in open_pairs for r in regions_of(value, model))}
-    return bool(left) and not alive
-
-
-async def _again(ledger: RunLedger, row: ItemRow, note: str) -> None:
-    """Plan a final item again; another worker of a shared ledger may have done so first, which is as good."""
-    with contextlib.suppress(IllegalTransition):
-        await ledger.transition(row.item_id, ItemState.planned, expect=row.state, note=note)
-
-
 def _iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-async def _in_order(first: Callable[[], Awaitable[None]], *rest: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run every stage at once; each of ``rest`` is told to finish once the stage before it has."""
-    events = [asyncio.Event() for _ in range(len(rest) + 1)]
-
-    async def staged(index: int, make: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await make()
-        finally:
-            events[index].set()
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(staged(0, first))
-        for index, stage in enumerate(rest, start=1):
-            group.create_task(staged(index, lambda stage=stage, index=index: stage(events[index - 1])))

@@ -5,5 +5,6 @@ once per manifest), ``submit`` (a create, paid for once),
 ``lane`` is what these share for one (account, model), ``pool`` which accounts a run has and its lanes,
 ``reader`` the one reader of planned rows per (region, model) that picks each item's lane; ``claims`` holds
 an item's place among the lane's open tasks and its price in the ``budget`` (the spending limit) while its
-create may cost; ``cancel`` stops tasks on the service.
+create may cost; ``cancel`` stops tasks on the service. ``startup`` is what a run settles in the ledger before
+its stages start, ``assembly`` the stages built over the lanes and run in order.
 """
