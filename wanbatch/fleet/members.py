@@ -39,6 +39,7 @@ __all__ = ["DB_NOW_MS", "FleetConfig", "Membership", "WorkerRow", "new_worker_id
 DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 
 _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
+_GIVE_BACK = "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = %(me)s AND state = 'planned'"
 
 
 def _alive(table: str = "") -> str:
@@ -198,16 +199,18 @@ class Membership:
             (busy,) = await cur.fetchone()
             return bool(busy)
 
+    async def give_back_planned(self) -> None:
+        """Let go of the planned items this worker took: any worker may take them now."""
+        async with self._pool.connection() as conn:
+            await conn.execute(_GIVE_BACK, self._params())
+
     async def leave(self) -> bool:
         """Write this worker out (its planned items go back to everyone); True when no other worker of the batch
         is still at work: this one is the last, and writes the outputs."""
         params = self._params()
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_LOCK_BATCH, params)
-            await conn.execute(
-                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = %(me)s AND state = 'planned'",
-                params,
-            )
+            await conn.execute(_GIVE_BACK, params)
             await conn.execute(
                 f"UPDATE workers SET ended_ms = {DB_NOW_MS} WHERE batch_id = %(batch)s AND worker_id = %(me)s", params
             )

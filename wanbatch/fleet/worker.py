@@ -122,14 +122,22 @@ class FleetWorker:
         """Take over dead workers (their items handed to ``resume``) until this worker's submitting is done and
         no other worker holds open work, or ``stop`` is set (a user's stop: this worker's own work ends as a
         lone run's does, and what others hold stays theirs)."""
+        given_back = False
         while not stop.is_set():
             taken = await self.membership.take_over()
             if taken:
                 self.taken_over += len(taken)
                 log.warning("⇄ fleet: took over %d item(s) of worker(s) silent past their lease", len(taken))
                 await resume(taken)
-            elif submitting_done.is_set() and not await self.membership.others_working(self.run):
-                return
+            elif submitting_done.is_set():
+                if not given_back:
+                    # Planned items this worker took but will not send (its lanes were stopped, or their sends
+                    # failed too often) are everyone's again: another worker waits for the items it holds, and
+                    # two workers each holding some would wait for each other forever.
+                    await self.membership.give_back_planned()
+                    given_back = True
+                if not await self.membership.others_working(self.run):
+                    return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
 

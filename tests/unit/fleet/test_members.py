@@ -15,6 +15,7 @@ from helpers.run_ledger import FakeItem
 from wanbatch.clock import ScaledClock
 from wanbatch.errors import LeaseLost
 from wanbatch.fleet.members import FleetConfig, Membership, workers_of
+from wanbatch.fleet.worker import FleetWorker
 from wanbatch.ledger.postgres import PgLedger
 from wanbatch.ledger.records import ImageRecord
 from wanbatch.ledger.states import ImageState, ItemState
@@ -154,3 +155,38 @@ async def test_the_last_worker_to_leave_is_told_so(fleet, pg_url: str) -> None:
     with psycopg.connect(pg_url) as conn:
         ended = conn.execute("SELECT count(*) FROM workers WHERE ended_ms IS NOT NULL").fetchone()[0]
     assert ended == 2
+
+
+def _fleet_worker(worker: Worker) -> FleetWorker:
+    return FleetWorker(worker.ledger, clock=ScaledClock(), config=LEASE)
+
+
+def _beating(*workers: FleetWorker) -> list[asyncio.Task]:
+    """The workers' heartbeats, as their processes run them; cancel them to make a worker fall silent."""
+    return [asyncio.create_task(worker.heartbeat(on_lost=lambda: None)) for worker in workers]
+
+
+async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wait_for_each_other(fleet) -> None:
+    """Two workers whose lanes were all stopped (an account in arrears) end their submitting with planned items
+    taken but never sent; each must give them back rather than wait forever for the other's."""
+    a, b = await fleet("a"), await fleet("b")
+    run = await a.membership.join()
+    await b.membership.join()
+    await _plan(a, run)
+    take = {"run": run, "region": "beijing", "model": "wan2.2-t2i-flash", "after_seq": 0, "limit": 4}
+    assert await a.ledger.take_planned(**take) and await b.ledger.take_planned(**take)
+    done, stop = asyncio.Event(), asyncio.Event()
+    done.set()
+
+    async def nothing(rows: list) -> None:
+        raise AssertionError(f"nothing to take over, got {rows}")
+
+    workers = [_fleet_worker(worker) for worker in (a, b)]
+    for worker in workers:
+        worker.run = run  # as join() sets it
+    beats = _beating(*workers)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker.watch(nothing, done, stop) for worker in workers)), 2.0)
+    finally:
+        for beat in beats:
+            beat.cancel()
