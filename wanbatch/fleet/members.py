@@ -19,6 +19,7 @@ All workers of a batch started while one of them is alive share that one's run, 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -37,6 +38,8 @@ __all__ = ["DB_NOW_MS", "FleetConfig", "Membership", "WorkerRow", "new_worker_id
 
 #: The database's clock in ms since the epoch: the one clock every host of a fleet reads alike.
 DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+
+log = logging.getLogger("wanbatch")
 
 _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDATE"
 _GIVE_BACK = "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = %(me)s AND state = 'planned'"
@@ -128,50 +131,58 @@ class Membership:
         worker (whose resumed claims hold them) and their other places are given up. One transaction; a dead
         worker another live one is taking over at the same moment is skipped (``SKIP LOCKED``), and an item is
         moved to one taker only (its row's lock)."""
-        params = self._params(open=OPEN_LIST)
         async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND worker_id <> %(me)s"
-                f" AND ended_ms IS NULL AND taken_by IS NULL AND heartbeat_ms < {DB_NOW_MS} - %(lease_ms)s"
-                " FOR UPDATE SKIP LOCKED",
-                params,
+            _, rows = await self._take_over_in(conn, ended_too=True)
+        return rows
+
+    async def _take_over_in(self, conn: Any, *, ended_too: bool) -> tuple[list[str], list[ItemRow]]:
+        """:meth:`take_over` in the caller's transaction (``ended_too``: the open items of ended workers as well):
+        the workers found dead and taken over, and the items taken."""
+        params = self._params(open=OPEN_LIST)
+        cur = await conn.execute(
+            "SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND worker_id <> %(me)s"
+            f" AND ended_ms IS NULL AND taken_by IS NULL AND heartbeat_ms < {DB_NOW_MS} - %(lease_ms)s"
+            " FOR UPDATE SKIP LOCKED",
+            params,
+        )
+        dead = [worker for (worker,) in await cur.fetchall()]
+        if dead:
+            await conn.execute(
+                "UPDATE workers SET taken_by = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)",
+                {**params, "dead": dead},
             )
-            dead = [worker for (worker,) in await cur.fetchall()]
-            if dead:
-                await conn.execute(
-                    "UPDATE workers SET taken_by = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(dead)s)",
-                    {**params, "dead": dead},
-                )
+        ended: list[str] = []
+        if ended_too:
             cur = await conn.execute(
                 "SELECT DISTINCT owner FROM items WHERE batch_id = %(batch)s AND state = ANY(%(open)s) AND owner IN"
                 " (SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND ended_ms IS NOT NULL)",
                 params,
             )
-            gone = [*dead, *(owner for (owner,) in await cur.fetchall())]
-            if not gone:
-                return []
-            params["gone"] = gone
-            await conn.execute(
-                "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
-                " AND state = 'planned'",
-                params,
-            )
-            # The places of their open tasks pass to the taker (those tasks still occupy the service: were they
-            # freed, another claim could take one before the taker's resumed claims hold them again); the rest
-            # (claims of items never sent) are given up.
-            await conn.execute(
-                "UPDATE places SET worker_id = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)"
-                " AND item_id IN (SELECT item_id FROM items WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
-                " AND state IN ('submitting', 'unknown', 'queued'))",
-                params,
-            )
-            await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)", params)
-            cur = await conn.execute(
-                f"UPDATE items SET owner = %(me)s WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
-                f" AND state = ANY(%(open)s) RETURNING {ITEM_COLUMNS}",
-                params,
-            )
-            return [item_row(row) for row in await cur.fetchall()]
+            ended = [owner for (owner,) in await cur.fetchall()]
+        gone = [*dead, *ended]
+        if not gone:
+            return [], []
+        params["gone"] = gone
+        await conn.execute(
+            "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s) AND state = 'planned'",
+            params,
+        )
+        # The places of their open tasks pass to the taker (those tasks still occupy the service: were they
+        # freed, another claim could take one before the taker's resumed claims hold them again); the rest
+        # (claims of items never sent) are given up.
+        await conn.execute(
+            "UPDATE places SET worker_id = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)"
+            " AND item_id IN (SELECT item_id FROM items WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
+            " AND state IN ('submitting', 'unknown', 'queued'))",
+            params,
+        )
+        await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)", params)
+        cur = await conn.execute(
+            f"UPDATE items SET owner = %(me)s WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
+            f" AND state = ANY(%(open)s) RETURNING {ITEM_COLUMNS}",
+            params,
+        )
+        return dead, [item_row(row) for row in await cur.fetchall()]
 
     async def others_unended(self) -> tuple[int, int]:
         """The other workers of the batch that have not ended nor been taken over: (heard from within their
@@ -206,7 +217,9 @@ class Membership:
 
     async def leave(self) -> bool:
         """Write this worker out (its planned items go back to everyone); True when no other worker of the batch
-        is still at work: this one is the last, and writes the outputs."""
+        is still at work: this one is the last, and writes the outputs. A worker found dead is taken over here,
+        under the batch's lock, so that a worker that left before, and waits for the others to end
+        (:meth:`outlast`), does not count it as gone too and write the outputs as well."""
         params = self._params()
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_LOCK_BATCH, params)
@@ -214,9 +227,31 @@ class Membership:
             await conn.execute(
                 f"UPDATE workers SET ended_ms = {DB_NOW_MS} WHERE batch_id = %(batch)s AND worker_id = %(me)s", params
             )
+            _, taken = await self._take_over_in(conn, ended_too=False)
             cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
             (others,) = await cur.fetchone()
+        _report_late(taken)
         return others == 0
+
+    async def outlast(self) -> bool:
+        """For a worker that left while others were at work, and finds none alive now but some silent past their
+        lease: take those over, under the batch's lock; True when this worker took one and no other is alive (it
+        is then the last, and writes the outputs), False when another leaving worker took them first."""
+        params = self._params()
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_LOCK_BATCH, params)
+            dead, taken = await self._take_over_in(conn, ended_too=False)
+            cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
+            (others,) = await cur.fetchone()
+        _report_late(taken)
+        return bool(dead) and others == 0
+
+
+def _report_late(taken: list[ItemRow]) -> None:
+    """Items of a dead worker found by one that has ended its stages: none are expected (a worker's stages wait
+    until no other holds open work), and none can be finished now."""
+    if taken:  # pragma: no cover - watch() waited for their open work
+        log.error("! fleet: %d item(s) of a dead worker were found after this one's stages ended", len(taken))
 
 
 async def workers_of(pool: AsyncConnectionPool, batch_id: int, *, lease_s: float) -> list[WorkerRow]:

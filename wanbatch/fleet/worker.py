@@ -162,6 +162,5 @@ class FleetWorker:
             if not alive and not silent:
                 return False  # they ended after this one: the last of them writes the outputs
             if not alive:
-                if await self.membership.take_over():  # pragma: no cover - watch() waited for their open work
-                    log.error("! fleet: items of a dead worker were found after this one's stages ended")
-                return True
+                # Only one of the workers waiting here takes the dead over (under the batch's lock): it is the last.
+                return await self.membership.outlast()

@@ -166,6 +166,22 @@ def _beating(*workers: FleetWorker) -> list[asyncio.Task]:
     return [asyncio.create_task(worker.heartbeat(on_lost=lambda: None)) for worker in workers]
 
 
+async def test_a_dead_worker_is_taken_over_by_one_leaver_only_and_only_it_is_last(fleet) -> None:
+    """``a`` leaves while ``b`` is at work; ``c`` dies; ``b`` leaves after ``c``'s lease is past. Only one of
+    ``a`` (waiting for the others to end) and ``b`` may take ``c`` over and write the batch's outputs."""
+    a, b, c = [_fleet_worker(await fleet(name)) for name in "abc"]
+    for worker in (a, b, c):
+        await worker.join()
+    beats = _beating(a, b)
+    first = asyncio.create_task(a.leave())  # b and c are at work: a waits
+    await asyncio.sleep(LEASE.lease_s + 0.1)  # c falls silent (it never beats): dead
+    beats[1].cancel()
+    second = await b.leave()
+    lasts = [await asyncio.wait_for(first, 2.0), second]
+    beats[0].cancel()
+    assert sorted(lasts) == [False, True]
+
+
 async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wait_for_each_other(fleet) -> None:
     """Two workers whose lanes were all stopped (an account in arrears) end their submitting with planned items
     taken but never sent; each must give them back rather than wait forever for the other's."""
