@@ -224,6 +224,8 @@ class Membership:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_LOCK_BATCH, params)
             await conn.execute(_GIVE_BACK, params)
+            # Every claim of its stages has ended: a place still held is one whose give-back write was lost.
+            await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = %(me)s", params)
             await conn.execute(
                 f"UPDATE workers SET ended_ms = {DB_NOW_MS} WHERE batch_id = %(batch)s AND worker_id = %(me)s", params
             )

@@ -86,6 +86,7 @@ class FleetWorker:
             worker_id=self.worker_id,
             lane=name,
             model=model,
+            lease_s=self.config.lease_s,
         )
         return pacer, claims
 

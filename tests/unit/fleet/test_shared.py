@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from helpers.run_ledger import FakeItem
 from wanbatch.clock import ScaledClock
@@ -35,10 +36,11 @@ async def ledgers(pg_url: str) -> AsyncIterator:
         yield open_for
 
 
-def _claims(ledger: PgLedger, writer: PlaceWriter, *, capacity: int, budget: Budget) -> SharedClaims:
+def _claims(ledger: PgLedger, writer: PlaceWriter, *, capacity: int, budget: Budget, **more: float) -> SharedClaims:
     return SharedClaims(
         capacity,
         budget,
+        **more,
         pool=ledger.pool,
         writer=writer,
         batch_id=ledger.batch_id,
@@ -144,3 +146,49 @@ async def test_a_dead_workers_places_are_freed_when_it_is_taken_over(ledgers) ->
     resumed[0].release()  # the reconciler proves one was never made
     assert isinstance(await asyncio.wait_for(waiting, 2.0), Claim)
     await writer_b.drain()
+
+
+async def test_a_place_whose_give_back_was_lost_is_freed_when_its_worker_leaves(ledgers, pg_url: str) -> None:
+    """A place given back by a write that failed (the database away a moment) stays held while its worker works;
+    once the worker leaves, the account's places are whole again for the others."""
+    lease = FleetConfig(lease_s=0.3, heartbeat_s=0.05)
+    a, b = await ledgers("a"), await ledgers("b")
+    member_a = Membership(a.pool, a.batch_id, worker_id="a", clock=ScaledClock(), config=lease)
+    await member_a.join()
+    rows = await _rows(a, 2)
+    async with AsyncConnectionPool(pg_url, min_size=1, open=False) as gone:
+        pass  # closed: every write through it fails
+    lost = PlaceWriter(gone)
+    claim = await _claims(a, lost, capacity=1, budget=Budget()).open(rows[0], asyncio.Event())
+    assert isinstance(claim, Claim)
+    claim.release()  # its DELETE fails and is logged
+    await lost.drain()
+    await member_a.leave()
+    writer_b = PlaceWriter(b.pool)
+    assert isinstance(
+        await asyncio.wait_for(_claims(b, writer_b, capacity=1, budget=Budget()).open(rows[1], asyncio.Event()), 2.0),
+        Claim,
+    )
+    await writer_b.drain()
+
+
+async def test_a_dead_worker_of_another_batch_does_not_hold_the_accounts_places_for_good(pg_url: str) -> None:
+    """A worker of another batch on the same account killed with claims open, and never taken over (no worker of
+    its batch came after it), holds the account's places only while its lease lasts."""
+    clock, lease = ScaledClock(), FleetConfig(lease_s=0.3, heartbeat_s=0.05)
+    async with (
+        await PgLedger.open(pg_url, batch="s3://fleet/killed", clock=clock, worker="x") as other,
+        await PgLedger.open(pg_url, batch=BATCH, clock=clock, worker="a") as mine,
+    ):
+        await Membership(other.pool, other.batch_id, worker_id="x", clock=clock, config=lease).join()
+        await Membership(mine.pool, mine.batch_id, worker_id="a", clock=clock, config=lease).join()
+        stop = asyncio.Event()
+        for row in await _rows(other, 2):  # x is killed with both of the account's places held
+            assert isinstance(
+                await _claims(other, PlaceWriter(other.pool), capacity=2, budget=Budget()).open(row, stop), Claim
+            )
+        writer = PlaceWriter(mine.pool)
+        claims = _claims(mine, writer, capacity=2, budget=Budget(), lease_s=lease.lease_s)
+        (row,) = await _rows(mine, 1)
+        assert isinstance(await asyncio.wait_for(claims.open(row, stop), lease.lease_s + 2.0), Claim)
+        await writer.drain()
