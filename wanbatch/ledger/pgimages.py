@@ -13,7 +13,7 @@ from __future__ import annotations
 import psycopg
 
 from wanbatch.errors import IllegalTransition, LedgerError
-from wanbatch.ledger.pgmoves import _IMAGES_OF, OPEN_LIST, PgMoves, set_fields
+from wanbatch.ledger.pgmoves import _IMAGES_OF, _NOT_TAKEN_OVER, OPEN_LIST, PgMoves, set_fields
 from wanbatch.ledger.pgreads import image_row
 from wanbatch.ledger.records import Recorded
 from wanbatch.ledger.states import IMAGE_TRANSITIONS, ImageState, ItemState, settlement
@@ -22,7 +22,9 @@ __all__ = ["PgImageMoves"]
 
 _LOCK_ITEM = "SELECT 1 FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s FOR UPDATE"
 _WHERE_IMAGE = "WHERE batch_id = %(batch)s AND item_id = %(id)s AND image_index = %(index)s"
-# A worker moves no image of an open item another worker holds (see pgmoves._FENCE); a reader is not fenced.
+# A worker moves no image of an open item another worker holds (see pgmoves._FENCE); a reader is not fenced. A
+# worker taken over reopens no saved image either: its item would be generated again as that worker's, and no
+# worker's to save.
 _FENCED = (
     f"{_WHERE_IMAGE} AND (%(me)s::text IS NULL OR NOT EXISTS (SELECT 1 FROM items WHERE batch_id = %(batch)s"
     " AND item_id = %(id)s AND state = ANY(%(open)s) AND owner IS DISTINCT FROM %(me)s))"
@@ -39,7 +41,7 @@ _FINAL = (
 _REOPEN = (
     "UPDATE images SET state = 'pending', file_name = NULL, sha256 = NULL, size_bytes = NULL, saved_ms = NULL,"
     f" error_code = 'FileMissing', error_message = %(reason)s, updated_ms = %(now)s {_FENCED}"
-    " AND state = 'saved' RETURNING image_index"
+    f" AND state = 'saved' AND {_NOT_TAKEN_OVER} RETURNING image_index"
 )
 
 

@@ -108,12 +108,21 @@ def set_fields(item_fields: Mapping[str, Any]) -> tuple[dict[str, str], dict[str
 _FENCE = "(%(me)s::text IS NULL OR state <> ALL(%(open)s) OR owner = %(me)s)"
 
 
+#: A worker taken over takes no item for its own: it would hold it open where no worker takes it over any more.
+#: Its row is locked (shared) so that a takeover committing meanwhile is seen, not the row as it was.
+_NOT_TAKEN_OVER = (
+    "(%(me)s::text IS NULL OR NOT EXISTS (SELECT 1 FROM (SELECT taken_by FROM workers WHERE batch_id = %(batch)s"
+    " AND worker_id = %(me)s FOR SHARE) AS worker WHERE worker.taken_by IS NOT NULL))"
+)
+
+
 def move_sql(target: ItemState, fields: Mapping[str, str]) -> str:
     """The one statement of a move to ``target`` from any of ``%(sources)s``, setting ``fields`` (SQL per column,
     after what entering ``target`` sets): the new row, then the state it left."""
     sets = {"state": "%(target)s", "updated_ms": "%(now)s", **_ON_ENTRY[target], **fields}
     assignments = ", ".join(f"{column} = {value}" for column, value in sets.items())
     # Back to planned means no task: the images of an attempt that ended belong to nothing any more.
+    fence = f"{_FENCE} AND {_NOT_TAKEN_OVER}" if "owner" in sets else _FENCE
     forget = (
         ", forget AS (DELETE FROM images WHERE batch_id = %(batch)s AND item_id IN (SELECT item_id FROM moved))"
         if target is ItemState.planned
@@ -121,7 +130,7 @@ def move_sql(target: ItemState, fields: Mapping[str, str]) -> str:
     )
     return f"""WITH old AS (
             SELECT item_id AS old_id, state AS old_state FROM items
-            WHERE batch_id = %(batch)s AND item_id = %(id)s AND state = ANY(%(sources)s) AND {_FENCE} FOR UPDATE),
+            WHERE batch_id = %(batch)s AND item_id = %(id)s AND state = ANY(%(sources)s) AND {fence} FOR UPDATE),
         moved AS (
             UPDATE items SET {assignments} FROM old WHERE batch_id = %(batch)s AND item_id = old.old_id
             RETURNING {ITEM_COLUMNS}, old.old_state),
@@ -272,12 +281,18 @@ class PgMoves(PgStreams):
         if self.worker is None:
             return
         row = await self._one(
-            "SELECT state, owner FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s", {"id": item_id}
+            "SELECT state, owner, (SELECT taken_by FROM workers WHERE batch_id = %(batch)s AND worker_id = %(me)s)"
+            " FROM items WHERE batch_id = %(batch)s AND item_id = %(id)s",
+            {"id": item_id},
         )
-        if row is not None and ItemState(row[0]) in OPEN_STATES and row[1] != self.worker:
+        if row is None:
+            return
+        state, owner, taken_by = row
+        if taken_by is not None or (ItemState(state) in OPEN_STATES and owner != self.worker):
             raise LeaseLost(
-                f"item {item_id} is {row[0]} and held by worker {row[1]}, not by this one ({self.worker}): this"
-                " worker was silent past its lease and its items were taken over"
+                f"item {item_id} is {state}{f' and held by worker {owner}' if owner else ''}; this worker"
+                f" ({self.worker}) was silent past its lease and taken over by {taken_by or owner}: it moves no item"
+                " any more"
             )
 
     async def _refuse_move(self, item_id: str, target: ItemState, expect: ItemState | None) -> None:

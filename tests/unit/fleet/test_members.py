@@ -206,3 +206,35 @@ async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wa
     finally:
         for beat in beats:
             beat.cancel()
+
+
+async def test_a_taken_over_worker_cannot_send_a_planned_item_it_had_taken(fleet) -> None:
+    """``a`` took planned items, fell silent past its lease and was taken over; before it learns so (its next
+    heartbeat), it goes on sending the items it had read. Its move to submitting is refused: one it made would
+    hold the item as ``a``'s, an open item no worker takes over any more (``a`` is taken over already), which
+    every other worker would wait for forever, its images never saved."""
+    a, b = await fleet("a"), await fleet("b")
+    run = await a.membership.join()
+    await b.membership.join()
+    await _plan(a, run, count=2)
+    first, second = await a.ledger.take_planned(
+        run=run, region="beijing", model="wan2.2-t2i-flash", after_seq=0, limit=2
+    )
+    await asyncio.sleep(LEASE.lease_s + 0.1)
+    await b.membership.beat()
+    assert await b.membership.take_over() == []  # a held nothing open: its planned items are everyone's
+    with pytest.raises(LeaseLost):
+        await a.ledger.transition(first.item_id, S.submitting, expect=S.planned)
+    assert await a.ledger.state_of(first.item_id) is S.planned
+    assert not await b.membership.others_working(run)
+    # one of its items saved before, whose file it finds gone, is not reopened as its own either
+    await b.ledger.take_planned(run=run, region="beijing", model="wan2.2-t2i-flash", after_seq=0, limit=2)
+    await b.ledger.transition(second.item_id, S.submitting, expect=S.planned)
+    await b.ledger.transition(second.item_id, S.queued, expect=S.submitting, task_id="t-2")
+    await b.ledger.finish_task(
+        second.item_id, S.generated, expect=S.queued, images=[ImageRecord(index=0, url="http://x/0.png")]
+    )
+    await b.ledger.image_saved(second.item_id, 0, file_name="x.png", sha256="0" * 64, size_bytes=1, settle=True)
+    with pytest.raises(LeaseLost):
+        await a.ledger.reopen_image(second.item_id, 0, reason="file gone")
+    assert await a.ledger.state_of(second.item_id) is S.saved
