@@ -11,7 +11,9 @@ database ledger paces and counts through two tables:
   lane's capacity are held, under the lane row's lock, and, with a budget, only while what the batch has
   spent plus what every worker has reserved leaves room for the item's full price. A place is given back when
   its claim ends. The places of a worker that died stay held until another takes its items over (its tasks
-  still occupy the service until then): they are freed then, and taken again by the claims resumed for them.
+  still occupy the service until then): those of its open tasks pass to the taker then, whose resumed claims
+  hold them, and the rest are freed. Another batch's places count only while their worker is alive (a batch
+  whose last worker was killed has no one to take it over).
 
 Giving a place back is a write the claim's sync ending cannot await: such writes go, in order, through one
 writer task (:class:`PlaceWriter`), which the engine drains before the batch ends.

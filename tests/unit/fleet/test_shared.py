@@ -192,3 +192,26 @@ async def test_a_dead_worker_of_another_batch_does_not_hold_the_accounts_places_
         (row,) = await _rows(mine, 1)
         assert isinstance(await asyncio.wait_for(claims.open(row, stop), lease.lease_s + 2.0), Claim)
         await writer.drain()
+
+
+async def test_a_dead_workers_reservations_count_against_the_budget_while_it_is_taken_over(ledgers) -> None:
+    """A worker killed with two creates under way (0.28 of a budget of 0.30 reserved) is taken over: the places
+    of its tasks, and their prices, stay held from the takeover on, so that no worker spends them meanwhile."""
+    clock, lease = ScaledClock(), FleetConfig(lease_s=0.3, heartbeat_s=0.05)
+    a, b = await ledgers("a"), await ledgers("b")
+    member_b = Membership(b.pool, b.batch_id, worker_id="b", clock=clock, config=lease)
+    await Membership(a.pool, a.batch_id, worker_id="a", clock=clock, config=lease).join()
+    await member_b.join()
+    rows = await _rows(a, 3)
+    stop = asyncio.Event()
+    for row in rows[:2]:
+        assert isinstance(
+            await _claims(a, PlaceWriter(a.pool), capacity=10, budget=Budget(0.30)).open(row, stop), Claim
+        )
+        await a.transition(row.item_id, "submitting", expect="planned")
+    await asyncio.sleep(lease.lease_s + 0.1)  # a is dead
+    await member_b.beat()
+    assert len(await member_b.take_over()) == 2  # before b's stages resume them (and claim their places again)
+    writer = PlaceWriter(b.pool)
+    assert await _claims(b, writer, capacity=10, budget=Budget(0.30)).open(rows[2], stop) is Refusal.budget
+    await writer.drain()
