@@ -332,7 +332,10 @@ class Engine:
             await self._resume(ledger, stages, rows, "taken over from a worker silent past its lease")
 
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._fleet.watch(resume, done, stages.submitter.stop))
+            watching = self._fleet.watch(
+                resume, done, stages.submitter.stop, manifest_run=stages.submitter.manifest_run
+            )
+            group.create_task(watching)
             try:
                 await stages.submitter.run()
             finally:

@@ -173,7 +173,8 @@ class Membership:
         await conn.execute(
             "UPDATE places SET worker_id = %(me)s WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)"
             " AND item_id IN (SELECT item_id FROM items WHERE batch_id = %(batch)s AND owner = ANY(%(gone)s)"
-            " AND state IN ('submitting', 'unknown', 'queued'))",
+            # A sync call's answer lost with its worker is written off by the taker, which opens no claim for it.
+            " AND state IN ('submitting', 'unknown', 'queued') AND endpoint IS DISTINCT FROM 'sync')",
             params,
         )
         await conn.execute("DELETE FROM places WHERE batch_id = %(batch)s AND worker_id = ANY(%(gone)s)", params)
@@ -196,7 +197,7 @@ class Membership:
             alive, unended = await cur.fetchone()
         return alive, unended - alive
 
-    async def others_working(self, run: int) -> bool:
+    async def others_working(self, run: int | None) -> bool:
         """Whether another worker (alive, or dead and not yet taken over) holds work of the batch: open items, or
         planned items of ``run`` it has taken. Planned items nobody holds are not waited for: a worker whose
         submitting has ended left them (its lanes stopped, or their sends failed too often), as a lone run does."""

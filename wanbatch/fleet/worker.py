@@ -118,11 +118,17 @@ class FleetWorker:
         return not self.lost and time.monotonic() - self._beaten_s < self.config.lease_s / 2
 
     async def watch(
-        self, resume: Callable[[list[ItemRow]], Awaitable[None]], submitting_done: asyncio.Event, stop: asyncio.Event
+        self,
+        resume: Callable[[list[ItemRow]], Awaitable[None]],
+        submitting_done: asyncio.Event,
+        stop: asyncio.Event,
+        *,
+        manifest_run: int | None,
     ) -> None:
         """Take over dead workers (their items handed to ``resume``) until this worker's submitting is done and
         no other worker holds open work, or ``stop`` is set (a user's stop: this worker's own work ends as a
-        lone run's does, and what others hold stays theirs)."""
+        lone run's does, and what others hold stays theirs). ``manifest_run``: the run whose marks say which
+        items the manifest has (older than the joined one when a batch is run again with the same manifest)."""
         given_back = False
         while not stop.is_set():
             taken = await self.membership.take_over()
@@ -137,7 +143,7 @@ class FleetWorker:
                     # two workers each holding some would wait for each other forever.
                     await self.membership.give_back_planned()
                     given_back = True
-                if not await self.membership.others_working(self.run):
+                if not await self.membership.others_working(manifest_run):
                     return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)

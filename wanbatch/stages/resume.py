@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from wanbatch.errors import ConfigError
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
@@ -55,7 +56,12 @@ async def resume_open(
         if row.state is ItemState.generated:
             await downloader.add_item(row.item_id)
             continue
-        lane = lanes[(row.region, row.account, row.model)]
+        lane = lanes.get((row.region, row.account, row.model))
+        if lane is None:  # a fleet's worker given another accounts file than the worker whose item this was
+            raise ConfigError(
+                f"item {row.item_id} is in flight on account {row.account or row.region!r}, which this process has"
+                " no key of: start every worker of a batch with the same accounts file"
+            )
         if row.state is ItemState.queued and not row.task_id and await ledger.images_of(row.item_id):
             await ledger.transition(row.item_id, ItemState.generated, note="sync answer recorded before a stop")
             await downloader.add_item(row.item_id)

@@ -202,7 +202,9 @@ async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wa
         worker.run = run  # as join() sets it
     beats = _beating(*workers)
     try:
-        await asyncio.wait_for(asyncio.gather(*(worker.watch(nothing, done, stop) for worker in workers)), 2.0)
+        await asyncio.wait_for(
+            asyncio.gather(*(worker.watch(nothing, done, stop, manifest_run=run) for worker in workers)), 2.0
+        )
     finally:
         for beat in beats:
             beat.cancel()

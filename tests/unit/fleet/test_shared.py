@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
+import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
@@ -215,3 +216,25 @@ async def test_a_dead_workers_reservations_count_against_the_budget_while_it_is_
     writer = PlaceWriter(b.pool)
     assert await _claims(b, writer, capacity=10, budget=Budget(0.30)).open(rows[2], stop) is Refusal.budget
     await writer.drain()
+
+
+async def test_a_dead_workers_lost_sync_call_gives_its_place_back_at_the_takeover(ledgers, pg_url: str) -> None:
+    """A sync call under way when its worker died is written off by the taker, which opens no claim for it: its
+    place is freed at the takeover, not passed on to be held until the taker leaves; an async create's is passed."""
+    clock = ScaledClock()
+    lease = FleetConfig(lease_s=0.3, heartbeat_s=0.05)
+    a, b = await ledgers("a"), await ledgers("b")
+    members = [Membership(x.pool, x.batch_id, worker_id=x.worker, clock=clock, config=lease) for x in (a, b)]
+    for member in members:
+        await member.join()
+    sync_row, async_row = await _rows(a, 2)
+    claims_a = _claims(a, PlaceWriter(a.pool), capacity=4, budget=Budget())
+    for row, endpoint in ((sync_row, "sync"), (async_row, "async")):
+        assert isinstance(await claims_a.open(row, asyncio.Event()), Claim)
+        await a.transition(row.item_id, "submitting", expect="planned", endpoint=endpoint)
+    await asyncio.sleep(lease.lease_s + 0.1)  # a dies
+    await members[1].beat()
+    assert len(await members[1].take_over()) == 2
+    with psycopg.connect(pg_url) as conn:
+        held = dict(conn.execute("SELECT item_id, worker_id FROM places").fetchall())
+    assert held == {async_row.item_id: "b"}

@@ -11,11 +11,15 @@ import pytest
 
 from helpers.engine import engine_for
 from helpers.manifest import load_manifest, numbered
+from helpers.run_ledger import FakeItem
 from wanbatch.clock import ScaledClock
+from wanbatch.errors import ConfigError
 from wanbatch.fleet.config import FleetConfig
 from wanbatch.fleet.worker import FleetWorker
 from wanbatch.ledger.postgres import PgLedger
+from wanbatch.ledger.states import ItemState
 from wanbatch.stages.intake import OtherManifest
+from wanbatch.stages.resume import resume_open
 
 
 async def test_a_worker_with_another_manifest_is_refused_before_anything_is_sent(
@@ -57,3 +61,18 @@ async def test_may_send_holds_for_half_a_lease_after_a_heartbeat(pg_url: str) ->
         assert worker.may_send()
         await asyncio.sleep(0.25)
         assert not worker.may_send()
+
+
+async def test_an_item_taken_over_on_an_account_this_worker_has_no_key_of_is_a_clear_error(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Workers given different accounts files: an item taken over from one, in flight on an account this one has
+    no key of, stops it with a message that says what to do, not a KeyError."""
+    async with await PgLedger.open(pg_url, batch=tmp_path, clock=ScaledClock(), worker="w") as ledger:
+        await ledger.add_items([FakeItem(item_id="x1")], run=1)
+        await ledger.transition("x1", ItemState.submitting, expect=ItemState.planned, account="team-z")
+        row = await ledger.transition("x1", ItemState.queued, expect=ItemState.submitting, task_id="t-1")
+        with pytest.raises(ConfigError, match=r"team-z.*same accounts file"):
+            await resume_open(
+                ledger, [row], lanes={}, tracker=None, reconciler=None, downloader=None, now_s=0.0, why="taken over"
+            )
