@@ -24,7 +24,7 @@ from .contenders import Job
 from .procs import SimServer, child_env, reap, spawn
 from .utilisation import account_name, key_of, sim_accounts
 
-__all__ = ["POOL_SIZES", "measure", "pool_lines"]
+__all__ = ["POOL_SIZES", "figures", "measure", "pool_lines", "saved_images"]
 
 POOL_SIZES = (1, 2, 4)
 MODEL, SIZE = "wan2.2-t2i-flash", "1024*1024"
@@ -40,13 +40,13 @@ def measure(workdir: Path, *, per_account: int, speed: float, log=print) -> dict
             job = Job(model=MODEL, count=per_account * count, size=SIZE, tag=f"pool{count}")
             child = _run(job, names, base_url=sim.base_url, speed=speed, folder=folder)
             stats = [sim.account(account_name(name)) for name in names]
-        row = _figures(job, count, stats)
+        row = figures(job, count, stats)
         row.update(
             speed=speed,
             exit_code=child.returncode,
             wall_s=child.wall_s,
             cpu_s=child.cpu_s,
-            images_saved=_saved(folder / "run"),
+            images_saved=saved_images(folder / "run"),
         )
         if child.returncode != 0:
             row["notes"] = f"exit {child.returncode}: {child.log_tail(400)}"
@@ -76,8 +76,9 @@ def _run(job: Job, names: list[str], *, base_url: str, speed: float, folder: Pat
     return reap(spawn(argv, log_path=folder / "wanbatch.log", env=env))
 
 
-def _figures(job: Job, count: int, stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Makespan, the pool's quota bound and their ratio, from the service's watch of each account."""
+def figures(job: Job, count: int, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Makespan, the quota bound of a pool of ``count`` accounts and their ratio, from the service's watch of each
+    account (``stats``: each account's statistics)."""
     offer = job.offer
     firsts = [s["first_create_s"] for s in stats if s.get("first_create_s") is not None]
     lasts = [s["last_image_s"] for s in stats if s.get("last_image_s") is not None]
@@ -99,7 +100,8 @@ def _figures(job: Job, count: int, stats: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
-def _saved(run_dir: Path) -> int:
+def saved_images(run_dir: Path) -> int:
+    """PNG files under the run's images folder."""
     images = run_dir / "images"
     return sum(1 for _ in images.rglob("*.png")) if images.exists() else 0
 

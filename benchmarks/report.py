@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .diagnoses import DIAGNOSES
+from .fleet import fleet_lines
+from .ledgers import ledger_lines
 from .pools import pool_lines
 
 __all__ = ["Row", "build_rows", "machine_facts", "render_markdown", "write"]
@@ -484,6 +486,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines += ["", *_profile_lines(doc["results"].get("ceiling") or {})]
     lines += gallery_lines(doc["results"].get("gallery"))
     lines += pool_lines(doc["results"].get("pools"))
+    lines += fleet_lines(doc["results"].get("fleet"))
+    lines += ledger_lines(doc["results"].get("ledgers"))
     return "\n".join(lines) + "\n"
 
 

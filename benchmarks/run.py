@@ -13,7 +13,9 @@ show how much the fast clock weighs on each contender), ``cold_start``
 ``ceiling`` (5), ``scale`` (6), ``capacity`` (7), ``statements`` (8, the ledger's SQLite
 statements per task), ``gallery`` (its own section, also
 ``python -m benchmarks.gallery``), ``pools`` (quota utilisation over 1, 2 and
-4 accounts, its own section). Scratch files go to
+4 accounts, its own section), ``fleet`` (1, 2 and 3 worker processes on one batch
+through a PostgreSQL ledger) and ``ledgers`` (the database's statements and
+milliseconds per task, PostgreSQL against SQLite). Scratch files go to
 ``--workdir`` (default runs/bench, emptied first). The benchmark asserts
 nothing about time: it measures and reports.
 """
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import capacity, ceiling, gallery, pools, report, scale, statements, utilisation
+from . import capacity, ceiling, fleet, gallery, ledgers, pools, report, scale, statements, utilisation
 from .contenders import CONTENDERS, Job
 from .procs import SimServer
 
@@ -48,6 +50,8 @@ SECTION_TITLES = {
     "statements": "figure 8, ledger statements per task",
     "gallery": "the gallery at scale",
     "pools": "quota utilisation of account pools",
+    "fleet": "quota utilisation of worker processes on one batch",
+    "ledgers": "the database's cost per task, PostgreSQL against SQLite",
 }
 SECTIONS = tuple(SECTION_TITLES)
 CONTENDER_SECTIONS = ("utilisation", "slow_clock", "cold_start")
@@ -67,6 +71,9 @@ class Sizes:
     statements_items: int  #: items of each run whose SQLite statements are counted
     gallery_images: tuple[int, ...]  #: images of each synthetic run whose gallery is measured
     pool_items: int  #: items per account of the pools' runs (1, 2 and 4 accounts)
+    fleet_items: int  #: items per account of the fleet's runs (2 accounts)
+    fleet_workers: tuple[int, ...]  #: the worker counts the fleet is measured with
+    ledger_items: int  #: items of the batch run on each ledger
 
 
 #: The issue's sizes. Speed 100: a loopback round trip of 1-2 ms stands for 0.1-0.2 s, a plausible round
@@ -84,6 +91,9 @@ FULL = Sizes(
     statements_items=statements.ITEMS,
     gallery_images=gallery.SIZES,
     pool_items=500,
+    fleet_items=300,
+    fleet_workers=fleet.WORKERS,
+    ledger_items=200,
 )
 QUICK = Sizes(
     speed=400.0,
@@ -98,6 +108,9 @@ QUICK = Sizes(
     statements_items=10,
     gallery_images=(50,),
     pool_items=4,
+    fleet_items=2,
+    fleet_workers=(2,),  # worker processes start in about a second each: one run of two shows the rows come out
+    ledger_items=10,
 )
 
 #: model -> the size every contender asks for (the model's default size)
@@ -177,6 +190,18 @@ def run(
         log(f"{SECTION_TITLES['pools']}: {sizes.pool_items} items per account, speed {sizes.speed:g}")
         results["pools"] = pools.measure(workdir / "pools", per_account=sizes.pool_items, speed=sizes.speed, log=log)
         settings["pools"] = f"{sizes.pool_items} items per account, speed {sizes.speed:g}"
+    if "fleet" in sections:
+        log(f"{SECTION_TITLES['fleet']}: {sizes.fleet_items} items per account, speed {sizes.speed:g}")
+        results["fleet"] = fleet.measure(
+            workdir / "fleet", per_account=sizes.fleet_items, speed=sizes.speed, workers=sizes.fleet_workers, log=log
+        )
+        settings["fleet"] = (
+            f"{sizes.fleet_items} items per account, 2 accounts, {fleet.DURATION_S:g} s tasks, speed {sizes.speed:g}"
+        )
+    if "ledgers" in sections:
+        log(f"{SECTION_TITLES['ledgers']}: {sizes.ledger_items} items")
+        results["ledgers"] = ledgers.measure(workdir / "ledgers", items=sizes.ledger_items, log=log)
+        settings["ledgers"] = f"{sizes.ledger_items} items, speed {ledgers.SPEED:g}"
     results["settings"] = settings
     return results
 

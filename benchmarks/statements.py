@@ -32,14 +32,15 @@ from wanbatch.ledger import Ledger
 from wanbatch.manifest import Manifest
 from wanbatch.sim import SimConfig, running_sim
 
-__all__ = ["main", "measure"]
+__all__ = ["KINDS", "counted_sqlite", "kind_of", "main", "measure", "write_manifest"]
 
 ITEMS = 200
 SPEED = 100.0
 KINDS = ("read", "write", "transaction", "pragma", "plan")
 
 
-def _kind(statement: str) -> str:
+def kind_of(statement: str) -> str:
+    """A statement's kind of :data:`KINDS` (or ``other``: DDL, settings) by its first word."""
     head = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
     if statement.lstrip().upper().startswith("INSERT INTO ITEMS"):
         return "plan"  # planning's upsert: once per item and manifest, not per task
@@ -53,13 +54,13 @@ def _kind(statement: str) -> str:
 
 
 @contextmanager
-def _counted(counts: Counter) -> Iterator[None]:
+def counted_sqlite(counts: Counter) -> Iterator[None]:
     """Count every statement of every ledger opened within the block, by kind."""
     opened = Ledger.open.__func__
 
     def open_counted(cls, *args, **kwargs):
         ledger = opened(cls, *args, **kwargs)
-        ledger._conn.set_trace_callback(lambda statement: counts.update((_kind(statement),)))
+        ledger._conn.set_trace_callback(lambda statement: counts.update((kind_of(statement),)))
         return ledger
 
     Ledger.open = classmethod(open_counted)
@@ -69,7 +70,8 @@ def _counted(counts: Counter) -> Iterator[None]:
         Ledger.open = classmethod(opened)
 
 
-def _manifest(folder: Path, *, items: int, n: int) -> Manifest:
+def write_manifest(folder: Path, *, items: int, n: int) -> Manifest:
+    """A manifest of ``items`` distinct prompts of ``n`` images each, written into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(
         {
@@ -84,7 +86,7 @@ def _manifest(folder: Path, *, items: int, n: int) -> Manifest:
 
 
 async def _run(workdir: Path, *, items: int, n: int, gallery: bool) -> dict[str, Any]:
-    manifest = _manifest(workdir, items=items, n=n)
+    manifest = write_manifest(workdir, items=items, n=n)
     sim_config = SimConfig(speed=SPEED, durations=0)
     counts: Counter = Counter()
     async with running_sim(sim_config) as sim:
@@ -94,7 +96,7 @@ async def _run(workdir: Path, *, items: int, n: int, gallery: bool) -> dict[str,
             config=EngineConfig(base_urls={"beijing": sim.base_url}, speed=SPEED, gallery=gallery),
             clock=sim.clock,
         )
-        with _counted(counts):
+        with counted_sqlite(counts):
             report = await engine.run(manifest)
     saved = report["images_saved_this_run"]
     if saved != items * n:

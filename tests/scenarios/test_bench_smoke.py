@@ -7,6 +7,7 @@ sizes and that the table comes out with every row filled in.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -111,3 +112,44 @@ def test_quick_run_measures_pools_of_one_two_and_four_accounts(quick_run: tuple[
         assert len(row["tasks_per_account"]) == int(count) and min(row["tasks_per_account"]) > 0
         assert row["utilisation"] is not None
     assert "## Account pools" in markdown
+
+
+def _measured_on_postgres(section: dict) -> None:
+    """Skip when the section found no PostgreSQL server (fail when the suite is told one is there)."""
+    if "skipped" in section:
+        if os.environ.get("WANBATCH_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"WANBATCH_REQUIRE_POSTGRES=1 but {section['skipped']}")
+        pytest.skip(section["skipped"])
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_measures_workers_of_one_batch(quick_run: tuple[dict, str]) -> None:
+    """The fleet section ran two worker processes on one batch: both ended well, every item saved, the two
+    accounts both given work, utilisation against the pool's bound in the markdown."""
+    doc, markdown = quick_run
+    fleet = doc["results"]["fleet"]
+    _measured_on_postgres(fleet)
+    assert list(fleet) == ["2"]
+    row = fleet["2"]
+    assert row["exit_codes"] == [0, 0] and row["images_saved"] == row["items"], row
+    assert len(row["tasks_per_account"]) == 2 and min(row["tasks_per_account"]) > 0
+    assert row["utilisation"] is not None and row["images_per_s"] is not None
+    assert "## Fleet: worker processes on one batch" in markdown
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_counts_each_ledgers_statements_and_time(quick_run: tuple[dict, str]) -> None:
+    """The ledgers section counted the same batch's statements on SQLite and PostgreSQL: every kind of work
+    (reads, writes, transactions) seen on both, the ledger's time measured, the ratio of the two in the
+    markdown."""
+    doc, markdown = quick_run
+    ledgers = doc["results"]["ledgers"]
+    _measured_on_postgres(ledgers)
+    for name in ("sqlite", "postgresql"):
+        kinds = ledgers[name]["by_kind_per_task"]
+        assert kinds["read"] > 0 and kinds["write"] > 0 and kinds["transaction"] > 0, (name, kinds)
+        assert ledgers[name]["ledger_ms_per_task"] > 0 and ledgers[name]["ledger_calls_per_task"] > 0
+        assert ledgers[name]["plan_statements"] > 0
+    assert ledgers["postgresql"]["db_ms_per_task"] > 0
+    assert ledgers["ratio"]["statements_per_task"] > 0
+    assert "| **PostgreSQL / SQLite** |" in markdown

@@ -1,0 +1,140 @@
+"""A fleet: quota utilisation of one batch run by 1, 2 and 3 worker processes through a PostgreSQL ledger.
+
+For each worker count w, one simulator process (``benchmarks.simproc``, the service's watch of each account)
+with two accounts at the catalog's quotas and tasks of a fixed duration, a fresh schema of the benchmarks'
+PostgreSQL server (:mod:`benchmarks.database`), and w processes of ``wanbatch run MANIFEST --out D --ledger URL
+--accounts FILE --no-gallery`` started at once, as a user starts the workers of one batch. The workers share
+each account's pace and places through the database, so the pool's quota bound is that of one process over
+the same two accounts (:func:`benchmarks.pools.figures`): max(N / (2·RPS), drawn durations / (2·concurrency),
+longest task). Makespan is from the first create any worker made to the last image the service served, on the
+service's clock; utilisation is makespan over bound (goal: at most about 1.05 whatever the worker count), and
+the 429s the service answered show whether the workers together went past an account's quota.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .contenders import Job
+from .database import schema, server_url, unreachable
+from .pools import figures, saved_images
+from .procs import SimServer, child_env, reap, spawn
+from .utilisation import account_name, key_of, sim_accounts
+
+__all__ = ["ACCOUNTS", "DURATION_S", "WORKERS", "fleet_lines", "measure"]
+
+WORKERS = (1, 2, 3)
+ACCOUNTS = ("fleet-a", "fleet-b")
+MODEL, SIZE = "wan2.2-t2i-flash", "1024*1024"
+#: Simulated seconds each task takes. Fixed, so that every worker count meets the same work; short enough
+#: that the submit rate matters as much as the places (2 places per account at 2 creates per second: a place
+#: frees every 4 s, the rate allows 8 creates in that time).
+DURATION_S = 8.0
+RUN_TIMEOUT_S = 900.0
+
+
+def measure(workdir: Path, *, per_account: int, speed: float, workers: tuple[int, ...] = WORKERS, log=print) -> dict:
+    """Each worker count of ``workers`` on one batch of 2 x ``per_account`` items; results by worker count (or
+    ``{"skipped": why}`` when there is no PostgreSQL server to run against)."""
+    url = server_url()
+    missing = unreachable(url)
+    if missing:
+        log(f"  fleet: skipped, {missing}")
+        return {"skipped": missing}
+    results: dict[str, Any] = {}
+    for count in workers:
+        folder = workdir / f"workers-{count}"
+        config = {
+            "accounts": sim_accounts(ACCOUNTS),
+            "durations": {MODEL: DURATION_S},
+            "duration_distribution": "fixed",
+        }
+        job = Job(model=MODEL, count=per_account * len(ACCOUNTS), size=SIZE, tag=f"fleet{count}")
+        with SimServer(folder / "sim", speed=speed, config=config) as sim, schema(url) as ledger_url:
+            children = _run(job, count, ledger_url=ledger_url, base_url=sim.base_url, speed=speed, folder=folder)
+            stats = [sim.account(account_name(name)) for name in ACCOUNTS]
+        row = figures(job, len(ACCOUNTS), stats)
+        makespan_s = row["makespan_s"]
+        row.update(
+            workers=count,
+            speed=speed,
+            duration_s=DURATION_S,
+            exit_codes=[child.returncode for child in children],
+            wall_s=max(child.wall_s for child in children),
+            cpu_s=sum(child.cpu_s for child in children),
+            images_saved=saved_images(folder / "run"),
+            images_per_s=job.count / makespan_s if makespan_s else None,
+        )
+        failed = [child for child in children if child.returncode != 0]
+        if failed:
+            row["notes"] = "; ".join(f"exit {c.returncode}: {c.log_tail(300)}" for c in failed)
+        results[str(count)] = row
+        log(
+            f"  {count} worker(s), {job.count} x {MODEL}: utilisation {_fmt(row['utilisation'])} "
+            f"(makespan {_fmt(makespan_s)} s, bound {_fmt(row['bound_s'])} s), {_fmt(row['images_per_s'])} images/s"
+            f" simulated, tasks per account {row['tasks_per_account']}, 429 {row['throttled']},"
+            f" {row['images_saved']} saved, exits {row['exit_codes']}, wall {row['wall_s']:.1f} s"
+        )
+    return results
+
+
+def _run(job: Job, count: int, *, ledger_url: str, base_url: str, speed: float, folder: Path) -> list:
+    """``count`` worker processes of one batch, started together; each reaped (its exit, wall time, CPU)."""
+    manifest = job.write_manifest(folder / "job")
+    env = child_env()
+    accounts = []
+    for index, name in enumerate(ACCOUNTS):
+        variable = f"WANBATCH_BENCH_KEY_{index}"
+        env[variable] = key_of(name)
+        accounts.append({"name": name, "region": job.region, "key_env": variable})
+    pool = folder / "accounts.yaml"
+    pool.write_text(yaml.safe_dump({"accounts": accounts}, sort_keys=False), encoding="utf-8")
+    argv = [sys.executable, "-m", "wanbatch", "run", str(manifest), "--out", str(folder / "run")]
+    argv += ["--ledger", ledger_url, "--accounts", str(pool), "--base-url", base_url, "--speed", f"{speed:g}"]
+    argv += ["--no-gallery"]
+    children = [spawn(argv, log_path=folder / f"worker-{index}.log", env=env) for index in range(count)]
+    return [reap(child, timeout_s=RUN_TIMEOUT_S) for child in children]
+
+
+def fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
+    """The section of latest.md: one row per worker count."""
+    if not fleet:
+        return []
+    lines = [
+        "## Fleet: worker processes on one batch",
+        "",
+        f"One batch of {MODEL} over 2 equal accounts at the catalog's quotas, run by 1, 2 and 3 `wanbatch run"
+        " --ledger postgresql://...` processes at once (the simulator a process of its own, tasks of a fixed"
+        " duration; how: benchmarks/fleet.py). Bound: the two accounts' quotas, as for a pool of 2 in one process;"
+        " goal: makespan / bound ≤ 1.05 whatever the worker count, and no 429.",
+        "",
+    ]
+    if "skipped" in fleet:
+        return [*lines, f"Not measured: {fleet['skipped']}.", ""]
+    lines += [
+        "| workers | items | makespan (s) | pool bound (s) | utilisation | met | images/s (simulated) | 429s"
+        " | tasks per account | exits | wall (s) | CPU (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for count, row in sorted(fleet.items(), key=lambda entry: int(entry[0])):
+        ratio = row.get("utilisation")
+        met = "–" if ratio is None else ("yes" if ratio <= 1.05 else "**no**")
+        lines.append(
+            f"| **{count}** | {row['items']} | {_seconds(row['makespan_s'])} | {_seconds(row['bound_s'])}"
+            f" | {_fmt(ratio)} | {met} | {_fmt(row['images_per_s'])} | {row['throttled']}"
+            f" | {', '.join(str(n) for n in row['tasks_per_account'])} | {', '.join(map(str, row['exit_codes']))}"
+            f" | {row['wall_s']:.1f} | {row['cpu_s']:.1f} |"
+        )
+    return [*lines, ""]
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
