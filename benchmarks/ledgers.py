@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+# psycopg sends a transaction's BEGIN and COMMIT through this class's ``_exec_command``, not through a cursor:
+# counting them needs its private name (psycopg 3.2 and 3.3 keep it there).
 from psycopg._connection_base import BaseConnection
 
 import wanbatch.engine
