@@ -159,7 +159,7 @@ def fleet_lines(fleet: dict[str, Any] | None) -> list[str]:
     ]
     for count, row in sorted(fleet.items(), key=lambda entry: int(entry[0])):
         ratio = row.get("utilisation")
-        met = "–" if ratio is None else ("yes" if ratio <= 1.05 else "**no**")
+        met = "–" if ratio is None else ("yes" if round(ratio, 3) <= 1.05 else "**no**")  # as shown
         lines.append(
             f"| **{count}** | {row['items']} | {_seconds(row['makespan_s'])} | {_seconds(row['bound_s'])}"
             f" | {_fmt(ratio)} | {met} | {_fmt(row['images_per_s'])} | {row.get('throttled_all', row['throttled'])}"
