@@ -18,21 +18,21 @@ body over the size cap, a redirect or a URL that is not http(s) ends the
 image's tries in this run (it stays pending, with the reason). The stage ends
 when nothing it could still save is left, or at once when the user stops the
 run: images waiting for a retry then stay pending for the next run.
+
+Here: the queue (which image when), the retries and what the ledger records; fetching an image's bytes and
+placing them under its name, in the folder or the store, is :mod:`wanbatch.stages.placing`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import aiofiles.os
 import aiohttp
 
 from wanbatch.aio import KeyedLock, wait_event
@@ -41,13 +41,11 @@ from wanbatch.errors import DownloadError, IllegalTransition, StoreConfigError, 
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ImageRow, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState
-from wanbatch.manifest import naming
 from wanbatch.outputs.stores import Store
-from wanbatch.stages.fetch import fetch_body
-from wanbatch.stages.imagefiles import place, reopen_damaged
+from wanbatch.stages.imagefiles import reopen_damaged
 from wanbatch.stages.openimages import OpenImages
+from wanbatch.stages.placing import ImagePlacer
 from wanbatch.stages.retries import Job, Waiting
-from wanbatch.stages.upload import Uploader
 
 __all__ = ["DownloadConfig", "Downloader"]
 
@@ -85,12 +83,20 @@ class Downloader:
         thumbnails: bool = False,
         sharded: bool = False,
     ) -> None:
-        self._ledger, self._clock, self._session = ledger, clock, session
+        self._ledger, self._clock = ledger, clock
         self.run_dir = run_dir
-        #: With a store, images go there instead of into ``run_dir``; each big image's thumbnail beside it.
-        self._uploader = Uploader(store, thumbnails=thumbnails) if store is not None else None
+        #: Gets each image's bytes and puts them under its name: in ``run_dir``, or in ``store`` when there is one.
+        self._placer = ImagePlacer(
+            session=session,
+            run_dir=run_dir,
+            timeout_s=config.timeout_s,
+            max_bytes=config.max_bytes,
+            chunk_bytes=config.chunk_bytes,
+            store=store,
+            thumbnails=thumbnails,
+            sharded=sharded,
+        )
         self._refused: str | None = None  #: the store refused us (credentials, bucket): nothing more is saved
-        self._partial = run_dir / "images" / ".partial"
         self._on_item_done = on_item_done
         self._on_refused = on_refused  #: the store refused us: nothing more should be paid for this run
         self.config = config
@@ -103,13 +109,8 @@ class Downloader:
         self._busy = 0
         self._checking = False  #: the saved files are being looked at: the stage does not end before
         self._open = OpenImages()  #: each image queued once while open; its item's row kept meanwhile
-        self._folders: set[Path] = set()  # made in this run: one mkdir per folder, not per image
-        #: Held on a name while an image is placed under it: two items whose patterns meet must not both find
-        #: their name free and both write it (the second would replace the first, both recorded saved).
-        self._names = KeyedLock()
         #: Held on an item while one of its images is recorded final: the last to be recorded settles the item.
         self._finals = KeyedLock()
-        self._sharded = sharded  #: the folder's images go to subfolders (:func:`wanbatch.manifest.naming.sharded`)
         self.saved = 0
         self.bytes = 0
 
@@ -183,16 +184,14 @@ class Downloader:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
-            if self._uploader is None:
+            if not self._placer.in_store:
                 # A store's objects are not looked at again on each start (a HEAD per saved image): the store
                 # proved each whole when it took it, and a bucket does not lose objects as a disk loses files.
                 self._checking = True
                 group.create_task(self._check_saved())
             for _ in range(self.config.workers):
                 group.create_task(self._worker(stop))
-        # Every partial file is renamed or removed by now; an empty folder would only puzzle whoever looks.
-        with contextlib.suppress(OSError):
-            self._partial.rmdir()
+        self._placer.remove_partial_folder()
 
     async def _worker(self, stop: asyncio.Event) -> None:
         while True:
@@ -249,7 +248,7 @@ class Downloader:
             return await self._not_saved(job, self._refused, code="StoreRefused")
         try:
             try:
-                name, digest, size_bytes = await self._fetch(self._open.held(item_id), job)
+                name, digest, size_bytes = await self._placer.fetch_and_place(self._open.held(item_id), job)
             except StoreConfigError as exc:
                 return await self._store_refused(job, exc)
             except DownloadError as exc:
@@ -328,7 +327,7 @@ class Downloader:
         """When to try ``job`` again after ``exc``: before its deadline, after a backoff (None when ``exc`` is
         final for this run). Raises UrlExpired once the deadline has passed."""
         if isinstance(exc, OSError):
-            self._folders.clear()  # a folder may have gone since it was made: make them again
+            self._placer.forget_folders()  # a folder may have gone since it was made: make them again
         if not getattr(exc, "retryable", True):
             # Left pending: a later run tries again while the URL lives; the report shows it.
             return await self._not_saved(job, str(exc), code="DownloadFailed")
@@ -346,50 +345,8 @@ class Downloader:
         if settled is not None:
             self._on_item_done(settled)
 
-    async def _fetch(self, item: ItemRow, job: Job) -> tuple[str, str, int]:
-        """Fetch (unless its bytes are held from a try before), check and store ``job``'s image:
-        (its name, sha256, size)."""
-        image = job.image
-        url = image.url or ""
-        if urlsplit(url).scheme not in ("http", "https"):
-            raise DownloadError(f"refusing result URL with scheme {urlsplit(url).scheme!r}", retryable=False)
-        name = naming.saved_name(item, image.image_index, sharded=self._sharded)
-        other_name = naming.other_name(name, item.item_id, image.image_index)
-        if job.body is None:
-            job.body = await fetch_body(
-                self._session,
-                url,
-                timeout_s=self.config.timeout_s,
-                max_bytes=self.config.max_bytes,
-                chunk_bytes=self.config.chunk_bytes,
-            )
-        async with self._names.hold(name):
-            return await self._place(item, image.image_index, job.body, name, other_name)
-
-    async def _place(self, item: ItemRow, index: int, body: bytes, name: str, other_name: str) -> tuple[str, str, int]:
-        """Check ``body`` and save it under ``name``, or ``other_name`` if ``name`` holds another image."""
-        if self._uploader is not None:
-            return await self._uploader.save(item, index, name, other_name, body)
-        partial = self._partial / f"{item.item_id}-{index}.part"
-        # Made here, not at start: a folder that is unwritable now may be fixed while the URL still lives.
-        await self._folder(partial.parent)
-        await self._folder((self.run_dir / name).parent)
-        # One trip to a worker thread does the CPU and disk work of an image: each trip costs the event loop.
-        placed = await asyncio.to_thread(
-            place, body, item.request["size"], partial, self.run_dir / name, self.run_dir / other_name
-        )
-        return (name if placed.own_name else other_name), placed.sha256, len(body)
-
     async def _stored_already(self, job: Job) -> tuple[str, str, int] | None:
         """With a store, when ``job``'s URL has died: the image, if a run before stored it; else None."""
-        if self._uploader is None:
+        if not self._placer.in_store:
             return None
-        item = self._open.held(job.item_id)
-        name = naming.saved_name(item, job.index, sharded=self._sharded)
-        return await self._uploader.stored_already(item, job.index, name)
-
-    async def _folder(self, path: Path) -> None:
-        """Make ``path`` once per run, off the event loop (a slow or network disk must not stall tracking)."""
-        if path not in self._folders:
-            await aiofiles.os.makedirs(path, exist_ok=True)
-            self._folders.add(path)
+        return await self._placer.stored_already(self._open.held(job.item_id), job.index)
