@@ -1,5 +1,5 @@
 """The pipeline's stages, in the order an item meets them: ``intake`` (the manifest's items into the ledger,
-once per manifest), ``submit`` (a create, paid for once),
+once per manifest), ``submit`` (which item, through which lane, when) and ``send`` (a create, paid for once),
 ``track`` (polls tasks to their end), ``reconcile`` (settles creates whose answer was lost),
 ``results`` (what a finished task leaves), ``download`` (saves every image before its URL dies);
 ``lane`` is what these share for one (account, model), ``pool`` which accounts a run has and its lanes,

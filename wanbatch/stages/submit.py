@@ -8,47 +8,39 @@ lanes of one (region, model) share one reader of the planned rows
 (:mod:`wanbatch.stages.reader`), which gives each item to the account with a
 free place at the time it is sent.
 
-The money rule is in :meth:`Submitter._attempt`: the item is committed as
-``submitting`` before the POST; an error response or a connection that never
-opened proves no task was made and the item may go again; anything else
-leaves it ``unknown`` for the reconciler.
+Here: the readers' passes over the planned rows, each item's claim (its price
+and a place) and its pace. Each create is then sent by
+:class:`wanbatch.stages.send.ItemSender`, which holds the money rule: the item
+is committed as ``submitting`` before the POST; an error response or a
+connection that never opened proves no task was made and the item may go
+again; anything else leaves it ``unknown`` for the reconciler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from wanbatch.catalog import Protocol
 from wanbatch.clock import Clock
 from wanbatch.errors import (
-    UNREACHABLE,
-    AccountError,
     ApiError,
-    IllegalTransition,
-    OutcomeUnknown,
-    RejectedError,
-    ThrottledError,
-    TransportError,
 )
 from wanbatch.ledger.interface import RunLedger
 from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import ItemState
-from wanbatch.service.wire import build_body
 from wanbatch.stages.claims import Claim, Refusal
 from wanbatch.stages.lane import SYNC_KEY, Lane
 from wanbatch.stages.pool import block_lanes
 from wanbatch.stages.reader import HELD, Reader
 from wanbatch.stages.reconcile import Reconciler
-from wanbatch.stages.results import sync_answer_lost
+from wanbatch.stages.send import ItemSender, Sent
 from wanbatch.stages.track import Tracker
 
-__all__ = ["Sent", "SubmitConfig", "Submitter"]
+__all__ = ["SubmitConfig", "Submitter"]
 
 log = logging.getLogger("wanbatch")
 
@@ -67,18 +59,10 @@ class SubmitConfig:
     probe_s: float = 2.0
 
 
-class Sent(enum.Enum):
-    """How an item's submit ended, as its last write recorded it: what its claim and doubt do next."""
-
-    #: Queued with a task on the service: the tracker settles its claim when it sees the task end.
-    tracked = "tracked"
-    #: The outcome is unknown: its claim is kept, in doubt, and so is the lane's, until the reconciler decides.
-    in_doubt = "in_doubt"
-    #: Final, blocked, answered at once (sync) or left planned for later: its claim has ended, or is released.
-    done = "done"
-
-
 class Submitter:
+    """One reader per (region, model) over the planned rows, handing each item to a lane with a place and its
+    pace; each create is sent by the :class:`ItemSender`."""
+
     def __init__(
         self,
         *,
@@ -98,14 +82,27 @@ class Submitter:
         model) of ``lanes`` reads its own. ``may_send``: asked just before each request that creates a task
         (a fleet's worker answers whether its lease is surely still its own)."""
         self._ledger, self._clock, self.lanes = ledger, clock, lanes
-        self._tracker, self._reconciler, self._on_sync_images = tracker, reconciler, on_sync_images
-        self._may_send = may_send
         self.config: SubmitConfig = config
         self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
         self.in_flight = 0
-        self.submitted = 0
         self._readers = readers
+        self._sender = ItemSender(
+            ledger=ledger,
+            clock=clock,
+            tracker=tracker,
+            reconciler=reconciler,
+            on_sync_images=on_sync_images,
+            config=config,
+            stop=self.stop,
+            block=self.block,
+            may_send=may_send,
+        )
+
+    @property
+    def submitted(self) -> int:
+        """Creates that made a task (or a sync answer) in this run."""
+        return self._sender.submitted
 
     async def run(self) -> None:
         # One reader of the planned rows per (region, model), whatever the number of accounts serving it: two
@@ -168,8 +165,8 @@ class Submitter:
             # Only these lanes' submits move a planned item (the folder is locked to this process), so a row read
             # while its item had no submit under way is still planned when its turn comes. One whose submit (an
             # earlier pass's, retrying) was under way may have been sent since: its state is read again before it
-            # takes a claim and a slot of the account's pace. The compare-and-set in _attempt would refuse it
-            # anyway, but only after spending that slot, and with a warning that reads like a fault.
+            # takes a claim and a slot of the account's pace. The compare-and-set in the sender's _attempt would
+            # refuse it anyway, but only after spending that slot, and with a warning that reads like a fault.
             in_doubt = reader.in_doubt()
             moving = {row.item_id for row in rows if row.item_id in in_doubt}
             for row in rows:
@@ -217,39 +214,14 @@ class Submitter:
         if lane.probe_started_s is None:
             lane.probe_started_s = self._clock.now()
         # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
-        lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sync(lane, row) else lane.doubt_key(row)
+        lane.doubt[row.item_id] = f"{SYNC_KEY}{row.item_id}" if self._sender.is_sync(lane, row) else lane.doubt_key(row)
         group.create_task(self._submit(lane, row, claim))
         return True
-
-    async def _refused(self, item_id: str, state: ItemState, exc: ApiError) -> None:
-        """Record the service's refusal of a create (no task was made) and where it leaves the item."""
-        await self._ledger.transition(
-            item_id,
-            state,
-            expect=ItemState.submitting,
-            error_code=exc.code,
-            error_message=exc.message,
-            request_id=exc.request_id,
-        )
-
-    @staticmethod
-    def _placed(lane: Lane, row: ItemRow) -> dict[str, object]:
-        """For an item allowed several regions, the region it is sent to and its price there (recorded with the
-        move to submitting: the tracker, reconciler and report read them from the row)."""
-        if row.request.get("region", lane.region) == lane.region:
-            return {}
-        return {"region": lane.region, "price_per_image": lane.offer.price}
-
-    def _sync(self, lane: Lane, row: ItemRow) -> bool:
-        """Whether this item goes to wan2.6's synchronous endpoint (the answer holds the images, no task id)."""
-        return lane.offer.model.protocol is Protocol.MULTIMODAL and bool(
-            row.request.get("sync") or self.config.sync_wan26
-        )
 
     async def _submit(self, lane: Lane, row: ItemRow, claim: Claim) -> None:
         sent = Sent.done
         try:
-            sent = await self._attempts(lane, row, claim)
+            sent = await self._sender.send(lane, row, claim)
         finally:
             self.in_flight -= 1
             if not lane.answered:
@@ -259,158 +231,3 @@ class Submitter:
                 lane.settle_doubt(row.item_id)  # an unknown one stays in doubt until reconciled
             if sent is Sent.done:
                 claim.release()  # never made; a final one (a sync result, a write-off) was settled already
-
-    async def _attempts(self, lane: Lane, row: ItemRow, claim: Claim) -> Sent:
-        """Try until the item is queued, final or left for later."""
-        for attempt in range(1, self.config.attempts + 1):
-            if attempt > 1:
-                if self.stop.is_set() or lane.blocked:
-                    return Sent.done
-                await self._clock.sleep(min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 2)))
-                await lane.pacer.wait()
-            outcome = await self._attempt(lane, row, claim)
-            if outcome is not None:
-                return outcome
-        lane.skipped.add(row.item_id)
-        log.warning(
-            "… %s left planned after %d transient errors; a later run will try again", row.item_id, self.config.attempts
-        )
-        return Sent.done
-
-    async def _attempt(self, lane: Lane, row: ItemRow, claim: Claim) -> Sent | None:
-        """One POST and the write that records how it went; None: known not made, try again."""
-        ledger, item_id = self._ledger, row.item_id
-        sync = self._sync(lane, row)
-        body = build_body(row.request, api_name=lane.offer.api_name, protocol=lane.offer.model.protocol)
-        try:
-            # Where it goes is committed with it: a lost sync answer has no task to find, and must never be re-sent.
-            row = await ledger.transition(
-                item_id,
-                ItemState.submitting,
-                expect=ItemState.planned,
-                account=lane.account,  # whose key makes it: its task is in that account's list only
-                **self._placed(lane, row),
-                submit_started_ms=self._clock.now_ms(),
-                endpoint="sync" if sync else "async",
-                durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
-            )
-        except IllegalTransition as exc:
-            # The compare-and-set is the last guard of "POST at most once": someone else moved it first.
-            log.warning("… %s not sent: %s", item_id, exc)
-            return Sent.done
-        if not self._may_send():
-            # A worker that cannot be sure its lease holds sends nothing: another may have taken its items over
-            # and be reconciling this one. Not sent, so planned again (refused if it is another's already).
-            self.stop.set()
-            await ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, note="not sent: lease")
-            return Sent.done
-        try:
-            if sync:
-                data = await lane.client.generate_sync(body)
-            else:
-                created = await lane.client.create_task(body, protocol=lane.offer.model.protocol)
-        except OutcomeUnknown as exc:
-            if sync:
-                return await self._sync_lost(row, claim, str(exc))
-            await ledger.transition(
-                item_id,
-                ItemState.unknown,
-                expect=ItemState.submitting,
-                error_code="OutcomeUnknown",
-                error_message=str(exc),
-            )
-            log.warning(
-                "? %s outcome unknown (%s): reconciling, not resending",
-                item_id,
-                exc,
-                extra={"event": "unknown", "item": item_id, "state": "unknown"},
-            )
-            self._reconciler.add(lane, claim)
-            return Sent.in_doubt  # a task may exist and occupy the service: its claim is kept until reconciled
-        except ThrottledError as exc:
-            lane.pacer.throttled()
-            return await self._again(item_id, exc)
-        except AccountError as exc:
-            # The lane stops first: no other create of it may go out on a refused key while the write is made.
-            self.block(lane, exc)
-            await self._refused(item_id, ItemState.planned, exc)  # planned again: the run after the fix sends it
-            return Sent.done
-        except RejectedError as exc:
-            await self._refused(item_id, ItemState.rejected, exc)
-            log.warning(
-                "✗ %s rejected: %s %s",
-                item_id,
-                exc.code,
-                exc.message,
-                extra={"event": "rejected", "item": item_id, "state": "rejected", "code": exc.code},
-            )
-            return Sent.done
-        except (ApiError, TransportError) as exc:
-            self._count_unreachable(lane, exc)
-            return await self._again(item_id, exc)
-        lane.unreachable = 0
-        lane.pacer.succeeded()
-        self.submitted += 1
-        lane.submitted += 1
-        if sync:
-            queued = await ledger.transition(
-                item_id,
-                ItemState.queued,
-                expect=ItemState.submitting,
-                request_id=data.get("request_id", ""),
-                submitted_ms=self._clock.now_ms(),
-            )
-            await self._on_sync_images(queued, claim, data)
-            return Sent.done
-        queued = await ledger.transition(
-            item_id,
-            ItemState.queued,
-            expect=ItemState.submitting,
-            task_id=created.task_id,
-            request_id=created.request_id,
-            task_status=created.task_status,
-            submitted_ms=self._clock.now_ms(),
-        )
-        log.info(
-            "→ %s %s task %s%s",
-            item_id,
-            lane.model,
-            created.task_id,
-            f" ({lane.account}, {lane.region})" if lane.account else "",
-            extra={
-                "event": "submitted",
-                "item": item_id,
-                "task": created.task_id,
-                "model": lane.model,
-                "account": lane.account,
-                "region": lane.region,
-                "state": "queued",
-            },
-        )
-        self._tracker.add(task_id=created.task_id, row=queued, claim=claim, lane=lane, submitted_s=self._clock.now())
-        return Sent.tracked
-
-    async def _sync_lost(self, row: ItemRow, claim: Claim, reason: str) -> Sent:
-        """``row``: the item as its submitting move wrote it."""
-        await sync_answer_lost(self._ledger, row, reason, claim)
-        log.warning(
-            "✗ %s: the sync answer was lost; not sent again (use async tasks to have it reconciled)", row.item_id
-        )
-        return Sent.done
-
-    def _count_unreachable(self, lane: Lane, exc: Exception) -> None:
-        """Connections that never open, many in a row: the service is not there; stop instead of retrying all."""
-        if type(exc) is not TransportError:  # an answer came back, or the request may have arrived
-            lane.unreachable = 0
-            return
-        lane.unreachable += 1
-        if lane.unreachable >= self.config.unreachable_after:
-            self.block(lane, ApiError(0, UNREACHABLE, f"{lane.unreachable} connections failed in a row: {exc}"))
-
-    async def _again(self, item_id: str, exc: Exception) -> None:
-        fields = {"error_code": getattr(exc, "code", type(exc).__name__), "error_message": str(exc)}
-        if isinstance(exc, ApiError):
-            fields["request_id"] = exc.request_id
-        await self._ledger.transition(item_id, ItemState.planned, expect=ItemState.submitting, **fields)
-        log.info("↻ %s: %s", item_id, exc)
-        return None
