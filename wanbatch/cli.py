@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from wanbatch.cliparser import LEDGER_ENV, RESUMED_SWITCHES, build_parser
 from wanbatch.errors import ConfigError, LedgerError, ManifestError
-from wanbatch.fleet.config import FleetConfig
 from wanbatch.outputs.progress import setup_logging
 
 if TYPE_CHECKING:
@@ -264,7 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.ledger:  # every worker the batch has had, with what each holds
                 from wanbatch.fleet.members import workers_of
 
-                rows = await workers_of(ledger.pool, ledger.batch_id, lease_s=FleetConfig().lease_s)
+                rows = await workers_of(ledger.pool, ledger.batch_id)
                 report["workers"] = [dataclasses.asdict(row) for row in rows]
             return report
 

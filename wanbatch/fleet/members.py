@@ -34,7 +34,7 @@ from wanbatch.ledger.pgmoves import OPEN_LIST
 from wanbatch.ledger.pgreads import ITEM_COLUMNS, item_row
 from wanbatch.ledger.records import ItemRow
 
-__all__ = ["DB_NOW_MS", "FleetConfig", "Membership", "WorkerRow", "new_worker_id"]
+__all__ = ["DB_NOW_MS", "FleetConfig", "Membership", "WorkerRow", "alive_sql", "new_worker_id"]
 
 #: The database's clock in ms since the epoch: the one clock every host of a fleet reads alike.
 DB_NOW_MS = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
@@ -45,15 +45,15 @@ _LOCK_BATCH = "SELECT batch_id FROM batches WHERE batch_id = %(batch)s FOR UPDAT
 _GIVE_BACK = "UPDATE items SET owner = NULL WHERE batch_id = %(batch)s AND owner = %(me)s AND state = 'planned'"
 
 
-def _alive(table: str = "") -> str:
-    """The condition of a worker at work: not ended, not taken over, heard from within its lease."""
+def alive_sql(table: str = "") -> str:
+    """The condition of a worker at work: not ended, not taken over, heard from within its own lease (each worker
+    writes the lease it was given, so that every reader judges it alike)."""
     prefix = f"{table}." if table else ""
-    return (
-        f"{prefix}ended_ms IS NULL AND {prefix}taken_by IS NULL AND {prefix}heartbeat_ms >= {DB_NOW_MS} - %(lease_ms)s"
-    )
+    alive = f"{prefix}heartbeat_ms >= {DB_NOW_MS} - {prefix}lease_ms"
+    return f"{prefix}ended_ms IS NULL AND {prefix}taken_by IS NULL AND {alive}"
 
 
-_ALIVE = _alive()
+_ALIVE = alive_sql()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +106,8 @@ class Membership:
                 )
                 (run,) = await cur.fetchone()
             await conn.execute(
-                "INSERT INTO workers (batch_id, worker_id, host, pid, started_ms, heartbeat_ms, run)"
-                f" VALUES (%(batch)s, %(me)s, %(host)s, %(pid)s, %(now)s, {DB_NOW_MS}, %(run)s)",
+                "INSERT INTO workers (batch_id, worker_id, host, pid, started_ms, heartbeat_ms, lease_ms, run)"
+                f" VALUES (%(batch)s, %(me)s, %(host)s, %(pid)s, %(now)s, {DB_NOW_MS}, %(lease_ms)s, %(run)s)",
                 {**params, "run": run},
             )
         return run
@@ -141,7 +141,7 @@ class Membership:
         params = self._params(open=OPEN_LIST)
         cur = await conn.execute(
             "SELECT worker_id FROM workers WHERE batch_id = %(batch)s AND worker_id <> %(me)s"
-            f" AND ended_ms IS NULL AND taken_by IS NULL AND heartbeat_ms < {DB_NOW_MS} - %(lease_ms)s"
+            f" AND ended_ms IS NULL AND taken_by IS NULL AND heartbeat_ms < {DB_NOW_MS} - lease_ms"
             " FOR UPDATE SKIP LOCKED",
             params,
         )
@@ -190,7 +190,7 @@ class Membership:
         lease, silent past it)."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(
-                f"SELECT count(*) FILTER (WHERE heartbeat_ms >= {DB_NOW_MS} - %(lease_ms)s), count(*) FROM workers"
+                f"SELECT count(*) FILTER (WHERE heartbeat_ms >= {DB_NOW_MS} - lease_ms), count(*) FROM workers"
                 " WHERE batch_id = %(batch)s AND worker_id <> %(me)s AND ended_ms IS NULL AND taken_by IS NULL",
                 self._params(),
             )
@@ -230,11 +230,8 @@ class Membership:
             await conn.execute(
                 f"UPDATE workers SET ended_ms = {DB_NOW_MS} WHERE batch_id = %(batch)s AND worker_id = %(me)s", params
             )
-            _, taken = await self._take_over_in(conn, ended_too=False)
-            cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
-            (others,) = await cur.fetchone()
-        _report_late(taken)
-        return others == 0
+            _, last = await self._outlive(conn, params)
+        return last
 
     async def outlast(self) -> bool:
         """For a worker that left while others were at work, and finds none alive now but some silent past their
@@ -243,27 +240,27 @@ class Membership:
         params = self._params()
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_LOCK_BATCH, params)
-            dead, taken = await self._take_over_in(conn, ended_too=False)
-            cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
-            (others,) = await cur.fetchone()
-        _report_late(taken)
-        return bool(dead) and others == 0
+            dead, last = await self._outlive(conn, params)
+        return bool(dead) and last
+
+    async def _outlive(self, conn: Any, params: dict[str, Any]) -> tuple[list[str], bool]:
+        """For a worker that has ended its stages, under the batch's lock: take over the workers found dead, and
+        say whether no other is alive now (the workers taken over, and that)."""
+        dead, taken = await self._take_over_in(conn, ended_too=False)
+        if taken:  # pragma: no cover - a worker's stages wait until no other holds open work (watch)
+            log.error("! fleet: %d item(s) of a dead worker were found after this one's stages ended", len(taken))
+        cur = await conn.execute(f"SELECT count(*) FROM workers WHERE batch_id = %(batch)s AND {_ALIVE}", params)
+        (others,) = await cur.fetchone()
+        return dead, others == 0
 
 
-def _report_late(taken: list[ItemRow]) -> None:
-    """Items of a dead worker found by one that has ended its stages: none are expected (a worker's stages wait
-    until no other holds open work), and none can be finished now."""
-    if taken:  # pragma: no cover - watch() waited for their open work
-        log.error("! fleet: %d item(s) of a dead worker were found after this one's stages ended", len(taken))
-
-
-async def workers_of(pool: AsyncConnectionPool, batch_id: int, *, lease_s: float) -> list[WorkerRow]:
-    """Every worker the batch has had, newest first, with the items each holds."""
-    params = {"batch": batch_id, "lease_ms": int(lease_s * 1000), "open": OPEN_LIST}
+async def workers_of(pool: AsyncConnectionPool, batch_id: int) -> list[WorkerRow]:
+    """Every worker the batch has had, newest first, with the items each holds (alive: by its own lease)."""
+    params = {"batch": batch_id, "open": OPEN_LIST}
     async with pool.connection() as conn:
         cur = await conn.execute(
             f"""SELECT w.worker_id, w.host, w.pid, w.run, w.started_ms,
-                    ({DB_NOW_MS} - w.heartbeat_ms) / 1000.0, ({_alive("w")}),
+                    ({DB_NOW_MS} - w.heartbeat_ms) / 1000.0, ({alive_sql("w")}),
                     w.ended_ms IS NOT NULL, w.taken_by,
                     (SELECT count(*) FROM items i WHERE i.batch_id = w.batch_id AND i.owner = w.worker_id
                         AND i.state = ANY(%(open)s))

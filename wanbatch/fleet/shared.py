@@ -28,8 +28,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from wanbatch.clock import Clock
-from wanbatch.fleet.config import FleetConfig
-from wanbatch.fleet.members import DB_NOW_MS
+from wanbatch.fleet.members import DB_NOW_MS, alive_sql
 from wanbatch.ledger.records import ItemRow
 from wanbatch.service.pacing import Pacer
 from wanbatch.stages.budget import Budget
@@ -123,13 +122,10 @@ class SharedClaims(Claims):
         worker_id: str,
         lane: str,
         model: str,
-        lease_s: float = FleetConfig().lease_s,
     ) -> None:
-        """``lease_s``: the workers' lease, past which the places of another batch's silent worker stop counting."""
         super().__init__(capacity, budget, freed=freed)
         self._pool, self._writer = pool, writer
         self._key = {"batch": batch_id, "me": worker_id, "lane": lane, "model": model}
-        self._lease_ms = int(lease_s * 1000)
 
     async def open(self, row: ItemRow, stop: asyncio.Event) -> Claim | Refusal:
         """A place among this worker's (``Claims.open``), then one among every worker's on the account."""
@@ -148,7 +144,7 @@ class SharedClaims(Claims):
     async def _take_place(self, item_id: str, price: float) -> bool | Refusal:
         """Take a place if the lane has one free and the budget room (one transaction under the lane's lock);
         False to ask again, or :attr:`Refusal.budget`."""
-        params = {**self._key, "id": item_id, "price": price, "limit": self.budget.limit, "lease_ms": self._lease_ms}
+        params = {**self._key, "id": item_id, "price": price, "limit": self.budget.limit}
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_MAKE_LANE, params)
             await conn.execute("SELECT 1 FROM lanes WHERE lane = %(lane)s AND model = %(model)s FOR UPDATE", params)
@@ -157,7 +153,7 @@ class SharedClaims(Claims):
             cur = await conn.execute(
                 "SELECT count(*) FROM places p LEFT JOIN workers w USING (batch_id, worker_id)"
                 " WHERE p.lane = %(lane)s AND p.model = %(model)s AND (p.batch_id = %(batch)s OR w.worker_id IS NULL"
-                f" OR (w.ended_ms IS NULL AND w.taken_by IS NULL AND w.heartbeat_ms >= {DB_NOW_MS} - %(lease_ms)s))",
+                f" OR ({alive_sql('w')}))",
                 params,
             )
             (held,) = await cur.fetchone()

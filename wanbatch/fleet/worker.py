@@ -50,17 +50,16 @@ class FleetWorker:
         self.worker_id = ledger.worker
         self.membership = Membership(ledger.pool, ledger.batch_id, worker_id=self.worker_id, clock=clock, config=config)
         self.writer = PlaceWriter(ledger.pool)
-        self.run = 0
         self.taken_over = 0  #: items this worker took over from dead ones
         self.lost = False  #: this worker was taken over itself
         self._beaten_s = time.monotonic()  #: when its last heartbeat was written (this host's monotonic clock)
 
     async def join(self) -> int:
         asked_s = time.monotonic()
-        self.run = await self.membership.join()
+        run = await self.membership.join()
         self._beaten_s = asked_s
-        log.info("⇄ fleet: worker %s joined run %d of %s", self.worker_id, self.run, self.ledger.path)
-        return self.run
+        log.info("⇄ fleet: worker %s joined run %d of %s", self.worker_id, run, self.ledger.path)
+        return run
 
     def lane_parts(
         self,
@@ -86,7 +85,6 @@ class FleetWorker:
             worker_id=self.worker_id,
             lane=name,
             model=model,
-            lease_s=self.config.lease_s,
         )
         return pacer, claims
 

@@ -46,11 +46,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             run integer NOT NULL, started_ms bigint NOT NULL, pid integer NOT NULL, host text NOT NULL DEFAULT '',
             PRIMARY KEY (batch_id, run))""",
         # The processes working on a batch (wanbatch.fleet.members): heartbeat_ms and ended_ms on the database's
-        # clock; taken_by, the worker that took over its items once it was silent past its lease.
+        # clock; lease_ms, how long it may be silent before it is taken for dead (its own --lease); taken_by, the
+        # worker that took over its items once it was silent past its lease.
         """CREATE TABLE workers (
             batch_id integer NOT NULL REFERENCES batches ON DELETE CASCADE,
             worker_id text NOT NULL, host text NOT NULL, pid integer NOT NULL, run integer,
-            started_ms bigint NOT NULL, heartbeat_ms bigint NOT NULL, ended_ms bigint, taken_by text,
+            started_ms bigint NOT NULL, heartbeat_ms bigint NOT NULL, lease_ms bigint NOT NULL,
+            ended_ms bigint, taken_by text,
             PRIMARY KEY (batch_id, worker_id))""",
         # An account's quota shared by every worker (wanbatch.fleet.shared): the next send slot of each account
         # and model (the database's clock), and a row per claim holding one of its places.

@@ -112,7 +112,7 @@ async def test_a_silent_worker_is_taken_over_and_fenced(fleet) -> None:
         await a.ledger.update(queued.item_id, task_status="RUNNING")
     assert not await a.membership.beat()
     await b.ledger.transition(sent.item_id, S.unknown, expect=S.submitting, note="taken over")
-    shown = {worker.worker_id: worker for worker in await workers_of(b.ledger.pool, b.ledger.batch_id, lease_s=1)}
+    shown = {worker.worker_id: worker for worker in await workers_of(b.ledger.pool, b.ledger.batch_id)}
     assert shown["a"].taken_by == "b" and not shown["a"].alive and shown["a"].items_held == 0
     assert shown["b"].alive and shown["b"].items_held == 2
 
@@ -198,8 +198,6 @@ async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wa
         raise AssertionError(f"nothing to take over, got {rows}")
 
     workers = [_fleet_worker(worker) for worker in (a, b)]
-    for worker in workers:
-        worker.run = run  # as join() sets it
     beats = _beating(*workers)
     try:
         await asyncio.wait_for(

@@ -37,11 +37,10 @@ async def ledgers(pg_url: str) -> AsyncIterator:
         yield open_for
 
 
-def _claims(ledger: PgLedger, writer: PlaceWriter, *, capacity: int, budget: Budget, **more: float) -> SharedClaims:
+def _claims(ledger: PgLedger, writer: PlaceWriter, *, capacity: int, budget: Budget) -> SharedClaims:
     return SharedClaims(
         capacity,
         budget,
-        **more,
         pool=ledger.pool,
         writer=writer,
         batch_id=ledger.batch_id,
@@ -189,7 +188,7 @@ async def test_a_dead_worker_of_another_batch_does_not_hold_the_accounts_places_
                 await _claims(other, PlaceWriter(other.pool), capacity=2, budget=Budget()).open(row, stop), Claim
             )
         writer = PlaceWriter(mine.pool)
-        claims = _claims(mine, writer, capacity=2, budget=Budget(), lease_s=lease.lease_s)
+        claims = _claims(mine, writer, capacity=2, budget=Budget())  # x is judged by its own lease
         (row,) = await _rows(mine, 1)
         assert isinstance(await asyncio.wait_for(claims.open(row, stop), lease.lease_s + 2.0), Claim)
         await writer.drain()
