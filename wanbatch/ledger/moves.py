@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from wanbatch.ledger.reads import ITEM_COLUMNS, LedgerReads
 from wanbatch.ledger.records import ImageRecord, ItemLike, ItemRow, Recorded
 from wanbatch.ledger.states import ImageState, ItemState, check_transition
 
-__all__ = ["ItemMoves", "canonical_json", "item_values"]
+__all__ = ["SETTABLE_FIELDS", "ItemMoves", "canonical_json", "check_settable", "image_params", "item_values"]
 
 _UPSERT_IMAGE = """INSERT INTO images (item_id, image_index, state, url, deadline_ms, seed, actual_prompt,
         error_code, error_message, updated_ms)
@@ -48,7 +48,7 @@ _ON_ENTRY: dict[ItemState, tuple[str, ...]] = {
 _ON_ENTRY |= {state: ("ended_ms = COALESCE(ended_ms, :now)",) for state in ItemState if state not in _ON_ENTRY}
 #: Columns a caller may set with ``transition`` or ``update``; ``request_id`` is appended to ``request_ids``.
 #: The times and ``attempts`` are set on entering a state (``_ON_ENTRY``); a caller may give its own.
-_SETTABLE = frozenset(
+SETTABLE_FIELDS = frozenset(
     {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
     | {"region", "price_per_image"}  # where an item allowed several regions is sent, and its price there
     | {"submit_started_ms", "submitted_ms", "ended_ms"}
@@ -153,7 +153,7 @@ class ItemMoves(LedgerReads):
             check_transition(item_id, ItemState(expect), target)
         assignments, params = set_clauses(item_fields)
         now = self._clock.now_ms()
-        rows = [_image_params(item_id, image, now) for image in images]  # refused before anything is written
+        rows = [image_params(item_id, image, now) for image in images]  # refused before anything is written
         with self._durable_tx(durable) as conn:
             source = ItemState(expect) if expect is not None else self._state_of(conn, item_id)
             self._move(conn, item_id, source, target, note=note, now=now, extra=assignments, params=params)
@@ -226,8 +226,8 @@ class ItemMoves(LedgerReads):
         return ItemRow.from_row(moved[0])
 
 
-def _image_params(item_id: str, image: ImageRecord, now: int) -> dict[str, Any]:
-    """The values of ``_UPSERT_IMAGE`` for one result."""
+def image_params(item_id: str, image: ImageRecord, now: int) -> dict[str, Any]:
+    """The values of one result's image upsert (every ledger's): its state checked, pending or failed."""
     return {
         "item_id": item_id,
         "index": image.index,
@@ -252,6 +252,7 @@ def _recorded_state(image: ImageRecord) -> ImageState:
 
 def set_clauses(item_fields: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """SET fragments and their parameters for caller-given fields; unknown names are refused."""
+    check_settable(item_fields)
     sets: list[str] = []
     params: dict[str, Any] = {}
     for name, value in item_fields.items():
@@ -259,10 +260,15 @@ def set_clauses(item_fields: Mapping[str, Any]) -> tuple[list[str], dict[str, An
             if value:
                 sets.append("request_ids = json_insert(request_ids, '$[#]', :f_request_id)")
                 params["f_request_id"] = value
-        elif name in _SETTABLE:
+        else:
             sets.append(f"{name} = :f_{name}")
             params[f"f_{name}"] = value
-        else:
-            allowed = ", ".join(sorted(_SETTABLE | {"request_id"}))
-            raise LedgerError(f"the ledger has no settable field {name!r}; settable: {allowed}")
     return sets, params
+
+
+def check_settable(names: Iterable[str]) -> None:
+    """Refuse a field a ledger's caller may not set (:data:`SETTABLE_FIELDS`, or ``request_id``, appended)."""
+    for name in names:
+        if name != "request_id" and name not in SETTABLE_FIELDS:
+            allowed = ", ".join(sorted(SETTABLE_FIELDS | {"request_id"}))
+            raise LedgerError(f"the ledger has no settable field {name!r}; settable: {allowed}")

@@ -20,12 +20,13 @@ from typing import Any
 import psycopg
 
 from wanbatch.errors import IllegalTransition, LeaseLost, LedgerError
-from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, OPEN_STATES, image_row, item_row
+from wanbatch.ledger.moves import check_settable, image_params
+from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, image_row, item_row
 from wanbatch.ledger.pgstreams import PgStreams
 from wanbatch.ledger.records import ImageRecord, ItemRow, Recorded
-from wanbatch.ledger.states import TRANSITIONS, ImageState, ItemState, check_transition
+from wanbatch.ledger.states import OPEN_STATES, TRANSITIONS, ItemState, check_transition
 
-__all__ = ["OPEN_LIST", "PgMoves", "image_params", "move_sql", "set_fields"]
+__all__ = ["OPEN_LIST", "PgMoves", "move_sql", "pg_image_params", "set_fields"]
 
 _CLEAR_ERROR = {"error_code": "NULL", "error_message": "NULL"}
 #: What entering a state does besides setting it (SQL per column); caller-given fields replace these.
@@ -52,11 +53,6 @@ _ON_ENTRY |= {s: {"ended_ms": "COALESCE(ended_ms, %(now)s)"} for s in ItemState 
 _ON_ENTRY[ItemState.generated]["owner"] = "COALESCE(%(me)s::text, owner)"
 #: The open states as the statements take them.
 OPEN_LIST = sorted(str(s) for s in OPEN_STATES)
-_SETTABLE = frozenset(
-    {"task_id", "task_status", "error_code", "error_message", "attempts", "cost", "endpoint", "account"}
-    | {"region", "price_per_image"}  # where an item allowed several regions is sent, and its price there
-    | {"submit_started_ms", "submitted_ms", "ended_ms"}
-)
 #: The states each state may be entered from: a move without ``expect`` locks the item only if it is in one.
 _SOURCES: dict[ItemState, list[str]] = {
     target: sorted(str(s) for s, targets in TRANSITIONS.items() if target in targets) for target in ItemState
@@ -87,6 +83,7 @@ class _NotMoved(Exception):
 
 def set_fields(item_fields: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """SQL per column and its parameters for caller-given fields; unknown names are refused."""
+    check_settable(item_fields)
     sets: dict[str, str] = {}
     params: dict[str, Any] = {}
     for name, value in item_fields.items():
@@ -94,12 +91,9 @@ def set_fields(item_fields: Mapping[str, Any]) -> tuple[dict[str, str], dict[str
             if value:
                 sets["request_ids"] = "request_ids || jsonb_build_array(%(f_request_id)s::text)"
                 params["f_request_id"] = value
-        elif name in _SETTABLE:
+        else:
             sets[name] = f"%(f_{name})s"
             params[f"f_{name}"] = value
-        else:
-            allowed = ", ".join(sorted(_SETTABLE | {"request_id"}))
-            raise LedgerError(f"the ledger has no settable field {name!r}; settable: {allowed}")
     return sets, params
 
 
@@ -140,24 +134,10 @@ def move_sql(target: ItemState, fields: Mapping[str, str]) -> str:
         SELECT * FROM moved"""
 
 
-def image_params(batch: int, item_id: str, image: ImageRecord, now: int) -> dict[str, Any]:
-    """The values of one result's image upsert."""
-    state = ImageState(image.state) if image.state else ImageState.pending if image.url else ImageState.failed
-    if not (state is ImageState.failed or (state is ImageState.pending and image.url)):
-        raise LedgerError(f"image {image.index}: a result is recorded pending with a url, or failed; got {state}")
-    return {
-        "batch": batch,
-        "item_id": item_id,
-        "index": image.index,
-        "state": str(state),
-        "url": image.url,
-        "deadline_ms": image.deadline_ms,
-        "seed": image.seed,
-        "actual_prompt": image.actual_prompt,
-        "error_code": image.error_code,
-        "error_message": image.error_message,
-        "now": now,
-    }
+def pg_image_params(batch: int, item_id: str, image: ImageRecord, now: int) -> dict[str, Any]:
+    """:func:`~wanbatch.ledger.moves.image_params` for this batch's upsert (the state as text)."""
+    params = image_params(item_id, image, now)
+    return {**params, "batch": batch, "state": str(params["state"])}
 
 
 class PgMoves(PgStreams):
@@ -225,7 +205,7 @@ class PgMoves(PgStreams):
             check_transition(item_id, ItemState(expect), target)
         fields, params = set_fields(item_fields)
         values = self._move_params(item_id, target, expect, note, params)
-        rows = [image_params(self._batch, item_id, image, values["now"]) for image in images]  # refused early
+        rows = [pg_image_params(self._batch, item_id, image, values["now"]) for image in images]  # refused early
         key = {"batch": self._batch, "id": item_id, "now": values["now"]}
         try:
             async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():

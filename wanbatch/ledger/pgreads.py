@@ -17,14 +17,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from wanbatch.clock import Clock
 from wanbatch.errors import LedgerError
+from wanbatch.ledger.reads import END_OF_TIME_MS
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "OPEN_STATES", "PgReads", "image_row", "item_row"]
+__all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "PgReads", "image_row", "item_row"]
 
-_END_OF_TIME_MS = 2**62
-#: The states of an item that has (or may have) a task, or images to save: one worker's at a time.
-OPEN_STATES = frozenset({ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated})
 
 _ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))
 _IMAGE_FIELDS = tuple(f.name for f in fields(ImageRow))
@@ -150,7 +148,7 @@ class PgReads:
         spans = {}
         for at in at_ms:
             after = bisect.bisect_right(starts, at)
-            spans[at] = (starts[after - 1] if after else 0, starts[after] if after < len(starts) else _END_OF_TIME_MS)
+            spans[at] = (starts[after - 1] if after else 0, starts[after] if after < len(starts) else END_OF_TIME_MS)
         return spans
 
     async def recent_tasks(
@@ -159,7 +157,7 @@ class PgReads:
         limit: int,
         *,
         since_ms: int = 0,
-        until_ms: int = _END_OF_TIME_MS,
+        until_ms: int = END_OF_TIME_MS,
         account: str | None = None,
     ) -> list[tuple[str, int]]:
         rows = await self._all(

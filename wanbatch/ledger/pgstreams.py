@@ -14,17 +14,14 @@ from dataclasses import fields
 from typing import Any
 
 from wanbatch.errors import LedgerError
-from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, OPEN_STATES, PgReads, image_row, item_row
+from wanbatch.ledger.pgreads import IMAGE_COLUMNS, ITEM_COLUMNS, PgReads, image_row, item_row
+from wanbatch.ledger.reads import NO_DEADLINE_MS, ORDERABLE, PAGE_SIZE
 from wanbatch.ledger.records import ImageRow, ItemRow
-from wanbatch.ledger.states import ImageState, ItemState
+from wanbatch.ledger.states import OPEN_STATES, ImageState, ItemState
 
 __all__ = ["PAGE_SIZE", "PgStreams", "merged"]
 
-#: Rows fetched per query by the streaming iterators.
-PAGE_SIZE = 1000
-_NO_DEADLINE_MS = 2**62  #: sorts an image without a deadline after every real one
 _DONE = object()  #: the end of a stream, for ``anext``
-_ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
 
 _ITEM_FIELDS = tuple(f.name for f in fields(ItemRow))
 _IMAGE_FIELDS = tuple(f.name for f in fields(ImageRow))
@@ -67,8 +64,8 @@ class PgStreams(PgReads):
         optionally only those seen in ``run``, of one ``region`` and ``model``, after ``after_seq``.
 
         One stream per state (each read from the (batch, state, seq) index in order), merged here."""
-        if order_by not in _ORDERABLE:
-            raise LedgerError(f"cannot order items by {order_by!r}; choose one of {', '.join(sorted(_ORDERABLE))}")
+        if order_by not in ORDERABLE:
+            raise LedgerError(f"cannot order items by {order_by!r}; choose one of {', '.join(sorted(ORDERABLE))}")
         where = "".join(
             f" AND {column} = %({column})s"
             for column, value in (("last_seen_run", run), ("region", region), ("model", model))
@@ -168,7 +165,7 @@ class PgStreams(PgReads):
         """Images in ``states``, streamed in keyset pages: soonest URL death first (none last), else by item."""
         order: tuple[str, ...] = ("item_id", "image_index")
         if order_by_deadline:
-            order = (f"COALESCE(deadline_ms, {_NO_DEADLINE_MS})", *order)
+            order = (f"COALESCE(deadline_ms, {NO_DEADLINE_MS})", *order)
         keys = ", ".join(order)
         after = ", ".join(f"%(k{i})s" for i in range(len(order)))
         # A worker's pending images are those of the items it owns (an image is pending only while its item is

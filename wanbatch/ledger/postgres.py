@@ -183,7 +183,8 @@ class PgLedger(PgImageMoves, RunLedger):
                         more = False
                         break
                     placed = await self._place_new(conn, rows, last)
-                    scalars = (self._batch, self._clock.now_ms(), self._clock.now_ms(), run, run)
+                    now = self._clock.now_ms()
+                    scalars = (self._batch, now, now, run, run)
                     for part in _rounds(rows):
                         await conn.execute(
                             _UPSERT_ITEMS, (*scalars, *(list(column) for column in zip(*part, strict=True)))

@@ -21,14 +21,14 @@ from wanbatch.errors import LedgerError
 from wanbatch.ledger.records import ImageRow, ItemRow
 from wanbatch.ledger.states import ImageState, ItemState
 
-__all__ = ["IMAGE_COLUMNS", "ITEM_COLUMNS", "PAGE_SIZE", "LedgerReads"]
+__all__ = ["END_OF_TIME_MS", "IMAGE_COLUMNS", "ITEM_COLUMNS", "NO_DEADLINE_MS", "ORDERABLE", "PAGE_SIZE", "LedgerReads"]
 
 #: Rows fetched per query by the streaming iterators; pages keep no read transaction open between them.
 PAGE_SIZE = 1000
-_NO_DEADLINE_MS = 2**62  #: sorts an image without a deadline after every real one
-_END_OF_TIME_MS = 2**62
+NO_DEADLINE_MS = 2**62  #: sorts an image without a deadline after every real one
+END_OF_TIME_MS = 2**62
 _IDS_PER_QUERY = 500  #: ids bound in one query: well under SQLite's limit on a statement's parameters
-_ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
+ORDERABLE = frozenset({"seq", "submit_started_ms", "submitted_ms", "updated_ms"})
 
 ITEM_COLUMNS = ", ".join(f.name for f in fields(ItemRow))
 IMAGE_COLUMNS = ", ".join(f.name for f in fields(ImageRow))
@@ -122,7 +122,7 @@ class LedgerReads:
         spans = {}
         for at in at_ms:
             after = bisect.bisect_right(starts, at)
-            spans[at] = (starts[after - 1] if after else 0, starts[after] if after < len(starts) else _END_OF_TIME_MS)
+            spans[at] = (starts[after - 1] if after else 0, starts[after] if after < len(starts) else END_OF_TIME_MS)
         return spans
 
     def recent_tasks(
@@ -131,7 +131,7 @@ class LedgerReads:
         limit: int,
         *,
         since_ms: int = 0,
-        until_ms: int = _END_OF_TIME_MS,
+        until_ms: int = END_OF_TIME_MS,
         account: str | None = None,
     ) -> list[tuple[str, int]]:
         """The newest tasks the ledger knows in ``region`` (made by ``account``'s key, if given) whose attempts
@@ -166,8 +166,8 @@ class LedgerReads:
         ``order_by`` is ``seq`` (manifest order, read from the index) or a time column (sorted per page:
         meant for the small open states such as queued). An item moved while iterating is not repeated.
         """
-        if order_by not in _ORDERABLE:
-            raise LedgerError(f"cannot order items by {order_by!r}; choose one of {', '.join(sorted(_ORDERABLE))}")
+        if order_by not in ORDERABLE:
+            raise LedgerError(f"cannot order items by {order_by!r}; choose one of {', '.join(sorted(ORDERABLE))}")
         where = "".join(
             f" AND {column} = :{column}"
             for column, value in (("last_seen_run", run), ("region", region), ("model", model))
@@ -206,7 +206,7 @@ class LedgerReads:
         """Images in ``states``, streamed in keyset pages: soonest URL death first (none last), else by item."""
         order = ("item_id", "image_index")
         if order_by_deadline:
-            order = (f"COALESCE(deadline_ms, {_NO_DEADLINE_MS})", *order)
+            order = (f"COALESCE(deadline_ms, {NO_DEADLINE_MS})", *order)
         keys = ", ".join(order)
         after = ", ".join(f":k{i}" for i in range(len(order)))
         sql = (

@@ -31,6 +31,7 @@ from wanbatch.errors import IllegalTransition
 __all__ = [
     "FINAL_STATES",
     "IMAGE_TRANSITIONS",
+    "OPEN_STATES",
     "TRANSITIONS",
     "ImageState",
     "ItemState",
@@ -98,6 +99,10 @@ IMAGE_TRANSITIONS: dict[ImageState, frozenset[ImageState]] = {
     ImageState.failed: frozenset(),
     ImageState.expired: frozenset(),
 }
+
+#: The states of an item whose task is (or may be) open, or whose images wait to be saved: the items a resume
+#: (or, in a fleet, a takeover) hands to the stages, held by one worker at a time.
+OPEN_STATES = frozenset({ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated})
 
 #: Where an item's life ends: no move leads out of these, but for a saved item whose file went missing.
 FINAL_STATES = frozenset({ItemState.saved, ItemState.expired})

@@ -14,13 +14,12 @@ from wanbatch.clock import ScaledClock
 from wanbatch.errors import MODERATION_CODES, IllegalTransition
 from wanbatch.ledger import RunLedger
 from wanbatch.ledger.records import ItemRow
-from wanbatch.ledger.states import ItemState
+from wanbatch.ledger.states import OPEN_STATES, ItemState
 from wanbatch.stages.results import sync_answer_lost
 
 __all__ = ["OPEN_STATES", "RESUMABLE_STATES", "continue_clock", "plan_again", "settle_what_a_stop_left"]
 
 #: The states of items whose task is (or may be) open: few, bounded by the lanes' places (their claims).
-OPEN_STATES = (ItemState.submitting, ItemState.unknown, ItemState.queued, ItemState.generated)
 #: Where the items a run still has work on stand when it starts: planned, or open.
 RESUMABLE_STATES = (ItemState.planned, *OPEN_STATES)
 
