@@ -180,6 +180,8 @@ async def test_a_dead_worker_is_taken_over_by_one_leaver_only_and_only_it_is_las
     lasts = [await asyncio.wait_for(first, 2.0), second]
     beats[0].cancel()
     assert sorted(lasts) == [False, True]
+    shown = {row.worker_id: row for row in await workers_of(b.ledger.pool, b.ledger.batch_id)}
+    assert shown[c.worker_id].taken_by == (a.worker_id if lasts[0] else b.worker_id)  # the last is c's taker
 
 
 async def test_workers_whose_submitting_ended_with_planned_items_taken_do_not_wait_for_each_other(fleet) -> None:

@@ -163,19 +163,19 @@ async def test_a_place_whose_give_back_was_lost_is_freed_when_its_worker_leaves(
     assert isinstance(claim, Claim)
     claim.release()  # its DELETE fails and is logged
     await lost.drain()
-    await member_a.leave()
     writer_b = PlaceWriter(b.pool)
-    assert isinstance(
-        await asyncio.wait_for(_claims(b, writer_b, capacity=1, budget=Budget()).open(rows[1], asyncio.Event()), 2.0),
-        Claim,
-    )
+    waiting = asyncio.create_task(_claims(b, writer_b, capacity=1, budget=Budget()).open(rows[1], asyncio.Event()))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # the place a's lost write should have freed is held while a works
+    await member_a.leave()
+    assert isinstance(await asyncio.wait_for(waiting, 2.0), Claim)
     await writer_b.drain()
 
 
 async def test_a_dead_worker_of_another_batch_does_not_hold_the_accounts_places_for_good(pg_url: str) -> None:
     """A worker of another batch on the same account killed with claims open, and never taken over (no worker of
     its batch came after it), holds the account's places only while its lease lasts."""
-    clock, lease = ScaledClock(), FleetConfig(lease_s=0.3, heartbeat_s=0.05)
+    clock, lease = ScaledClock(), FleetConfig(lease_s=1.0, heartbeat_s=0.05)  # room for the setup under load
     async with (
         await PgLedger.open(pg_url, batch="s3://fleet/killed", clock=clock, worker="x") as other,
         await PgLedger.open(pg_url, batch=BATCH, clock=clock, worker="a") as mine,
@@ -190,7 +190,10 @@ async def test_a_dead_worker_of_another_batch_does_not_hold_the_accounts_places_
         writer = PlaceWriter(mine.pool)
         claims = _claims(mine, writer, capacity=2, budget=Budget())  # x is judged by its own lease
         (row,) = await _rows(mine, 1)
-        assert isinstance(await asyncio.wait_for(claims.open(row, stop), lease.lease_s + 2.0), Claim)
+        waiting = asyncio.create_task(claims.open(row, stop))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # x's places count while its lease lasts
+        assert isinstance(await asyncio.wait_for(waiting, lease.lease_s + 2.0), Claim)
         await writer.drain()
 
 

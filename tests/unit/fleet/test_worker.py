@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from helpers.engine import engine_for
@@ -50,6 +51,10 @@ async def test_a_worker_unsure_of_its_lease_sends_nothing(
     report = await engine_for(sim, tmp_path / "out", gallery=False, ledger_url=pg_url).run(manifest)
     assert sim.requests["create"] == 0 and report["submitted"] == 0
     assert report["items_in_manifest"] == {**{state: 0 for state in report["items_in_manifest"]}, "planned": 3}
+    # It was moved to submitting (the claim is made before the look at the lease), and back, sending nothing.
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM transitions WHERE note = 'not sent: lease'")
+        assert (await cur.fetchone())[0] >= 1
 
 
 async def test_may_send_holds_for_half_a_lease_after_a_heartbeat(pg_url: str) -> None:

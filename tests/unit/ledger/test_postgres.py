@@ -275,8 +275,13 @@ async def test_a_compare_and_set_refuses_a_stale_caller_of_another_connection(pg
     await first.transition("item-000000", S.submitting, expect=S.planned)
     with pytest.raises(IllegalTransition, match="refused planned → submitting: it is submitting now"):
         await second.transition("item-000000", S.submitting, expect=S.planned)
-    assert await second.times_unknown("item-000000") == 0
     assert (await second.get("item-000000")).attempts == 1
+    async with second.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT from_state, to_state FROM transitions WHERE batch_id = %s AND item_id = 'item-000000'",
+            (second.batch_id,),
+        )
+        assert await cur.fetchall() == [("planned", "submitting")]  # moved, and audited, once
 
 
 async def test_two_batches_in_one_schema_are_kept_apart(pg: Callable[..., Any], tmp_path: Path) -> None:
