@@ -32,7 +32,7 @@ from wanbatch.fleet.config import FleetConfig
 from wanbatch.ledger import RunLedger, RunLock, open_ledger
 from wanbatch.ledger.backend import claim as claim_backend
 from wanbatch.ledger.records import ItemRow
-from wanbatch.ledger.states import ItemState
+from wanbatch.ledger.states import OPEN_STATES, ItemState
 from wanbatch.manifest import Manifest, naming
 from wanbatch.outputs.finish import write_outputs
 from wanbatch.outputs.gallery import Thumbnailer
@@ -48,7 +48,7 @@ from wanbatch.stages.intake import MANIFEST_META, check_manifest_record, plan_in
 from wanbatch.stages.pool import check_in_flight, plan_lanes
 from wanbatch.stages.reconcile import ReconcileConfig
 from wanbatch.stages.resume import resume_open
-from wanbatch.stages.startup import OPEN_STATES, RESUMABLE_STATES, continue_clock, settle_what_a_stop_left
+from wanbatch.stages.startup import RESUMABLE_STATES, continue_clock, settle_what_a_stop_left
 from wanbatch.stages.submit import SubmitConfig, Submitter
 from wanbatch.stages.track import Tracker, TrackerConfig
 
@@ -277,7 +277,7 @@ class Engine:
         if manifest_lanes is None:
             lanes_wanted = await ledger.lanes(RESUMABLE_STATES)
         else:
-            lanes_wanted = await ledger.lanes(OPEN_STATES) | manifest_lanes
+            lanes_wanted = {(region, model) for region, _, model in in_flight} | manifest_lanes
         accounts, lane_keys, readers = plan_lanes(
             pool=self._pool, keys=self._keys, quotas=self.config.quotas, in_flight=in_flight, wanted=lanes_wanted
         )

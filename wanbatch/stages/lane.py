@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from wanbatch.catalog import Offer, Protocol
 from wanbatch.errors import ApiError
@@ -51,6 +52,14 @@ class Lane:
     submitted: int = 0  #: creates this run that the service answered with a task (or a sync result)
     answered: bool = False  #: whether a create of the lane has ended this run (answered, refused or in doubt)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  #: set when a doubt settles
+
+    def placed(self, row: ItemRow) -> dict[str, Any]:
+        """For an item allowed several regions, the region this lane sends it to and its price there (recorded
+        with the move to submitting: the claim, tracker, reconciler and report read them); nothing for an item
+        of this lane's region alone."""
+        if row.request.get("region", self.region) == self.region:
+            return {}
+        return {"region": self.region, "price_per_image": self.offer.price}
 
     @property
     def scope(self) -> str:

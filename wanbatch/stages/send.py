@@ -116,7 +116,7 @@ class ItemSender:
                 ItemState.submitting,
                 expect=ItemState.planned,
                 account=lane.account,  # whose key makes it: its task is in that account's list only
-                **self._placed(lane, row),
+                **lane.placed(row),
                 submit_started_ms=self._clock.now_ms(),
                 endpoint="sync" if sync else "async",
                 durable=True,  # the POST goes out on the strength of this commit: it must survive a power loss
@@ -227,14 +227,6 @@ class ItemSender:
             error_message=exc.message,
             request_id=exc.request_id,
         )
-
-    @staticmethod
-    def _placed(lane: Lane, row: ItemRow) -> dict[str, object]:
-        """For an item allowed several regions, the region it is sent to and its price there (recorded with the
-        move to submitting: the tracker, reconciler and report read them from the row)."""
-        if row.request.get("region", lane.region) == lane.region:
-            return {}
-        return {"region": lane.region, "price_per_image": lane.offer.price}
 
     async def _sync_lost(self, row: ItemRow, claim: Claim, reason: str) -> Sent:
         """``row``: the item as its submitting move wrote it."""

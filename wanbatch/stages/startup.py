@@ -17,7 +17,7 @@ from wanbatch.ledger.records import ItemRow
 from wanbatch.ledger.states import OPEN_STATES, ItemState
 from wanbatch.stages.results import sync_answer_lost
 
-__all__ = ["OPEN_STATES", "RESUMABLE_STATES", "continue_clock", "plan_again", "settle_what_a_stop_left"]
+__all__ = ["RESUMABLE_STATES", "continue_clock", "plan_again", "settle_what_a_stop_left"]
 
 #: The states of items whose task is (or may be) open: few, bounded by the lanes' places (their claims).
 #: Where the items a run still has work on stand when it starts: planned, or open.

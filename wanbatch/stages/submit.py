@@ -85,7 +85,6 @@ class Submitter:
         self.config: SubmitConfig = config
         self.manifest_run = run  #: only items the current manifest still has (seen in this run) are sent
         self.stop = asyncio.Event()  #: set by a signal or the budget: submit nothing more
-        self.in_flight = 0
         self._readers = readers
         self._sender = ItemSender(
             ledger=ledger,
@@ -193,9 +192,9 @@ class Submitter:
     async def _dispatch(self, lane: Lane, row: ItemRow, group: asyncio.TaskGroup) -> bool:
         """Open the item's claim (its price and a place), wait for the pace, start the submit; False when
         submitting must stop."""
-        if row.request.get("region", lane.region) != lane.region:
-            # Allowed several regions: it goes to this lane's, at its price there (what its claim reserves).
-            row = dataclasses.replace(row, region=lane.region, price_per_image=lane.offer.price)
+        placed = lane.placed(row)
+        if placed:  # allowed several regions: it goes to this lane's, at its price there (what its claim reserves)
+            row = dataclasses.replace(row, **placed)
         claim = await lane.claims.open(row, self.stop)
         if claim is Refusal.budget:
             log.warning(
@@ -210,7 +209,6 @@ class Submitter:
         if lane.blocked or self.stop.is_set():
             claim.release()
             return False
-        self.in_flight += 1
         if lane.probe_started_s is None:
             lane.probe_started_s = self._clock.now()
         # A lost sync answer is never sent again, so it leaves nothing to tell apart: a key of its own.
@@ -223,7 +221,6 @@ class Submitter:
         try:
             sent = await self._sender.send(lane, row, claim)
         finally:
-            self.in_flight -= 1
             if not lane.answered:
                 lane.answered = True
                 lane.changed.set()
